@@ -1,0 +1,1 @@
+"""Shared by every stage: scan I/O, phantoms, model loading, config and seeding."""

@@ -1,0 +1,62 @@
+"""Shared helpers: the preset cache, atomic preset builds, hub availability checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+PRESET_VERSION = "1"  # bump when a tiny preset's architecture or init changes
+
+
+class ModelNotAvailableError(RuntimeError):
+    """Requested weights are not available locally (and the hub cannot be reached)."""
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("NEGDPO_HOME", Path.home() / ".cache" / "negdpo"))
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def build_once(name: str, builder: Callable[[Path, Path], None]) -> Path:
+    """Build a preset into ``cache_home()/presets/<name>-v<version>`` once; safe under concurrency.
+
+    ``builder(tmp, final)`` writes into ``tmp``, which is then renamed to ``final`` atomically.
+    """
+    target = cache_home() / "presets" / f"{name}-v{PRESET_VERSION}"
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        builder(tmp, target)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first (or a stale partial dir is there)
+            if not (target / ".complete").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def hub_snapshot(repo_id: str, what: str, hint: str) -> str:
+    """Local snapshot folder of a hub repo; offline and uncached -> ModelNotAvailableError."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=hub_offline())
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise ModelNotAvailableError(
+            f"{what} '{repo_id}' is not available: looked in the Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'})"
+            f"{' with HF_HUB_OFFLINE=1' if hub_offline() else ''}. {hint}"
+        ) from err

@@ -1,0 +1,294 @@
+"""Deterministic synthetic scans with exact lesion masks and healthy twins.
+
+Two modalities: an MRI-like axial brain slice and an ultrasound-like image with speckle. Each
+subject has ``slices`` images; positive subjects carry a lesion on every slice, healthy-only subjects
+none. Every image is rendered twice from the same random fields: once with the lesion composited
+(the positive) and once without (its healthy *twin*). The lesion's soft edge lives inside the mask
+dilated by 2 px, so positive and twin are byte-identical outside that band.
+
+Output layout (the scan folder layout of ``core.scans`` plus twins and metadata)::
+
+    DIR/{train,val,test}_{images,masks,twins}/<modality>_<subject>_<slice>.png
+    DIR/negatives/            healthy-only training images
+    DIR/prompts.json          {file name: text}
+    DIR/meta.csv              file, subject_id, split, modality, positive, lesion stats
+    DIR/preview.png           grid: image | mask | twin
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from .imageio import save_png, to_uint8
+
+MODALITIES = ("mri", "us")
+EDGE_PX = 1.5  # width of the lesion's soft edge; alpha > 0 only within EDGE_PX/2 outside the mask
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    out: str
+    n: int = 40  # subjects (split evenly over modalities)
+    size: int = 256
+    seed: int = 0
+    slices: int = 2  # images per subject
+    healthy_fraction: float = 0.25
+    modalities: tuple[str, ...] = MODALITIES
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    preview: bool = True
+
+
+@dataclass
+class Lesion:
+    cx: float  # pixel coordinates
+    cy: float
+    radius: float
+    contrast: float  # signed intensity change (MRI) / echogenicity factor (US)
+    ring: bool
+    harmonics: tuple[tuple[float, float], ...]  # (amplitude, phase) for k = 2, 3, 4
+
+
+@dataclass
+class Rendered:
+    image: np.ndarray  # float [0, 1]
+    twin: np.ndarray
+    mask: np.ndarray  # bool
+    lesion: Lesion | None
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    return x, y
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+    return field / (field.std() + 1e-12)
+
+
+def _lesion_alpha(lesion: Lesion, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Soft lesion coverage alpha in [0, 1] and the exact mask (alpha >= 0.5, i.e. inside r(theta))."""
+    x, y = _grid(size)
+    dx, dy = x - lesion.cx, y - lesion.cy
+    dist = np.hypot(dx, dy)
+    theta = np.arctan2(dy, dx)
+    r = np.full_like(dist, lesion.radius)
+    for k, (amp, phase) in enumerate(lesion.harmonics, start=2):
+        r = r + lesion.radius * amp * np.cos(k * theta + phase)
+    alpha = np.clip((r - dist) / EDGE_PX + 0.5, 0.0, 1.0)
+    return alpha, alpha >= 0.5
+
+
+def _sample_lesion(rng: np.random.Generator, size: int, inside: np.ndarray, scale: float,
+                   contrast: float) -> Lesion:
+    """Lesion centred on a random pixel of ``inside`` (eroded so the lesion stays in the anatomy)."""
+    radius = float(rng.uniform(0.04, 0.13) * size * scale)
+    safe = ndimage.binary_erosion(inside, iterations=max(1, int(radius * 1.4) + 2))
+    ys, xs = np.nonzero(safe if safe.any() else inside)
+    i = int(rng.integers(len(xs)))
+    harmonics = tuple((float(rng.uniform(0.0, 0.15)), float(rng.uniform(0, 2 * math.pi))) for _ in range(3))
+    return Lesion(cx=float(xs[i]), cy=float(ys[i]), radius=radius, contrast=contrast,
+                  ring=bool(rng.random() < 0.3), harmonics=harmonics)
+
+
+# -- MRI -----------------------------------------------------------------------------------------
+def render_mri(rng: np.random.Generator, size: int, anatomy: dict, positive: bool) -> Rendered:
+    x, y = _grid(size)
+    u, v = (x - size / 2) / (size / 2), (y - size / 2) / (size / 2)
+    rot = anatomy["rot"] + rng.normal(0, 0.02)
+    ur, vr = u * math.cos(rot) + v * math.sin(rot), -u * math.sin(rot) + v * math.cos(rot)
+    a, b = anatomy["a"] * rng.uniform(0.97, 1.0), anatomy["b"] * rng.uniform(0.97, 1.0)
+    head = (ur / a) ** 2 + (vr / b) ** 2
+    brain_mask = head < 0.86
+    skull = (head >= 0.86) & (head < 1.0)
+    wobble = 0.08 * _smooth_noise(rng, size, size / 12)
+    white = (ur / (a * 0.62)) ** 2 + (vr / (b * 0.66)) ** 2 + wobble < 1.0
+    vent_l = ((ur + 0.11) / 0.07) ** 2 + ((vr + 0.02) / (0.2 * anatomy["vent"])) ** 2 < 1.0
+    vent_r = ((ur - 0.11) / 0.07) ** 2 + ((vr + 0.02) / (0.2 * anatomy["vent"])) ** 2 < 1.0
+    base = np.zeros((size, size))
+    base[skull] = 0.82
+    base[brain_mask] = 0.42
+    base[brain_mask & white] = 0.58
+    base[brain_mask & (vent_l | vent_r)] = 0.12
+    base = base + brain_mask * 0.035 * _smooth_noise(rng, size, size / 40)
+    base = ndimage.gaussian_filter(base, 0.8)
+    noise = 0.012 * rng.standard_normal((size, size))
+    twin = np.clip(base + noise, 0, 1)
+    if not positive:
+        return Rendered(twin, twin, np.zeros((size, size), bool), None)
+    sign = anatomy["lesion_sign"]
+    lesion = _sample_lesion(rng, size, brain_mask & ~(vent_l | vent_r), anatomy["lesion_scale"],
+                            sign * anatomy["lesion_contrast"])
+    alpha, mask = _lesion_alpha(lesion, size)
+    inner = base + lesion.contrast + 0.04 * _smooth_noise(rng, size, 2.0)
+    if lesion.ring:  # rim-enhancing lesion with a darker core
+        x0, y0 = x - lesion.cx, y - lesion.cy
+        core = np.clip(1.0 - np.hypot(x0, y0) / (0.6 * lesion.radius), 0, 1)
+        inner = inner - 0.25 * core
+    image = np.clip((1 - alpha) * base + alpha * inner + noise, 0, 1)
+    return Rendered(image, twin, mask, lesion)
+
+
+# -- ultrasound ----------------------------------------------------------------------------------
+def render_us(rng: np.random.Generator, size: int, anatomy: dict, positive: bool) -> Rendered:
+    x, y = _grid(size)
+    apex_x, apex_y = size / 2, -0.08 * size
+    depth = np.hypot(x - apex_x, y - apex_y) / size
+    ang = np.arctan2(x - apex_x, y - apex_y)
+    fan = (np.abs(ang) < anatomy["fan"]) & (depth > 0.12) & (depth < 1.02)
+    layers = anatomy["layers"]
+    band = np.interp(depth, layers[:, 0], layers[:, 1])
+    tissue = band * (1 + 0.25 * _smooth_noise(rng, size, size / 25))
+    tissue = np.clip(tissue, 0.05, 1.0) * np.exp(-anatomy["atten"] * depth)
+    re, im = rng.standard_normal((2, size, size))
+    speckle = np.hypot(ndimage.gaussian_filter(re, 0.9), ndimage.gaussian_filter(im, 0.9))
+    speckle = speckle / speckle.mean()
+
+    def compose(echo: np.ndarray) -> np.ndarray:
+        return np.clip(echo * speckle * 0.55 * fan, 0, 1)
+
+    twin = compose(tissue)
+    if not positive:
+        return Rendered(twin, twin, np.zeros((size, size), bool), None)
+    inside = fan & (depth > 0.3) & (depth < 0.85)
+    lesion = _sample_lesion(rng, size, inside, anatomy["lesion_scale"], anatomy["lesion_factor"])
+    alpha, mask = _lesion_alpha(lesion, size)
+    echo = tissue * ((1 - alpha) + alpha * lesion.contrast)
+    image = compose(echo)
+    return Rendered(image, twin, mask, lesion)
+
+
+def _anatomy(rng: np.random.Generator, modality: str) -> dict:
+    if modality == "mri":
+        return {"rot": rng.normal(0, 0.08), "a": rng.uniform(0.7, 0.82), "b": rng.uniform(0.82, 0.92),
+                "vent": rng.uniform(0.7, 1.3), "lesion_sign": float(rng.choice([1.0, 1.0, -1.0])),
+                "lesion_contrast": rng.uniform(0.12, 0.35), "lesion_scale": rng.uniform(0.7, 1.3)}
+    depths = np.array([0.0, 0.18, 0.28, 0.45, 0.7, 1.05])
+    values = np.array([0.9, 0.9, rng.uniform(0.3, 0.45), rng.uniform(0.6, 0.8), rng.uniform(0.5, 0.7), 0.4])
+    return {"fan": rng.uniform(0.5, 0.65), "layers": np.stack([depths, values], 1),
+            "atten": rng.uniform(0.3, 0.8), "lesion_factor": rng.uniform(0.15, 0.5),
+            "lesion_scale": rng.uniform(0.8, 1.4)}
+
+
+RENDERERS = {"mri": render_mri, "us": render_us}
+
+
+def _describe(modality: str, lesion: Lesion | None, size: int) -> str:
+    if modality == "mri":
+        if lesion is None:
+            return "A T1-weighted axial brain MRI with no tumour."
+        side = "left" if lesion.cx < size / 2 else "right"  # radiological convention not modelled
+        region = "frontal" if lesion.cy < size * 0.4 else ("parietal" if lesion.cy < size * 0.6 else "occipital")
+        kind = "bright" if lesion.contrast > 0 else "dark"
+        ring = "ring-enhancing " if lesion.ring else ""
+        return f"A T1-weighted axial brain MRI showing a {_size_word(lesion, size)} {kind} {ring}tumour in the {side} {region} lobe."
+    if lesion is None:
+        return "A breast ultrasound image with no mass."
+    margin = "irregular" if max(a for a, _ in lesion.harmonics) > 0.08 else "smooth"
+    return f"A breast ultrasound image showing a {_size_word(lesion, size)} hypoechoic mass with {margin} margins."
+
+
+def _size_word(lesion: Lesion, size: int) -> str:
+    r = lesion.radius / size
+    return "small" if r < 0.06 else ("medium" if r < 0.1 else "large")
+
+
+def _assign_splits(n: int, fractions: tuple[float, float, float], rng: np.random.Generator) -> list[str]:
+    n_train = max(1, round(n * fractions[0]))
+    n_val = max(1, round(n * fractions[1])) if n >= 3 else 0
+    labels = ["train"] * n_train + ["val"] * n_val
+    labels += ["test"] * max(0, n - len(labels))
+    labels = labels[:n]
+    return [labels[i] for i in rng.permutation(n)]
+
+
+def generate(cfg: PhantomConfig) -> Path:
+    """Write the phantom set; same config -> same bytes."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root_ss = np.random.SeedSequence(cfg.seed)
+    n_per_mod = [cfg.n // len(cfg.modalities) + (i < cfg.n % len(cfg.modalities))
+                 for i in range(len(cfg.modalities))]
+    prompts: dict[str, str] = {}
+    rows: list[dict] = []
+    preview: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for mod_idx, (modality, n_subj) in enumerate(zip(cfg.modalities, n_per_mod)):
+        mod_ss = root_ss.spawn(len(cfg.modalities))[mod_idx]
+        split_rng = np.random.default_rng(mod_ss.spawn(1)[0])
+        # positive/healthy assignment first, then split within each group (both groups in every split)
+        n_healthy = int(round(n_subj * cfg.healthy_fraction))
+        healthy = set(split_rng.permutation(n_subj)[:n_healthy].tolist())
+        pos_ids = [s for s in range(n_subj) if s not in healthy]
+        neg_ids = sorted(healthy)
+        split_of: dict[int, str] = {}
+        for group in (pos_ids, neg_ids):
+            for sid, split in zip(group, _assign_splits(len(group), cfg.split_fractions, split_rng)):
+                split_of[sid] = split
+        subject_ss = np.random.SeedSequence([cfg.seed, mod_idx, 7919]).spawn(n_subj)
+        for sid in range(n_subj):
+            rng = np.random.default_rng(subject_ss[sid])
+            anatomy = _anatomy(rng, modality)
+            positive = sid not in healthy
+            split = split_of[sid]
+            subject_id = f"{modality}_{sid:04d}"
+            for slc in range(cfg.slices):
+                r = RENDERERS[modality](rng, cfg.size, anatomy, positive)
+                name = f"{subject_id}_{slc}.png"
+                save_png(out / f"{split}_images" / name, r.image)
+                save_png(out / f"{split}_masks" / name, r.mask)
+                save_png(out / f"{split}_twins" / name, r.twin)
+                if not positive and split == "train":
+                    save_png(out / "negatives" / name, r.twin)
+                prompts[name] = _describe(modality, r.lesion, cfg.size)
+                les = r.lesion
+                rows.append({"file": name, "subject_id": subject_id, "split": split, "modality": modality,
+                             "positive": int(positive), "lesion_area": int(r.mask.sum()),
+                             "lesion_contrast": round(les.contrast, 4) if les else 0.0,
+                             "lesion_cx": round(les.cx, 1) if les else "", "lesion_cy": round(les.cy, 1) if les else ""})
+                if positive and len(preview) < 8 and slc == 0:
+                    preview.append((r.image, r.mask.astype(np.float32), r.twin))
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=1, sort_keys=True))
+    with open(out / "meta.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cfg_dict = asdict(cfg)
+    cfg_dict.pop("out")
+    (out / "phantoms.json").write_text(json.dumps(cfg_dict, indent=1))
+    if cfg.preview and preview:
+        write_grid(out / "preview.png", [list(t) for t in preview])
+    return out
+
+
+def write_grid(path: Path, rows: list[list[np.ndarray]], pad: int = 2) -> None:
+    """Save rows of equally sized [0,1] grayscale/RGB tiles as one PNG."""
+    tiles = [[to_uint8(t if t.ndim == 3 else np.repeat(t[..., None], 3, -1)) for t in row] for row in rows]
+    h, w = tiles[0][0].shape[:2]
+    ncol = max(len(r) for r in tiles)
+    canvas = np.full((len(tiles) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 32, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            tile = np.asarray(Image.fromarray(tile).resize((w, h))) if tile.shape[:2] != (h, w) else tile
+            canvas[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+
+
+def ensure_phantoms(out: str | Path, **kwargs) -> Path:
+    """Generate phantoms into ``out`` unless a complete set with the same settings is there."""
+    out = Path(out)
+    cfg = PhantomConfig(out=str(out), **kwargs)
+    stamp = out / "phantoms.json"
+    wanted = asdict(cfg)
+    wanted.pop("out")
+    if stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(wanted)):
+        return out
+    return generate(cfg)

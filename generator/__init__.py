@@ -1,0 +1,1 @@
+"""Negative generator: SD inpainting + LoRA trained with Diffusion-DPO and the masked-MI regulariser."""

@@ -1,0 +1,3 @@
+from negdpo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Preference pairs (HF Datasets) and BiomedCLIP preference training (CLIP-DPO, DHN-NCE baseline)."""

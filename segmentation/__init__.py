@@ -1,0 +1,1 @@
+"""Zero-shot segmentation evaluation: saliency -> post-processing -> SAM prompts -> metrics."""
