@@ -1,0 +1,37 @@
+"""Shared fixtures. Every test runs offline (HF_HUB_OFFLINE=1) on CPU with tiny presets."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("NEGDPO_HOME", str(Path(tempfile.gettempdir()) / "negdpo-test-home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """A small phantom set: 12 subjects (both modalities) x 2 slices at 64 px, seed 0."""
+    from core.phantoms import PhantomConfig, generate
+
+    return generate(PhantomConfig(out=str(tmp_path_factory.mktemp("phantoms")), n=12, size=64, seed=0, slices=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from core.models import load_clip
+
+    return load_clip("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path() -> str:
+    from core.models import resolve_diffusion
+
+    return resolve_diffusion("tiny")
