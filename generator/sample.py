@@ -1,0 +1,227 @@
+"""Turn positives + lesion masks into tumour-free negatives with a (LoRA-adapted) inpainting generator.
+
+    pipe = load_generator("tiny", adapter="outputs/generator/demo")
+    outs = inpaint(pipe, images, masks, prompts, seeds=[0, 1, ...], steps=20)
+
+``negdpo sample --data DIR --split test --generator tiny [--adapter PATH] --out OUT`` does the same for a
+scan folder and writes ``OUT/<name>.png`` plus ``OUT/preview.png`` (source | mask | output).
+
+Every image gets its own ``torch.Generator`` seeded from ``seeds[i]``, so an image's output does not
+depend on which other images share its batch (up to floating-point batching noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_META = "negdpo_adapter.json"  # optional: {"reference_adapter": <folder>} fused before this adapter
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Swap the pipeline's scheduler by short name (see ``SCHEDULERS``) or diffusers class name."""
+    if not name:
+        return
+    import diffusers
+
+    cls_name = SCHEDULERS.get(name.lower(), name)
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"unknown scheduler '{name}'; choose one of {sorted(SCHEDULERS)} or a diffusers class")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def _adapter_chain(adapter: str | Path) -> list[Path]:
+    """The adapter plus (first) any reference adapter it was trained on top of (SFT -> DPO)."""
+    folder = Path(adapter)
+    if folder.is_file():
+        folder = folder.parent
+    if not (folder / LORA_WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"{folder}: no {LORA_WEIGHT_NAME} (expected a generator run's output folder)")
+    chain = [folder]
+    meta = folder / ADAPTER_META
+    while meta.is_file():
+        ref = json.loads(meta.read_text()).get("reference_adapter")
+        if not ref:
+            break
+        ref_dir = Path(ref)
+        if not (ref_dir / LORA_WEIGHT_NAME).is_file():
+            raise FileNotFoundError(f"{meta}: reference adapter '{ref}' has no {LORA_WEIGHT_NAME}")
+        if ref_dir in chain:
+            raise ValueError(f"{meta}: reference adapter chain loops at {ref_dir}")
+        chain.insert(0, ref_dir)
+        meta = ref_dir / ADAPTER_META
+    return chain
+
+
+def load_generator(model: str = "tiny", adapter: str | None = None, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """``StableDiffusionInpaintPipeline`` for ``model`` (tiny / hub id / folder) with an optional LoRA adapter.
+
+    ``adapter`` is a folder holding ``pytorch_lora_weights.safetensors`` (a ``gen_train.py`` output). If it
+    was trained on top of a reference (SFT) adapter, that one is fused into the base first, as in training.
+    A 4-channel UNet runs in the pipeline's legacy blending mode (img2img-style inpainting).
+    """
+    from core.models import load_inpaint_pipeline
+
+    pipe = load_inpaint_pipeline(model, torch_dtype=dtype)
+    if adapter:
+        chain = _adapter_chain(adapter)
+        for i, folder in enumerate(chain):
+            name = f"negdpo_{i}"
+            pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME, adapter_name=name)
+            if i < len(chain) - 1:  # reference adapters are part of the base the policy was trained on
+                pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[name])
+                pipe.unload_lora_weights()
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def native_size(pipe) -> int:
+    """Training resolution of the pipeline's UNet in pixels (512 for SD-1.5, 64 for ``tiny``)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def _to_pil_rgb(image: np.ndarray, size: int) -> Image.Image:
+    arr = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"image must be (H,W) or (H,W,3), got shape {arr.shape}")
+    pil = Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), "RGB")
+    return pil if pil.size == (size, size) else pil.resize((size, size), Image.BICUBIC)
+
+
+def _to_pil_mask(mask: np.ndarray, size: int) -> Image.Image:
+    pil = Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255, "L")
+    return pil if pil.size == (size, size) else pil.resize((size, size), Image.NEAREST)
+
+
+def _back_to_input(out: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """(S,S,3) float output -> the input's (H,W) shape and channel layout."""
+    h, w = like.shape[:2]
+    if out.shape[:2] != (h, w):
+        pil = Image.fromarray((np.clip(out, 0, 1) * 255.0 + 0.5).astype(np.uint8), "RGB").resize((w, h), Image.BICUBIC)
+        out = np.asarray(pil, np.float32) / 255.0
+    out = out.astype(np.float32)
+    return out.mean(axis=-1) if like.ndim == 2 else out
+
+
+def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: list[str], seeds: list[int], *,
+            steps: int = 20, guidance_scale: float = 1.0, strength: float = 1.0, scheduler: str | None = None,
+            paste_back: bool = True, size: int | None = None, batch_size: int = 8) -> list[np.ndarray]:
+    """Repaint the masked region of each image; returns float [0,1] arrays shaped like the inputs.
+
+    images: float [0,1] (H,W) or (H,W,3); masks: bool (H,W), True = repaint. Images are resized to
+    ``size`` (default: the UNet's native resolution) for the model and back afterwards. With
+    ``paste_back`` the source is kept exactly outside the mask. ``guidance_scale`` <= 1 disables CFG.
+    """
+    n = len(images)
+    if not (len(masks) == len(prompts) == len(seeds) == n):
+        raise ValueError(f"images/masks/prompts/seeds lengths differ: {n}, {len(masks)}, {len(prompts)}, {len(seeds)}")
+    for i, (img, m) in enumerate(zip(images, masks)):
+        if np.asarray(m).shape != np.asarray(img).shape[:2]:
+            raise ValueError(f"item {i}: mask shape {np.asarray(m).shape} != image shape {np.asarray(img).shape[:2]}")
+    set_scheduler(pipe, scheduler)
+    size = int(size or native_size(pipe))
+    multiple = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if size % multiple:
+        raise ValueError(f"size {size} must be a multiple of {multiple} for this model")
+    device = pipe.device
+    results: list[np.ndarray] = []
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        gens = [torch.Generator(device="cpu").manual_seed(int(seeds[i])) for i in idx]
+        with torch.inference_mode():
+            out = pipe(prompt=[prompts[i] or "" for i in idx],
+                       image=[_to_pil_rgb(images[i], size) for i in idx],
+                       mask_image=[_to_pil_mask(masks[i], size) for i in idx],
+                       height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       strength=strength, generator=gens, output_type="np").images
+        for j, i in enumerate(idx):
+            res = _back_to_input(np.asarray(out[j]), np.asarray(images[i]))
+            if paste_back:
+                src = np.clip(np.asarray(images[i], np.float32), 0.0, 1.0)
+                m = np.asarray(masks[i], bool)
+                res = np.where(m if src.ndim == 2 else m[..., None], res, src)
+            results.append(np.clip(res, 0.0, 1.0).astype(np.float32))
+    del device
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="negdpo sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="scan folder (MedCLIP-SAMv2 layout)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--generator", default="tiny", help="tiny | hub id | local diffusers folder")
+    p.add_argument("--adapter", default=None, help="folder with pytorch_lora_weights.safetensors")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance_scale", type=float, default=1.0)
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--scheduler", default=None, help=f"one of {sorted(SCHEDULERS)}")
+    p.add_argument("--size", type=int, default=None, help="model resolution (default: the UNet's native)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its name")
+    p.add_argument("--limit", type=int, default=None, help="at most this many positives")
+    p.add_argument("--no_paste_back", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: sample negatives for every positive of a split; writes OUT/<name>.png and OUT/preview.png."""
+    from core.config import derive_seed
+    from core.imageio import save_png
+    from core.phantoms import write_grid
+    from core.scans import ScanFolder
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder = ScanFolder(args.data, on_error="skip")
+    scans = [s for s in folder.load_split(args.split) if s.positive]
+    if args.limit is not None:
+        scans = scans[: args.limit]
+    if not scans:
+        print(f"negdpo sample: no positive scans (non-empty masks) in {args.data} split '{args.split}'")
+        return 1
+    pipe = load_generator(args.generator, args.adapter, device=args.device, dtype=getattr(torch, args.dtype))
+    seeds = [derive_seed(s.name, base=args.seed) for s in scans]
+    outs = inpaint(pipe, [s.image for s in scans], [s.mask for s in scans], [s.prompt or "" for s in scans], seeds,
+                   steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
+                   scheduler=args.scheduler, paste_back=not args.no_paste_back, size=args.size,
+                   batch_size=args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for scan, img in zip(scans, outs):
+        save_png(out / f"{Path(scan.name).stem}.png", img)
+    write_grid(out / "preview.png", [[s.image, s.mask.astype(np.float32), o] for s, o in list(zip(scans, outs))[:8]])
+    (out / "sample_args.json").write_text(json.dumps(vars(args) | {"seeds": dict(zip([s.name for s in scans], seeds))},
+                                                     indent=1))
+    print(f"wrote {len(outs)} negatives to {out} (preview: {out / 'preview.png'}); {folder.report()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
