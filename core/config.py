@@ -42,7 +42,8 @@ def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default
         for action in parser._actions:  # a value from YAML satisfies a required flag
             if action.dest in values:
                 action.required = False
-    (cfg, extra) = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    outputs = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    cfg, extra = outputs[0], outputs[-1]  # a namespace holding --config sits in between
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     return cfg

@@ -241,5 +241,5 @@ def save_png(path: str | Path, image: np.ndarray) -> None:
     elif arr.dtype != np.uint8:
         arr = to_uint8(arr)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
+    Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)  # fast; lossless anyway
     tmp.replace(path)

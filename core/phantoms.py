@@ -70,7 +70,15 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+    """Unit-variance Gaussian random field with correlation length ``sigma`` px.
+
+    Large sigmas are filtered on a coarser grid and upsampled (same statistics, ~f^2 cheaper).
+    """
+    f = max(1, int(sigma // 3))
+    small = -(-size // f)
+    field = ndimage.gaussian_filter(rng.standard_normal((small, small)), sigma / f, mode="wrap")
+    if f > 1:
+        field = ndimage.zoom(field, f, order=1, mode="grid-wrap", grid_mode=True)[:size, :size]
     return field / (field.std() + 1e-12)
 
 
@@ -219,7 +227,7 @@ def generate(cfg: PhantomConfig) -> Path:
                  for i in range(len(cfg.modalities))]
     prompts: dict[str, str] = {}
     rows: list[dict] = []
-    preview: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    preview: list[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []  # 4 per modality
     for mod_idx, (modality, n_subj) in enumerate(zip(cfg.modalities, n_per_mod)):
         mod_ss = root_ss.spawn(len(cfg.modalities))[mod_idx]
         split_rng = np.random.default_rng(mod_ss.spawn(1)[0])
@@ -253,8 +261,8 @@ def generate(cfg: PhantomConfig) -> Path:
                              "positive": int(positive), "lesion_area": int(r.mask.sum()),
                              "lesion_contrast": round(les.contrast, 4) if les else 0.0,
                              "lesion_cx": round(les.cx, 1) if les else "", "lesion_cy": round(les.cy, 1) if les else ""})
-                if positive and len(preview) < 8 and slc == 0:
-                    preview.append((r.image, r.mask.astype(np.float32), r.twin))
+                if positive and slc == 0 and sum(m == modality for m, _ in preview) < 4:
+                    preview.append((modality, (r.image, r.mask.astype(np.float32), r.twin)))
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1, sort_keys=True))
     with open(out / "meta.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -264,7 +272,7 @@ def generate(cfg: PhantomConfig) -> Path:
     cfg_dict.pop("out")
     (out / "phantoms.json").write_text(json.dumps(cfg_dict, indent=1))
     if cfg.preview and preview:
-        write_grid(out / "preview.png", [list(t) for t in preview])
+        write_grid(out / "preview.png", [list(t) for _, t in preview])
     return out
 
 

@@ -1,0 +1,81 @@
+"""Phantom set: layout, determinism (same seed -> same bytes), twin/mask consistency, splits."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from core.phantoms import PhantomConfig, generate
+from core.scans import ScanFolder
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = generate(PhantomConfig(out=str(tmp_path / "a"), n=6, size=48, seed=3))
+    b = generate(PhantomConfig(out=str(tmp_path / "b"), n=6, size=48, seed=3))
+    c = generate(PhantomConfig(out=str(tmp_path / "c"), n=6, size=48, seed=4))
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_layout_meta_prompts(phantom_dir):
+    rows = list(csv.DictReader(open(phantom_dir / "meta.csv")))
+    prompts = json.loads((phantom_dir / "prompts.json").read_text())
+    assert {r["modality"] for r in rows} == {"mri", "us"}
+    assert len(rows) == 24 and set(prompts) == {r["file"] for r in rows}
+    for r in rows:
+        for kind in ("images", "masks", "twins"):
+            assert (phantom_dir / f"{r['split']}_{kind}" / r["file"]).exists()
+    assert any(r["positive"] == "0" for r in rows) and any(r["positive"] == "1" for r in rows)
+    healthy = [r["file"] for r in rows if r["positive"] == "0" and r["split"] == "train"]
+    assert sorted(p.name for p in (phantom_dir / "negatives").iterdir()) == sorted(healthy)
+    assert (phantom_dir / "preview.png").exists()
+    # prompts mention a lesion exactly for positives
+    for r in rows:
+        said_none = "no tumour" in prompts[r["file"]] or "no mass" in prompts[r["file"]]
+        assert said_none == (r["positive"] == "0")
+
+
+def test_subject_level_splits(phantom_dir):
+    rows = list(csv.DictReader(open(phantom_dir / "meta.csv")))
+    split_of: dict[str, set[str]] = {}
+    for r in rows:
+        split_of.setdefault(r["subject_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in split_of.values())
+    assert {next(iter(s)) for s in split_of.values()} == {"train", "val", "test"}
+
+
+def test_twin_equals_positive_outside_dilated_mask(phantom_dir):
+    n_pos = 0
+    folder = ScanFolder(phantom_dir)
+    for split in ("train", "val", "test"):
+        for scan in folder.load_split(split):
+            assert scan.twin is not None
+            if not scan.positive:
+                assert np.array_equal(scan.image, scan.twin)  # healthy-only: its own twin
+                continue
+            n_pos += 1
+            outside = ~ndimage.binary_dilation(scan.mask, iterations=2)
+            assert np.array_equal(scan.image[outside], scan.twin[outside])
+            # the lesion is visible: inside the mask the two differ
+            assert np.abs(scan.image[scan.mask] - scan.twin[scan.mask]).mean() > 0.02
+    assert n_pos >= 12
+
+
+def test_lesions_vary(tmp_path):
+    root = generate(PhantomConfig(out=str(tmp_path / "v"), n=20, size=64, seed=1, preview=False))
+    rows = [r for r in csv.DictReader(open(root / "meta.csv")) if r["positive"] == "1"]
+    areas = [int(r["lesion_area"]) for r in rows]
+    contrasts = [float(r["lesion_contrast"]) for r in rows]
+    xs = [float(r["lesion_cx"]) for r in rows]
+    assert min(areas) > 0 and max(areas) > 2 * min(areas)
+    assert np.std(contrasts) > 0.05 and np.std(xs) > 5
