@@ -1,0 +1,322 @@
+"""Zero-shot segmentation evaluation of CLIP checkpoints (MedCLIP-SAMv2 chain).
+
+Per batch of scans: for every checkpoint, saliency (real prompt, and the irrelevant control prompt)
+-> coarse mask; then per scan the SAM image embedding is computed once and every checkpoint's (and
+control's) coarse mask is prompted against it. ``sam="none"`` scores the coarse mask itself.
+
+Outputs (DESIGN.md §3), under ``out``::
+
+    saliency/<stem>.png  coarse/<stem>.png  masks/<stem>.png  overlays/<stem>.png
+    metrics.csv  summary.json  report.md  dice_bar.png  config.json
+
+With several checkpoints the image folders get one subfolder per checkpoint name
+(``saliency/<checkpoint>/<stem>.png``); with one checkpoint they are flat. ``metrics.csv`` names
+each row's files (``saliency_path``, ``mask_path``), so readers need not rebuild paths. Overlays are
+one row: image | saliency | coarse | SAM mask | ground truth. Control-prompt maps are not saved.
+
+Headline statistics are over scans with a lesion; scans without one (phantom test splits have
+them) are scored too (both-empty = 1, see ``metrics``) and summarised as a false-positive rate.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from . import metrics as M
+from .postprocess import coarse_mask
+from .sam_prompt import SamConfig, SamSegmenter
+
+logger = logging.getLogger(__name__)
+DEFAULT_TEMPLATE = "a medical scan showing a tumor"
+DEFAULT_CONTROL = "a photo of a cat sitting on a chair"
+CSV_COLUMNS = ["checkpoint", "image", "positive", "prompt", "gt_area", "coarse_area", "pred_area", "empty_coarse",
+               "n_prompts", "dice", "iou", "nsd", "nsd_parity", "hd95", "coarse_dice", "coarse_nsd",
+               "control_dice", "control_coarse_dice", "control_saliency_corr", "saliency_path", "mask_path"]
+
+
+@dataclass
+class EvalConfig:
+    """All options of one evaluation (``negdpo evaluate --help`` documents each)."""
+
+    data: str | None = None
+    split: str = "test"
+    clips: dict[str, str] = field(default_factory=lambda: {"tiny": "tiny"})
+    out: str | None = None
+    saliency: str = "m2ib"
+    align: Literal["crop", "stretch"] = "crop"
+    seed: int = 12
+    m2ib_layer: int | None = None
+    m2ib_beta: float = 1.0
+    m2ib_steps: int = 10
+    m2ib_lr: float = 1.0
+    m2ib_samples: int = 10
+    surgery_start: int | None = None
+    oracle_sigma: float = 0.02
+    post: Literal["kmeans", "threshold", "otsu"] = "kmeans"
+    threshold: float = 0.3
+    num_components: int = 1
+    ties: Literal["exact", "parity"] = "exact"
+    kmeans_parity: bool = False
+    sam: str = "tiny"
+    sam_checkpoint: str | None = None
+    sam_prompt: Literal["box", "point", "both"] = "box"
+    box_mode: Literal["union", "per_component"] = "union"
+    num_points: int = 10
+    num_negative: int = 0
+    multimask: bool = False
+    multimask_select: Literal["best", "union"] = "best"
+    prompts: str | None = None
+    prompt_template: str | None = None
+    control_prompt: str | None = DEFAULT_CONTROL
+    tolerance: float = 2.0
+    batch_size: int = 8
+    device: str = "auto"
+    limit: int | None = None
+    on_error: Literal["raise", "skip"] = "raise"
+    save_images: bool = True
+    bootstrap: int = 2000
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out: Path | None = None
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_names(clips: dict[str, str]) -> None:
+    if not clips:
+        raise ValueError("no CLIP checkpoint given (use NAME=CKPT, e.g. tiny=tiny)")
+    for name in clips:
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise ValueError(f"checkpoint name '{name}' must be letters, digits, '_', '.', '+' or '-'")
+
+
+def resolve_prompts(scans: Sequence, cfg: EvalConfig) -> list[str]:
+    """Template (``{name}``/``{stem}`` filled in) > JSON file > the scan's own prompt > default template."""
+    table: dict[str, str] = {}
+    if cfg.prompts:
+        table = json.loads(Path(cfg.prompts).read_text())
+    out = []
+    for s in scans:
+        stem = Path(s.name).stem
+        if cfg.prompt_template:
+            out.append(cfg.prompt_template.format(name=s.name, stem=stem))
+        elif cfg.prompts:
+            text = table.get(s.name, table.get(stem))
+            if text is None:
+                raise KeyError(f"{cfg.prompts}: no prompt for image '{s.name}' (add it or use --prompt-template)")
+            out.append(text)
+        else:
+            out.append(getattr(s, "prompt", None) or DEFAULT_TEMPLATE)
+    return out
+
+
+def load_scans(cfg: EvalConfig, scans: Sequence | None = None) -> tuple[list, list]:
+    if scans is None:
+        from core.scans import ScanFolder
+
+        if not cfg.data:
+            raise ValueError("no data: pass a scan folder (--data) or scans")
+        folder = ScanFolder(cfg.data, on_error=cfg.on_error)
+        scans = folder.load_split(cfg.split)
+        skipped = list(folder.skipped)
+    else:
+        skipped = []
+    scans = list(scans)[: cfg.limit] if cfg.limit else list(scans)
+    if not scans:
+        raise ValueError(f"no scans to evaluate in {cfg.data} split '{cfg.split}'")
+    return scans, skipped
+
+
+def image_path(out: Path, kind: str, ckpt: str, name: str, multi: bool) -> Path:
+    """Where an output image goes (flat with one checkpoint, per-checkpoint subfolder otherwise)."""
+    folder = out / kind / ckpt if multi else out / kind
+    return folder / f"{Path(name).stem}.png"
+
+
+def _overlay_tiles(image: np.ndarray, sal: np.ndarray, coarse: np.ndarray, pred: np.ndarray,
+                   gt: np.ndarray) -> list[np.ndarray]:
+    import cv2
+
+    from core.imageio import to_rgb_uint8
+
+    rgb = to_rgb_uint8(image).astype(np.float32) / 255.0
+    heat = cv2.applyColorMap(np.clip(np.rint(sal * 255), 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+    def tint(mask: np.ndarray, color: tuple[float, float, float]) -> np.ndarray:
+        out = rgb.copy()
+        out[mask] = 0.5 * out[mask] + 0.5 * np.asarray(color, np.float32)
+        return out
+
+    return [rgb, 0.5 * rgb + 0.5 * heat, tint(coarse, (1, 1, 0)), tint(pred, (0, 1, 0)), tint(gt, (1, 0, 0))]
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _saliency_options(cfg: EvalConfig) -> dict[str, Any]:
+    return {"layer": cfg.m2ib_layer, "beta": cfg.m2ib_beta, "steps": cfg.m2ib_steps, "lr": cfg.m2ib_lr,
+            "samples": cfg.m2ib_samples, "surgery_start": cfg.surgery_start, "oracle_sigma": cfg.oracle_sigma}
+
+
+def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None, out: str | Path | None = None,
+             *, scans: Sequence | None = None, config: EvalConfig | None = None, **options: Any) -> EvalResult:
+    """Run the chain and write the outputs (if ``out``); returns per-image rows and the summary.
+
+    ``data``: a scan folder (or pass ``scans``: objects with ``name``, ``image``, ``mask``, optional
+    ``prompt``). ``clips``: {report name: CLIP name} (``"tiny"``, ``hf-hub:…``, ``local-dir:…``).
+    ``options``: any ``EvalConfig`` field, e.g. ``saliency="oracle", sam="none"``.
+    """
+    from core.config import code_version, derive_seed
+    from core.imageio import save_png, to_rgb_uint8
+    from core.models import load_clip, load_sam
+    from core.phantoms import write_grid
+
+    from .report import summarise, write_report
+    from .saliency import SaliencyContext, get
+
+    cfg = config or EvalConfig()
+    cfg = EvalConfig(**{**asdict(cfg), **options,
+                        **({"data": str(data)} if data is not None else {}),
+                        **({"clips": dict(clips)} if clips is not None else {}),
+                        **({"out": str(out)} if out is not None else {})})
+    _check_names(cfg.clips)
+    device = _device(cfg.device)
+    method = get(cfg.saliency)
+    t_start = time.perf_counter()
+    scan_list, skipped = load_scans(cfg, scans)
+    prompts = resolve_prompts(scan_list, cfg)
+    out_dir = Path(cfg.out) if cfg.out else None
+    multi = len(cfg.clips) > 1
+    needs_clip = cfg.saliency != "oracle"
+    bundles = {name: (load_clip(ckpt, device) if needs_clip else None) for name, ckpt in cfg.clips.items()}
+    segmenter = None
+    if cfg.sam != "none":
+        sam_cfg = SamConfig(prompt=cfg.sam_prompt, box_mode=cfg.box_mode, num_points=cfg.num_points,
+                            num_negative=cfg.num_negative, multimask=cfg.multimask,
+                            multimask_select=cfg.multimask_select, ties=cfg.ties)
+        segmenter = SamSegmenter(load_sam(cfg.sam, cfg.sam_checkpoint, device), sam_cfg)
+    contexts = {name: SaliencyContext(clip=b, device=device, align=cfg.align, seed=cfg.seed,
+                                      options=_saliency_options(cfg)) for name, b in bundles.items()}
+    control = cfg.control_prompt if needs_clip else None  # the oracle ignores prompts
+
+    def to_coarse(sal: np.ndarray) -> np.ndarray:
+        return coarse_mask(sal, cfg.post, cfg.threshold, cfg.num_components, cfg.ties, cfg.kmeans_parity)
+
+    rows: list[dict[str, Any]] = []
+    timing = {"saliency_s": 0.0, "sam_s": 0.0, "metrics_s": 0.0}
+    for start in range(0, len(scan_list), cfg.batch_size):
+        batch, batch_prompts = scan_list[start:start + cfg.batch_size], prompts[start:start + cfg.batch_size]
+        per_ckpt: dict[str, dict[str, list]] = {}
+        t0 = time.perf_counter()
+        for name, ctx in contexts.items():
+            sal = method(ctx, batch, batch_prompts)
+            ctl = method(ctx, batch, [control] * len(batch)) if control else [None] * len(batch)
+            per_ckpt[name] = {"sal": sal, "ctl": ctl, "coarse": [to_coarse(s) for s in sal],
+                              "ctl_coarse": [to_coarse(s) if s is not None else None for s in ctl]}
+        timing["saliency_s"] += time.perf_counter() - t0
+        for i, scan in enumerate(batch):
+            point_seed = derive_seed("points", scan.name, base=cfg.seed)
+            t0 = time.perf_counter()
+            preds: dict[str, tuple] = {}
+            if segmenter is not None:
+                segmenter.set_image(to_rgb_uint8(scan.image))  # once per image, shared by all checkpoints
+            for name, r in per_ckpt.items():
+                for key, cm in (("real", r["coarse"][i]), ("ctl", r["ctl_coarse"][i])):
+                    if cm is None:
+                        continue
+                    if segmenter is None:
+                        preds[(name, key)] = (cm, {"empty_coarse": not cm.any(), "n_prompts": 0})
+                    else:
+                        preds[(name, key)] = segmenter.segment(cm, point_seed)
+            timing["sam_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            gt = np.asarray(scan.mask, bool)
+            for name, r in per_ckpt.items():
+                pred, info = preds[(name, "real")]
+                sal, cm = r["sal"][i], r["coarse"][i]
+                row: dict[str, Any] = {"checkpoint": name, "image": scan.name, "positive": int(gt.any()),
+                                       "prompt": batch_prompts[i], "gt_area": int(gt.sum()),
+                                       "coarse_area": int(cm.sum()), "pred_area": int(pred.sum()),
+                                       "empty_coarse": int(info["empty_coarse"]), "n_prompts": info["n_prompts"]}
+                row.update(M.all_metrics(pred, gt, cfg.tolerance))
+                row["coarse_dice"] = M.dice(cm, gt)
+                row["coarse_nsd"] = M.nsd(cm, gt, cfg.tolerance)
+                if (name, "ctl") in preds:
+                    row["control_dice"] = M.dice(preds[(name, "ctl")][0], gt)
+                    row["control_coarse_dice"] = M.dice(r["ctl_coarse"][i], gt)
+                    row["control_saliency_corr"] = _corr(sal, r["ctl"][i])
+                else:
+                    row.update(control_dice=math.nan, control_coarse_dice=math.nan, control_saliency_corr=math.nan)
+                row["saliency_path"] = row["mask_path"] = ""
+                if out_dir is not None and cfg.save_images:
+                    paths = {k: image_path(out_dir, k, name, scan.name, multi)
+                             for k in ("saliency", "coarse", "masks", "overlays")}
+                    save_png(paths["saliency"], sal)
+                    save_png(paths["coarse"], cm)
+                    save_png(paths["masks"], pred)
+                    write_grid(paths["overlays"], [_overlay_tiles(scan.image, sal, cm, pred, gt)])
+                    row["saliency_path"] = str(paths["saliency"].relative_to(out_dir))
+                    row["mask_path"] = str(paths["masks"].relative_to(out_dir))
+                rows.append(row)
+            timing["metrics_s"] += time.perf_counter() - t0
+        logger.info("evaluated %d/%d scans", min(start + cfg.batch_size, len(scan_list)), len(scan_list))
+    timing["total_s"] = time.perf_counter() - t_start
+    summary = summarise(rows, list(cfg.clips), n_boot=cfg.bootstrap)
+    summary.update(config=asdict(cfg), device=device, code_version=code_version(), timing=timing,
+                   skipped=[{"file": f, "reason": why} for f, why in skipped],
+                   layout="per-checkpoint subfolders" if multi else "flat")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(out_dir / "metrics.csv", rows)
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+        write_report(out_dir, summary)
+    return EvalResult(rows=rows, summary=summary, out=out_dir)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    tmp.replace(path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -1,0 +1,131 @@
+"""M2IB saliency (Wang et al. 2023, as used by MedCLIP-SAMv2), batched over images.
+
+Bottleneck on the residual stream after block ``layer`` of the vision tower, one parameter tensor
+alpha (T x D) per image, initialised to ``init`` (5.0). With lambda = sigmoid(alpha):
+    z = lambda * x + (1 - lambda) * eps,  eps ~ N(0, 1), ``samples`` fresh draws per step;
+    capacity C = -1/2 (1 + ln s2 - mu^2 - s2), mu = lambda * x, s2 = (1 - lambda)^2 (KL to N(0,1));
+    loss_b = beta * mean_{t,c} C - mean_samples cos(f_text_b, f_img(z)), cosine eps 1e-6 on the
+    unnormalised projections. Adam(lr=1.0, betas (0.9, 0.999), eps 1e-8), ``steps`` (10) updates.
+Read-out: capacity of the last forward (lambda after steps-1 updates), summed over channels, CLS
+dropped, patch grid -> bilinear to the crop -> min-max -> scan frame (see ``common``).
+
+Batching: the tokens up to the bottleneck are computed once without gradients; only the later blocks
+run in the loop, for all images x samples at once. The summed (not averaged) per-image losses make
+each alpha's gradient exactly that of a one-image run, Adam is elementwise, and every image draws its
+noise from its own generator seeded with ``derive_seed(seed, image name)`` -- so an image's map does
+not depend on which images share its batch (up to float rounding of batched matmuls).
+``vvar`` of the public code has no effect there and is not an option here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.config import derive_seed
+
+from .base import SaliencyContext, register
+from .common import (
+    embed_from,
+    grids_to_frames,
+    input_size,
+    num_blocks,
+    patch_grid,
+    preprocess_batch,
+    text_features,
+    tokens_through,
+)
+
+
+@dataclass
+class M2IBConfig:
+    """``layer`` None = ``num_blocks - 3`` (block 9 of 12 as in the public brain/breast scripts)."""
+
+    layer: int | None = None
+    beta: float = 1.0
+    steps: int = 10
+    lr: float = 1.0
+    samples: int = 10
+    init: float = 5.0
+
+
+def capacity(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL( N(lambda x, (1-lambda)^2) || N(0, 1) ), lambda = sigmoid(alpha); stable in alpha."""
+    log_var = 2.0 * F.logsigmoid(-alpha)
+    mu = torch.sigmoid(alpha) * x
+    return -0.5 * (1.0 + log_var - mu.pow(2) - log_var.exp())
+
+
+def resolve_layer(visual, layer: int | None) -> int:
+    n = num_blocks(visual)
+    layer = max(n - 3, 0) if layer is None else layer
+    if not 0 <= layer < n:
+        raise ValueError(f"M2IB layer {layer} out of range for a vision tower with {n} blocks (0..{n - 1})")
+    return layer
+
+
+def m2ib_grids(model, images: torch.Tensor, text_feats: torch.Tensor, seeds: Sequence[int],
+               cfg: M2IBConfig = M2IBConfig()) -> torch.Tensor:
+    """Capacity score per patch, (B, grid_h, grid_w), for a preprocessed image batch.
+
+    ``text_feats`` (B, E): the prompt embedding of each image; ``seeds``: one noise seed per image.
+    """
+    visual = model.visual
+    layer = resolve_layer(visual, cfg.layer)
+    gh, gw, prefix = patch_grid(visual, tuple(images.shape[-2:]))
+    device = images.device
+    if len(seeds) != images.shape[0] or text_feats.shape[0] != images.shape[0]:
+        raise ValueError("need one text feature and one seed per image")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            x = tokens_through(visual, images, layer)  # (B, T, D), computed once
+        b, t, d = x.shape
+        s = cfg.samples
+        alpha = torch.full_like(x, cfg.init).requires_grad_(True)
+        opt = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        gens = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+        tf = text_feats.detach().float()[:, None, :]
+        cap_last = None
+        for _ in range(cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            eps = torch.stack([torch.randn((s, t, d), generator=g, device=device) for g in gens])
+            lam, std = torch.sigmoid(alpha)[:, None], torch.sigmoid(-alpha)[:, None]
+            z = (lam * x[:, None] + std * eps).reshape(b * s, t, d)
+            feats = embed_from(visual, z, layer + 1).reshape(b, s, -1)
+            cos = F.cosine_similarity(feats, tf, dim=-1, eps=1e-6)  # (B, S)
+            cap = capacity(x, alpha)  # noise-free: the same for every sample
+            loss = (cfg.beta * cap.mean(dim=(1, 2)) - cos.mean(dim=1)).sum()
+            loss.backward()
+            cap_last = cap.detach()
+            opt.step()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    if cap_last is None:  # steps == 0: capacity at init
+        cap_last = capacity(x, torch.full_like(x, cfg.init))
+    return cap_last[:, prefix:].sum(-1).reshape(b, gh, gw)
+
+
+def image_seeds(names: Sequence[str], seed: int) -> list[int]:
+    return [derive_seed("m2ib", name, base=seed) for name in names]
+
+
+@register("m2ib")
+def m2ib(ctx: SaliencyContext, scans: Sequence, prompts: Sequence[str]) -> list[np.ndarray]:
+    """Options (``ctx.options``): layer, beta, steps, lr, samples (see ``M2IBConfig``)."""
+    if ctx.clip is None:
+        raise ValueError("m2ib needs a CLIP model")
+    model, preprocess, tokenizer = ctx.clip
+    keys = M2IBConfig.__dataclass_fields__
+    cfg = M2IBConfig(**{k: v for k, v in ctx.options.items() if k in keys and v is not None})
+    images = preprocess_batch([s.image for s in scans], preprocess, ctx.device)
+    tf = text_features(model, tokenizer, prompts, ctx.device)
+    grids = m2ib_grids(model, images, tf, image_seeds([s.name for s in scans], ctx.seed), cfg)
+    return grids_to_frames(grids, [s.image.shape[:2] for s in scans], input_size(model.visual), ctx.align)
