@@ -1,0 +1,223 @@
+"""Preference pairs for the generator: from a scan folder (on the fly) or an HF dataset (DESIGN.md §3).
+
+Scan folder: for every positive, source = the positive, rejected = the positive itself (the tumour is the
+thing to remove), chosen = a healthy fill: the phantom's healthy twin when present, otherwise a classical
+inpainting bootstrap (OpenCV Telea inside the dilated mask). Healthy scans (``negatives/`` or empty masks)
+can be added for SFT with a random blob mask (chosen = rejected = the scan).
+
+HF dataset: a ``save_to_disk`` folder or parquet files with columns ``source, mask, chosen, rejected,
+prompt`` (+ optional ``difficulty``, ``split``, ``pair_id``); images as ``datasets.Image``.
+
+Batches are drawn statelessly: the indices, augmentation, timesteps and noise of (step, micro-step, rank)
+come from a generator seeded by those keys, so a resumed run sees exactly the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+class PairDataError(ValueError):
+    """A problem with the pair data; the message names the item."""
+
+
+@dataclass
+class Pair:
+    name: str
+    source: np.ndarray  # float [0,1], (S,S,3)
+    mask: np.ndarray  # bool (S,S)
+    chosen: np.ndarray
+    rejected: np.ndarray
+    prompt: str
+    difficulty: float = 0.0
+
+
+def _rgb(img: np.ndarray, size: int) -> np.ndarray:
+    arr = np.clip(np.asarray(img, np.float32), 0, 1)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.shape[:2] != (size, size):
+        pil = Image.fromarray((arr * 255 + 0.5).astype(np.uint8), "RGB").resize((size, size), Image.BICUBIC)
+        arr = np.asarray(pil, np.float32) / 255.0
+    return arr
+
+
+def _mask(mask: np.ndarray, size: int) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., 0]
+    m = m > (127 if m.dtype == np.uint8 else 0.5 if m.dtype.kind == "f" else 0)
+    if m.shape != (size, size):
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    return m
+
+
+def classical_fill(image: np.ndarray, mask: np.ndarray, dilate: int = 2) -> np.ndarray:
+    """Healthy-fill bootstrap: OpenCV Telea inpainting inside the dilated mask (float [0,1] in and out)."""
+    import cv2
+    from scipy import ndimage
+
+    m = ndimage.binary_dilation(mask, iterations=dilate) if dilate else mask
+    u8 = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    out = cv2.inpaint(u8, m.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
+    return out.astype(np.float32) / 255.0
+
+
+def _difficulty(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray) -> float:
+    """Higher = harder: 1 - normalised mean |chosen - rejected| inside the mask (subtle lesions are hard)."""
+    gap = float(np.abs(chosen - rejected)[mask].mean()) if mask.any() else 0.0
+    return float(np.clip(1.0 - 4.0 * gap, 0.0, 1.0))
+
+
+def random_blob_mask(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A random ellipse covering ~2-8 % of the image (for SFT on healthy scans)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    ry, rx = rng.uniform(0.08, 0.16) * h, rng.uniform(0.08, 0.16) * w
+    y, x = np.mgrid[0:h, 0:w]
+    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
+
+
+def pairs_from_scan_folder(root: str | Path, split: str, size: int, chosen: str = "auto",
+                           include_healthy: bool = False, limit: int | None = None) -> list[Pair]:
+    """Pairs for every positive of ``split``; ``chosen``: auto (twin, else classical) | twin | classical."""
+    from core.config import derive_seed
+    from core.scans import ScanFolder
+
+    folder = ScanFolder(root, on_error="skip")
+    pairs: list[Pair] = []
+    n_healthy = 0
+    for scan in folder.iter_split(split):
+        if not scan.positive:
+            if include_healthy:
+                m = random_blob_mask(scan.mask.shape, derive_seed("blob", scan.name))
+                img = _rgb(scan.image, size)
+                pairs.append(Pair(scan.name, img, _mask(m, size), img, img, scan.prompt or "", 0.0))
+                n_healthy += 1
+            continue
+        if chosen == "twin" and scan.twin is None:
+            raise PairDataError(f"{scan.image_path}: no healthy twin in {split}_twins/ (use chosen='classical')")
+        fill = scan.twin if (scan.twin is not None and chosen in ("auto", "twin")) else classical_fill(
+            scan.image if scan.image.ndim == 2 else scan.image, scan.mask)
+        m = _mask(scan.mask, size)
+        if not m.any():
+            raise PairDataError(f"{scan.image_path}: lesion mask vanishes at {size} px; use a larger resolution")
+        c, r = _rgb(fill, size), _rgb(scan.image, size)
+        pairs.append(Pair(scan.name, r, m, c, r, scan.prompt or "", _difficulty(c, r, m)))
+        if limit is not None and len(pairs) >= limit:
+            break
+    if folder.skipped:
+        logger.warning("%s", folder.report())
+    if not pairs:
+        raise PairDataError(f"{root}: no positive scans (non-empty masks) in split '{split}'")
+    logger.info("%d pairs from %s/%s (%d healthy SFT items)", len(pairs), root, split, n_healthy)
+    return pairs
+
+
+def is_hf_dataset(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or \
+        (p / "state.json").is_file() or p.suffix == ".parquet" or any(p.glob("*.parquet")) or \
+        (p / "dataset").is_dir() or (p / "data").is_dir() and any((p / "data").glob("*.parquet"))
+
+
+def _img_array(v, where: str, key: str) -> np.ndarray:
+    if v is None:
+        raise PairDataError(f"{where} has no '{key}' image")
+    a = np.asarray(v.convert("RGB") if isinstance(v, Image.Image) else v)
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+
+
+def load_hf_pairs(path: str | Path, split: str | None, size: int, limit: int | None = None) -> list[Pair]:
+    """Pairs from a ``save_to_disk`` folder (``OUT`` or ``OUT/dataset``) or parquet shards (``OUT/data``)."""
+    import datasets
+
+    p = Path(path)
+    if (p / "dataset").is_dir():
+        p = p / "dataset"
+    if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(str(p))
+    else:
+        files = [str(p)] if p.suffix == ".parquet" else sorted(str(f) for f in (p.glob("*.parquet") if any(
+            p.glob("*.parquet")) else (p / "data").glob("*.parquet")))
+        if not files:
+            raise PairDataError(f"{path}: neither a save_to_disk folder nor parquet shards")
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    if isinstance(ds, datasets.DatasetDict):
+        key = split if split in ds else ("train" if "train" in ds else next(iter(ds)))
+        ds = ds[key]
+    need = {"source", "mask", "chosen", "rejected"}
+    missing = need - set(ds.column_names)
+    if missing:
+        raise PairDataError(f"{path}: missing column(s) {sorted(missing)}; have {ds.column_names}")
+    if split and "split" in ds.column_names:
+        ds = ds.filter(lambda s: s == split, input_columns="split")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    pairs = []
+    for i, row in enumerate(ds):
+        name = str(row.get("pair_id") or i)
+
+        def arr(v, key, name=name):
+            return _img_array(v, f"{path}: row {name}", key)
+
+        m = row["mask"]
+        m = _mask(np.asarray(m.convert("L")) if isinstance(m, Image.Image) else np.asarray(m), size)
+        if not m.any():
+            raise PairDataError(f"{path}: row {name} has an empty mask")
+        pairs.append(Pair(name, _rgb(arr(row["source"], "source"), size), m, _rgb(arr(row["chosen"], "chosen"), size),
+                          _rgb(arr(row["rejected"], "rejected"), size), str(row.get("prompt") or ""),
+                          float(row.get("difficulty") or 0.0)))
+    if not pairs:
+        raise PairDataError(f"{path}: no pairs{f' in split {split}' if split else ''}")
+    return pairs
+
+
+def load_pairs(data: str | Path, split: str, size: int, chosen: str = "auto", include_healthy: bool = False,
+               limit: int | None = None) -> list[Pair]:
+    if is_hf_dataset(data):
+        return load_hf_pairs(data, split, size, limit)
+    return pairs_from_scan_folder(data, split, size, chosen, include_healthy, limit)
+
+
+class Curriculum:
+    """Curriculum DPO: pairs sorted easy -> hard in ``stages`` groups; stage k samples groups 1..k.
+
+    The stage advances every ``every`` optimizer steps (0 or stages <= 1: uniform over all pairs).
+    """
+
+    def __init__(self, difficulties: list[float], stages: int = 1, every: int = 0):
+        self.order = np.argsort(np.asarray(difficulties), kind="stable")
+        self.stages = max(1, int(stages))
+        self.every = int(every)
+
+    def stage(self, step: int) -> int:
+        if self.stages <= 1 or self.every <= 0:
+            return self.stages - 1
+        return min(self.stages - 1, step // self.every)
+
+    def pool(self, step: int) -> np.ndarray:
+        n = len(self.order)
+        k = self.stage(step) + 1
+        return self.order[: max(1, int(round(n * k / self.stages)))]
+
+
+def to_tensors(pairs: list[Pair], flips: np.ndarray) -> dict[str, torch.Tensor]:
+    """Stack pairs as tensors; ``flips[i]`` flips ALL of pair i's images jointly (aligned pairs stay aligned)."""
+
+    def stack(key: str) -> torch.Tensor:
+        arrs = [getattr(p, key)[:, ::-1] if f else getattr(p, key) for p, f in zip(pairs, flips)]
+        t = torch.from_numpy(np.stack([np.ascontiguousarray(a) for a in arrs]))
+        return t.float().unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2).float() * 2.0 - 1.0
+
+    return {"source": stack("source"), "chosen": stack("chosen"), "rejected": stack("rejected"),
+            "mask": stack("mask")}
