@@ -1,0 +1,270 @@
+"""Pluggable scorers of candidate negatives ("judges"); higher = better tumour-free fill.
+
+Every judge has a ``name`` and maps the candidates of one positive to scores in about [0, 1]:
+
+* ``clip_lesion``  P("without tumour") from a CLIP model's zero-shot softmax over the item's lesion
+  text vs its healthy text (differentiable core: :func:`clip_lesion_logit`, also used by
+  :mod:`preference.boundary`).
+* ``contrast``     model-free lesion score: ``exp(-mean |s - harmonic fill of s| / (ring std + 0.02))``
+  inside the mask, s = the candidate smoothed by a 1 px Gaussian -- a healthy fill continues its
+  surroundings smoothly, a lesion stands out from them.
+* ``mi_out``       masked mutual information with the source on the pixels outside the dilated mask,
+  normalised by the source's own MI (``generator.mi.weighted_mi``: MONAI's Parzen estimate, weighted).
+* ``fidelity_out`` ``1 - mean |candidate - source|`` outside the dilated mask.
+* ``twin``         ``1 - mean |candidate - healthy twin|`` inside the dilated mask (phantoms only;
+  absent when the item has no twin).
+
+:class:`CompositeJudge` takes a spec like ``"clip_lesion=1,contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"``
+and returns the weighted mean of the judges available for an item, plus every judge's own score;
+its ``spec`` string is recorded in each row (``label_source``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from core.imageio import to_gray
+
+DEFAULT_SPEC = "clip_lesion=1,contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"
+
+
+@dataclass
+class JudgeItem:
+    """What a judge may look at for one positive: float [0, 1] arrays of the same H x W."""
+
+    source: np.ndarray
+    mask: np.ndarray  # bool, the dilated repaint mask actually used
+    prompt: str  # lesion text of the positive
+    healthy_text: str
+    twin: np.ndarray | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+
+class Judge(Protocol):
+    name: str
+
+    def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> np.ndarray | None:
+        """Scores (higher = better), or None when the judge does not apply to this item."""
+
+
+# -- CLIP zero-shot lesion score -------------------------------------------------------------------
+def clip_image_tensor(images: list[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] from grayscale or RGB float arrays."""
+    arrs = [np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a for a in images]
+    return torch.from_numpy(np.stack(arrs).astype(np.float32)).permute(0, 3, 1, 2).to(device)
+
+
+def clip_lesion_logit(model, x: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Differentiable logit of "with lesion" over "without" for images x in [0, 1] (B, 3, H, W).
+
+    ``text_features`` = normalised [healthy, lesion] embeddings (2, D) or per-image (B, 2, D).
+    Preprocessing matches open_clip's for square inputs: bicubic resize to the model size + normalise.
+    """
+    from core.models.clip import CLIP_MEAN, CLIP_STD
+
+    size = getattr(model.visual, "image_size", (224, 224))
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    feats = F.normalize(model.encode_image((x - mean) / std), dim=-1)
+    tf = text_features if text_features.ndim == 3 else text_features.expand(len(feats), -1, -1)
+    sims = torch.einsum("bd,bkd->bk", feats, tf) * model.logit_scale.exp()
+    return sims[:, 1] - sims[:, 0]
+
+
+class ClipLesionJudge:
+    """P(healthy) = sigmoid(-lesion logit) from a CLIP model (open_clip)."""
+
+    name = "clip_lesion"
+
+    def __init__(self, clip: str | tuple = "tiny", device: str = "cpu") -> None:
+        from core.models import load_clip
+
+        self.clip_name = clip if isinstance(clip, str) else "custom"
+        self.model, _, self.tokenizer = load_clip(clip, device=device) if isinstance(clip, str) else clip
+        self.device = device
+        self._text: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def text_features(self, healthy: str, lesion: str) -> torch.Tensor:
+        out = []
+        for t in (healthy, lesion):
+            if t not in self._text:
+                tok = self.tokenizer([t]).to(self.device)
+                self._text[t] = F.normalize(self.model.encode_text(tok), dim=-1)[0]
+            out.append(self._text[t])
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> np.ndarray:
+        tf = self.text_features(item.healthy_text, item.prompt)
+        logit = clip_lesion_logit(self.model, clip_image_tensor(images, self.device), tf)
+        return torch.sigmoid(-logit).double().cpu().numpy()
+
+
+# -- model-free judges -----------------------------------------------------------------------------
+def harmonic_fill(image: np.ndarray, mask: np.ndarray, _solver: dict | None = None) -> np.ndarray:
+    """``image`` with the masked pixels replaced by the harmonic (Laplace) interpolation of their
+    surroundings: the smoothest fill consistent with the unmasked border (4-neighbour, Neumann at
+    the image edge). The sparse factorisation is cached in ``_solver`` for reuse with the same mask.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import splu
+
+    out = image.astype(np.float64).copy()
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return out
+    h, w = mask.shape
+    if _solver is None or "lu" not in _solver:
+        index = -np.ones(mask.shape, np.int64)
+        index[ys, xs] = np.arange(len(ys))
+        rows, cols, vals, diag = [], [], [], np.zeros(len(ys))
+        border: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            ny, nx = ys + dy, xs + dx
+            valid = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+            diag += valid
+            i = np.nonzero(valid)[0]
+            j = index[ny[i], nx[i]]
+            inner = j >= 0
+            rows += [i[inner]]
+            cols += [j[inner]]
+            vals += [-np.ones(inner.sum())]
+            border.append((i[~inner], ny[i[~inner]], nx[i[~inner]]))
+        n = len(ys)
+        a = coo_matrix((np.concatenate(vals + [diag]), (np.concatenate(rows + [np.arange(n)]),
+                                                         np.concatenate(cols + [np.arange(n)]))), shape=(n, n))
+        solver = {"lu": splu(a.tocsc()), "border": border}
+        if _solver is not None:
+            _solver.update(solver)
+    else:
+        solver = _solver
+    rhs = np.zeros(len(ys))
+    for i, by, bx in solver["border"]:
+        np.add.at(rhs, i, out[by, bx])
+    out[ys, xs] = solver["lu"].solve(rhs)
+    return out
+
+
+class ContrastJudge:
+    """How far the (lightly smoothed) fill departs from the harmonic interpolation of its surroundings,
+    relative to the surroundings' texture: ``exp(-mean |s - harmonic(s)| / (ring std + 0.02))``."""
+
+    name = "contrast"
+
+    def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> np.ndarray:
+        mask = item.mask
+        if not mask.any() or mask.all():
+            return np.ones(len(images))
+        if "ring" not in item._cache:
+            r = np.sqrt(mask.sum() / np.pi)
+            item._cache["ring"] = ndimage.binary_dilation(mask, iterations=max(3, int(r))) & ~mask
+            item._cache["solver"] = {}
+        ring, solver = item._cache["ring"], item._cache["solver"]
+        out = []
+        for img in images:
+            g = to_gray(img) if img.ndim == 3 else img.astype(np.float64)
+            smooth = ndimage.gaussian_filter(g, 1.0)
+            dev = np.abs(smooth - harmonic_fill(smooth, mask, solver))[mask].mean()
+            out.append(np.exp(-dev / (g[ring].std() + 0.02)))
+        return np.asarray(out, np.float64)
+
+
+class MaskedMIJudge:
+    """MI(candidate, source) over the pixels outside the dilated mask / MI(source, source)."""
+
+    name = "mi_out"
+
+    def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> np.ndarray:
+        from generator.mi import weighted_mi
+
+        outside = ~item.mask
+        if outside.sum() < 16:
+            return np.ones(len(images))
+        gray = [to_gray(im) if im.ndim == 3 else im for im in images]
+        src = to_gray(item.source) if item.source.ndim == 3 else item.source
+        w = torch.from_numpy(outside.astype(np.float32))[None]
+        if "self_mi" not in item._cache:
+            s = torch.from_numpy(src.astype(np.float32))[None]
+            item._cache["self_mi"] = max(float(weighted_mi(s, s, w)[0]), 1e-6)
+        cand = torch.from_numpy(np.stack(gray).astype(np.float32))
+        srcs = torch.from_numpy(src.astype(np.float32))[None].expand_as(cand)
+        mi = weighted_mi(cand, srcs, w.expand_as(cand)).double().numpy()
+        return mi / item._cache["self_mi"]
+
+
+class FidelityJudge:
+    name = "fidelity_out"
+
+    def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> np.ndarray:
+        outside = ~item.mask
+        if not outside.any():
+            return np.ones(len(images))
+        return np.asarray([1.0 - float(np.abs(im - item.source)[outside].mean()) for im in images], np.float64)
+
+
+class TwinJudge:
+    name = "twin"
+
+    def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> np.ndarray | None:
+        if item.twin is None or not item.mask.any():
+            return None
+        twin = item.twin if item.twin.shape == images[0].shape else to_gray(item.twin)
+        return np.asarray([1.0 - float(np.abs((to_gray(im) if im.ndim != twin.ndim else im) - twin)[item.mask].mean())
+                           for im in images], np.float64)
+
+
+# -- composite -------------------------------------------------------------------------------------
+def parse_spec(spec: str) -> dict[str, float]:
+    """``"a=1,b=0.5,c"`` -> {a: 1.0, b: 0.5, c: 1.0}; unknown names raise."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition("=")
+        if name not in JUDGES:
+            raise ValueError(f"unknown judge '{name}' in '{spec}'; available: {sorted(JUDGES)}")
+        out[name] = float(w) if w else 1.0
+    if not out:
+        raise ValueError("judge spec is empty")
+    return out
+
+
+JUDGES = {"clip_lesion": ClipLesionJudge, "contrast": ContrastJudge, "mi_out": MaskedMIJudge,
+          "fidelity_out": FidelityJudge, "twin": TwinJudge}
+
+
+class CompositeJudge:
+    """Weighted mean of several judges; ``spec`` names them (recorded as ``label_source``)."""
+
+    def __init__(self, spec: str = DEFAULT_SPEC, clip: str | tuple = "tiny", device: str = "cpu") -> None:
+        self.weights = parse_spec(spec)
+        self.judges: dict[str, Judge] = {}
+        for name in self.weights:
+            self.judges[name] = ClipLesionJudge(clip, device) if name == "clip_lesion" else JUDGES[name]()
+        clip_tag = f":{self.judges['clip_lesion'].clip_name}" if "clip_lesion" in self.judges else ""
+        self.spec = ",".join(f"{n}{clip_tag if n == 'clip_lesion' else ''}={w:g}" for n, w in self.weights.items())
+
+    def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> tuple[np.ndarray, list[dict[str, float]]]:
+        """(composite scores, per-image {judge: score}) for the candidates of one item."""
+        total = np.zeros(len(images))
+        wsum = 0.0
+        parts: list[dict[str, float]] = [{} for _ in images]
+        for name, judge in self.judges.items():
+            s = judge(item, images)
+            if s is None:
+                continue
+            s = np.asarray(s, np.float64)
+            total += self.weights[name] * s
+            wsum += self.weights[name]
+            for p, v in zip(parts, s):
+                p[name] = round(float(v), 6)
+        if wsum == 0:
+            raise ValueError(f"no judge of '{self.spec}' applies to this item")
+        return total / wsum, parts
