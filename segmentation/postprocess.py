@@ -1,7 +1,8 @@
 """Saliency map -> coarse binary mask -> SAM prompts (boxes, points).
 
-* ``kmeans_mask``: sklearn 2-means on the map values, foreground = the cluster with the larger
-  centroid. ``parity=True`` reproduces the public steps: quantise to 8 bit (as the PNG it reads),
+* ``kmeans_mask``: sklearn 2-means on the 8-bit map values (fitted on the distinct levels weighted by
+  their pixel counts: the same objective, cost independent of the resolution), foreground = the
+  cluster with the larger centroid. ``parity=True`` reproduces the public steps: quantise to 8 bit (as the PNG it reads),
   resize to 256 x 256 (nearest), ``KMeans(2, random_state=10, n_init=10)``, labels back (nearest).
 * ``threshold_mask``: ``map > t`` (strict, default 0.3); ``otsu_mask``: Otsu's threshold on the 8-bit map.
 * ``keep_largest``: the K largest 8-connected components. Ties: ``ties="exact"`` (default) keeps
@@ -37,11 +38,19 @@ def kmeans_mask(saliency: np.ndarray, parity: bool = False, random_state: int = 
     h, w = sal.shape
     if parity:
         sal = cv2.resize(_u8(sal), (256, 256), interpolation=cv2.INTER_NEAREST).astype(np.float64) / 255.0
-    values = sal.reshape(-1, 1)
-    if np.ptp(values) == 0:
+    if np.ptp(sal) == 0:
         return np.zeros((h, w), bool)
-    km = KMeans(n_clusters=2, random_state=random_state, n_init=10).fit(values)
-    fg = km.labels_.reshape(sal.shape) == int(np.argmax(km.cluster_centers_[:, 0]))
+    if parity:  # the public call: every pixel a sample
+        km = KMeans(n_clusters=2, random_state=random_state, n_init=10).fit(sal.reshape(-1, 1))
+        fg = km.labels_.reshape(sal.shape) == int(np.argmax(km.cluster_centers_[:, 0]))
+    else:  # same objective on the 8-bit histogram (distinct levels weighted by count): resolution-free cost
+        levels, counts = np.unique(_u8(sal), return_counts=True)
+        if len(levels) < 2:
+            return np.zeros((h, w), bool)
+        km = KMeans(n_clusters=2, random_state=random_state, n_init=10)
+        km.fit(levels.reshape(-1, 1) / 255.0, sample_weight=counts)
+        fg_levels = levels[km.labels_ == int(np.argmax(km.cluster_centers_[:, 0]))]
+        fg = np.isin(_u8(sal), fg_levels)
     if parity:
         fg = cv2.resize(fg.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     return fg
