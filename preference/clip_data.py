@@ -1,0 +1,221 @@
+"""CLIP preference pairs: from phantoms/scan folders (positive vs its healthy twin) or from the pair
+builder's HF dataset (text->image rows), as one tensor-ready format.
+
+One ``ClipPair`` = positive image x+ (lesion, mask), negative image x- (its tumour-free counterfactual),
+lesion text y+ and healthy text y-. It yields the text->image term (y+: x+ over x-) and both image->text
+terms (x+: y+ over y-; x-: y- over y+). Image preprocessing is the model's own deterministic ``preprocess``,
+so reference similarities can be cached per pair (``ref_sims``; TRL names for the text->image term).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from core.imageio import to_rgb_uint8
+from core.scans import ScanFolder
+
+logger = logging.getLogger(__name__)
+DEFAULT_NEGATIVE_TEXT = {"mri": "A T1-weighted axial brain MRI with no tumour.",
+                         "us": "A breast ultrasound image with no mass."}
+FALLBACK_NEGATIVE_TEXT = "A medical image with no tumour."
+CLIP_KINDS = ("clip", "t2i", "text_to_image", "clip_t2i", "text2image")
+
+
+@dataclass
+class ClipPair:
+    pair_id: str
+    positive: np.ndarray  # float [0,1] (H,W) or (H,W,3), or uint8
+    negative: np.ndarray
+    text_pos: str
+    text_neg: str
+    mask: np.ndarray | None = None  # bool (H,W) lesion mask of the positive
+    ref_sims: list[float] | None = field(default=None)  # cached s_ref 2x2 block, row-major
+
+
+def _modality(name: str) -> str:
+    return name.split("_", 1)[0]
+
+
+def healthy_texts(folder: ScanFolder) -> dict[str, str]:
+    """One healthy prompt per modality prefix from prompts.json (file name prefix before '_')."""
+    out: dict[str, str] = {}
+    for name, text in sorted(folder.prompts.items()):
+        low = text.lower()
+        if " no " in f" {low}" and _modality(name) not in out:
+            out[_modality(name)] = text
+    return out
+
+
+def pairs_from_scans(root: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
+    """Positive scans with a healthy twin in ``split``: chosen = scan, rejected = twin (phantoms)."""
+    folder = ScanFolder(root)
+    neg_texts = {**DEFAULT_NEGATIVE_TEXT, **healthy_texts(folder)}
+    pairs = []
+    for scan in folder.load_split(split):
+        if not scan.positive or scan.twin is None:
+            continue
+        neg = negative_text or neg_texts.get(_modality(scan.name), FALLBACK_NEGATIVE_TEXT)
+        pairs.append(ClipPair(pair_id=f"{split}/{scan.name}", positive=scan.image, negative=scan.twin,
+                              text_pos=scan.prompt or "A medical image showing a tumour.", text_neg=neg,
+                              mask=scan.mask))
+    if not pairs:
+        raise ValueError(f"{root}: no positive scans with healthy twins in split '{split}' "
+                         f"(expected {split}_twins/); pass a pair dataset instead")
+    return pairs
+
+
+def pairs_from_dataset(path: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
+    """Text->image CLIP rows of the pair builder's dataset (``save_to_disk`` folder or parquet files).
+
+    Rows: ``prompt``, ``chosen`` (Image, real positive), ``rejected`` (Image, counterfactual), optional
+    ``mask``, ``negative_prompt``, ``modality``, ``split``, ``kind`` and cached ``ref_sims``. Generator
+    rows (other ``kind``) and image->text rows (text ``chosen``) are skipped and counted.
+    """
+    import datasets
+
+    path = Path(path)
+    if (path / "dataset").is_dir():
+        path = path / "dataset"
+    if path.is_dir() and any(path.glob("*.parquet")) and not (path / "dataset_info.json").exists() \
+            and not (path / "dataset_dict.json").exists():
+        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(path.glob("*.parquet"))],
+                                   split="train")
+    else:
+        ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["clip"] if "clip" in ds else (ds[split] if split in ds else datasets.concatenate_datasets(
+            list(ds.values())))
+    cols = set(ds.column_names)
+    missing = {"prompt", "chosen", "rejected"} - cols
+    if missing:
+        raise ValueError(f"{path}: CLIP pair dataset lacks column(s) {sorted(missing)}")
+    skipped = {"other kind": 0, "image->text": 0, "split": 0}
+    pairs = []
+    for i, row in enumerate(ds):
+        if "kind" in cols and not any(str(row["kind"]).lower().startswith(k) for k in CLIP_KINDS):
+            skipped["other kind"] += 1
+            continue
+        if "split" in cols and row["split"] != split:
+            skipped["split"] += 1
+            continue
+        if isinstance(row["chosen"], str):
+            skipped["image->text"] += 1
+            continue
+        mod = row.get("modality") or ""
+        neg = row.get("negative_prompt") or negative_text or DEFAULT_NEGATIVE_TEXT.get(mod, FALLBACK_NEGATIVE_TEXT)
+        mask = np.asarray(row["mask"].convert("L")) > 0 if row.get("mask") is not None else None
+        pairs.append(ClipPair(pair_id=str(row.get("pair_id", i)), positive=np.asarray(row["chosen"].convert("RGB")),
+                              negative=np.asarray(row["rejected"].convert("RGB")), text_pos=row["prompt"],
+                              text_neg=neg, mask=mask, ref_sims=row.get("ref_sims")))
+    logger.info("%s: %d CLIP pairs for split %s; skipped %s", path, len(pairs), split, skipped)
+    if not pairs:
+        raise ValueError(f"{path}: no text->image CLIP rows for split '{split}' (skipped: {skipped})")
+    return pairs
+
+
+def load_pairs(data: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
+    """A scan folder with twins (``*_twins/``) or a pair dataset folder."""
+    data = Path(data)
+    if (data / f"{split}_images").is_dir():
+        return pairs_from_scans(data, split, negative_text)
+    return pairs_from_dataset(data, split, negative_text)
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    arr = image if image.dtype == np.uint8 and image.ndim == 3 else to_rgb_uint8(image)
+    return Image.fromarray(arr)
+
+
+def patch_mask(mask: np.ndarray | None, grid: tuple[int, int]) -> torch.Tensor:
+    """Lesion fraction per patch after a centre square crop (the shortest-side resize + centre crop of
+    open_clip's preprocess): (gh*gw,) float."""
+    if mask is None:
+        return torch.zeros(grid[0] * grid[1])
+    h, w = mask.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    m = torch.from_numpy(np.ascontiguousarray(mask[top:top + s, left:left + s])).float()[None, None]
+    return F.adaptive_avg_pool2d(m, grid).flatten()
+
+
+class ClipPairDataset(torch.utils.data.Dataset):
+    """Tensors for ``ClipPair`` rows through the model's ``preprocess`` (cached in memory by default)."""
+
+    def __init__(self, pairs: Sequence[ClipPair], preprocess: Callable, grid: tuple[int, int],
+                 cache: bool = True) -> None:
+        self.pairs = list(pairs)
+        self.preprocess = preprocess
+        self.grid = grid
+        self._cache: dict[int, dict] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        p = self.pairs[i]
+        item = {"index": i, "pos": self.preprocess(_pil(p.positive)), "neg": self.preprocess(_pil(p.negative)),
+                "text_pos": p.text_pos, "text_neg": p.text_neg, "patch_mask": patch_mask(p.mask, self.grid),
+                "ref_sims": torch.tensor(p.ref_sims, dtype=torch.float32).view(2, 2) if p.ref_sims else None}
+        if self._cache is not None:
+            self._cache[i] = item
+        return item
+
+    def set_ref_sims(self, sims: torch.Tensor) -> None:
+        """Store cached reference similarities (N, 2, 2) on the pairs (and drop stale cached items)."""
+        for p, s in zip(self.pairs, sims.float().cpu()):
+            p.ref_sims = s.flatten().tolist()
+        if self._cache is not None:
+            for i, item in self._cache.items():
+                item["ref_sims"] = torch.tensor(self.pairs[i].ref_sims).view(2, 2)
+
+
+def make_collate(tokenizer: Callable) -> Callable[[list[dict]], dict]:
+    def collate(items: list[dict]) -> dict:
+        texts = [t for it in items for t in (it["text_pos"], it["text_neg"])]
+        batch = {
+            "index": torch.tensor([it["index"] for it in items]),
+            "pos": torch.stack([it["pos"] for it in items]),
+            "neg": torch.stack([it["neg"] for it in items]),
+            "texts": tokenizer(texts),  # (2B, ctx): pos, neg interleaved
+            "patch_mask": torch.stack([it["patch_mask"] for it in items]),
+        }
+        if all(it["ref_sims"] is not None for it in items):
+            batch["ref_sims"] = torch.stack([it["ref_sims"] for it in items])
+        return batch
+
+    return collate
+
+
+def pairs_to_dataset(pairs: Sequence[ClipPair]):
+    """HF ``Dataset`` of text->image rows with TRL names and the cached reference columns."""
+    import datasets
+
+    rows = {"pair_id": [], "prompt": [], "negative_prompt": [], "chosen": [], "rejected": [], "kind": [],
+            "ref_chosen_logps": [], "ref_rejected_logps": [], "ref_sims": []}
+    for p in pairs:
+        rows["pair_id"].append(p.pair_id)
+        rows["prompt"].append(p.text_pos)
+        rows["negative_prompt"].append(p.text_neg)
+        rows["chosen"].append(_pil(p.positive))
+        rows["rejected"].append(_pil(p.negative))
+        rows["kind"].append("clip_t2i")
+        s = p.ref_sims
+        rows["ref_chosen_logps"].append(s[0] if s else None)  # s_ref(x+, y+)
+        rows["ref_rejected_logps"].append(s[2] if s else None)  # s_ref(x-, y+)
+        rows["ref_sims"].append(s)
+    features = datasets.Features({
+        "pair_id": datasets.Value("string"), "prompt": datasets.Value("string"),
+        "negative_prompt": datasets.Value("string"), "chosen": datasets.Image(), "rejected": datasets.Image(),
+        "kind": datasets.Value("string"), "ref_chosen_logps": datasets.Value("float32"),
+        "ref_rejected_logps": datasets.Value("float32"), "ref_sims": datasets.Sequence(datasets.Value("float32"))})
+    return datasets.Dataset.from_dict(rows, features=features)

@@ -1,0 +1,155 @@
+"""Model-side helpers for CLIP preference training: encoding with patch tokens, dropout off, tower
+locking, LoRA (PEFT), reference handling and the open_clip ``local-dir:`` checkpoint writer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import vision_trunk
+
+VISION_LORA = r".*visual\.trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+TEXT_LORA = r".*text\.transformer\.encoder\.layer\.\d+\.attention\.self\.(query|key|value)"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The open_clip model under Accelerate/DDP and PEFT wrappers."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set p = 0 on every dropout module (TRL's ``disable_dropout``); returns how many were changed."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            mod.p = 0.0
+            n += 1
+    return n
+
+
+def grid_size(model: nn.Module) -> tuple[int, int]:
+    trunk = vision_trunk(model)
+    return tuple(trunk.patch_embed.grid_size)
+
+
+def encode_images(model: nn.Module, images: torch.Tensor, with_tokens: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unit image embeddings (B, D) and, optionally, projected patch tokens (B, P, D).
+
+    For timm towers the trunk runs once: tokens -> pooled head -> projection, as ``TimmModel.forward``.
+    """
+    m = unwrap(model)
+    if not with_tokens:
+        return F.normalize(m.encode_image(images), dim=-1), None
+    trunk, head = m.visual.trunk, m.visual.head
+    tokens = trunk.forward_features(images)
+    emb = head(trunk.forward_head(tokens))
+    patches = head(tokens[:, trunk.num_prefix_tokens:])
+    return F.normalize(emb, dim=-1), patches
+
+
+def encode_texts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return F.normalize(unwrap(model).encode_text(tokens), dim=-1)
+
+
+def lock_towers(model: nn.Module, lock_image: bool, lock_text: bool) -> None:
+    """Freeze whole towers (``requires_grad=False``); LoRA layers added later stay trainable."""
+    m = unwrap(model)
+    if lock_image:
+        m.visual.requires_grad_(False)
+    if lock_text:
+        m.text.requires_grad_(False)
+
+
+def apply_lora(model: nn.Module, towers: str, rank: int = 8, alpha: int = 16, dropout: float = 0.0):
+    """Wrap with PEFT LoRA on 'image', 'text' or 'both' towers (B = 0 init: policy == reference at start)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = {"image": [VISION_LORA], "text": [TEXT_LORA], "both": [VISION_LORA, TEXT_LORA]}[towers]
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="|".join(f"({t})" for t in targets))
+    return get_peft_model(model, cfg)
+
+
+class Reference:
+    """Frozen reference similarities: a separate frozen copy, or the PEFT model with adapters disabled."""
+
+    def __init__(self, policy: nn.Module, use_adapter_disable: bool) -> None:
+        self.policy = policy
+        self.copy: nn.Module | None = None
+        if not use_adapter_disable:
+            self.copy = copy.deepcopy(unwrap(policy)).eval().requires_grad_(False)
+
+    @contextmanager
+    def model(self):
+        if self.copy is not None:
+            yield self.copy
+            return
+        peft_model = getattr(self.policy, "module", self.policy)
+        with peft_model.disable_adapter():
+            yield peft_model
+
+    @torch.no_grad()
+    def sims(self, pos: torch.Tensor, neg: torch.Tensor, texts: torch.Tensor, scale: float,
+             autocast=nullcontext) -> torch.Tensor:
+        with self.model() as m, autocast():
+            return pair_sims(m, pos, neg, texts, scale)[0].float()
+
+
+def pair_sims(model: nn.Module, pos: torch.Tensor, neg: torch.Tensor, texts: torch.Tensor, scale: float,
+              with_tokens: bool = False) -> tuple[torch.Tensor, dict]:
+    """(B, 2, 2) scaled similarity blocks ``s(image_i, text_j)`` (0 = lesion, 1 = healthy) + features."""
+    b = pos.shape[0]
+    img, tok = encode_images(model, torch.cat([pos, neg]), with_tokens)
+    txt = encode_texts(model, texts).view(b, 2, -1)  # interleaved (pos, neg) per pair
+    img = torch.stack([img[:b], img[b:]], dim=1)  # (B, 2, D)
+    sims = scale * torch.einsum("bid,bjd->bij", img, txt)
+    return sims, {"img": img, "txt": txt, "tokens": tok}
+
+
+def save_clip_checkpoint(model: nn.Module, source: str, out: str | Path) -> Path:
+    """Write an open_clip ``local-dir:`` folder: the source's ``open_clip_config.json`` (HF text config and
+    tokenizer files copied alongside when they were local) + ``open_clip_model.safetensors``.
+
+    PEFT adapters are merged into a copy first, so the folder holds plain open_clip weights.
+    """
+    from safetensors.torch import save_file
+
+    from core.models import resolve_clip
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = getattr(model, "module", model)
+    if hasattr(m, "merge_and_unload"):
+        m = copy.deepcopy(m).merge_and_unload()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in m.state_dict().items()}
+    src_name = resolve_clip(source)
+    if src_name.startswith("local-dir:"):
+        src_dir = Path(src_name.removeprefix("local-dir:"))
+    else:
+        from huggingface_hub import snapshot_download
+
+        src_dir = Path(snapshot_download(src_name.removeprefix("hf-hub:"), local_files_only=True))
+    cfg = json.loads((src_dir / "open_clip_config.json").read_text())
+    text_cfg = cfg.get("model_cfg", {}).get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        local = Path(str(text_cfg.get(key, "")))
+        if text_cfg.get(key) and local.is_dir():
+            for f in local.iterdir():
+                if f.is_file() and f.suffix in (".json", ".txt") and f.name != "open_clip_config.json":
+                    shutil.copy2(f, out / f.name)
+            text_cfg[key] = str(out.resolve())
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    tmp = out / ".open_clip_model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(out / "open_clip_model.safetensors")
+    return out

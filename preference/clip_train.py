@@ -1,0 +1,440 @@
+"""BiomedCLIP preference training through Accelerate: CLIP-DPO (baseline DHN-NCE; + attention entropy;
++ mask-aware OT stages; + retention), full fine-tune / locked towers / LoRA, checkpoint + resume.
+
+    accelerate launch clip_train.py                      # configs/clip_demo.yaml (phantoms, tiny model)
+    accelerate launch clip_train.py --config configs/clip_demo.yaml --loss dpo+entropy --max_train_steps 200
+
+``loss`` is a '+'-joined mix of: ``dpo``, ``dhn_nce``, ``entropy``, ``stages``, ``clip`` (retention).
+The output folder gets ``checkpoint-*/`` (Accelerate state), ``final/`` (open_clip ``local-dir:``),
+``metrics.jsonl``, ``summary.json``, ``tsne.png`` and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.config import default_output_dir, save_config, seed_everything, tracker_config
+
+from . import clip_model as cm
+from .attention import attention_entropy, attention_mask_pull, capture_attention
+from .clip_data import ClipPairDataset, load_pairs, make_collate
+from .losses import clip_contrastive_loss, clip_dpo_pair_loss, dhn_nce_loss
+from .ot import curriculum_weight, two_stage_loss
+
+logger = logging.getLogger(__name__)
+LOSS_PARTS = ("dpo", "dhn_nce", "entropy", "stages", "clip")
+
+
+@dataclass
+class ClipTrainConfig:
+    model: str = field(default="tiny", metadata={"help": "tiny | hf-hub:<id> | local-dir:<folder>"})
+    data: str = field(default="", metadata={"help": "scan folder with *_twins, or pair-dataset folder; "
+                                                    "empty = phantoms under output_dir/../phantoms"})
+    phantoms_n: int = 24
+    phantoms_size: int = 64
+    phantoms_seed: int = 0
+    negative_text: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    output_dir: str = ""
+    run_name: str = "clip_demo"
+    loss: str = field(default="dpo", metadata={"help": "'+'-joined: dpo, dhn_nce, entropy, stages, clip"})
+    # CLIP-DPO
+    dpo_beta: float = 1.0
+    dpo_loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    dpo_directions: str = "t2i,i2t"
+    ref_mode: str = field(default="auto", metadata={"help": "auto | on_the_fly | cached"})
+    freeze_logit_scale: bool = True
+    disable_dropout: bool = True
+    retention_weight: float = 0.1
+    # DHN-NCE
+    dhn_temperature: float = 0.6
+    dhn_alpha: float = 0.0
+    dhn_beta1: float = 0.15
+    dhn_beta2: float = 0.15
+    dhn_mode: str = "paper"
+    # attention entropy
+    entropy_weight: float = 0.05
+    entropy_blocks: str = "-1"
+    entropy_mask_weight: float = 0.0
+    # two-stage OT
+    stages_weight: float = 1.0
+    ot_reg: float = 0.05
+    ot_weight: float = 1.0
+    stage_temperature: float = 0.1
+    curriculum_start: float = 0.3
+    curriculum_end: float = 0.7
+    # what trains
+    finetune: str = field(default="full", metadata={"help": "full | lock_image | lock_text | lora"})
+    lora_towers: str = "both"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    # optimisation
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    train_batch_size: int = 8
+    eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 60
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    dataloader_num_workers: int = 0
+    # bookkeeping
+    report_to: str = "tensorboard"
+    logging_steps: int = 5
+    eval_steps: int = 0
+    checkpointing_steps: int = 0
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str | None = None
+    tsne: bool = True
+    tsne_max_points: int = 600
+    save_final: bool = True
+    progress_bar: bool = True
+
+    def parts(self) -> set[str]:
+        parts = {p.strip() for p in self.loss.split("+") if p.strip()}
+        bad = parts - set(LOSS_PARTS)
+        if bad or not parts:
+            raise ValueError(f"loss '{self.loss}': unknown part(s) {sorted(bad)}; use '+'-joined {LOSS_PARTS}")
+        return parts
+
+
+# --------------------------------------------------------------------------------------------------- setup
+def resolve_data(cfg: ClipTrainConfig, out: Path) -> Path:
+    if cfg.data:
+        return Path(cfg.data)
+    from core.phantoms import ensure_phantoms
+
+    return ensure_phantoms(out.parent / f"phantoms_n{cfg.phantoms_n}_s{cfg.phantoms_size}_seed{cfg.phantoms_seed}",
+                           n=cfg.phantoms_n, size=cfg.phantoms_size, seed=cfg.phantoms_seed, slices=2, preview=False)
+
+
+def build_model(cfg: ClipTrainConfig):
+    """(policy, preprocess, tokenizer, logit scale value)."""
+    from core.models import load_clip
+
+    model, preprocess, tokenizer = load_clip(cfg.model)
+    if cfg.disable_dropout:
+        cm.disable_dropout(model)
+    scale = float(model.logit_scale.detach().exp())
+    if cfg.freeze_logit_scale:
+        model.logit_scale.requires_grad_(False)
+        if getattr(model, "logit_bias", None) is not None:
+            model.logit_bias.requires_grad_(False)
+    if cfg.finetune == "lock_image":
+        cm.lock_towers(model, True, False)
+    elif cfg.finetune == "lock_text":
+        cm.lock_towers(model, False, True)
+    elif cfg.finetune == "lora":
+        model = cm.apply_lora(model, cfg.lora_towers, cfg.lora_rank, cfg.lora_alpha)
+    elif cfg.finetune != "full":
+        raise ValueError(f"finetune '{cfg.finetune}': use full | lock_image | lock_text | lora")
+    model.train()
+    return model, preprocess, tokenizer, scale
+
+
+def _ref_is_cacheable(preprocess) -> bool:
+    names = {type(t).__name__ for t in getattr(preprocess, "transforms", [])}
+    return not any(n.startswith("Random") or "Augment" in n for n in names)
+
+
+@torch.no_grad()
+def cache_reference(ref: cm.Reference, dataset: ClipPairDataset, collate, scale: float, batch_size: int,
+                    device: torch.device) -> None:
+    """TRL-style precompute: unshuffled pass through the reference, stored as ``ref_sims`` on the pairs."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    out = []
+    for batch in loader:
+        out.append(ref.sims(batch["pos"].to(device), batch["neg"].to(device), batch["texts"].to(device), scale).cpu())
+    dataset.set_ref_sims(torch.cat(out))
+
+
+# --------------------------------------------------------------------------------------------------- steps
+def compute_loss(cfg: ClipTrainConfig, parts: set[str], model, ref: cm.Reference | None, batch: dict,
+                 scale: float, step: int, autocast) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and metrics for one batch."""
+    blocks = [int(b) for b in cfg.entropy_blocks.split(",")]
+    need_tokens = "stages" in parts
+    capture = capture_attention(cm.unwrap(model), blocks) if "entropy" in parts else None
+    with autocast():
+        if capture is not None:
+            with capture as rec:
+                sims, feats = cm.pair_sims(model, batch["pos"], batch["neg"], batch["texts"], scale, need_tokens)
+        else:
+            sims, feats = cm.pair_sims(model, batch["pos"], batch["neg"], batch["texts"], scale, need_tokens)
+    sims = sims.float()
+    total = sims.new_zeros(())
+    logs: dict[str, float] = {}
+    b = sims.shape[0]
+    if "dpo" in parts:
+        if "ref_sims" in batch:
+            ref_sims = batch["ref_sims"].to(sims)
+        else:
+            ref_sims = ref.sims(batch["pos"], batch["neg"], batch["texts"], scale, autocast)
+        dirs = tuple(d.strip() for d in cfg.dpo_directions.split(",") if d.strip())
+        loss, m = clip_dpo_pair_loss(sims, ref_sims, cfg.dpo_beta, cfg.dpo_loss_type, cfg.label_smoothing, dirs)
+        total = total + loss
+        logs["loss/dpo"] = float(loss.detach())
+        logs |= {k: float(v) for k, v in m.items()}
+    img, txt = feats["img"].float(), feats["txt"].float()
+    if "dhn_nce" in parts:  # image-caption pairs: (x+, y+) and (x-, y-)
+        loss = dhn_nce_loss(img.reshape(2 * b, -1), txt.reshape(2 * b, -1), cfg.dhn_temperature, cfg.dhn_alpha,
+                            cfg.dhn_beta1, cfg.dhn_beta2, cfg.dhn_mode)
+        total = total + loss
+        logs["loss/dhn_nce"] = float(loss.detach())
+    if "clip" in parts and cfg.retention_weight > 0:
+        loss = clip_contrastive_loss(img.reshape(2 * b, -1), txt.reshape(2 * b, -1), scale)
+        total = total + cfg.retention_weight * loss
+        logs["loss/retention"] = float(loss.detach())
+    if capture is not None:
+        probs = rec.stacked().float()  # (blocks, 2B, heads, N, N)
+        ent = attention_entropy(probs)
+        loss = cfg.entropy_weight * ent.mean()
+        logs["attention/entropy"] = float(ent.detach().mean())
+        if cfg.entropy_mask_weight > 0:
+            pm = torch.cat([batch["patch_mask"], torch.zeros_like(batch["patch_mask"])]).to(probs)
+            pull = attention_mask_pull(probs, pm)[:b].mean()
+            loss = loss + cfg.entropy_mask_weight * pull
+            logs["attention/mask_ce"] = float(pull.detach())
+        total = total + loss
+    if need_tokens:
+        tok = feats["tokens"].float()
+        w2 = curriculum_weight(step, cfg.max_train_steps, cfg.curriculum_start, cfg.curriculum_end)
+        loss, m = two_stage_loss(tok[:b], batch["patch_mask"].to(tok), tok[b:], w2, cfg.ot_reg,
+                                 cfg.stage_temperature, cfg.ot_weight)
+        total = total + cfg.stages_weight * loss
+        logs["loss/stages"] = float(loss.detach())
+        logs |= m
+    logs["loss"] = float(total.detach())
+    return total, logs
+
+
+@torch.no_grad()
+def evaluate(model, ref: cm.Reference | None, dataset: ClipPairDataset, collate, scale: float, cfg: ClipTrainConfig,
+             device: torch.device, collect_tokens: bool = False) -> tuple[dict[str, float], dict]:
+    """Held-out preference accuracy / margins (absolute and vs reference), R@1, attention entropy."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
+    sims, refs, ents, imgs, txts, toks, masks = [], [], [], [], [], [], []
+    for batch in loader:
+        pos, neg, texts = batch["pos"].to(device), batch["neg"].to(device), batch["texts"].to(device)
+        with capture_attention(cm.unwrap(model), (-1,)) as rec:
+            s, f = cm.pair_sims(cm.unwrap(model), pos, neg, texts, scale, with_tokens=collect_tokens)
+        ents.append(attention_entropy(rec.stacked()).cpu())
+        sims.append(s.float().cpu())
+        imgs.append(f["img"].cpu())
+        txts.append(f["txt"].cpu())
+        if collect_tokens:
+            toks.append(f["tokens"][: pos.shape[0]].float().cpu())
+            masks.append(batch["patch_mask"])
+        if ref is not None:
+            refs.append(ref.sims(pos, neg, texts, scale).cpu())
+    model.train(was_training)
+    sims_t = torch.cat(sims)
+    ref_t = torch.cat(refs) if refs else torch.zeros_like(sims_t)
+    _, m = clip_dpo_pair_loss(sims_t, ref_t, cfg.dpo_beta, "sigmoid")
+    out = {f"eval/{k}": float(v) for k, v in m.items() if k.startswith(("preference", "t2i/pref", "i2t/pref"))
+           or (ref is not None and k.startswith(("rewards", "t2i/rewards", "i2t/rewards")))}
+    out["eval/attention_entropy"] = float(torch.cat(ents).mean())
+    out |= retrieval_r1(torch.cat(imgs), torch.cat(txts), [p for p in dataset.pairs])
+    extra = {"tokens": torch.cat(toks).numpy(), "masks": torch.cat(masks).numpy()} if collect_tokens else {}
+    return out, extra
+
+
+def retrieval_r1(img: torch.Tensor, txt: torch.Tensor, pairs) -> dict[str, float]:
+    """R@1 over images {x+, x-} and the distinct caption strings (duplicate captions count as one)."""
+    captions = [c for p in pairs for c in (p.text_pos, p.text_neg)]
+    images = img.reshape(-1, img.shape[-1])
+    texts_all = txt.reshape(-1, txt.shape[-1])
+    uniq: dict[str, int] = {}
+    for i, c in enumerate(captions):
+        uniq.setdefault(c, i)
+    names = list(uniq)
+    t = texts_all[list(uniq.values())]
+    s = images @ t.T
+    i2t = np.mean([names[j] == captions[i] for i, j in enumerate(s.argmax(1).tolist())])
+    t2i = np.mean([captions[i] == names[j] for j, i in enumerate(s.argmax(0).tolist())])
+    return {"eval/r1_i2t": float(i2t), "eval/r1_t2i": float(t2i)}
+
+
+# --------------------------------------------------------------------------------------------------- main
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _prune_checkpoints(out: Path, limit: int) -> None:
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for p in ckpts[: max(0, len(ckpts) - limit)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def train(cfg: ClipTrainConfig) -> dict:
+    """Run one training; returns the summary (also written to ``output_dir/summary.json``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    parts = cfg.parts()
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir("clip", cfg.run_name)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to in ("", "none") else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    seed_everything(cfg.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    data = resolve_data(cfg, out) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    data = data or resolve_data(cfg, out)
+
+    model, preprocess, tokenizer, scale = build_model(cfg)
+    grid = cm.grid_size(model)
+    collate = make_collate(tokenizer)
+    train_ds = ClipPairDataset(load_pairs(data, cfg.train_split, cfg.negative_text), preprocess, grid)
+    val_ds = ClipPairDataset(load_pairs(data, cfg.val_split, cfg.negative_text), preprocess, grid)
+    device = accelerator.device
+    model.to(device)
+
+    ref = None
+    ref_mode = cfg.ref_mode
+    if "dpo" in parts or True:  # the reference also scores validation (implicit rewards)
+        ref = cm.Reference(model, use_adapter_disable=cfg.finetune == "lora")
+        if ref.copy is not None:
+            ref.copy.to(device)
+    if "dpo" in parts:
+        if ref_mode == "auto":
+            ref_mode = "cached" if _ref_is_cacheable(preprocess) else "on_the_fly"
+        if ref_mode == "cached":
+            if not _ref_is_cacheable(preprocess):
+                raise ValueError("ref_mode=cached needs deterministic preprocessing (no random transforms)")
+            cache_reference(ref, train_ds, collate, scale, cfg.eval_batch_size, device)
+        elif ref_mode != "on_the_fly":
+            raise ValueError(f"ref_mode '{cfg.ref_mode}': use auto | on_the_fly | cached")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train_batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=collate, num_workers=cfg.dataloader_num_workers)
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_ds)} training pairs < train_batch_size {cfg.train_batch_size}")
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers(cfg.run_name, config=tracker_config(cfg))
+
+    step, resume_skip = 0, 0
+    if cfg.resume_from_checkpoint:
+        path = _latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+        if path is None or not path.exists():
+            logger.warning("resume_from_checkpoint=%s: nothing found; starting fresh", cfg.resume_from_checkpoint)
+        else:
+            accelerator.load_state(str(path))
+            step = int(re.search(r"(\d+)$", path.name).group(1))
+            resume_skip = (step * cfg.gradient_accumulation_steps) % len(loader)
+            accelerator.print(f"resumed from {path} at step {step}")
+
+    autocast = accelerator.autocast
+    before, before_extra = evaluate(model, ref, val_ds, collate, scale, cfg, device, collect_tokens=cfg.tsne)
+    accelerator.log({k.replace("eval/", "eval_before/"): v for k, v in before.items()}, step=step)
+    metrics_file = out / "metrics.jsonl"
+    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not (cfg.progress_bar and accelerator.is_local_main_process),
+               desc="clip-train")
+    t0, n_samples, last = time.perf_counter(), 0, {}
+    epoch = 0
+    while step < cfg.max_train_steps:
+        active = accelerator.skip_first_batches(loader, resume_skip) if resume_skip else loader
+        resume_skip = 0
+        for batch in active:
+            with accelerator.accumulate(model):
+                loss, logs = compute_loss(cfg, parts, model, ref, batch, scale, step, autocast)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            n_samples += batch["pos"].shape[0]
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            logs |= {"lr": scheduler.get_last_lr()[0], "logit_scale": float(cm.unwrap(model).logit_scale.exp()),
+                     "samples_per_s": n_samples / (time.perf_counter() - t0), "epoch": epoch}
+            last = logs
+            if step % max(cfg.logging_steps, 1) == 0 or step == cfg.max_train_steps:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                accelerator.log(logs, step=step)
+                if accelerator.is_main_process:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps({"step": step} | logs) + "\n")
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_train_steps:
+                ev, _ = evaluate(model, ref, val_ds, collate, scale, cfg, device)
+                accelerator.log(ev, step=step)
+            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                if accelerator.is_main_process:
+                    _prune_checkpoints(out, max(cfg.checkpoints_total_limit - 1, 0))
+                accelerator.save_state(str(out / f"checkpoint-{step}"))
+            if step >= cfg.max_train_steps:
+                break
+        epoch += 1
+    bar.close()
+    train_time = time.perf_counter() - t0
+    after, after_extra = evaluate(model, ref, val_ds, collate, scale, cfg, device, collect_tokens=cfg.tsne)
+    accelerator.log(after, step=step)
+    summary = {"steps": step, "loss": cfg.loss, "finetune": cfg.finetune, "ref_mode": ref_mode,
+               "train_pairs": len(train_ds), "val_pairs": len(val_ds), "train_seconds": round(train_time, 2),
+               "samples_per_s": round(n_samples / max(train_time, 1e-9), 2), "logit_scale": scale,
+               "before": before, "after": after, "last_step": last}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if cfg.tsne and before_extra:
+            from .tsne import lesion_background_points, plot_tsne
+
+            pb = lesion_background_points(before_extra["tokens"], before_extra["masks"], cfg.tsne_max_points, seed=cfg.seed)
+            pa = lesion_background_points(after_extra["tokens"], after_extra["masks"], cfg.tsne_max_points, seed=cfg.seed)
+            summary["tsne_silhouette"] = plot_tsne({"before": pb, "after": pa}, out / "tsne.png", seed=cfg.seed)
+        if cfg.save_final:
+            cm.save_clip_checkpoint(accelerator.unwrap_model(model), cfg.model, out / "final")
+            summary["checkpoint"] = str((out / "final").resolve())
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from core.config import parse_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    default = Path(__file__).resolve().parents[1] / "configs" / "clip_demo.yaml"
+    cfg = parse_config(ClipTrainConfig, argv, default_config=str(default) if default.exists() else None)
+    summary = train(cfg)
+    b, a = summary["before"], summary["after"]
+    print(f"preference accuracy {b['eval/preference/accuracy']:.3f} -> {a['eval/preference/accuracy']:.3f}; "
+          f"R@1 i2t {b['eval/r1_i2t']:.3f} -> {a['eval/r1_i2t']:.3f}; "
+          f"entropy {b['eval/attention_entropy']:.3f} -> {a['eval/attention_entropy']:.3f}; "
+          f"{summary['samples_per_s']} samples/s; checkpoint {summary.get('checkpoint')}")
+    return summary
+
+

@@ -1,0 +1,156 @@
+"""CLIP objectives: DHN-NCE (baseline, paper and parity modes), CLIP-DPO, retention InfoNCE.
+
+Similarities are *scaled* cosines ``s = kappa * cos(f_img, f_txt)`` with ``kappa = exp(logit_scale)``
+held fixed. Formulas: ``docs/dpo_reference.md`` §4.2 and ``docs/medclipsamv2_reference.md`` §5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+DpoLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+
+
+# ---------------------------------------------------------------------------------------------- DHN-NCE
+def dhn_nce_loss(image_features: torch.Tensor, text_features: torch.Tensor, temperature: float = 0.6,
+                 alpha: float = 0.0, beta1: float = 0.15, beta2: float = 0.15,
+                 mode: Literal["paper", "parity"] = "paper", batch_size: int | None = None) -> torch.Tensor:
+    """Decoupled hard-negative InfoNCE (MedCLIP-SAM's DHN-NCE) on a batch of matched features.
+
+    ``mode="paper"``: L = mean_i l^{v->t}_i + mean_i l^{t->v}_i with hardness weights
+    w_ij = (B-1) softmax_{j!=i}(beta S_ij) and the positive weighted by ``alpha`` in the denominator.
+    ``mode="parity"``: the public ``hnl.py`` behaviour, including its column-wise normaliser, beta only in
+    the numerator, the mean over all B^2 entries and N = ``batch_size`` - 1 (``batch_size`` defaults to the
+    actual batch; the public training script passed the configured batch size). Features are
+    L2-normalised here; the model's logit scale is not used (fixed temperature).
+    """
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
+    v = F.normalize(image_features.to(dtype), dim=-1)
+    t = F.normalize(text_features.to(dtype), dim=-1)
+    n = v.shape[0]
+    sim = v @ t.T / temperature
+    if mode == "paper":
+        return _dhn_direction(sim, alpha, beta1) + _dhn_direction(sim.T, alpha, beta2)
+    if mode == "parity":
+        big_n = (n if batch_size is None else batch_size) - 1
+        return _dhn_parity(sim, alpha, beta1, beta2, big_n)
+    raise ValueError(f"dhn_nce_loss: unknown mode {mode!r} (use 'paper' or 'parity')")
+
+
+def _dhn_direction(sim: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    n = sim.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    pos = sim.diagonal()
+    neg = sim.masked_fill(eye, float("-inf"))
+    # log w_ij = log(B-1) + log_softmax_{j != i}(beta * S_ij); log of the weighted negative sum:
+    log_w = math.log(max(n - 1, 1)) + torch.log_softmax((beta * sim).masked_fill(eye, float("-inf")), dim=1)
+    log_neg = torch.logsumexp(neg + log_w, dim=1) if n > 1 else torch.full_like(pos, float("-inf"))
+    terms = [log_neg]
+    if alpha > 0:
+        terms.append(math.log(alpha) + pos)
+    log_den = torch.logsumexp(torch.stack(terms), dim=0)
+    return (log_den - pos).mean()
+
+
+def _dhn_parity(sim: torch.Tensor, alpha: float, beta1: float, beta2: float, big_n: int) -> torch.Tensor:
+    n = sim.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+
+    def side(s: torch.Tensor, beta: float) -> torch.Tensor:
+        z = torch.exp(s.masked_fill(eye, 0.0)).sum(dim=1)  # Z_j, the masked diagonal contributes exp(0)
+        diag = -s.diagonal() + torch.log(alpha * torch.exp(s.diagonal()) + big_n / z)
+        off = torch.log(alpha + big_n * torch.exp((1 + beta) * s) / z[None, :])  # divides by Z of the column
+        return torch.where(eye, torch.diag_embed(diag), off).sum()
+
+    return (side(sim, beta1) + side(sim.T, beta2)) / (n * n)
+
+
+# ---------------------------------------------------------------------------------------------- CLIP-DPO
+def clip_dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                  ref_rejected: torch.Tensor, beta: float, loss_type: DpoLossType = "sigmoid",
+                  label_smoothing: float = 0.0, reduce: bool = True
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO on per-pair scaled similarities (the partition function cancels, §4.2).
+
+    h = (s_c - s_r) - (s_ref_c - s_ref_r); sigmoid: -log sigma(beta h) (label-smoothed / robust when
+    ``label_smoothing`` > 0), ipo: (h - 1/(2 beta))^2, hinge: relu(1 - beta h). Returns (loss, metrics) with
+    the mean loss (or per-pair losses with ``reduce=False``) and TRL metric names; ``rewards/accuracies``
+    uses the strict rule (ties count as wrong).
+    """
+    pi = policy_chosen - policy_rejected
+    ref = ref_chosen.to(pi.dtype) - ref_rejected.to(pi.dtype)
+    h = pi - ref
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "robust":
+        eps = label_smoothing
+        losses = (-F.logsigmoid(beta * h) * (1 - eps) + F.logsigmoid(-beta * h) * eps) / (1 - 2 * eps)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"clip_dpo_loss: unknown loss_type {loss_type!r} (sigmoid, robust, ipo, hinge)")
+    chosen_r = (beta * (policy_chosen - ref_chosen.to(pi.dtype))).detach()
+    rejected_r = (beta * (policy_rejected - ref_rejected.to(pi.dtype))).detach()
+    metrics = {
+        "rewards/chosen": chosen_r.mean(),
+        "rewards/rejected": rejected_r.mean(),
+        "rewards/margins": (chosen_r - rejected_r).mean(),
+        "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+        "preference/accuracy": (pi.detach() > 0).float().mean(),  # policy prefers chosen (not vs ref)
+        "preference/margin": pi.detach().mean(),
+    }
+    return (losses.mean() if reduce else losses), metrics
+
+
+def pair_terms(sims: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(chosen, rejected) similarity pairs of the three preference terms from a (B, 2, 2) tensor.
+
+    ``sims[b, i, j] = s(image_i, text_j)`` with index 0 = positive (lesion image / lesion text) and 1 =
+    negative (healthy counterfactual / "no tumour" text). Terms: text->image for the lesion text
+    (x+ over x-), image->text for x+ (y+ over y-) and for x- (y- over y+).
+    """
+    return {
+        "t2i": (sims[:, 0, 0], sims[:, 1, 0]),
+        "i2t_pos": (sims[:, 0, 0], sims[:, 0, 1]),
+        "i2t_neg": (sims[:, 1, 1], sims[:, 1, 0]),
+    }
+
+
+def clip_dpo_pair_loss(policy_sims: torch.Tensor, ref_sims: torch.Tensor, beta: float,
+                       loss_type: DpoLossType = "sigmoid", label_smoothing: float = 0.0,
+                       directions: tuple[str, ...] = ("t2i", "i2t")
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean of the text->image and image->text CLIP-DPO losses on (B, 2, 2) similarity blocks."""
+    pol, ref = pair_terms(policy_sims), pair_terms(ref_sims)
+    groups = {"t2i": ["t2i"], "i2t": ["i2t_pos", "i2t_neg"]}
+    total, metrics, acc = 0.0, {}, []
+    for d in directions:
+        names = groups[d]
+        pc = torch.cat([pol[n][0] for n in names])
+        pr = torch.cat([pol[n][1] for n in names])
+        rc = torch.cat([ref[n][0] for n in names])
+        rr = torch.cat([ref[n][1] for n in names])
+        loss, m = clip_dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+        total = total + loss / len(directions)
+        acc.append(m)
+        metrics |= {f"{d}/{k}": v for k, v in m.items()}
+    for k in acc[0]:
+        metrics[k] = sum(m[k] for m in acc) / len(acc)
+    return total, metrics
+
+
+# ---------------------------------------------------------------------------------------------- retention
+def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                          logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE (open_clip's ClipLoss, single process) for the retention term."""
+    v = F.normalize(image_features, dim=-1)
+    t = F.normalize(text_features, dim=-1)
+    logits = logit_scale * v @ t.T
+    labels = torch.arange(v.shape[0], device=v.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
