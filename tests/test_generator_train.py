@@ -1,0 +1,138 @@
+"""Generator training on the tiny preset: step-0 invariants, adapter round trip, resume, learning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from generator.data import load_pairs
+from generator.losses import LOG2
+from generator.pipeline import POLICY_ADAPTER, Reference, add_lora, load_components
+from generator.train import GenTrainConfig, PairBank, compute_loss, draw_batch, save_lora, train
+
+
+@pytest.fixture(scope="module")
+def pairs(phantom_dir):
+    return load_pairs(phantom_dir, "train", 64)
+
+
+def _batch(comp, pairs, cfg, seed=0):
+    bank = PairBank(comp, pairs[:4], torch.device("cpu"), cache=False)
+    return draw_batch(bank, cfg, np.arange(len(bank.pairs)), torch.Generator().manual_seed(seed))
+
+
+def _lora_grads(unet):
+    return {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def test_step0_log2_zero_lora_a_grad_and_shared_noise(tiny_sd_path, pairs):
+    comp = load_components(tiny_sd_path)
+    add_lora(comp.unet, rank=4)
+    cfg = GenTrainConfig(train_batch_size=2, mi_weight=1.0, fidelity_weight=1.0, sdpo=True)
+    loss, metrics, aux = compute_loss(comp, comp.unet, Reference(comp.unet), _batch(comp, pairs, cfg), cfg)
+    assert loss.item() == torch.tensor(LOG2, dtype=torch.float32).item()  # exactly log 2 (+ 0 MI + 0 fidelity)
+    assert metrics["mi/hinge"].item() == 0.0 and metrics["fidelity"].item() == 0.0
+    assert metrics["implicit_acc"].item() == 0.5
+    b = 2
+    assert torch.equal(aux["t"][:b], aux["t"][b:]) and torch.equal(aux["noise"][:b], aux["noise"][b:])
+    assert torch.equal(aux["pred"], aux["ref_pred"])
+    loss.backward()
+    grads = _lora_grads(comp.unet)
+    a_grads = [g for n, g in grads.items() if "lora_A" in n]
+    b_grads = [g for n, g in grads.items() if "lora_B" in n]
+    assert a_grads and all(g is None or g.abs().max().item() == 0.0 for g in a_grads)
+    assert any(g is not None and g.abs().max().item() > 0 for g in b_grads)
+
+
+def _randomise_lora(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n and f".{POLICY_ADAPTER}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_adapter_reload_and_sft_reference(tiny_sd_path, pairs, tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from generator.sample import inpaint, load_generator
+
+    comp = load_components(tiny_sd_path)
+    add_lora(comp.unet, rank=4)
+    _randomise_lora(comp.unet)
+    save_lora(comp.unet, tmp_path)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    src = [p.source[..., 0] for p in pairs[:2]]
+    masks = [p.mask for p in pairs[:2]]
+    kw = dict(steps=4, paste_back=False)
+    policy = inpaint(comp.pipe, src, masks, ["", ""], [1, 2], **kw)
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_sd_path, safety_checker=None, feature_extractor=None,
+                                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    base = inpaint(pipe, src, masks, ["", ""], [1, 2], **kw)
+    pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    reloaded = inpaint(pipe, src, masks, ["", ""], [1, 2], **kw)
+    for p, r, b0 in zip(policy, reloaded, base):
+        np.testing.assert_allclose(r, p, atol=1e-5)
+        assert np.abs(p - b0).max() > 1e-3  # the adapter does change the output
+    np.testing.assert_allclose(inpaint(load_generator(tiny_sd_path, str(tmp_path)), src, masks, ["", ""], [1, 2],
+                                       **kw)[0], policy[0], atol=1e-5)
+    pipe.disable_lora()
+    np.testing.assert_allclose(inpaint(pipe, src, masks, ["", ""], [1, 2], **kw)[0], base[0], atol=1e-6)
+
+    # DPO on top of that adapter as an SFT reference: fused into the base, or as a named adapter
+    cfg = GenTrainConfig(train_batch_size=2)
+    for mode in ("fuse", "adapter"):
+        c2 = load_components(tiny_sd_path, reference_adapter=str(tmp_path), reference_mode=mode)
+        add_lora(c2.unet, rank=4)
+        ref = Reference(c2.unet, "disable_adapters" if mode == "fuse" else "adapter")
+        ref.policy_setup()
+        loss, _, aux = compute_loss(c2, c2.unet, ref, _batch(c2, pairs, cfg), cfg)
+        assert loss.item() == torch.tensor(LOG2, dtype=torch.float32).item(), mode
+        trainable = [n for n, p in c2.unet.named_parameters() if p.requires_grad]
+        assert trainable and all(f".{POLICY_ADAPTER}." in n for n in trainable)
+        # the reference is the SFT model, not the raw base
+        with torch.no_grad(), ref.active():
+            sft_out = inpaint(c2.pipe, src[:1], masks[:1], [""], [1], **kw)[0]
+        np.testing.assert_allclose(sft_out, policy[0], atol=1e-4)
+
+
+def _cfg(phantom_dir, out, **kw) -> GenTrainConfig:
+    base = dict(pretrained_model="tiny", data=str(phantom_dir), output_dir=str(out), train_batch_size=2,
+                max_train_steps=4, learning_rate=1e-3, report_to="none", eval_pairs=0, validation_steps=0,
+                checkpointing_steps=0, cache_latents=True, mi_weight=0.1, fidelity_weight=0.01)
+    return GenTrainConfig(**(base | kw))
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_reproduces_uninterrupted_losses(tiny_sd_path, phantom_dir, tmp_path):
+    full = tmp_path / "full"
+    train(_cfg(phantom_dir, full, checkpointing_steps=2, checkpoints_total_limit=None))
+    assert (full / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    train(_cfg(phantom_dir, resumed, resume_from_checkpoint="latest"))
+    a, b = _losses(full), _losses(resumed)
+    assert len(a) == 4 and len(b) == 2
+    np.testing.assert_allclose(b, a[2:], rtol=1e-6, atol=1e-7)
+
+
+def test_short_run_learns_heldout_preference(tiny_sd_path, phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(phantom_dir, out, train_batch_size=4, max_train_steps=24, eval_pairs=6, eval_draws=4,
+                         val_split="test", validation_steps=24, num_validation_images=2,
+                         validation_inference_steps=4, report_to="tensorboard"))
+    before, after = summary["heldout_before"], summary["heldout_after"]
+    assert before["implicit_acc"] == 0.0 and before["implicit_acc_ties_half"] == 0.5
+    assert after["implicit_acc"] >= 0.7, after
+    for name in ("pytorch_lora_weights.safetensors", "README.md", "preview.png", "negdpo_adapter.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert any((out / "logs").rglob("events.out.tfevents*"))
