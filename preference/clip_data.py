@@ -75,14 +75,19 @@ def pairs_from_scans(root: str | Path, split: str, negative_text: str | None = N
 def pairs_from_dataset(path: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
     """Text->image CLIP rows of the pair builder's dataset (``save_to_disk`` folder or parquet files).
 
-    Rows: ``prompt``, ``chosen`` (Image, real positive), ``rejected`` (Image, counterfactual), optional
-    ``mask``, ``negative_prompt``, ``modality``, ``split``, ``kind`` and cached ``ref_sims``. Generator
+    ``path`` may be the builder's OUT folder (``OUT/clip_t2i/dataset``; the healthy text then comes from
+    ``OUT/clip_i2t/dataset`` rows of the same file) or a dataset folder. Rows: ``prompt``, ``chosen``
+    (Image, real positive), ``rejected`` (Image, counterfactual), optional ``mask``, ``negative_prompt``,
+    ``modality``, ``split``, ``kind`` and cached ``ref_sims``. Generator
     rows (other ``kind``) and image->text rows (text ``chosen``) are skipped and counted.
     """
     import datasets
 
     path = Path(path)
-    if (path / "dataset").is_dir():
+    neg_by_file = _healthy_texts_from_i2t(path / "clip_i2t" / "dataset", split)
+    if (path / "clip_t2i" / "dataset").is_dir():  # the pair builder's OUT folder
+        path = path / "clip_t2i" / "dataset"
+    elif (path / "dataset").is_dir():
         path = path / "dataset"
     if path.is_dir() and any(path.glob("*.parquet")) and not (path / "dataset_info.json").exists() \
             and not (path / "dataset_dict.json").exists():
@@ -110,7 +115,7 @@ def pairs_from_dataset(path: str | Path, split: str, negative_text: str | None =
             skipped["image->text"] += 1
             continue
         mod = row.get("modality") or ""
-        neg = row.get("negative_prompt") or negative_text or DEFAULT_NEGATIVE_TEXT.get(mod, FALLBACK_NEGATIVE_TEXT)
+        neg = row.get("negative_prompt") or neg_by_file.get(row.get("file") or "") or negative_text or DEFAULT_NEGATIVE_TEXT.get(mod, FALLBACK_NEGATIVE_TEXT)
         mask = np.asarray(row["mask"].convert("L")) > 0 if row.get("mask") is not None else None
         pairs.append(ClipPair(pair_id=str(row.get("pair_id", i)), positive=np.asarray(row["chosen"].convert("RGB")),
                               negative=np.asarray(row["rejected"].convert("RGB")), text_pos=row["prompt"],
@@ -119,6 +124,22 @@ def pairs_from_dataset(path: str | Path, split: str, negative_text: str | None =
     if not pairs:
         raise ValueError(f"{path}: no text->image CLIP rows for split '{split}' (skipped: {skipped})")
     return pairs
+
+
+def _healthy_texts_from_i2t(path: Path, split: str) -> dict[str, str]:
+    """{source file: healthy text} from the builder's image->text rows of real positives."""
+    if not path.is_dir():
+        return {}
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split] if split in ds else datasets.concatenate_datasets(list(ds.values()))
+    cols = [c for c in ("file", "rejected", "image_is_real") if c in ds.column_names]
+    if len(cols) < 3:
+        return {}
+    rows = ds.select_columns(cols)
+    return {r["file"]: r["rejected"] for r in rows if r["image_is_real"]}
 
 
 def load_pairs(data: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:

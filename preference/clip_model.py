@@ -38,8 +38,11 @@ def disable_dropout(model: nn.Module) -> int:
 
 
 def grid_size(model: nn.Module) -> tuple[int, int]:
+    """Patch grid at the tower's input size (open_clip ``visual.image_size`` / timm patch size)."""
     trunk = vision_trunk(model)
-    return tuple(trunk.patch_embed.grid_size)
+    size = getattr(unwrap(model).visual, "image_size", None) or trunk.patch_embed.img_size
+    patch = trunk.patch_embed.patch_size
+    return (size[0] // patch[0], size[1] // patch[1])
 
 
 def encode_images(model: nn.Module, images: torch.Tensor, with_tokens: bool = False

@@ -16,6 +16,7 @@ import logging
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def cache_reference(ref: cm.Reference, dataset: ClipPairDataset, collate, scale:
 
 # --------------------------------------------------------------------------------------------------- steps
 def compute_loss(cfg: ClipTrainConfig, parts: set[str], model, ref: cm.Reference | None, batch: dict,
-                 scale: float, step: int, autocast) -> tuple[torch.Tensor, dict[str, float]]:
+                 scale: float, step: int, autocast=nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and metrics for one batch."""
     blocks = [int(b) for b in cfg.entropy_blocks.split(",")]
     need_tokens = "stages" in parts
