@@ -28,7 +28,7 @@ LogitFn = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class BoundaryConfig:
     steps: int = 20
-    lr: float = 0.05
+    lr: float = 0.02  # Adam step, in units of RMS(z_pos)
     margin: float = 0.5  # target: lesion logit <= -margin
     eps: float = 0.5  # max RMS(delta) / RMS(z_pos) on the latent mask
     reg: float = 0.1  # L2 penalty on delta
@@ -57,7 +57,8 @@ class LatentBoundary:
         self.vae = vae.eval().requires_grad_(False)
         self.size = int(size)
         self.cfg = cfg
-        self.last_logits: np.ndarray | None = None  # classifier logit of each output (after optimisation)
+        self.first_logits: np.ndarray | None = None  # classifier logit at the start (delta = random init)
+        self.last_logits: np.ndarray | None = None  # ... and of each output (after optimisation)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return ((self.vae.decode(z / self.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
@@ -77,23 +78,27 @@ class LatentBoundary:
         z_rms = ((z0 * m_lat) ** 2).sum((1, 2, 3), keepdim=True).div(area).sqrt().clamp_min(1e-3)
         noise = torch.stack([torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds]).to(dev, dtype)
-        delta = (noise * cfg.init_std * z_rms * m_lat).requires_grad_(True)
-        opt = torch.optim.Adam([delta], lr=cfg.lr)
+        # optimise u = delta / RMS(z_pos) on the latent mask: step sizes are relative to the latent scale
+        u = (noise * cfg.init_std * m_lat).requires_grad_(True)
+        opt = torch.optim.Adam([u], lr=cfg.lr)
 
-        def render(d: torch.Tensor) -> torch.Tensor:
-            return self._decode(z0 + d * m_lat) * m_px + x * (1 - m_px)
+        def render(v: torch.Tensor) -> torch.Tensor:
+            return self._decode(z0 + v * z_rms * m_lat) * m_px + x * (1 - m_px)
 
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
-            logit = logit_fn(render(delta))
-            d_rms = ((delta * m_lat) ** 2).sum((1, 2, 3)).div(area.flatten()).sqrt() / z_rms.flatten()
-            loss = (F.relu(logit + cfg.margin) + cfg.reg * d_rms ** 2).sum()
+            logit = logit_fn(render(u))
+            if step == 0:
+                self.first_logits = logit.detach().float().cpu().numpy()
+            u_rms2 = ((u * m_lat) ** 2).sum((1, 2, 3)) / area.flatten()
+            loss = (F.relu(logit + cfg.margin) + cfg.reg * u_rms2).sum()
             loss.backward()
             opt.step()
-            with torch.no_grad():  # project onto the allowed set: inside the mask, RMS <= eps
-                delta.mul_(m_lat)
-                d_rms = ((delta ** 2).sum((1, 2, 3), keepdim=True).div(area).sqrt() / z_rms)
-                delta.mul_(torch.clamp(cfg.eps / d_rms.clamp_min(1e-12), max=1.0))
+            with torch.no_grad():  # project onto the allowed set: inside the mask, RMS(u) <= eps
+                u.mul_(m_lat)
+                u_rms = (u ** 2).sum((1, 2, 3), keepdim=True).div(area).sqrt()
+                u.mul_(torch.clamp(cfg.eps / u_rms.clamp_min(1e-12), max=1.0))
+        delta = u
         with torch.no_grad():
             out = render(delta)
             self.last_logits = logit_fn(out).float().cpu().numpy()

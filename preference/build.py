@@ -116,6 +116,13 @@ class Item:
 
 
 @dataclass
+class Plan:
+    pending: list[Item]
+    skipped: list[tuple[str, str]]
+    done: dict[str, set[str]]
+
+
+@dataclass
 class WorkerResult:
     rank: int
     items: int = 0
@@ -214,21 +221,39 @@ def shard_meta(path: Path) -> dict:
     return json.loads(md.get(META_KEY, b"{}"))
 
 
+def empty_dir(out: str | Path, kind: str) -> Path:
+    """Manifests of chunks that produced no rows (zero-row parquet files break ``load_dataset``)."""
+    return Path(out) / ".empty_chunks" / kind
+
+
+def chunk_metas(out: str | Path, kind: str) -> list[dict]:
+    """Metadata of every finished chunk of a kind: the shards' plus the empty chunks' manifests."""
+    metas = [shard_meta(p) for p in shard_files(out, kind)]
+    d = empty_dir(out, kind)
+    if d.is_dir():
+        metas += [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
+    return metas
+
+
 def done_items(out: str | Path, kinds: list[str]) -> dict[str, set[str]]:
-    """Item keys finished per kind (from the renamed shards' metadata)."""
-    done: dict[str, set[str]] = {}
-    for kind in kinds:
-        keys: set[str] = set()
-        for path in shard_files(out, kind):
-            keys.update(shard_meta(path).get("items", []))
-        done[kind] = keys
-    return done
+    """Item keys finished per kind (from the renamed shards' metadata and the empty-chunk manifests)."""
+    return {kind: {k for m in chunk_metas(out, kind) for k in m.get("items", [])} for kind in kinds}
 
 
-def write_shard(path: Path, rows: list[dict], features, meta: dict, tag: str) -> None:
-    """Atomic parquet write (tmp + rename) with the HF features and our metadata in the schema."""
+def write_shard(path: Path, rows: list[dict], features, meta: dict, tag: str, empty_manifest: Path) -> None:
+    """Atomic parquet write (tmp + rename) with the HF features and our metadata in the schema.
+
+    A chunk without rows writes only its manifest (``empty_dir``), atomically as well.
+    """
     import datasets
     import pyarrow.parquet as pq
+
+    if not rows:
+        empty_manifest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = empty_manifest.with_name(f".{empty_manifest.name}.tmp-{tag}")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, empty_manifest)
+        return
 
     columns = {name: [r[name] for r in rows] for name in features}
     table = datasets.Dataset.from_dict(columns, features=features).data.table
@@ -292,6 +317,12 @@ class Builder:
         self._clip = None
         self.adapter_sha = _adapter_sha(cfg.adapter)
         self.float_shape: tuple[int, int] | None = None
+
+    def use_out(self, out: str | Path) -> Builder:
+        """Point this builder (and its loaded models) at another output folder."""
+        self.out = Path(out)
+        self.cfg.out = str(out)
+        return self
 
     # models are loaded lazily (a rerun with nothing left to do loads nothing)
     @property
@@ -523,27 +554,35 @@ class Builder:
                 out.append([it])
         return out
 
-    def pending(self) -> tuple[list[Item], list[tuple[str, str]], dict[str, set[str]]]:
+    def plan(self) -> Plan:
+        """What is left to do: items not finished in every kind, listing-time skips, done sets.
+
+        Every process must work from the same plan: list, then ``wait_for_everyone`` before any
+        process writes (``run_build`` does), else a fast rank's shards would change a slow rank's
+        listing and with it the split of the work.
+        """
         items, skipped = list_items(self.cfg)
         done = done_items(self.out, self.kinds)
-        return [it for it in items if any(it.key not in done[k] for k in self.kinds)], skipped, done
+        pending = [it for it in items if any(it.key not in done[k] for k in self.kinds)]
+        return Plan(pending, skipped, done)
 
-    def run_worker(self, rank: int = 0, world_size: int = 1, my_groups: list[list[Item]] | None = None,
-                   max_chunks: int | None = None) -> WorkerResult:
-        """Process rank's contiguous share of the pending groups; one shard per kind per chunk.
+    def run_worker(self, rank: int = 0, world_size: int = 1, plan: Plan | None = None,
+                   my_groups: list[list[Item]] | None = None, max_chunks: int | None = None) -> WorkerResult:
+        """Process rank's contiguous share of the plan's groups; one shard per kind per chunk.
 
-        ``my_groups`` (from ``split_between_processes``) overrides the explicit (rank, world) split.
+        ``my_groups`` (from ``split_between_processes``) overrides the explicit (rank, world) split;
+        ``max_chunks`` stops early (simulates a killed process).
         """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         res = WorkerResult(rank=rank)
-        pending, skipped, done = self.pending()
+        plan = plan or self.plan()
+        done = plan.done
         if rank == 0:
-            res.skipped.extend(skipped)
-        groups = self.groups(pending)
+            res.skipped.extend(plan.skipped)
         if my_groups is None:
-            my_groups = split_evenly(groups, rank, world_size)
+            my_groups = split_evenly(self.groups(plan.pending), rank, world_size)
         per_chunk = max(1, cfg.chunk_size // cfg.batch_items)
         chunks: list[list[list[Item]]] = []
         for g in my_groups:  # chunks never cross a split (shard names start with the split)
@@ -581,7 +620,8 @@ class Builder:
             path = Path(shard_dir(str(self.out), kind)) / f"{split}-{name}.parquet"
             feats = features_for(kind, self.float_shape if self.cfg.store_arrays else None)
             write_shard(path, rows, feats, {"items": keys, "dropped": dropped, "rows": len(rows),
-                                            "code_version": self.code_version}, f"{rank}-{os.getpid()}")
+                                            "code_version": self.code_version}, f"{rank}-{os.getpid()}",
+                        empty_dir(self.out, kind) / f"{split}-{name}.json")
             res.shards.append(str(path))
             res.rows[kind] += len(rows)
             if kind == self.kinds[0]:
@@ -644,8 +684,8 @@ def merge_shards(out: str | Path, kinds: Iterable[str]) -> dict[str, dict[str, i
 def dropped_counts(out: str | Path, kinds: list[str]) -> dict[str, int]:
     """Drop reasons over all shards of the first kind (each item is in exactly one of its shards)."""
     c: Counter = Counter()
-    for path in shard_files(out, kinds[0]):
-        for reason in shard_meta(path).get("dropped", {}).values():
+    for meta in chunk_metas(out, kinds[0]):
+        for reason in meta.get("dropped", {}).values():
             for r in reason.split(";"):
                 c[r.split(":")[0]] += 1
     return dict(c)
@@ -659,10 +699,12 @@ def run_build(cfg: BuildConfig, push_to_hub: str | None = None, report: bool = T
     device = str(state.device) if cfg.device == "auto" else cfg.device
     t0 = time.perf_counter()
     builder = Builder(cfg, device=device)
-    pending, _, _ = builder.pending()
+    plan = builder.plan()
+    pending = plan.pending
+    state.wait_for_everyone()  # every rank has listed before anyone writes
     groups = builder.groups(pending)
     with state.split_between_processes(groups) as mine:
-        res = builder.run_worker(state.process_index, state.num_processes, my_groups=list(mine))
+        res = builder.run_worker(state.process_index, state.num_processes, plan=plan, my_groups=list(mine))
     state.wait_for_everyone()
     from accelerate.utils import gather_object
 
