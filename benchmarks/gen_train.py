@@ -88,7 +88,7 @@ def bench(real: bool, batch: int, dtype: torch.dtype, grad_ckpt: bool, reference
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(warmup):
         step()
