@@ -210,10 +210,13 @@ def _size_word(lesion: Lesion, size: int) -> str:
 
 
 def _assign_splits(n: int, fractions: tuple[float, float, float], rng: np.random.Generator) -> list[str]:
-    n_train = max(1, round(n * fractions[0]))
-    n_val = max(1, round(n * fractions[1])) if n >= 3 else 0
-    labels = ["train"] * n_train + ["val"] * n_val
-    labels += ["test"] * max(0, n - len(labels))
+    """Shuffled split labels; with >= 3 subjects every split gets at least one."""
+    if n >= 3:
+        n_val, n_test = (max(1, round(n * f)) for f in fractions[1:])
+        labels = ["val"] * n_val + ["test"] * n_test
+        labels = ["train"] * max(1, n - len(labels)) + labels
+    else:
+        labels = (["train", "test"])[:n]
     labels = labels[:n]
     return [labels[i] for i in rng.permutation(n)]
 

@@ -3,6 +3,9 @@
 The tiny preset is an open_clip ``local-dir:`` folder with BiomedCLIP's architecture family (timm
 ViT patch16 at 224 px with CLS token, HF BERT text tower with CLS pooling and an MLP projection),
 small and randomly initialised, so it loads through exactly the code path real weights use.
+The vision trunk is timm's registered ``test_vit`` (so the folder loads with plain open_clip, no
+import side effects); its position embedding is built for 160 px and interpolated to the 14 x 14
+patch grid at 224 px (``dynamic_img_size``), whereas BiomedCLIP's is fixed at 14 x 14.
 """
 
 from __future__ import annotations
