@@ -117,6 +117,10 @@ def test_consumers_read_the_pairs(built):
     out, _ = built
     pairs = load_hf_pairs(out, "train", 64)
     assert pairs and pairs[0].chosen.shape == (64, 64, 3) and pairs[0].mask.any()
+    from preference.clip_data import pairs_from_dataset
+
+    clip_pairs = pairs_from_dataset(out, "train")
+    assert clip_pairs and clip_pairs[0].text_pos != clip_pairs[0].text_neg
     pp = to_pickapic(datasets.load_from_disk(str(out / "dataset"))["val"])
     r = pp[0]
     assert r["label_0"] == 1.0 and r["jpg_0"][:2] == b"\xff\xd8" and r["caption"]
@@ -208,3 +212,19 @@ def test_corrupt_image_reported_and_skipped(phantom_dir, tmp_path, builder):
     assert {f"val/{Path(p).stem}" for p in positives[1:]} <= ids
     again = b.run_worker(0, 1)  # not marked done: reported again, the others are not redone
     assert again.items == 1 and any(positives[0] in why for _, why in again.skipped)
+
+
+def test_positive_as_rejected_with_exact_arrays(phantom_dir, tmp_path, builder):
+    from preference.build import BuildConfig, Builder
+
+    cfg = BuildConfig(data=str(phantom_dir), out=str(tmp_path / "out"), splits="test", judges="contrast",
+                      rejected="positive", store_arrays=True, kinds="generator", **(FAST | {"k": 1}))
+    b = Builder(cfg, device="cpu")
+    b._pipe = builder.pipe
+    b.run_worker(0, 1)
+    b.merge()
+    ds = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))["test"]
+    assert len(ds) >= 1 and set(ds["seed_rejected"]) == {-1}
+    r = ds.with_format("numpy")[0]
+    assert r["source_f32"].dtype == np.float32 and r["source_f32"].shape == (64, 64)
+    np.testing.assert_array_equal(r["rejected_f32"], r["source_f32"])
