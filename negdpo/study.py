@@ -3,11 +3,11 @@
 The phantom set has what no public data set has: the healthy twin of every positive. The study uses it
 to score each part of the method with numbers:
 
-    phantoms -> SFT of the inpainting model on healthy scans
+    phantoms -> (autoencoder adapted to the phantoms) -> SFT of the inpainting model on healthy scans
              -> Diffusion-DPO variants (DPO, DPO+MI, DPO+MI+SDPO; reference = the SFT model)
              -> generator table on held-out (val+test) positives vs their twins
-             -> generator + CLIP pairs from the best-configured variant (DPO+MI+SDPO)
              -> base CLIP (contrastive pre-training on phantom image/prompt pairs)
+             -> generator + CLIP pairs from the DPO+MI+SDPO variant, judged with the base CLIP
              -> fine-tunes of the base: DHN-NCE, CLIP-DPO (generated negatives), CLIP-DPO (twin
                 negatives = oracle upper bound), CLIP-DPO + attention entropy, two-stage OT
              -> zero-shot segmentation of the test subjects (M2IB -> k-means -> [SAM]) per checkpoint
@@ -58,8 +58,13 @@ class StudyConfig:
     phantom_n: int = 40
     phantom_size: int = 64
     phantom_slices: int = 2
+    # which variants to run (a reduced study runs a subset; the tables show what ran)
+    gen_variants: list[str] = field(default_factory=lambda: list(GEN_VARIANTS))
+    clip_variants: list[str] = field(default_factory=lambda: list(CLIP_VARIANTS))
     # generator (tiny or a real SD-inpainting id/folder)
     gen_model: str = "tiny"
+    gen_autoencoder_steps: int = 0  # > 0: adapt the VAE to the phantoms first (generator.autoencoder)
+    gen_autoencoder_lr: float = 1e-3
     gen_sft_steps: int = 60
     gen_dpo_steps: int = 60
     gen_batch: int = 4
@@ -74,6 +79,7 @@ class StudyConfig:
     pairs_k: int = 2
     pairs_steps: int = 10
     pairs_adapter: str = "dpo_mi_sdpo"
+    pairs_extra: dict = field(default_factory=dict)  # BuildConfig overrides
     # CLIP
     clip_model: str = "tiny"
     clip_pretrain_steps: int = 150
@@ -189,7 +195,7 @@ def held_out_positives(phantoms: Path) -> list:
     from core.scans import ScanFolder
 
     folder = ScanFolder(phantoms)
-    return [s for split in ("val", "test") for s in folder.load_split(split) if s.positive]
+    return [s for split in ("val", "test") if split in folder.splits() for s in folder.load_split(split) if s.positive]
 
 
 def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: list, out: Path) -> dict:
@@ -238,8 +244,8 @@ def train_clip(cfg: StudyConfig, out: Path, model: str, data: str, loss: str, st
     base = dict(model=model, data=data, output_dir=str(out), run_name=out.name, loss=loss, seed=cfg.seed,
                 max_train_steps=steps, learning_rate=lr, train_batch_size=cfg.clip_batch, report_to="tensorboard",
                 resume_from_checkpoint="latest", progress_bar=True, eval_steps=0, checkpointing_steps=0)
-    base.update(cfg.clip_extra)
     base.update(overrides)
+    base.update(cfg.clip_extra)  # the user's extras win (e.g. tsne: false for a quick run)
     known = {f.name for f in fields(ClipTrainConfig)}
     summary = train(ClipTrainConfig(**{k: v for k, v in base.items() if k in known}))
     return {"checkpoint": str(summary.get("checkpoint", out / "final")),
@@ -346,6 +352,11 @@ def run_study(cfg: StudyConfig) -> dict:
     from core.config import code_version, seed_everything
     from core.phantoms import ensure_phantoms
 
+    bad = sorted(set(cfg.gen_variants) - set(GEN_VARIANTS)) + sorted(set(cfg.clip_variants) - set(CLIP_VARIANTS))
+    if bad:
+        raise ValueError(f"unknown variant(s) {bad}; generator: {GEN_VARIANTS}, CLIP: {CLIP_VARIANTS}")
+    gen_variants = [v for v in GEN_VARIANTS if v in cfg.gen_variants or v == "sft"]  # SFT = every DPO's reference
+    clip_variants = [v for v in CLIP_VARIANTS if v in cfg.clip_variants or v == "base"]  # base = every fine-tune's start
     work, out = Path(cfg.work_dir), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
@@ -354,10 +365,24 @@ def run_study(cfg: StudyConfig) -> dict:
     ph_settings = {"n": cfg.phantom_n, "size": cfg.phantom_size, "slices": cfg.phantom_slices, "seed": cfg.seed}
     phantoms = Path(run_stage(work, "phantoms", ph_settings, lambda d: {"path": str(ensure_phantoms(
         d / "data", n=cfg.phantom_n, size=cfg.phantom_size, seed=cfg.seed, slices=cfg.phantom_slices))})["path"])
-    common = {"phantoms": ph_settings, "model": cfg.gen_model, "seed": cfg.seed, "lr": cfg.gen_lr,
-              "batch": cfg.gen_batch, "extra": cfg.gen_extra}
 
-    # 1. generator: SFT, then DPO variants with the SFT adapter as reference
+    # 1. generator: (autoencoder adaptation), SFT, then DPO variants with the SFT adapter as reference
+    gen_model = cfg.gen_model
+    if cfg.gen_autoencoder_steps > 0:
+        ae_set = {"phantoms": ph_settings, "model": cfg.gen_model, "steps": cfg.gen_autoencoder_steps,
+                  "lr": cfg.gen_autoencoder_lr, "seed": cfg.seed}
+
+        def adapt(d: Path) -> dict:
+            from generator.autoencoder import adapt_autoencoder
+
+            return {"model": adapt_autoencoder(cfg.gen_model, str(phantoms), str(d / "model"),
+                                               steps=cfg.gen_autoencoder_steps, lr=cfg.gen_autoencoder_lr,
+                                               seed=cfg.seed, device=_device(cfg.device))}
+
+        gen_model = run_stage(work, "gen_autoencoder", ae_set, adapt)["model"]
+    cfg = replace(cfg, gen_model=gen_model)
+    common = {"phantoms": ph_settings, "model": _stamp_of(work, "gen_autoencoder") or cfg.gen_model,
+              "seed": cfg.seed, "lr": cfg.gen_lr, "batch": cfg.gen_batch, "extra": cfg.gen_extra}
     adapters: dict[str, str] = {}
     sft_set = common | {"steps": cfg.gen_sft_steps}
     adapters["sft"] = run_stage(work, "gen_sft", sft_set, lambda d: train_generator(
@@ -367,6 +392,8 @@ def run_study(cfg: StudyConfig) -> dict:
                     "dpo_mi": dict(mi_weight=cfg.gen_mi_weight, fidelity_weight=cfg.gen_fidelity_weight, sdpo=False),
                     "dpo_mi_sdpo": dict(mi_weight=cfg.gen_mi_weight, fidelity_weight=cfg.gen_fidelity_weight, sdpo=True)}
     for name, extra in dpo_variants.items():
+        if name not in gen_variants and name != cfg.pairs_adapter:
+            continue
         settings = common | sft_set | {"variant": name, "steps": cfg.gen_dpo_steps, "beta": cfg.gen_beta,
                                        "mu": cfg.gen_sdpo_mu, **extra}
         adapters[name] = run_stage(work, f"gen_{name}", settings, lambda d, extra=extra: train_generator(
@@ -376,7 +403,7 @@ def run_study(cfg: StudyConfig) -> dict:
     # 2. generator table on held-out positives
     scans = held_out_positives(phantoms)
     gen_rows: dict[str, list[dict]] = {}
-    for variant in ("identity", "harmonic", *GEN_VARIANTS):
+    for variant in ("identity", "harmonic", *gen_variants):
         settings = {"variant": variant, "adapter_stamp": _stamp_of(work, f"gen_{variant}"),
                     "steps": cfg.gen_sample_steps, "phantoms": ph_settings}
         res = run_stage(work, f"geneval_{variant}", settings, lambda d, v=variant: score_generator(
@@ -385,21 +412,7 @@ def run_study(cfg: StudyConfig) -> dict:
         if variant in GEN_VARIANTS:
             shutil.copy(res["grid"], out / "figures" / f"generator_{variant}.png")
 
-    # 3. preference pairs from the chosen generator variant
-    pairs_set = {"adapter_stamp": _stamp_of(work, f"gen_{cfg.pairs_adapter}"), "k": cfg.pairs_k,
-                 "steps": cfg.pairs_steps, "phantoms": ph_settings}
-
-    def build_pairs(d: Path) -> dict:
-        from preference.build import BuildConfig, run_build
-
-        summary = run_build(BuildConfig(data=str(phantoms), out=str(d / "pairs"), generator=cfg.gen_model,
-                                        adapter=adapters[cfg.pairs_adapter], k=cfg.pairs_k, steps=cfg.pairs_steps,
-                                        seed=cfg.seed, clip=cfg.clip_model, device=_device(cfg.device)))
-        return {"path": str(d / "pairs"), "summary": json.loads(json.dumps(summary, default=str))}
-
-    pairs = run_stage(work, "pairs", pairs_set, build_pairs)
-
-    # 4. CLIP: base pre-training, then fine-tunes of the base
+    # 3. base CLIP: contrastive pre-training on phantom image/prompt pairs
     clip_common = {"phantoms": ph_settings, "model": cfg.clip_model, "seed": cfg.seed, "batch": cfg.clip_batch,
                    "extra": cfg.clip_extra}
     base_set = clip_common | {"steps": cfg.clip_pretrain_steps, "lr": cfg.clip_pretrain_lr}
@@ -408,41 +421,63 @@ def run_study(cfg: StudyConfig) -> dict:
         cfg, d, cfg.clip_model, str(phantoms), "clip", cfg.clip_pretrain_steps, cfg.clip_pretrain_lr,
         retention_weight=1.0, freeze_logit_scale=False, tsne=False))["checkpoint"]
     base_model = f"local-dir:{ckpts['base']}"
+
+    # 4. preference pairs from the chosen generator variant, judged with the base CLIP
+    pairs_set = {"adapter_stamp": _stamp_of(work, f"gen_{cfg.pairs_adapter}"), "k": cfg.pairs_k, "extra": cfg.pairs_extra,
+                 "steps": cfg.pairs_steps, "phantoms": ph_settings, "clip": _stamp_of(work, "clip_base")}
+
+    def build_pairs(d: Path) -> dict:
+        from preference.build import BuildConfig, run_build
+
+        summary = run_build(BuildConfig(data=str(phantoms), out=str(d / "pairs"), generator=cfg.gen_model,
+                                        adapter=adapters[cfg.pairs_adapter], k=cfg.pairs_k, steps=cfg.pairs_steps,
+                                        seed=cfg.seed, clip=base_model, device=_device(cfg.device),
+                                        **cfg.pairs_extra))
+        keep = ("rows", "dropped", "seconds", "judge", "scans_per_s", "report")
+        return {"path": str(d / "pairs"), "summary": json.loads(json.dumps(
+            {k: summary.get(k) for k in keep}, default=str))}
+
+    pairs = run_stage(work, "pairs", pairs_set, build_pairs)
+
+    # 5. fine-tunes of the base
     finetunes = {"dhn_nce": (str(phantoms), "dhn_nce", {"tsne": False}),
                  "dpo_gen": (pairs["path"], "dpo", {"tsne": True}),
                  "dpo_twin": (str(phantoms), "dpo", {"tsne": True}),
                  "dpo_entropy": (pairs["path"], "dpo+entropy", {"tsne": False}),
                  "stages": (pairs["path"], "stages", {"tsne": True})}
     for name, (data, loss, extra) in finetunes.items():
+        if name not in clip_variants:
+            continue
         settings = clip_common | base_set | {"variant": name, "loss": loss, "data": Path(data).name,
                                              "pairs": pairs_set if data == pairs["path"] else None,
                                              "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr}
         ckpts[name] = run_stage(work, f"clip_{name}", settings, lambda d, a=(data, loss, extra): train_clip(
             cfg, d, base_model, a[0], a[1], cfg.clip_finetune_steps, cfg.clip_finetune_lr, **a[2]))["checkpoint"]
 
-    # 5. zero-shot segmentation of the test subjects
+    # 6. zero-shot segmentation of the test subjects
     eval_set = {"clips": {k: _stamp_of(work, f"clip_{k}") for k in ckpts}, "saliency": cfg.eval_saliency,
                 "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings}
 
     def run_eval(d: Path) -> dict:
         from segmentation.evaluate import evaluate
 
-        res = evaluate(str(phantoms), {k: f"local-dir:{v}" for k, v in ckpts.items()}, str(d / "eval"),
-                       split="test", saliency=cfg.eval_saliency, sam=cfg.eval_sam, device=_device(cfg.device),
-                       seed=cfg.seed, bootstrap=200, **cfg.eval_extra)
+        options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
+                   "device": _device(cfg.device), "bootstrap": 200} | cfg.eval_extra
+        res = evaluate(str(phantoms), {k: f"local-dir:{v}" for k, v in ckpts.items()}, str(d / "eval"), **options)
         return {"rows": json.loads(json.dumps(res.rows, default=float)), "report": str(d / "eval" / "report.md")}
 
     seg = run_stage(work, "evaluate", eval_set, run_eval)
 
-    # 6. figures and results.md
-    gen_curve = plot_curves({v: Path(adapters[v]) / "train_log.jsonl" for v in GEN_VARIANTS if v != "sft"},
-                            out / "figures" / "generator_curves.png", ("loss", "implicit_acc"),
-                            "Diffusion-DPO training (tiny generator)")
-    clip_curve = plot_curves({v: Path(ckpts[v]).parent / "train_log.jsonl" for v in CLIP_VARIANTS if v in ckpts},
+    # 7. figures and results.md
+    plot_curves({v: Path(adapters[v]) / "train_log.jsonl" for v in gen_variants},
+                out / "figures" / "generator_curves.png", ("loss", "implicit_acc"),
+                            "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
+    plot_curves({v: Path(ckpts[v]).parent / "metrics.jsonl" for v in clip_variants},
                              out / "figures" / "clip_curves.png", ("loss", "rewards/accuracies"), "CLIP training")
     for name in ("dpo_gen", "dpo_twin", "stages"):
-        for tsne in Path(ckpts[name]).parent.glob("tsne*.png"):
-            shutil.copy(tsne, out / "figures" / f"tsne_{name}_{tsne.name}")
+        if name in ckpts:
+            for tsne in Path(ckpts[name]).parent.glob("tsne*.png"):
+                shutil.copy(tsne, out / "figures" / f"tsne_{name}.png")
     gen_md, gen_stats = generator_table(gen_rows, cfg)
     seg_md, seg_stats = segmentation_table(seg["rows"], cfg)
     _write_csv(out / "generator_metrics.csv", [r for rows in gen_rows.values() for r in rows])
@@ -450,8 +485,7 @@ def run_study(cfg: StudyConfig) -> dict:
     results = {"generator": gen_stats, "segmentation": seg_stats, "config": asdict(cfg),
                "code_version": code_version(), "pairs": pairs["summary"]}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(render_markdown(cfg, gen_md, seg_md, gen_curve, clip_curve, out, pairs,
-                                                    time.perf_counter() - t_start))
+    (out / "results.md").write_text(render_markdown(cfg, gen_md, seg_md, out, pairs, time.perf_counter() - t_start))
     print(f"[study] results: {out / 'results.md'}", flush=True)
     return results
 
@@ -461,8 +495,7 @@ def _stamp_of(work: Path, stage: str) -> str | None:
     return json.loads(stamp.read_text())["key"] if stamp.exists() else None
 
 
-def render_markdown(cfg: StudyConfig, gen_md: str, seg_md: str, gen_curve: Path | None, clip_curve: Path | None,
-                    out: Path, pairs: dict, seconds: float) -> str:
+def render_markdown(cfg: StudyConfig, gen_md: str, seg_md: str, out: Path, pairs: dict, seconds: float) -> str:
     from core.config import code_version
 
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
@@ -485,7 +518,9 @@ def render_markdown(cfg: StudyConfig, gen_md: str, seg_md: str, gen_curve: Path 
         gen_md, "",
         "## Preference pairs", "",
         f"Built with `negdpo build-pairs` from the `{cfg.pairs_adapter}` generator, K = {cfg.pairs_k} candidates "
-        f"per positive, {cfg.pairs_steps} sampling steps. Summary: `{json.dumps(psum.get('counts', psum), default=str)[:600]}`.", "",
+        f"per positive, {cfg.pairs_steps} sampling steps, judged with the base CLIP + phantom judges. "
+        f"Rows per kind and split: `{json.dumps(psum.get('rows'))}`; dropped: `{json.dumps(psum.get('dropped'))}`. "
+        "Quality report: `pairs/report/report.md` under the work dir.", "",
         "## Zero-shot segmentation of the test subjects", "",
         f"Saliency `{cfg.eval_saliency}` → k-means → largest component → SAM `{cfg.eval_sam}` "
         "(`none` = the coarse mask is the prediction). Scans with a lesion only; the irrelevant-prompt column "
