@@ -14,6 +14,10 @@ Work unit = one *item* = one scan (image + mask) keyed ``<folder split>/<stem>``
 candidate j of a source has seed ``derive_seed(key, source, j, base=seed)``. Items are grouped
 (``batch_items`` per generator call) *before* the groups are split over processes, so every group
 sees the same batch whatever the world size, and the data are identical for 1 or N processes.
+Judges score the stored 8-bit rendering (float64 numpy where they reduce), so scores do not move
+with float noise; on CPU, ``threads`` pins torch's intra-op threads (accelerate's CPU launcher
+gives each of N processes cores/N) for bit-identical generation in every setting. Checked: an
+``accelerate launch --cpu --num_processes 2`` build equals the 1-process build byte for byte.
 
 A shard is written to ``.<name>.tmp-<rank>-<pid>`` and renamed into place; its parquet schema
 metadata (``negdpo``) lists the items it completed and the items it dropped (with the reason), so
@@ -86,6 +90,7 @@ class BuildConfig:
     boundary_eps: float = 0.5
     device: str = "auto"
     dtype: str = "float32"
+    threads: int | None = None  # torch intra-op threads per process (pin it for CPU bit-reproducibility)
     progress: bool = True
 
     def kind_list(self) -> list[str]:
@@ -305,6 +310,8 @@ class Builder:
             raise ValueError(f"--rejected must be 'worst' or 'positive', got '{cfg.rejected}'")
         if cfg.rejected == "worst" and cfg.k < 2:
             raise ValueError("--k must be >= 2 with --rejected worst (or use --rejected positive)")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         dev = device or cfg.device
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
         self.root = Path(cfg.data)

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
              "sources": "inpaint and/or boundary (latent-boundary negatives)",
              "rejected": "worst (worst-scoring fill) | positive (the positive itself)",
              "kinds": "generator,clip_t2i,clip_i2t", "batch_items": "scans per generator call",
-             "chunk_size": "scans per parquet shard", "dilate": "mask dilation in px (stored as `mask`)"}
+             "chunk_size": "scans per parquet shard",
+             "threads": "torch threads per process; pin it (e.g. 1) for CPU runs bit-identical across world sizes", "dilate": "mask dilation in px (stored as `mask`)"}
     for f in dataclasses.fields(BuildConfig):
         if f.name in ("data", "out", "progress"):
             continue
@@ -41,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=helps.get(f.name))
             continue
-        typ = type(default) if default is not None else (int if f.name == "limit" or f.name == "size" else str)
+        ann = str(f.type)
+        typ = type(default) if default is not None else (int if "int" in ann else float if "float" in ann else str)
         p.add_argument(flag, type=typ, default=default, help=helps.get(f.name, f"default {default}"))
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -9,7 +9,7 @@ Every judge has a ``name`` and maps the candidates of one positive to scores in 
   inside the mask, s = the candidate smoothed by a 1 px Gaussian -- a healthy fill continues its
   surroundings smoothly, a lesion stands out from them.
 * ``mi_out``       masked mutual information with the source on the pixels outside the dilated mask,
-  normalised by the source's own MI (``generator.mi.weighted_mi``: MONAI's Parzen estimate, weighted).
+  normalised by the source's own MI (:func:`parzen_mi`: ``generator.mi.weighted_mi``'s formula in float64).
 * ``fidelity_out`` ``1 - mean |candidate - source|`` outside the dilated mask.
 * ``twin``         ``1 - mean |candidate - healthy twin|`` inside the dilated mask (phantoms only;
   absent when the item has no twin).
@@ -178,27 +178,39 @@ class ContrastJudge:
         return np.asarray(out, np.float64)
 
 
+def parzen_mi(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None, num_bins: int = 23,
+              sigma_ratio: float = 0.5, eps: float = 1e-7) -> float:
+    """Weighted Gaussian-Parzen MI (nats) between samples in [0, 1] -- the formula of
+    ``generator.mi.weighted_mi`` (MONAI's estimate with pixel weights), in float64 numpy so a score
+    does not depend on torch's thread count (and with it on the number of processes)."""
+    centers = np.linspace(0.0, 1.0, num_bins)
+    pre = 1.0 / (2.0 * (sigma_ratio / (num_bins - 1)) ** 2)
+
+    def parzen(x: np.ndarray) -> np.ndarray:
+        w = np.exp(-pre * (np.clip(x.astype(np.float64).ravel(), 0, 1)[:, None] - centers[None]) ** 2)
+        return w / w.sum(1, keepdims=True)
+
+    wa, wb = parzen(a), parzen(b)
+    pw = np.full(len(wa), 1.0 / len(wa)) if weights is None else weights.astype(np.float64).ravel() / weights.sum()
+    pa, pb = pw @ wa, pw @ wb
+    pab = (wa * pw[:, None]).T @ wb
+    return float((pab * np.log((pab + eps) / (np.outer(pa, pb) + eps) + eps)).sum())
+
+
 class MaskedMIJudge:
     """MI(candidate, source) over the pixels outside the dilated mask / MI(source, source)."""
 
     name = "mi_out"
 
     def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> np.ndarray:
-        from generator.mi import weighted_mi
-
         outside = ~item.mask
         if outside.sum() < 16:
             return np.ones(len(images))
-        gray = [to_gray(im) if im.ndim == 3 else im for im in images]
-        src = to_gray(item.source) if item.source.ndim == 3 else item.source
-        w = torch.from_numpy(outside.astype(np.float32))[None]
+        src = (to_gray(item.source) if item.source.ndim == 3 else item.source)[outside]
         if "self_mi" not in item._cache:
-            s = torch.from_numpy(src.astype(np.float32))[None]
-            item._cache["self_mi"] = max(float(weighted_mi(s, s, w)[0]), 1e-6)
-        cand = torch.from_numpy(np.stack(gray).astype(np.float32))
-        srcs = torch.from_numpy(src.astype(np.float32))[None].expand_as(cand)
-        mi = weighted_mi(cand, srcs, w.expand_as(cand)).double().numpy()
-        return mi / item._cache["self_mi"]
+            item._cache["self_mi"] = max(parzen_mi(src, src), 1e-6)
+        return np.asarray([parzen_mi((to_gray(im) if im.ndim == 3 else im)[outside], src) / item._cache["self_mi"]
+                           for im in images], np.float64)
 
 
 class FidelityJudge:
@@ -220,6 +232,13 @@ class TwinJudge:
         twin = item.twin if item.twin.shape == images[0].shape else to_gray(item.twin)
         return np.asarray([1.0 - float(np.abs((to_gray(im) if im.ndim != twin.ndim else im) - twin)[item.mask].mean())
                            for im in images], np.float64)
+
+
+def quantize(image: np.ndarray) -> np.ndarray:
+    """The 8-bit rendering the dataset stores, back as float32 in [0, 1]."""
+    from core.imageio import to_uint8
+
+    return to_uint8(image).astype(np.float32) / 255.0
 
 
 # -- composite -------------------------------------------------------------------------------------
@@ -253,6 +272,7 @@ class CompositeJudge:
 
     def __call__(self, item: JudgeItem, images: list[np.ndarray]) -> tuple[np.ndarray, list[dict[str, float]]]:
         """(composite scores, per-image {judge: score}) for the candidates of one item."""
+        images = [quantize(im) for im in images]  # judge exactly what is stored (8-bit PNG)
         total = np.zeros(len(images))
         wsum = 0.0
         parts: list[dict[str, float]] = [{} for _ in images]

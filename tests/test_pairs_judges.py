@@ -74,6 +74,12 @@ def test_masked_mi_ignores_the_inside():
     other[mask] = rng.random(mask.sum())
     s = MaskedMIJudge()(JudgeItem(src, mask, "", ""), [src, other, rng.random((32, 32)).astype(np.float32)])
     assert s[0] == pytest.approx(1.0, abs=1e-5) and s[1] == pytest.approx(s[0]) and s[2] < 0.5
+    from generator.mi import weighted_mi
+    from preference.judges import parzen_mi
+
+    w = (~mask).astype(np.float32)
+    ref = weighted_mi(torch.from_numpy(other)[None], torch.from_numpy(src)[None], torch.from_numpy(w)[None])
+    assert parzen_mi(other, src, w) == pytest.approx(float(ref[0]), rel=1e-4)  # the generator's masked MI
 
 
 def test_difficulty_and_features():
