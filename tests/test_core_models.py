@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.models import ModelNotAvailableError, load_inpaint_pipeline, load_sam, resolve_clip, resolve_diffusion, resolve_sam
+from core.models import (
+    ModelNotAvailableError,
+    load_inpaint_pipeline,
+    load_sam,
+    resolve_clip,
+    resolve_diffusion,
+    resolve_sam,
+)
 
 
 def test_tiny_clip_forward_through_open_clip(tiny_clip):
