@@ -94,18 +94,19 @@ class BuildConfig:
     progress: bool = True
 
     def kind_list(self) -> list[str]:
-        kinds = [k.strip() for k in self.kinds.split(",") if k.strip()]
-        bad = sorted(set(kinds) - set(KINDS))
-        if bad or not kinds:
-            raise ValueError(f"--kinds: unknown {bad}; choose from {KINDS}")
-        return kinds
+        return _choices(self.kinds, KINDS, "--kinds")
 
     def source_list(self) -> list[str]:
-        srcs = [s.strip() for s in self.sources.split(",") if s.strip()]
-        bad = sorted(set(srcs) - set(SOURCES))
-        if bad or not srcs:
-            raise ValueError(f"--sources: unknown {bad}; choose from {SOURCES}")
-        return srcs
+        return _choices(self.sources, SOURCES, "--sources")
+
+
+def _choices(value: str, allowed: Iterable[str], flag: str) -> list[str]:
+    """Comma list -> items, each one of ``allowed`` (at least one)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = sorted(set(items) - set(allowed))
+    if bad or not items:
+        raise ValueError(f"{flag}: unknown {bad}; choose from {tuple(allowed)}")
+    return items
 
 
 @dataclass(frozen=True)
