@@ -35,3 +35,12 @@ def tiny_sd_path() -> str:
     from core.models import resolve_diffusion
 
     return resolve_diffusion("tiny")
+
+
+@pytest.fixture(scope="session")
+def adapted_tiny_sd(phantom_dir, tmp_path_factory) -> str:
+    """The tiny preset with its autoencoder adapted to ``phantom_dir`` (short run, once per session)."""
+    from generator.autoencoder import adapt_autoencoder
+
+    return adapt_autoencoder("tiny", str(phantom_dir), str(tmp_path_factory.mktemp("vae") / "tiny-phantoms"),
+                             steps=120, batch_size=8, lr=3e-3, seed=0)
