@@ -58,7 +58,7 @@ class GenTrainConfig:
     phantom_n: int = 24
     phantom_size: int = 64
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = field(default="val", metadata={"help": "held-out split(s), comma-separated (e.g. val,test)"})
     chosen_source: str = field(default="auto", metadata={"help": "scan folders: auto | twin | classical"})
     max_train_pairs: int | None = None
     resolution: int = field(default=0, metadata={"help": "training resolution in px (0 = the UNet's native size)"})
@@ -440,7 +440,9 @@ def train(cfg: GenTrainConfig) -> dict:
     include_healthy = cfg.train_method == "sft" and cfg.sft_include_healthy
     train_pairs = load_pairs(cfg.data, cfg.train_split, size, cfg.chosen_source, include_healthy, cfg.max_train_pairs)
     try:
-        val_pairs = load_pairs(cfg.data, cfg.val_split, size, cfg.chosen_source, False, max(cfg.eval_pairs, cfg.num_validation_images))
+        n_val = max(cfg.eval_pairs, cfg.num_validation_images)
+        val_pairs = [p for split in cfg.val_split.split(",") if split.strip()
+                     for p in load_pairs(cfg.data, split.strip(), size, cfg.chosen_source, False, n_val)][:n_val]
     except (ValueError, FileNotFoundError) as err:
         logger.warning("no validation pairs (%s); using training pairs for validation", err)
         val_pairs = train_pairs[: max(cfg.eval_pairs, cfg.num_validation_images)]

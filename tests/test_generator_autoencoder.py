@@ -15,10 +15,10 @@ def test_adaptation_raises_heldout_psnr_and_writes_a_loadable_pipeline(adapted_t
     from generator.sample import load_generator
 
     rec = read_record(adapted_tiny_sd)
-    assert rec["n_heldout_images"] > 0 and rec["settings"]["steps"] == 120
-    # random-init VAE ~6 dB; a 120-step adaptation lands well above 18 dB on held-out phantoms
+    assert rec["n_heldout_images"] > 0 and rec["settings"]["steps"] == 50
+    # random-init VAE ~6 dB; even a 50-step adaptation gains > 8 dB on held-out phantoms (400 steps: ~27 dB)
     assert rec["psnr_heldout_before"] < 10.0, rec
-    assert rec["psnr_heldout_after"] > rec["psnr_heldout_before"] + 10.0, rec
+    assert rec["psnr_heldout_after"] > rec["psnr_heldout_before"] + 8.0, rec
     folder = Path(adapted_tiny_sd)
     assert (folder / "model_index.json").is_file() and not any(folder.parent.glob(".tiny-phantoms-*"))
     assert list((folder / "vae").glob("*.safetensors")) and list((folder / "unet").glob("*.safetensors"))
@@ -36,11 +36,11 @@ def test_adaptation_raises_heldout_psnr_and_writes_a_loadable_pipeline(adapted_t
         assert torch.equal(p, q), n
     # same settings -> reused as is; different settings -> a clear error instead of overwriting
     stamp = (folder / STAMP).stat().st_mtime_ns
-    assert adapt_autoencoder("tiny", str(phantom_dir), str(folder), steps=120, batch_size=8, lr=3e-3) == str(folder)
+    assert adapt_autoencoder("tiny", str(phantom_dir), str(folder), steps=50, batch_size=8, lr=3e-3) == str(folder)
     assert (folder / STAMP).stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="different settings"):
         adapt_autoencoder("tiny", str(phantom_dir), str(folder), steps=7)
-    assert json.loads((folder / STAMP).read_text())["settings"]["steps"] == 120
+    assert json.loads((folder / STAMP).read_text())["settings"]["steps"] == 50
 
 
 def test_autoencoder_cli_help():
