@@ -58,6 +58,8 @@ class ClipTrainConfig:
     freeze_logit_scale: bool = True
     disable_dropout: bool = True
     retention_weight: float = 0.1
+    retention_dedup: bool = field(default=False, metadata={"help": "identical captions in a batch are one "
+                                                                  "caption in the contrastive term, not negatives"})
     # DHN-NCE
     dhn_temperature: float = 0.6
     dhn_alpha: float = 0.0
@@ -200,7 +202,11 @@ def compute_loss(cfg: ClipTrainConfig, parts: set[str], model, ref: cm.Reference
         total = total + loss
         logs["loss/dhn_nce"] = float(loss.detach())
     if "clip" in parts and cfg.retention_weight > 0:
-        loss = clip_contrastive_loss(img.reshape(2 * b, -1), txt.reshape(2 * b, -1), scale)
+        # image rows (x+_0, x-_0, x+_1, ...) line up with the interleaved caption rows (y+_0, y-_0, ...)
+        ids = torch.unique(batch["texts"], dim=0, return_inverse=True)[1] if cfg.retention_dedup else None
+        ls = cm.unwrap(model).logit_scale
+        kappa = ls.exp().clamp(max=100.0) if ls.requires_grad else scale  # learnt when not frozen (open_clip)
+        loss = clip_contrastive_loss(img.reshape(2 * b, -1), txt.reshape(2 * b, -1), kappa, ids)
         total = total + cfg.retention_weight * loss
         logs["loss/retention"] = float(loss.detach())
     if capture is not None:

@@ -147,10 +147,29 @@ def clip_dpo_pair_loss(policy_sims: torch.Tensor, ref_sims: torch.Tensor, beta: 
 
 # ---------------------------------------------------------------------------------------------- retention
 def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                          logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric InfoNCE (open_clip's ClipLoss, single process) for the retention term."""
+                          logit_scale: torch.Tensor | float, text_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE (open_clip's ClipLoss, single process) for the retention / pre-training term.
+
+    ``text_ids`` (N,): rows with the same id carry the same caption (phantom batches repeat the healthy
+    text and many lesion prompts). Plain InfoNCE then treats identical captions as negatives of each
+    other, a target no model can reach (the loss is bounded below by log of the duplicate count) whose
+    gradient pushes same-caption images apart. With ids the captions are de-duplicated: image->text is
+    a softmax over the distinct captions, text->image a soft target spread uniformly over the images of
+    that caption (as a KL, so 0 is reachable), averaged over distinct captions. All ids distinct gives
+    exactly the plain loss.
+    """
     v = F.normalize(image_features, dim=-1)
     t = F.normalize(text_features, dim=-1)
-    logits = logit_scale * v @ t.T
-    labels = torch.arange(v.shape[0], device=v.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    if text_ids is None:
+        logits = logit_scale * v @ t.T
+        labels = torch.arange(v.shape[0], device=v.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    uniq, inverse = torch.unique(text_ids, return_inverse=True)
+    first = torch.full((uniq.numel(),), inverse.numel(), dtype=torch.long, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(inverse.numel(), device=inverse.device), "amin")
+    logits = logit_scale * v @ t[first].T  # (N images, U distinct captions)
+    i2t = F.cross_entropy(logits, inverse)
+    member = F.one_hot(inverse, uniq.numel()).T.to(logits.dtype)  # (U, N)
+    count = member.sum(1)
+    t2i = -(member * logits.T.log_softmax(dim=1)).sum(1) / count - count.log()  # KL to the uniform target
+    return (i2t + t2i.mean()) / 2

@@ -96,3 +96,19 @@ def test_pair_loss_bounds_and_directions():
     ref = -sims
     _, m = clip_dpo_pair_loss(sims, ref, beta=1.0)
     assert abs(m["rewards/margins"].item()) <= 4 * 14.3
+
+
+def test_contrastive_dedup_captions():
+    """Duplicate captions: plain InfoNCE has an unreachable floor; de-duplicated ids remove it."""
+    g = torch.Generator().manual_seed(0)
+    v, tt = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    plain = clip_contrastive_loss(v, tt, 3.0).item()
+    assert clip_contrastive_loss(v, tt, 3.0, torch.arange(6)).item() == pytest.approx(plain, abs=1e-12)
+    assert clip_contrastive_loss(v, tt, 3.0, torch.tensor([5, 3, 1, 0, 2, 4])).item() == pytest.approx(plain, abs=1e-12)
+    ids = torch.tensor([0, 1, 0, 1, 2, 1])  # e.g. two healthy captions repeated
+    e = torch.eye(3, dtype=torch.float64)[ids]  # perfect features: each image on its caption
+    assert clip_contrastive_loss(e, e, 50.0).item() > math.log(2) / 2  # floor from the duplicates
+    assert clip_contrastive_loss(e, e, 50.0, ids).item() == pytest.approx(0.0, abs=1e-12)
+    x = v.clone().requires_grad_(True)
+    clip_contrastive_loss(x, tt, 3.0, ids).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

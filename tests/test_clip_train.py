@@ -12,6 +12,8 @@ from preference import clip_model as cm
 from preference.clip_data import ClipPairDataset, make_collate, pairs_from_scans
 from preference.clip_train import ClipTrainConfig, build_model, compute_loss, train
 
+LEARN_STEPS, LEARN_LR, LEARN_BATCH = 60, 1e-3, 8  # constant lr: 80 cosine steps before
+
 
 def _batch(cfg, phantom_dir, n=4):
     model, preprocess, tokenizer, scale = build_model(cfg)
@@ -33,6 +35,19 @@ def test_step0_loss_is_log2(phantom_dir, finetune):
     loss, logs = compute_loss(cfg, {"dpo"}, model, ref, batch, scale, 0, nullcontext)
     assert loss.item() == torch.tensor(math.log(2), dtype=torch.float32).item()  # log 2 exactly (fp32)
     assert logs["rewards/accuracies"] == 0.0 and logs["rewards/margins"] == 0.0
+
+
+def test_retention_learns_logit_scale_only_when_unfrozen(phantom_dir):
+    cfg = ClipTrainConfig(loss="clip", retention_weight=1.0, freeze_logit_scale=False, retention_dedup=True)
+    model, batch, scale = _batch(cfg, phantom_dir)
+    for frozen in (False, True):
+        model.logit_scale.requires_grad_(not frozen)
+        model.zero_grad(set_to_none=True)
+        loss, logs = compute_loss(cfg, {"clip"}, model, None, batch, scale, 0, nullcontext)
+        loss.backward()
+        assert math.isfinite(logs["loss/retention"])
+        assert (model.logit_scale.grad is None) == frozen
+        assert model.visual.head.proj.weight.grad.abs().sum() > 0
 
 
 def test_train_mode_dropout_breaks_log2(phantom_dir):
@@ -68,7 +83,7 @@ def test_train_resume_logit_scale_and_outputs(phantom_dir, tmp_path):
     base = dict(data=str(phantom_dir), output_dir=str(tmp_path / "run"), loss="dpo+entropy+stages+clip",
                 train_batch_size=4, eval_batch_size=8, checkpointing_steps=2, report_to="none", tsne=True,
                 tsne_max_points=80, progress_bar=False, ref_mode="on_the_fly")
-    s1 = train(ClipTrainConfig(max_train_steps=2, save_final=False, **base))
+    s1 = train(ClipTrainConfig(max_train_steps=2, save_final=False, **(base | {"tsne": False})))
     assert s1["steps"] == 2 and (tmp_path / "run" / "checkpoint-2").is_dir()
     s2 = train(ClipTrainConfig(max_train_steps=3, resume_from_checkpoint="latest", **base))
     assert s2["steps"] == 3
@@ -79,18 +94,27 @@ def test_train_resume_logit_scale_and_outputs(phantom_dir, tmp_path):
     assert {"eval/preference/accuracy", "eval/r1_i2t", "eval/attention_entropy"} <= set(s2["after"])
 
 
-def test_clip_dpo_learns_preference(tmp_path):
-    """Tiny random-init model, phantom pairs: held-out preference accuracy rises from chance."""
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """One short CLIP-DPO run from the tiny random init on 24-subject phantoms, shared by the learning
+    assertions (the expensive part of this file: keep it to one run)."""
     from core.phantoms import ensure_phantoms
 
-    data = ensure_phantoms(tmp_path / "ph", n=24, size=64, seed=0, slices=2, preview=False)
-    s = train(ClipTrainConfig(data=str(data), output_dir=str(tmp_path / "learn"), loss="dpo+clip", dpo_beta=1.0,
-                              learning_rate=1e-3, max_train_steps=80, train_batch_size=8, report_to="none",
-                              tsne=False, save_final=False, progress_bar=False))
-    before, after = s["before"], s["after"]
+    root = tmp_path_factory.mktemp("clip_learn")
+    data = ensure_phantoms(root / "ph", n=24, size=64, seed=0, slices=2, preview=False)
+    return train(ClipTrainConfig(data=str(data), output_dir=str(root / "learn"), loss="dpo+clip", dpo_beta=1.0,
+                                 learning_rate=LEARN_LR, lr_scheduler="constant", max_train_steps=LEARN_STEPS,
+                                 train_batch_size=LEARN_BATCH,
+                                 report_to="none", tsne=False, save_final=False, progress_bar=False))
+
+
+def test_clip_dpo_learns_preference(learned):
+    """Tiny random-init model, phantom pairs: held-out preference accuracy rises from chance."""
+    before, after = learned["before"], learned["after"]
     print("CLIP-DPO held-out preference accuracy", before["eval/preference/accuracy"], "->",
           after["eval/preference/accuracy"], "t2i", before["eval/t2i/preference/accuracy"], "->",
           after["eval/t2i/preference/accuracy"])
+    assert learned["steps"] == LEARN_STEPS and learned["val_pairs"] >= 8
     assert before["eval/preference/accuracy"] <= 0.6
     assert after["eval/preference/accuracy"] >= 0.7
     assert after["eval/t2i/preference/accuracy"] >= 0.85
