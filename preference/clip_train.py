@@ -98,6 +98,8 @@ class ClipTrainConfig:
     mixed_precision: str = "no"
     seed: int = 0
     dataloader_num_workers: int = 0
+    torch_threads: int = field(default=0, metadata={"help": "intra-op CPU threads for this run (0 = leave as is); "
+                                                            "1 is much faster for the tiny model on a shared CPU"})
     # bookkeeping
     report_to: str = "tensorboard"
     logging_steps: int = 5
@@ -295,6 +297,16 @@ def _prune_checkpoints(out: Path, limit: int) -> None:
 
 def train(cfg: ClipTrainConfig) -> dict:
     """Run one training; returns the summary (also written to ``output_dir/summary.json``)."""
+    threads = torch.get_num_threads()
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: ClipTrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm

@@ -95,7 +95,13 @@ def test_train_resume_logit_scale_and_outputs(phantom_dir, tmp_path):
                 tsne_max_points=80, progress_bar=False, ref_mode="on_the_fly")
     s1 = train(ClipTrainConfig(max_train_steps=2, save_final=False, **(base | {"tsne": False})))
     assert s1["steps"] == 2 and (tmp_path / "run" / "checkpoint-2").is_dir()
-    s2 = train(ClipTrainConfig(max_train_steps=3, resume_from_checkpoint="latest", **base))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s2 = train(ClipTrainConfig(max_train_steps=3, resume_from_checkpoint="latest", torch_threads=1, **base))
+        assert torch.get_num_threads() == 2  # the run's thread setting is restored afterwards
+    finally:
+        torch.set_num_threads(threads)
     assert s2["steps"] == 3
     assert (tmp_path / "run" / "tsne.png").is_file() and (tmp_path / "run" / "final" / "open_clip_config.json").is_file()
     last = s2["last_step"]
