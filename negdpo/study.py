@@ -325,11 +325,14 @@ def plot_curves(logs: dict[str, Path], out: Path, keys: tuple[str, ...], title: 
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.4))
     axes = np.atleast_1d(axes)
+    colors = {name: f"C{i}" for i, name in enumerate(series)}  # one colour per run in every panel
     for ax, key in zip(axes, keys):
         for name, recs in series.items():
-            pts = [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
+            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])]
             if pts:
-                ax.plot(*zip(*pts), label=name)
+                ax.plot(*zip(*pts), label=name, color=colors[name], lw=1.2)
+        if key == "loss" and all(v > 0 for recs in series.values() for r in recs if (v := r.get(key)) is not None):
+            ax.set_yscale("log")  # SFT (MSE) and DPO losses differ by orders of magnitude
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
