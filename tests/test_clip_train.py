@@ -12,16 +12,6 @@ from preference import clip_model as cm
 from preference.clip_data import ClipPairDataset, make_collate, pairs_from_scans
 from preference.clip_train import ClipTrainConfig, build_model, compute_loss, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core CPU: one intra-op thread avoids oversubscription (much faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LEARN_STEPS, LEARN_LR, LEARN_BATCH = 60, 1e-3, 8  # constant lr: 80 cosine steps before
 
 

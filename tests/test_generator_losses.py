@@ -21,15 +21,6 @@ from generator.losses import (
 from generator.mi import mi_hinge, outside_weight, weighted_mi
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core CPU: one intra-op thread is ~3-5x faster than two (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _errs(seed=0, n=6):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(n, generator=g) * 0.1 for _ in range(4)]

@@ -20,14 +20,6 @@ def pairs(phantom_dir):
     return load_pairs(phantom_dir, "train", 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core CPU: one intra-op thread is ~3-5x faster than two (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _batch(comp, pairs, cfg, seed=0):
     bank = PairBank(comp, pairs[:4], torch.device("cpu"), cache=False)

@@ -176,12 +176,12 @@ def test_killed_process_rerun_same_pair_ids(phantom_dir, reference, builder, tmp
     """A real ``negdpo build-pairs`` process killed with SIGKILL after its first shard, then rerun."""
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "preference.build_cli", "--data", str(phantom_dir), "--out", str(out),
-            "--splits", "test", "--judges", NO_CLIP, "--k", "2", "--steps", "2", "--batch-items", "2",
-            "--chunk-size", "2", "--no-progress", "--no-report"]
+            "--splits", "test", "--judges", NO_CLIP, "--k", "2", "--steps", "2", "--batch-items", "1",
+            "--chunk-size", "1", "--no-progress", "--no-report"]  # one scan per shard: many shards to kill between
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None and not any((out / "data").glob("*.parquet")):
-        time.sleep(0.2)
+        time.sleep(0.02)
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait()
