@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.checkpoints import latest_checkpoint, prune_checkpoints
+
 from .data import Curriculum, Pair, load_pairs, to_tensors
 from .losses import (
     diffusion_dpo_loss,
@@ -374,11 +376,6 @@ Research artefact for generating synthetic tumour-free counterparts; not for cli
 
 
 # -------------------------------------------------------------------------------------------- main
-def _checkpoints(out: Path) -> list[Path]:
-    cps = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(cps, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def _ensure_data(cfg: GenTrainConfig) -> None:
     data = Path(cfg.data)
     if cfg.make_phantoms and (not data.exists() or (data / "phantoms.json").is_file()):
@@ -483,8 +480,7 @@ def train(cfg: GenTrainConfig) -> dict:
     if cfg.resume_from_checkpoint:
         path = Path(cfg.resume_from_checkpoint)
         if cfg.resume_from_checkpoint == "latest":
-            cps = _checkpoints(out)
-            path = cps[-1] if cps else None
+            path = latest_checkpoint(out)
         if path is None:
             accelerator.print(f"no checkpoint in {out}; starting a new run")
         elif not path.is_dir():
@@ -506,8 +502,7 @@ def train(cfg: GenTrainConfig) -> dict:
         ckpt = out / f"checkpoint-{step}"
         accelerator.save_state(str(ckpt))
         if accelerator.is_main_process and cfg.checkpoints_total_limit:
-            for old in _checkpoints(out)[: -cfg.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(out, cfg.checkpoints_total_limit)
         return ckpt
 
     progress = tqdm(range(cfg.max_train_steps), initial=global_step, desc="gen_train",

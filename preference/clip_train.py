@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.checkpoints import latest_checkpoint, prune_checkpoints
 from core.config import default_output_dir, save_config, seed_everything, tracker_config
 
 from . import clip_model as cm
@@ -284,17 +284,6 @@ def retrieval_r1(img: torch.Tensor, txt: torch.Tensor, pairs) -> dict[str, float
 
 
 # --------------------------------------------------------------------------------------------------- main
-def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return ckpts[-1] if ckpts else None
-
-
-def _prune_checkpoints(out: Path, limit: int) -> None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    for p in ckpts[: max(0, len(ckpts) - limit)]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
 def train(cfg: ClipTrainConfig) -> dict:
     """Run one training; returns the summary (also written to ``output_dir/summary.json``)."""
     threads = torch.get_num_threads()
@@ -365,7 +354,7 @@ def _train(cfg: ClipTrainConfig) -> dict:
 
     step, resume_skip = 0, 0
     if cfg.resume_from_checkpoint:
-        path = _latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+        path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
         if path is None or not path.exists():
             logger.warning("resume_from_checkpoint=%s: nothing found; starting fresh", cfg.resume_from_checkpoint)
         else:
@@ -413,7 +402,7 @@ def _train(cfg: ClipTrainConfig) -> dict:
                 accelerator.log(ev, step=step)
             if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
                 if accelerator.is_main_process:
-                    _prune_checkpoints(out, max(cfg.checkpoints_total_limit - 1, 0))
+                    prune_checkpoints(out, max(cfg.checkpoints_total_limit - 1, 0))
                 accelerator.save_state(str(out / f"checkpoint-{step}"))
             if step >= cfg.max_train_steps:
                 break
