@@ -85,6 +85,15 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
+def resolve_device(name: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other name is returned as is."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def code_version() -> str:
     """git describe of the checkout if available, else the package version."""
     try:

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from core.config import resolve_device
+
 logger = logging.getLogger("negdpo.study")
 
 GEN_VARIANTS = ("sft", "dpo", "dpo_mi", "dpo_mi_sdpo")
@@ -171,23 +173,18 @@ def _lesion_contrast(image: np.ndarray, mask: np.ndarray) -> float:
     return float(ContrastJudge()(item, [image])[0])
 
 
-def _outside_mi(out: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float:
-    """Weighted Parzen MI between output and source over pixels outside the dilated mask (nats)."""
+def _outside_mi(out: np.ndarray, source: np.ndarray, outside: np.ndarray) -> float:
+    """Weighted Parzen MI between output and source over the ``outside`` pixels (nats)."""
     import torch
-    from scipy import ndimage
 
     from generator.mi import weighted_mi
 
-    w = (~ndimage.binary_dilation(mask, iterations=2)).astype(np.float32)
     a = torch.from_numpy(np.asarray(out, np.float32))[None, None]
     b = torch.from_numpy(np.asarray(source, np.float32))[None, None]
-    return float(weighted_mi(a, b, torch.from_numpy(w)[None, None])[0])
+    return float(weighted_mi(a, b, torch.from_numpy(outside.astype(np.float32))[None, None])[0])
 
 
-def _psnr_outside(out: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float:
-    from scipy import ndimage
-
-    outside = ~ndimage.binary_dilation(mask, iterations=2)
+def _psnr_outside(out: np.ndarray, source: np.ndarray, outside: np.ndarray) -> float:
     mse = float(np.mean((out[outside] - source[outside]) ** 2))
     return 99.0 if mse == 0 else float(10 * np.log10(1.0 / mse))
 
@@ -208,7 +205,7 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
     from core.phantoms import write_grid
     from preference.judges import harmonic_fill
 
-    masks = [ndimage.binary_dilation(s.mask, iterations=2) for s in scans]
+    masks = [ndimage.binary_dilation(s.mask, iterations=2) for s in scans]  # repaint region; outside = ~mask
     if variant == "identity":
         outputs = [s.image for s in scans]
     elif variant == "harmonic":
@@ -216,7 +213,7 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
     else:
         from generator.sample import inpaint, load_generator
 
-        pipe = load_generator(cfg.gen_model, adapter=adapter, device=_device(cfg.device))
+        pipe = load_generator(cfg.gen_model, adapter=adapter, device=resolve_device(cfg.device))
         seeds = [derive_seed("study-gen", s.name, base=cfg.seed) for s in scans]
         outputs = inpaint(pipe, [s.image for s in scans], masks, [s.prompt or "" for s in scans], seeds,
                           steps=cfg.gen_sample_steps, paste_back=False)
@@ -226,9 +223,9 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
         img, twin = to_gray(s.image), to_gray(s.twin)
         rows.append({"variant": variant, "file": s.name, "subject_id": s.name.rsplit("_", 1)[0],
                      "inside_mae_vs_twin": float(np.abs(o - twin)[s.mask].mean()),
-                     "outside_psnr": _psnr_outside(o, img, s.mask),
-                     "outside_mi": _outside_mi(o, img, s.mask),
-                     "twin_outside_mi": _outside_mi(twin, img, s.mask),
+                     "outside_psnr": _psnr_outside(o, img, ~m),
+                     "outside_mi": _outside_mi(o, img, ~m),
+                     "twin_outside_mi": _outside_mi(twin, img, ~m),
                      "residual_lesion": 1.0 - _lesion_contrast(o, m)})
     _write_csv(out / "per_image.csv", rows)
     grid = [[to_gray(s.image), s.mask.astype(np.float32), to_gray(np.asarray(o, np.float32)), to_gray(s.twin)]
@@ -343,14 +340,6 @@ def plot_curves(logs: dict[str, Path], out: Path, keys: tuple[str, ...], title: 
     return out
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # -- the study --------------------------------------------------------------------------------------
 def run_study(cfg: StudyConfig) -> dict:
     from core.config import code_version, seed_everything
@@ -385,7 +374,7 @@ def run_study(cfg: StudyConfig) -> dict:
 
             return {"model": adapt_autoencoder(cfg.gen_model, str(phantoms), str(d / "model"),
                                                steps=cfg.gen_autoencoder_steps, lr=cfg.gen_autoencoder_lr,
-                                               seed=cfg.seed, device=_device(cfg.device))}
+                                               seed=cfg.seed, device=resolve_device(cfg.device))}
 
         gen_model = run_stage(work, "gen_autoencoder", ae_set, adapt)["model"]
     cfg = replace(cfg, gen_model=gen_model)
@@ -439,7 +428,7 @@ def run_study(cfg: StudyConfig) -> dict:
 
         summary = run_build(BuildConfig(data=str(phantoms), out=str(d / "pairs"), generator=cfg.gen_model,
                                         adapter=adapters[cfg.pairs_adapter], k=cfg.pairs_k, steps=cfg.pairs_steps,
-                                        seed=cfg.seed, clip=base_model, device=_device(cfg.device),
+                                        seed=cfg.seed, clip=base_model, device=cfg.device,
                                         **cfg.pairs_extra))
         keep = ("rows", "dropped", "seconds", "judge", "scans_per_s", "report")
         return {"path": str(d / "pairs"), "summary": json.loads(json.dumps(
@@ -470,7 +459,7 @@ def run_study(cfg: StudyConfig) -> dict:
         from segmentation.evaluate import evaluate
 
         options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
-                   "device": _device(cfg.device), "bootstrap": 200} | cfg.eval_extra
+                   "device": cfg.device, "bootstrap": 200} | cfg.eval_extra
         res = evaluate(str(phantoms), {k: f"local-dir:{v}" for k, v in ckpts.items()}, str(d / "eval"), **options)
         return {"rows": json.loads(json.dumps(res.rows, default=float)), "report": str(d / "eval" / "report.md")}
 

@@ -300,7 +300,7 @@ class Builder:
     """Holds the models; ``run_worker(rank, world)`` does one process's share, ``merge()`` the rest."""
 
     def __init__(self, cfg: BuildConfig, device: str | None = None) -> None:
-        from core.config import code_version
+        from core.config import code_version, resolve_device
 
         from .judges import CompositeJudge
 
@@ -313,8 +313,7 @@ class Builder:
             raise ValueError("--k must be >= 2 with --rejected worst (or use --rejected positive)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        dev = device or cfg.device
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
+        self.device = resolve_device(device or cfg.device)
         self.root = Path(cfg.data)
         self.out = Path(cfg.out)
         self.code_version = code_version()

@@ -95,14 +95,6 @@ class EvalResult:
     out: Path | None = None
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _check_names(clips: dict[str, str]) -> None:
     if not clips:
         raise ValueError("no CLIP checkpoint given (use NAME=CKPT, e.g. tiny=tiny)")
@@ -192,7 +184,7 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
     ``prompt``). ``clips``: {report name: CLIP name} (``"tiny"``, ``hf-hub:…``, ``local-dir:…``).
     ``options``: any ``EvalConfig`` field, e.g. ``saliency="oracle", sam="none"``.
     """
-    from core.config import code_version, derive_seed
+    from core.config import code_version, derive_seed, resolve_device
     from core.imageio import save_png, to_rgb_uint8
     from core.models import load_clip, load_sam
     from core.phantoms import write_grid
@@ -206,7 +198,7 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                         **({"clips": dict(clips)} if clips is not None else {}),
                         **({"out": str(out)} if out is not None else {})})
     _check_names(cfg.clips)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     method = get(cfg.saliency)
     t_start = time.perf_counter()
     scan_list, skipped = load_scans(cfg, scans)

@@ -66,3 +66,12 @@ def test_accelerate_configs_parse(name):
         assert cfg.fsdp_config["fsdp_use_orig_params"] is True
     if name == "deepspeed_zero2":
         assert cfg.deepspeed_config["zero_stage"] == 2
+
+
+def test_resolve_device():
+    import torch
+
+    from core.config import resolve_device
+
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
