@@ -5,7 +5,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from preference.clip_train import main  # noqa: E402
+from negdpo.preference.clip.train import main  # noqa: E402
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -8,7 +8,7 @@ Two measurements per (steps, batch_items) setting:
 * ``build``: ``Builder.run_worker`` on a fresh phantom set (generate K candidates -> judge -> write
   shards), giving scans/s, pairs/s and generated img/s, with the UNet's forward time (CUDA-synchronised
   hooks) and the other stages (VAE + pipeline overhead, judges, writing) as shares of the wall time;
-* ``inpaint``: ``generator.sample.inpaint`` alone on batches of K x batch_items images (img/s).
+* ``inpaint``: ``negdpo.generator.sample.inpaint`` alone on batches of K x batch_items images (img/s).
 
 Prints a table and writes ``benchmarks/results/build_pairs_<device>.json`` (or ``--out``).
 ``real-random`` builds an SD-1.5-inpainting-shaped pipeline (9-ch UNet 320-640-1280-1280, SD VAE,
@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_real_random(folder: Path) -> str:
     """Save an SD-1.5-inpainting-sized random-init pipeline (tokenizer borrowed from the tiny preset)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from negdpo.core.models import resolve_diffusion
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from core.models import resolve_diffusion
 
     if (folder / "model_index.json").is_file():
         return str(folder)
@@ -101,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from core.phantoms import ensure_phantoms
-    from generator.sample import inpaint
-    from preference.build import BuildConfig, Builder
+    from negdpo.core.phantoms import ensure_phantoms
+    from negdpo.generator.sample import inpaint
+    from negdpo.preference.pairs.build import BuildConfig, Builder
 
     work = Path(tempfile.mkdtemp(prefix="bench_pairs_"))
     model = build_real_random(work / "real_random") if args.model == "real-random" else args.model

@@ -21,9 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
-from preference import clip_model as cm  # noqa: E402
-from preference.clip_train import ClipTrainConfig, compute_loss  # noqa: E402
+from negdpo.preference.clip import model as cm  # noqa: E402
+from negdpo.preference.clip.train import ClipTrainConfig, compute_loss  # noqa: E402
 
 VARIANTS = {
     "dhn_nce": ("dhn_nce", False),
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, context = biomedclip_sized()
         vocab, batch_size = 30522, a.batch or 64
     else:
-        from core.models import load_clip
+        from negdpo.core.models import load_clip
 
         model, _, tok = load_clip("tiny")
         context, vocab, batch_size = tok.context_length, tok.tokenizer.vocab_size, a.batch or 8

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_clip(name: str, device: str):
-    from core.models import load_clip, resolve_clip
+    from negdpo.core.models import load_clip, resolve_clip
 
     if name == "tiny":
         return load_clip("tiny", device)
@@ -45,7 +45,7 @@ def build_clip(name: str, device: str):
 
 
 def build_sam(name: str, device: str):
-    from core.models import load_sam
+    from negdpo.core.models import load_sam
 
     if name == "tiny":
         return load_sam("tiny", device=device)
@@ -74,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-
-    from core.imageio import to_rgb_uint8
-    from segmentation.postprocess import coarse_mask
-    from segmentation.saliency import SaliencyContext, get
-    from segmentation.sam_prompt import SamSegmenter
+    from negdpo.core.imageio import to_rgb_uint8
+    from negdpo.segmentation.postprocess import coarse_mask
+    from negdpo.segmentation.saliency import SaliencyContext, get
+    from negdpo.segmentation.sam_prompt import SamSegmenter
 
     rng = np.random.default_rng(0)
     scans = []
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     results["sam_encoder"] = a.images / timed(lambda: [seg.set_image(im) for im in rgb])
 
     def chain():
-        from segmentation import metrics as M
+        from negdpo.segmentation import metrics as M
 
         for s in range(0, a.images, a.batch):
             batch = scans[s:s + a.batch]

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-
-from generator.losses import diffusion_dpo_loss, per_sample_error
-from generator.pipeline import add_lora
+from negdpo.generator.losses import diffusion_dpo_loss, per_sample_error
+from negdpo.generator.pipeline import add_lora
 
 SD15_INPAINT_UNET = dict(  # stable-diffusion-v1-5/stable-diffusion-inpainting unet/config.json
     sample_size=64, in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -37,7 +36,7 @@ def make_unet(real: bool):
     if real:
         torch.manual_seed(0)
         return UNet2DConditionModel(**SD15_INPAINT_UNET), 768, 77
-    from core.models import resolve_diffusion
+    from negdpo.core.models import resolve_diffusion
 
     unet = UNet2DConditionModel.from_pretrained(resolve_diffusion("tiny"), subfolder="unet")
     return unet, int(unet.config.cross_attention_dim), 77

@@ -111,6 +111,13 @@ def code_version() -> str:
         return "unknown"
 
 
+def bundled_config(name: str) -> Path:
+    """Path of a config shipped with the package (``configs/<name>``), found from a checkout or an install."""
+    from importlib.resources import files
+
+    return Path(str(files("negdpo.configs").joinpath(name)))
+
+
 def default_output_dir(kind: str, run_name: str) -> Path:
     """Output-folder convention: ``$NEGDPO_OUTPUT or ./outputs``/<kind>/<run_name>."""
     return Path(os.environ.get("NEGDPO_OUTPUT", "outputs")) / kind / run_name

@@ -6,7 +6,7 @@ none. Every image is rendered twice from the same random fields: once with the l
 (the positive) and once without (its healthy *twin*). The lesion's soft edge lives inside the mask
 dilated by 2 px, so positive and twin are byte-identical outside that band.
 
-Output layout (the scan folder layout of ``core.scans`` plus twins and metadata)::
+Output layout (the scan folder layout of ``negdpo.core.scans`` plus twins and metadata)::
 
     DIR/{train,val,test}_{images,masks,twins}/<modality>_<subject>_<slice>.png
     DIR/negatives/            healthy-only training images

@@ -10,7 +10,7 @@ folder (original components + adapted VAE, safetensors) usable anywhere a model 
     out = adapt_autoencoder("tiny", "data/phantoms", "outputs/vae/tiny-phantoms", steps=300)
     load_generator(out);  accelerate launch gen_train.py --pretrained_model <out>
 
-    python -m generator.autoencoder --model tiny --data data/phantoms --out outputs/vae/tiny-phantoms --steps 300
+    python -m negdpo.generator.autoencoder --model tiny --data data/phantoms --out outputs/vae/tiny-phantoms --steps 300
 
 The folder is written to a temporary sibling and renamed when complete; rerunning with the same settings
 returns the existing folder (``negdpo_autoencoder.json`` records settings and the held-out PSNR before/after).
@@ -45,8 +45,8 @@ def _to_rgb(image: np.ndarray, size: int) -> np.ndarray:
 def collect_images(data: str | Path, size: int, splits: tuple[str, ...] = ("train",), twins: bool = True,
                    negatives: bool = True) -> np.ndarray:
     """(N, S, S, 3) float [0,1]: the images of ``splits`` (+ their ``*_twins``) and ``negatives/``."""
-    from core.imageio import read_scan
-    from core.scans import ScanFolder
+    from negdpo.core.imageio import read_scan
+    from negdpo.core.scans import ScanFolder
 
     folder = ScanFolder(data, on_error="skip")
     paths: list[Path] = []
@@ -168,8 +168,8 @@ def adapt_autoencoder(model: str, data: str, out: str, steps: int = 400, batch_s
     the VAE's ``scaling_factor`` is re-estimated so the scaled latents have unit std. If ``out`` already
     holds a complete folder with the same settings it is returned as is (``overwrite`` forces a rebuild).
     """
-    from core.config import seed_everything
-    from core.models import load_inpaint_pipeline
+    from negdpo.core.config import seed_everything
+    from negdpo.core.models import load_inpaint_pipeline
 
     out_path = Path(out)
     settings = _settings(model, data, steps, batch_size, lr, seed, kl_weight=kl_weight, hflip=hflip, vflip=vflip,
@@ -234,7 +234,7 @@ def read_record(folder: str | Path) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m generator.autoencoder", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m negdpo.generator.autoencoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="tiny | hub id | diffusers folder")
     p.add_argument("--data", required=True, help="scan folder (train split + negatives/ are used)")
     p.add_argument("--out", required=True, help="output diffusers pipeline folder")

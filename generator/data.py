@@ -90,8 +90,8 @@ def random_blob_mask(shape: tuple[int, int], seed: int) -> np.ndarray:
 def pairs_from_scan_folder(root: str | Path, split: str, size: int, chosen: str = "auto",
                            include_healthy: bool = False, limit: int | None = None) -> list[Pair]:
     """Pairs for every positive of ``split``; ``chosen``: auto (twin, else classical) | twin | classical."""
-    from core.config import derive_seed
-    from core.scans import ScanFolder
+    from negdpo.core.config import derive_seed
+    from negdpo.core.scans import ScanFolder
 
     folder = ScanFolder(root, on_error="skip")
     pairs: list[Pair] = []

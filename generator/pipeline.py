@@ -55,8 +55,7 @@ def load_components(model: str = "tiny", reference_adapter: str | None = None, r
                     dtype: torch.dtype = torch.float32) -> Components:
     """Load the pipeline; optionally fuse (``fuse``) or keep named (``adapter``) a reference LoRA."""
     from diffusers import DDPMScheduler
-
-    from core.models import load_inpaint_pipeline
+    from negdpo.core.models import load_inpaint_pipeline
 
     from .sample import LORA_WEIGHT_NAME
 

@@ -81,7 +81,7 @@ def load_generator(model: str = "tiny", adapter: str | None = None, device: str 
     was trained on top of a reference (SFT) adapter, that one is fused into the base first, as in training.
     A 4-channel UNet runs in the pipeline's legacy blending mode (img2img-style inpainting).
     """
-    from core.models import load_inpaint_pipeline
+    from negdpo.core.models import load_inpaint_pipeline
 
     pipe = load_inpaint_pipeline(model, torch_dtype=dtype)
     if adapter:
@@ -192,10 +192,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: sample negatives for every positive of a split; writes OUT/<name>.png and OUT/preview.png."""
-    from core.config import derive_seed
-    from core.imageio import save_png
-    from core.phantoms import write_grid
-    from core.scans import ScanFolder
+    from negdpo.core.config import derive_seed
+    from negdpo.core.imageio import save_png
+    from negdpo.core.phantoms import write_grid
+    from negdpo.core.scans import ScanFolder
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from core.checkpoints import latest_checkpoint, prune_checkpoints
+from negdpo.core.checkpoints import latest_checkpoint, prune_checkpoints
 
 from .data import Curriculum, Pair, load_pairs, to_tensors
+from .lora_io import load_lora_into, model_card, save_lora
 from .losses import (
     diffusion_dpo_loss,
     fidelity_loss,
@@ -34,7 +34,6 @@ from .losses import (
 )
 from .mi import mi_hinge, outside_weight
 from .pipeline import (
-    POLICY_ADAPTER,
     Components,
     Reference,
     add_lora,
@@ -46,7 +45,6 @@ from .pipeline import (
 )
 
 logger = logging.getLogger(__name__)
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 @dataclass
@@ -254,7 +252,7 @@ def implicit_accuracy(comp: Components, unet: torch.nn.Module, reference: Refere
     """Held-out implicit accuracy (strict z > 0 and ties-half) over fixed (t, eps) draws per pair."""
     import dataclasses
 
-    from core.config import derive_seed
+    from negdpo.core.config import derive_seed
 
     ecfg = dataclasses.replace(cfg, sdpo=False, mi_weight=0.0, fidelity_weight=0.0, train_method="dpo",
                                train_batch_size=1)
@@ -284,8 +282,8 @@ def implicit_accuracy(comp: Components, unet: torch.nn.Module, reference: Refere
 def validation_grid(comp: Components, unet: torch.nn.Module, reference: Reference | None, pairs: list[Pair],
                     cfg: GenTrainConfig, path: Path) -> np.ndarray:
     """Rows: source | mask | policy output | reference output | chosen (target fill). Saved as PNG."""
-    from core.imageio import to_gray
-    from core.phantoms import write_grid
+    from negdpo.core.imageio import to_gray
+    from negdpo.core.phantoms import write_grid
 
     from .sample import inpaint
 
@@ -318,68 +316,11 @@ def validation_grid(comp: Components, unet: torch.nn.Module, reference: Referenc
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-# ------------------------------------------------------------------------------------------ saving
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(unet, adapter_name=POLICY_ADAPTER)
-    return convert_state_dict_to_diffusers({k: v.detach().float().cpu().contiguous() for k, v in sd.items()})
-
-
-def save_lora(unet: torch.nn.Module, out_dir: Path) -> None:
-    from diffusers import StableDiffusionInpaintPipeline
-
-    StableDiffusionInpaintPipeline.save_lora_weights(
-        str(out_dir), unet_lora_layers=lora_state_dict(unet),
-        unet_lora_adapter_metadata=unet.peft_config[POLICY_ADAPTER].to_dict(), safe_serialization=True)
-
-
-def load_lora_into(unet: torch.nn.Module, in_dir: Path) -> None:
-    from diffusers import StableDiffusionInpaintPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
-    sd, _ = StableDiffusionInpaintPipeline.lora_state_dict(str(in_dir))
-    sd = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")})
-    result = set_peft_model_state_dict(unet, sd, adapter_name=POLICY_ADAPTER)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"{in_dir}: unexpected LoRA keys when resuming, e.g. {unexpected[:3]}")
-
-
-def model_card(cfg: GenTrainConfig, metrics: dict) -> str:
-    ref = cfg.reference_adapter or "none (base weights)"
-    return f"""---
-library_name: diffusers
-base_model: {cfg.pretrained_model}
-tags: [lora, stable-diffusion, inpainting, diffusion-dpo, negdpo]
----
-# negdpo generator LoRA ({cfg.train_method}) — {cfg.run_name}
-
-LoRA (rank {cfg.lora_rank}, targets `{cfg.lora_targets}`) on `{cfg.pretrained_model}` trained with
-{'Diffusion-DPO' if cfg.train_method == 'dpo' else 'SFT (inpainting denoising loss)'} for {cfg.max_train_steps} steps
-on `{cfg.data}` to remove lesions inside a mask while keeping the anatomy outside it.
-Reference adapter: {ref}. beta = {cfg.beta:g} (convention with the 1/2), loss `{cfg.loss_type}`,
-SDPO {cfg.sdpo} (mu {cfg.sdpo_mu}), masked-MI weight {cfg.mi_weight}, fidelity weight {cfg.fidelity_weight}.
-
-```python
-from generator.sample import load_generator, inpaint
-pipe = load_generator("{cfg.pretrained_model}", adapter="<this folder>")
-# or: StableDiffusionInpaintPipeline.from_pretrained(...).load_lora_weights("<this folder>")
-```
-
-Held-out implicit accuracy: {json.dumps(metrics)}
-
-Research artefact for generating synthetic tumour-free counterparts; not for clinical use.
-"""
-
-
 # -------------------------------------------------------------------------------------------- main
 def _ensure_data(cfg: GenTrainConfig) -> None:
     data = Path(cfg.data)
     if cfg.make_phantoms and (not data.exists() or (data / "phantoms.json").is_file()):
-        from core.phantoms import ensure_phantoms
+        from negdpo.core.phantoms import ensure_phantoms
 
         ensure_phantoms(data, n=cfg.phantom_n, size=cfg.phantom_size, seed=cfg.seed, slices=2)
     if not data.exists():
@@ -391,9 +332,8 @@ def train(cfg: GenTrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
+    from negdpo.core.config import derive_seed, save_config, seed_everything, tracker_config
     from tqdm.auto import tqdm
-
-    from core.config import derive_seed, save_config, seed_everything, tracker_config
 
     t_start = time.time()
     if cfg.train_method not in ("dpo", "sft"):
@@ -582,18 +522,18 @@ def train(cfg: GenTrainConfig) -> dict:
 
 
 def _default_out(cfg: GenTrainConfig) -> Path:
-    from core.config import default_output_dir
+    from negdpo.core.config import default_output_dir
 
     return default_output_dir("generator", cfg.run_name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.config import parse_config
+    from negdpo.core.config import bundled_config, parse_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg = parse_config(GenTrainConfig, argv, default_config=str(DEFAULT_CONFIG))
+    cfg = parse_config(GenTrainConfig, argv, default_config=str(bundled_config("demo.yaml")))
     try:
         summary = train(cfg)
     except NonFiniteLossError as err:

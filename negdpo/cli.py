@@ -10,11 +10,11 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "phantoms": ("core.phantoms_cli", "generate synthetic scans with masks and healthy twins"),
-    "models": ("core.models.cli", "build the tiny presets / check that real weights are available"),
-    "sample": ("generator.sample", "turn positives + masks into negatives with a (LoRA) generator"),
-    "build-pairs": ("preference.build_cli", "generate, judge and write preference-pair datasets"),
-    "evaluate": ("segmentation.cli", "zero-shot segmentation evaluation of CLIP checkpoints"),
+    "phantoms": ("negdpo.core.phantoms_cli", "generate synthetic scans with masks and healthy twins"),
+    "models": ("negdpo.core.models.cli", "build the tiny presets / check that real weights are available"),
+    "sample": ("negdpo.generator.sample", "turn positives + masks into negatives with a (LoRA) generator"),
+    "build-pairs": ("negdpo.preference.pairs.build_cli", "generate, judge and write preference-pair datasets"),
+    "evaluate": ("negdpo.segmentation.cli", "zero-shot segmentation evaluation of CLIP checkpoints"),
     "study": ("negdpo.study", "the phantom study: the whole chain end to end"),
 }
 

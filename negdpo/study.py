@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from core.config import resolve_device
+from negdpo.core.config import resolve_device
 
 logger = logging.getLogger("negdpo.study")
 
@@ -66,7 +66,7 @@ class StudyConfig:
     clip_variants: list[str] = field(default_factory=lambda: list(CLIP_VARIANTS))
     # generator (tiny or a real SD-inpainting id/folder)
     gen_model: str = "tiny"
-    gen_autoencoder_steps: int = 0  # > 0: adapt the VAE to the phantoms first (generator.autoencoder)
+    gen_autoencoder_steps: int = 0  # > 0: adapt the VAE to the phantoms first (negdpo.generator.autoencoder)
     gen_autoencoder_lr: float = 1e-3
     gen_sft_steps: int = 60
     gen_dpo_steps: int = 60
@@ -147,7 +147,7 @@ def fmt_ci(stat: tuple[float, float, float], digits: int = 3) -> str:
 
 # -- generator stages -------------------------------------------------------------------------------
 def _gen_config(cfg: StudyConfig, phantoms: Path, out: Path, **overrides):
-    from generator.train import GenTrainConfig
+    from negdpo.generator.train import GenTrainConfig
 
     base = dict(pretrained_model=cfg.gen_model, data=str(phantoms), run_name=out.name, output_dir=str(out),
                 seed=cfg.seed, beta=cfg.gen_beta, learning_rate=cfg.gen_lr, train_batch_size=cfg.gen_batch,
@@ -160,14 +160,14 @@ def _gen_config(cfg: StudyConfig, phantoms: Path, out: Path, **overrides):
 
 
 def train_generator(cfg: StudyConfig, phantoms: Path, out: Path, **overrides) -> dict:
-    from generator.train import train
+    from negdpo.generator.train import train
 
     summary = train(_gen_config(cfg, phantoms, out, **overrides))
     return {"adapter": str(out), "summary": {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}}
 
 
 def _lesion_contrast(image: np.ndarray, mask: np.ndarray) -> float:
-    from preference.judges import ContrastJudge, JudgeItem
+    from negdpo.preference.pairs.judges import ContrastJudge, JudgeItem
 
     item = JudgeItem(source=image, mask=mask, prompt="", healthy_text="")
     return float(ContrastJudge()(item, [image])[0])
@@ -177,7 +177,7 @@ def _outside_mi(out: np.ndarray, source: np.ndarray, outside: np.ndarray) -> flo
     """Weighted Parzen MI between output and source over the ``outside`` pixels (nats)."""
     import torch
 
-    from generator.mi import weighted_mi
+    from negdpo.generator.mi import weighted_mi
 
     a = torch.from_numpy(np.asarray(out, np.float32))[None, None]
     b = torch.from_numpy(np.asarray(source, np.float32))[None, None]
@@ -190,7 +190,7 @@ def _psnr_outside(out: np.ndarray, source: np.ndarray, outside: np.ndarray) -> f
 
 
 def held_out_positives(phantoms: Path) -> list:
-    from core.scans import ScanFolder
+    from negdpo.core.scans import ScanFolder
 
     folder = ScanFolder(phantoms)
     return [s for split in ("val", "test") if split in folder.splits() for s in folder.load_split(split) if s.positive]
@@ -200,10 +200,10 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
     """Repaint held-out positives (no paste-back, so preservation is measured) and score vs twins."""
     from scipy import ndimage
 
-    from core.config import derive_seed
-    from core.imageio import to_gray
-    from core.phantoms import write_grid
-    from preference.judges import harmonic_fill
+    from negdpo.core.config import derive_seed
+    from negdpo.core.imageio import to_gray
+    from negdpo.core.phantoms import write_grid
+    from negdpo.preference.pairs.judges import harmonic_fill
 
     masks = [ndimage.binary_dilation(s.mask, iterations=2) for s in scans]  # repaint region; outside = ~mask
     if variant == "identity":
@@ -211,7 +211,7 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
     elif variant == "harmonic":
         outputs = [harmonic_fill(to_gray(s.image), m) for s, m in zip(scans, masks)]
     else:
-        from generator.sample import inpaint, load_generator
+        from negdpo.generator.sample import inpaint, load_generator
 
         pipe = load_generator(cfg.gen_model, adapter=adapter, device=resolve_device(cfg.device))
         seeds = [derive_seed("study-gen", s.name, base=cfg.seed) for s in scans]
@@ -237,7 +237,7 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
 # -- CLIP stages ------------------------------------------------------------------------------------
 def train_clip(cfg: StudyConfig, out: Path, model: str, data: str, loss: str, steps: int, lr: float,
                **overrides) -> dict:
-    from preference.clip_train import ClipTrainConfig, train
+    from negdpo.preference.clip.train import ClipTrainConfig, train
 
     base = dict(model=model, data=data, output_dir=str(out), run_name=out.name, loss=loss, seed=cfg.seed,
                 max_train_steps=steps, learning_rate=lr, train_batch_size=cfg.clip_batch, report_to="tensorboard",
@@ -342,8 +342,8 @@ def plot_curves(logs: dict[str, Path], out: Path, keys: tuple[str, ...], title: 
 
 # -- the study --------------------------------------------------------------------------------------
 def run_study(cfg: StudyConfig) -> dict:
-    from core.config import code_version, seed_everything
-    from core.phantoms import ensure_phantoms
+    from negdpo.core.config import code_version, seed_everything
+    from negdpo.core.phantoms import ensure_phantoms
 
     bad = sorted(set(cfg.gen_variants) - set(GEN_VARIANTS)) + sorted(set(cfg.clip_variants) - set(CLIP_VARIANTS))
     if bad:
@@ -370,7 +370,7 @@ def run_study(cfg: StudyConfig) -> dict:
                   "lr": cfg.gen_autoencoder_lr, "seed": cfg.seed}
 
         def adapt(d: Path) -> dict:
-            from generator.autoencoder import adapt_autoencoder
+            from negdpo.generator.autoencoder import adapt_autoencoder
 
             return {"model": adapt_autoencoder(cfg.gen_model, str(phantoms), str(d / "model"),
                                                steps=cfg.gen_autoencoder_steps, lr=cfg.gen_autoencoder_lr,
@@ -424,7 +424,7 @@ def run_study(cfg: StudyConfig) -> dict:
                  "steps": cfg.pairs_steps, "phantoms": ph_settings, "clip": _stamp_of(work, "clip_base")}
 
     def build_pairs(d: Path) -> dict:
-        from preference.build import BuildConfig, run_build
+        from negdpo.preference.pairs.build import BuildConfig, run_build
 
         summary = run_build(BuildConfig(data=str(phantoms), out=str(d / "pairs"), generator=cfg.gen_model,
                                         adapter=adapters[cfg.pairs_adapter], k=cfg.pairs_k, steps=cfg.pairs_steps,
@@ -456,7 +456,7 @@ def run_study(cfg: StudyConfig) -> dict:
                 "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings}
 
     def run_eval(d: Path) -> dict:
-        from segmentation.evaluate import evaluate
+        from negdpo.segmentation.evaluate import evaluate
 
         options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
                    "device": cfg.device, "bootstrap": 200} | cfg.eval_extra
@@ -493,7 +493,7 @@ def _stamp_of(work: Path, stage: str) -> str | None:
 
 
 def render_markdown(cfg: StudyConfig, gen_md: str, seg_md: str, out: Path, pairs: dict, seconds: float) -> str:
-    from core.config import code_version
+    from negdpo.core.config import code_version
 
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
     psum = pairs.get("summary", {})
@@ -533,7 +533,10 @@ def render_markdown(cfg: StudyConfig, gen_md: str, seg_md: str, out: Path, pairs
 # -- CLI --------------------------------------------------------------------------------------------
 def load_study_config(path: str | None, preset: str | None, overrides: list[str]) -> StudyConfig:
     """YAML with shared keys plus ``presets: {quick: {...}, full: {...}}``; ``--key value`` overrides."""
-    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    from negdpo.core.config import bundled_config
+
+    path = path or str(bundled_config("phantom_study.yaml"))
+    raw = yaml.safe_load(Path(path).read_text()) or {}
     presets = raw.pop("presets", {}) or {}
     preset = preset or raw.get("preset", "quick")
     if presets and preset not in presets:
@@ -558,7 +561,7 @@ def load_study_config(path: str | None, preset: str | None, overrides: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="negdpo study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/phantom_study.yaml")
+    p.add_argument("--config", default=None, help="study YAML (default: the bundled configs/phantom_study.yaml)")
     p.add_argument("--preset", default=None, help="quick (CPU, ~20 min) | full (GPU)")
     a, rest = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -1,1 +1,1 @@
-"""Preference pairs (HF Datasets) and BiomedCLIP preference training (CLIP-DPO, DHN-NCE baseline)."""
+"""Preference learning: ``pairs`` builds the pair datasets, ``clip`` trains CLIP on them."""

@@ -125,7 +125,7 @@ def resolve_prompts(scans: Sequence, cfg: EvalConfig) -> list[str]:
 
 def load_scans(cfg: EvalConfig, scans: Sequence | None = None) -> tuple[list, list]:
     if scans is None:
-        from core.scans import ScanFolder
+        from negdpo.core.scans import ScanFolder
 
         if not cfg.data:
             raise ValueError("no data: pass a scan folder (--data) or scans")
@@ -149,8 +149,7 @@ def image_path(out: Path, kind: str, ckpt: str, name: str, multi: bool) -> Path:
 def _overlay_tiles(image: np.ndarray, sal: np.ndarray, coarse: np.ndarray, pred: np.ndarray,
                    gt: np.ndarray) -> list[np.ndarray]:
     import cv2
-
-    from core.imageio import to_rgb_uint8
+    from negdpo.core.imageio import to_rgb_uint8
 
     rgb = to_rgb_uint8(image).astype(np.float32) / 255.0
     heat = cv2.applyColorMap(np.clip(np.rint(sal * 255), 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
@@ -184,10 +183,10 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
     ``prompt``). ``clips``: {report name: CLIP name} (``"tiny"``, ``hf-hub:…``, ``local-dir:…``).
     ``options``: any ``EvalConfig`` field, e.g. ``saliency="oracle", sam="none"``.
     """
-    from core.config import code_version, derive_seed, resolve_device
-    from core.imageio import save_png, to_rgb_uint8
-    from core.models import load_clip, load_sam
-    from core.phantoms import write_grid
+    from negdpo.core.config import code_version, derive_seed, resolve_device
+    from negdpo.core.imageio import save_png, to_rgb_uint8
+    from negdpo.core.models import load_clip, load_sam
+    from negdpo.core.phantoms import write_grid
 
     from .report import summarise, write_report
     from .saliency import SaliencyContext, get

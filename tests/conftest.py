@@ -29,21 +29,21 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """A small phantom set: 12 subjects (both modalities) x 2 slices at 64 px, seed 0."""
-    from core.phantoms import PhantomConfig, generate
+    from negdpo.core.phantoms import PhantomConfig, generate
 
     return generate(PhantomConfig(out=str(tmp_path_factory.mktemp("phantoms")), n=12, size=64, seed=0, slices=2))
 
 
 @pytest.fixture(scope="session")
 def tiny_clip():
-    from core.models import load_clip
+    from negdpo.core.models import load_clip
 
     return load_clip("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_path() -> str:
-    from core.models import resolve_diffusion
+    from negdpo.core.models import resolve_diffusion
 
     return resolve_diffusion("tiny")
 
@@ -52,8 +52,7 @@ def tiny_sd_path() -> str:
 def adapted_tiny_sd(phantom_dir, tmp_path_factory) -> str:
     """The tiny preset with its autoencoder adapted to ``phantom_dir`` (short run, once per session)."""
     import torch
-
-    from generator.autoencoder import adapt_autoencoder
+    from negdpo.generator.autoencoder import adapt_autoencoder
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small convolutions: one thread is ~3x faster than two on a shared CPU

@@ -4,15 +4,14 @@ import copy
 
 import pytest
 import torch
-
-from preference.attention import (
+from negdpo.preference.clip.attention import (
     attention_entropy,
     attention_mask_pull,
     capture_attention,
     mask_to_patches,
     vision_trunk,
 )
-from preference.ot import curriculum_weight, sinkhorn_cost, two_stage_loss
+from negdpo.preference.clip.ot import curriculum_weight, sinkhorn_cost, two_stage_loss
 
 
 @pytest.fixture(scope="module")

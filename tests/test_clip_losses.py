@@ -5,8 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from preference.losses import clip_contrastive_loss, clip_dpo_loss, clip_dpo_pair_loss, dhn_nce_loss
+from negdpo.preference.clip.losses import (
+    clip_contrastive_loss,
+    clip_dpo_loss,
+    clip_dpo_pair_loss,
+    dhn_nce_loss,
+)
 
 
 def t(a):

@@ -7,10 +7,9 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-
-from preference import clip_model as cm
-from preference.clip_data import ClipPairDataset, make_collate, pairs_from_scans
-from preference.clip_train import ClipTrainConfig, build_model, compute_loss, train
+from negdpo.preference.clip import model as cm
+from negdpo.preference.clip.data import ClipPairDataset, make_collate, pairs_from_scans
+from negdpo.preference.clip.train import ClipTrainConfig, build_model, compute_loss, train
 
 LEARN_STEPS, LEARN_LR, LEARN_BATCH = 60, 1e-3, 8  # constant lr: 80 cosine steps before
 
@@ -62,8 +61,7 @@ def test_train_mode_dropout_breaks_log2(phantom_dir):
 
 def test_checkpoint_roundtrip_open_clip(tiny_clip, tmp_path):
     import open_clip
-
-    from core.models import load_clip
+    from negdpo.core.models import load_clip
 
     model = copy.deepcopy(tiny_clip[0])
     with torch.no_grad():
@@ -104,7 +102,7 @@ def test_train_resume_logit_scale_and_outputs(phantom_dir, tmp_path):
 def learned(tmp_path_factory):
     """One short CLIP-DPO run from the tiny random init on 24-subject phantoms, shared by the learning
     assertions (the expensive part of this file: keep it to one run)."""
-    from core.phantoms import ensure_phantoms
+    from negdpo.core.phantoms import ensure_phantoms
 
     root = tmp_path_factory.mktemp("clip_learn")
     data = ensure_phantoms(root / "ph", n=24, size=64, seed=0, slices=2, preview=False)

@@ -1,6 +1,6 @@
 """Checkpoint folders: numeric order (not lexical), stray names ignored, pruning keeps the newest."""
 
-from core.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints
+from negdpo.core.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints
 
 
 def test_order_latest_and_prune(tmp_path):

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from core.config import derive_seed, parse_config, save_config, tracker_config
+from negdpo.core.config import derive_seed, parse_config, save_config, tracker_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +69,7 @@ def test_accelerate_configs_parse(name):
 
 def test_resolve_device():
     import torch
-
-    from core.config import resolve_device
+    from negdpo.core.config import resolve_device
 
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

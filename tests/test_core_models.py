@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from core.models import (
+from negdpo.core.models import (
     ModelNotAvailableError,
     load_inpaint_pipeline,
     load_sam,

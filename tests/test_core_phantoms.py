@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from negdpo.core.phantoms import PhantomConfig, generate
+from negdpo.core.scans import ScanFolder
 from scipy import ndimage
-
-from core.phantoms import PhantomConfig, generate
-from core.scans import ScanFolder
 
 
 def _digest(root: Path) -> dict[str, str]:

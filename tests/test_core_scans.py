@@ -8,10 +8,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from negdpo.core.imageio import (
+    ScanReadError,
+    Window,
+    read_dicom,
+    read_mask,
+    read_nifti,
+    read_raster,
+    read_scan,
+)
+from negdpo.core.scans import (
+    EmptyFolderError,
+    MissingMaskError,
+    ScanFolder,
+    ScanFolderError,
+    SizeMismatchError,
+)
 from PIL import Image
-
-from core.imageio import ScanReadError, Window, read_dicom, read_mask, read_nifti, read_raster, read_scan
-from core.scans import EmptyFolderError, MissingMaskError, ScanFolder, ScanFolderError, SizeMismatchError
 
 
 def _write(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:

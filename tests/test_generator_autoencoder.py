@@ -6,13 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
-
-from generator.autoencoder import STAMP, adapt_autoencoder, collect_images, read_record, reconstruction_psnr
+from negdpo.generator.autoencoder import (
+    STAMP,
+    adapt_autoencoder,
+    collect_images,
+    read_record,
+    reconstruction_psnr,
+)
 
 
 def test_adaptation_raises_heldout_psnr_and_writes_a_loadable_pipeline(adapted_tiny_sd, phantom_dir, tiny_sd_path):
-    from core.models import load_inpaint_pipeline
-    from generator.sample import load_generator
+    from negdpo.core.models import load_inpaint_pipeline
+    from negdpo.generator.sample import load_generator
 
     rec = read_record(adapted_tiny_sd)
     assert rec["n_heldout_images"] > 0 and rec["settings"]["steps"] == 50
@@ -44,7 +49,7 @@ def test_adaptation_raises_heldout_psnr_and_writes_a_loadable_pipeline(adapted_t
 
 
 def test_autoencoder_cli_help():
-    from generator.autoencoder import _parser
+    from negdpo.generator.autoencoder import _parser
 
     args = _parser().parse_args(["--data", "d", "--out", "o", "--steps", "5"])
     assert (args.model, args.steps, args.batch_size) == ("tiny", 5, 8)

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from generator.losses import (
+from negdpo.generator.losses import (
     LOG2,
     beta_from_diffusers,
     diffusion_dpo_loss,
@@ -18,7 +17,7 @@ from generator.losses import (
     training_target,
     x0_from_prediction,
 )
-from generator.mi import mi_hinge, outside_weight, weighted_mi
+from negdpo.generator.mi import mi_hinge, outside_weight, weighted_mi
 
 
 def _errs(seed=0, n=6):

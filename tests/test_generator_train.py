@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from generator.data import load_pairs
-from generator.losses import LOG2
-from generator.pipeline import POLICY_ADAPTER, Reference, add_lora, load_components
-from generator.train import GenTrainConfig, PairBank, compute_loss, draw_batch, save_lora, train
+from negdpo.generator.data import load_pairs
+from negdpo.generator.lora_io import save_lora
+from negdpo.generator.losses import LOG2
+from negdpo.generator.pipeline import POLICY_ADAPTER, Reference, add_lora, load_components
+from negdpo.generator.train import GenTrainConfig, PairBank, compute_loss, draw_batch, train
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,7 @@ def _randomise_lora(unet, seed=0):
 
 def test_adapter_reload_and_sft_reference(tiny_sd_path, pairs, tmp_path):
     from diffusers import StableDiffusionInpaintPipeline
-
-    from generator.sample import inpaint, load_generator
+    from negdpo.generator.sample import inpaint, load_generator
 
     comp = load_components(tiny_sd_path)
     add_lora(comp.unet, rank=4)
@@ -137,8 +136,8 @@ EVAL_T = (100, 600)  # timesteps where the twin-vs-lesion signal is clear (t > 6
 @pytest.fixture(scope="module")
 def learn_setup(tmp_path_factory):
     """36 train / 24 held-out (val + test) phantom pairs at 64 px and the tiny preset with a VAE adapted to them."""
-    from core.phantoms import PhantomConfig, generate
-    from generator.autoencoder import adapt_autoencoder
+    from negdpo.core.phantoms import PhantomConfig, generate
+    from negdpo.generator.autoencoder import adapt_autoencoder
 
     root = generate(PhantomConfig(out=str(tmp_path_factory.mktemp("phantoms40")), n=40, size=64, seed=0, slices=2,
                                   preview=False))
@@ -152,8 +151,8 @@ def heldout_accuracy(model, adapter_dir, data, cfg, draws=8, t_range=EVAL_T, see
     import dataclasses
     from pathlib import Path
 
-    from core.config import derive_seed
-    from generator.train import load_lora_into
+    from negdpo.core.config import derive_seed
+    from negdpo.generator.lora_io import load_lora_into
 
     comp = load_components(model)
     add_lora(comp.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))

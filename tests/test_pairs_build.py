@@ -23,7 +23,7 @@ NO_CLIP = "contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"
 @pytest.fixture(scope="module")
 def built(phantom_dir, tmp_path_factory):
     """A full build (all splits, all kinds, default judges incl. CLIP) through run_build."""
-    from preference.build import BuildConfig, run_build
+    from negdpo.preference.pairs.build import BuildConfig, run_build
 
     out = tmp_path_factory.mktemp("pairs_full")
     cfg = BuildConfig(data=str(phantom_dir), out=str(out), limit=3, **(FAST | {"chunk_size": 4}))
@@ -34,7 +34,7 @@ def built(phantom_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def builder(phantom_dir, tmp_path_factory):
     """One loaded Builder (test split, no CLIP judge) reused by the rank / resume tests."""
-    from preference.build import BuildConfig, Builder
+    from negdpo.preference.pairs.build import BuildConfig, Builder
 
     cfg = BuildConfig(data=str(phantom_dir), out=str(tmp_path_factory.mktemp("unused")), splits="test",
                       judges=NO_CLIP, **FAST)
@@ -51,7 +51,7 @@ def reference(builder, tmp_path_factory):
 
 
 def _rows(out: Path, kind: str = "generator") -> dict[str, dict]:
-    from preference.schema import dataset_dir
+    from negdpo.preference.pairs.schema import dataset_dir
 
     dsd = datasets.load_from_disk(dataset_dir(str(out), kind))
     rows = {}
@@ -62,7 +62,7 @@ def _rows(out: Path, kind: str = "generator") -> dict[str, dict]:
 
 
 def test_schema_and_dtypes(built):
-    from preference.schema import features_for
+    from negdpo.preference.pairs.schema import features_for
 
     out, summary = built
     for kind in ("generator", "clip_t2i", "clip_i2t"):
@@ -111,13 +111,13 @@ def test_subject_level_split(built, phantom_dir):
 
 def test_consumers_read_the_pairs(built):
     """The generator training loop's loader and the Pick-a-Pic converter read OUT directly."""
-    from generator.data import load_hf_pairs
-    from preference.pickapic import to_pickapic
+    from negdpo.generator.data import load_hf_pairs
+    from negdpo.preference.pairs.pickapic import to_pickapic
 
     out, _ = built
     pairs = load_hf_pairs(out, "train", 64)
     assert pairs and pairs[0].chosen.shape == (64, 64, 3) and pairs[0].mask.any()
-    from preference.clip_data import pairs_from_dataset
+    from negdpo.preference.clip.data import pairs_from_dataset
 
     clip_pairs = pairs_from_dataset(out, "train")
     assert clip_pairs and clip_pairs[0].text_pos != clip_pairs[0].text_neg
@@ -175,7 +175,7 @@ def test_interrupted_build_resumes_without_duplicates(builder, reference, tmp_pa
 def test_killed_process_rerun_same_pair_ids(phantom_dir, reference, builder, tmp_path):
     """A real ``negdpo build-pairs`` process killed with SIGKILL after its first shard, then rerun."""
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "preference.build_cli", "--data", str(phantom_dir), "--out", str(out),
+    args = [sys.executable, "-m", "negdpo.preference.pairs.build_cli", "--data", str(phantom_dir), "--out", str(out),
             "--splits", "test", "--judges", NO_CLIP, "--k", "2", "--steps", "2", "--batch-items", "1",
             "--chunk-size", "1", "--no-progress", "--no-report"]  # one scan per shard: many shards to kill between
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
@@ -193,7 +193,7 @@ def test_killed_process_rerun_same_pair_ids(phantom_dir, reference, builder, tmp
 
 
 def test_corrupt_image_reported_and_skipped(phantom_dir, tmp_path, builder):
-    from preference.build import BuildConfig, Builder
+    from negdpo.preference.pairs.build import BuildConfig, Builder
 
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)
@@ -215,7 +215,7 @@ def test_corrupt_image_reported_and_skipped(phantom_dir, tmp_path, builder):
 
 
 def test_positive_as_rejected_with_exact_arrays(phantom_dir, tmp_path, builder):
-    from preference.build import BuildConfig, Builder
+    from negdpo.preference.pairs.build import BuildConfig, Builder
 
     cfg = BuildConfig(data=str(phantom_dir), out=str(tmp_path / "out"), splits="test", judges="contrast",
                       rejected="positive", store_arrays=True, kinds="generator", **(FAST | {"k": 1}))

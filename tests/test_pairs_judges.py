@@ -9,14 +9,14 @@ from scipy import ndimage
 
 
 def _positives(phantom_dir):
-    from core.scans import ScanFolder
+    from negdpo.core.scans import ScanFolder
 
     folder = ScanFolder(phantom_dir)
     return [s for split in folder.splits() for s in folder.load_split(split) if s.positive]
 
 
 def _item(scan):
-    from preference.judges import JudgeItem
+    from negdpo.preference.pairs.judges import JudgeItem
 
     return JudgeItem(scan.image, ndimage.binary_dilation(scan.mask, iterations=2), scan.prompt,
                      "A scan with no tumour.", None)
@@ -24,7 +24,7 @@ def _item(scan):
 
 def test_judge_ranks_twin_above_positive(phantom_dir, tiny_clip):
     """Without looking at the twin, the default judge prefers the healthy twin to the positive."""
-    from preference.judges import CompositeJudge
+    from negdpo.preference.pairs.judges import CompositeJudge
 
     judge = CompositeJudge("clip_lesion=1,contrast=1,mi_out=0.5,fidelity_out=0.5", clip=tiny_clip)
     scans = _positives(phantom_dir)
@@ -39,7 +39,7 @@ def test_judge_ranks_twin_above_positive(phantom_dir, tiny_clip):
 
 
 def test_judge_spec_and_missing_twin():
-    from preference.judges import CompositeJudge, JudgeItem, parse_spec
+    from negdpo.preference.pairs.judges import CompositeJudge, JudgeItem, parse_spec
 
     assert parse_spec("contrast=2,twin") == {"contrast": 2.0, "twin": 1.0}
     with pytest.raises(ValueError, match="unknown judge"):
@@ -53,7 +53,7 @@ def test_judge_spec_and_missing_twin():
 
 
 def test_harmonic_fill_reproduces_a_linear_ramp():
-    from preference.judges import harmonic_fill
+    from negdpo.preference.pairs.judges import harmonic_fill
 
     ramp = np.tile(np.linspace(0, 1, 40), (40, 1))
     mask = np.zeros_like(ramp, bool)
@@ -64,7 +64,7 @@ def test_harmonic_fill_reproduces_a_linear_ramp():
 
 
 def test_masked_mi_ignores_the_inside():
-    from preference.judges import JudgeItem, MaskedMIJudge
+    from negdpo.preference.pairs.judges import JudgeItem, MaskedMIJudge
 
     rng = np.random.default_rng(0)
     src = rng.random((32, 32)).astype(np.float32)
@@ -74,8 +74,8 @@ def test_masked_mi_ignores_the_inside():
     other[mask] = rng.random(mask.sum())
     s = MaskedMIJudge()(JudgeItem(src, mask, "", ""), [src, other, rng.random((32, 32)).astype(np.float32)])
     assert s[0] == pytest.approx(1.0, abs=1e-5) and s[1] == pytest.approx(s[0]) and s[2] < 0.5
-    from generator.mi import weighted_mi
-    from preference.judges import parzen_mi
+    from negdpo.generator.mi import weighted_mi
+    from negdpo.preference.pairs.judges import parzen_mi
 
     w = (~mask).astype(np.float32)
     ref = weighted_mi(torch.from_numpy(other)[None], torch.from_numpy(src)[None], torch.from_numpy(w)[None])
@@ -84,9 +84,8 @@ def test_masked_mi_ignores_the_inside():
 
 def test_difficulty_and_features():
     from datasets import Array2D
-
-    from preference.build import split_evenly
-    from preference.schema import difficulty_of, features_for
+    from negdpo.preference.pairs.build import split_evenly
+    from negdpo.preference.pairs.schema import difficulty_of, features_for
 
     d = [difficulty_of(m) for m in (0.0, 0.01, 0.1, 1.0)]
     assert d[0] == (1.0, 2) and all(a[0] > b[0] for a, b in zip(d, d[1:])) and d[-1][1] == 0
@@ -101,9 +100,8 @@ def test_difficulty_and_features():
 
 def test_latent_boundary_stays_in_the_mask(phantom_dir, tiny_sd_path, tiny_clip):
     from diffusers import AutoencoderKL
-
-    from preference.boundary import BoundaryConfig, LatentBoundary, zero_shot_logit_fn
-    from preference.judges import ClipLesionJudge
+    from negdpo.preference.pairs.boundary import BoundaryConfig, LatentBoundary, zero_shot_logit_fn
+    from negdpo.preference.pairs.judges import ClipLesionJudge
 
     vae = AutoencoderKL.from_pretrained(tiny_sd_path, subfolder="vae")
     scans = _positives(phantom_dir)[:2]

@@ -12,8 +12,8 @@ from negdpo.cli import main as negdpo
 
 
 def test_pairing_by_name_with_shuffled_listings(tmp_path, monkeypatch):
-    from core.imageio import save_png
-    from core.scans import ScanFolder
+    from negdpo.core.imageio import save_png
+    from negdpo.core.scans import ScanFolder
 
     for i in range(6):
         img = np.full((8, 8), i / 10, np.float32)
@@ -37,7 +37,7 @@ def test_pairing_by_name_with_shuffled_listings(tmp_path, monkeypatch):
 
 
 def test_oracle_without_sam_scores_high(phantom_dir):
-    from segmentation.evaluate import evaluate
+    from negdpo.segmentation.evaluate import evaluate
 
     res = evaluate(phantom_dir, {"oracle": "tiny"}, None, saliency="oracle", sam="none", split="test")
     s = res.summary["checkpoints"]["oracle"]

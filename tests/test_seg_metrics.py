@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from segmentation import metrics as M
+from negdpo.segmentation import metrics as M
 
 
 def square(r0: int, r1: int, size: int = 64) -> np.ndarray:

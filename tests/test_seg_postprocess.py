@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from segmentation import postprocess as P
+from negdpo.segmentation import postprocess as P
 
 
 def test_kmeans_columns():
@@ -56,7 +55,7 @@ def test_points_seeded_and_bounded():
 
 @pytest.fixture(scope="module")
 def tiny_sam():
-    from core.models import load_sam
+    from negdpo.core.models import load_sam
 
     return load_sam("tiny")
 
@@ -64,7 +63,7 @@ def tiny_sam():
 @pytest.mark.parametrize("prompt,box_mode,multimask", [("box", "union", False), ("point", "union", False),
                                                        ("both", "per_component", True)])
 def test_sam_prompting_and_empty_coarse(tiny_sam, prompt, box_mode, multimask):
-    from segmentation.sam_prompt import SamConfig, SamSegmenter
+    from negdpo.segmentation.sam_prompt import SamConfig, SamSegmenter
 
     seg = SamSegmenter(tiny_sam, SamConfig(prompt=prompt, box_mode=box_mode, multimask=multimask))
     img = (np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)

@@ -5,10 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from segmentation.saliency import SaliencyContext, available, get, register
-from segmentation.saliency.common import crop_geometry, grids_to_frames, to_frame, upsample_grid
-from segmentation.saliency.m2ib import M2IBConfig, capacity
+from negdpo.segmentation.saliency import SaliencyContext, available, get, register
+from negdpo.segmentation.saliency.common import crop_geometry, grids_to_frames, to_frame, upsample_grid
+from negdpo.segmentation.saliency.m2ib import M2IBConfig, capacity
 
 FAST = {"steps": 3, "samples": 2, "beta": 1.0}
 
@@ -81,7 +80,7 @@ def test_m2ib_shape_range_determinism_and_batching(ctx):
 
 
 def test_m2ib_layer_checks(tiny_clip):
-    from segmentation.saliency.m2ib import resolve_layer
+    from negdpo.segmentation.saliency.m2ib import resolve_layer
 
     visual = tiny_clip[0].visual
     assert resolve_layer(visual, None) == 3  # 6 blocks -> n - 3

@@ -48,7 +48,7 @@ def test_results_written_with_both_tables(study):
 
 def test_numbers_come_from_the_data(study):
     """The no-repair row equals |positive - twin| inside the lesion, recomputed here from the files."""
-    from core.imageio import read_mask, read_scan
+    from negdpo.core.imageio import read_mask, read_scan
 
     cfg, results = study
     root = Path(cfg.work_dir) / "phantoms" / "data"

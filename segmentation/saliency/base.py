@@ -10,7 +10,7 @@ import numpy as np
 
 
 class ScanLike(Protocol):
-    """What a saliency method reads from a scan (``core.scans.Scan`` satisfies it)."""
+    """What a saliency method reads from a scan (``negdpo.core.scans.Scan`` satisfies it)."""
 
     name: str
     image: np.ndarray
@@ -21,7 +21,7 @@ class ScanLike(Protocol):
 class SaliencyContext:
     """Everything shared by the calls of one method: the CLIP bundle, device, options, seed.
 
-    ``clip`` is ``(model, preprocess, tokenizer)`` from ``core.models.load_clip`` (None for methods
+    ``clip`` is ``(model, preprocess, tokenizer)`` from ``negdpo.core.models.load_clip`` (None for methods
     that need no model, e.g. ``oracle``). ``align``: ``"crop"`` maps the 224-px crop back onto the
     part of the frame it covers (rest = 0); ``"stretch"`` reproduces the public implementation, which
     stretches the crop's map over the whole frame (nearest neighbour). ``seed`` is the base seed;

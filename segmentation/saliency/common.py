@@ -18,9 +18,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from negdpo.core.imageio import to_rgb_uint8
 from PIL import Image
-
-from core.imageio import to_rgb_uint8
 
 
 @dataclass(frozen=True)

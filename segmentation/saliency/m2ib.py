@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from core.config import derive_seed
+from negdpo.core.config import derive_seed
 
 from .base import SaliencyContext, register
 from .common import (

@@ -1,11 +1,11 @@
 """``negdpo build-pairs``: generate, judge and write preference-pair datasets.
 
     negdpo build-pairs --data DIR --generator tiny --out OUT --k 4
-    accelerate launch -m preference.build_cli --data DIR --generator ID --out OUT --k 4   # N processes
+    accelerate launch -m negdpo.preference.pairs.build_cli --data DIR --generator ID --out OUT --k 4   # N processes
 
 Writes ``OUT/data/*.parquet`` + ``OUT/dataset`` (generator pairs), ``OUT/clip_t2i`` and
 ``OUT/clip_i2t`` (CLIP pairs), ``OUT/build_summary.json`` and ``OUT/report/``. Rerunning the same
-command resumes: finished scans are skipped (see ``preference.build``).
+command resumes: finished scans are skipped (see ``negdpo.preference.pairs.build``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pickapic", action="store_true", help="also write OUT/pickapic (Pick-a-Pic layout)")
     defaults = BuildConfig(data="", out="")
     helps = {"generator": "tiny | hub id | local diffusers folder", "adapter": "LoRA folder (gen_train output)",
-             "k": "candidates per positive and source", "judges": "name=weight,... (preference.judges)",
+             "k": "candidates per positive and source", "judges": "name=weight,... (negdpo.preference.pairs.judges)",
              "sources": "inpaint and/or boundary (latent-boundary negatives)",
              "rejected": "worst (worst-scoring fill) | positive (the positive itself)",
              "kinds": "generator,clip_t2i,clip_i2t", "batch_items": "scans per generator call",

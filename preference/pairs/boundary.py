@@ -9,7 +9,7 @@ the pixel mask taken to latent resolution and dilated by ``dilate`` latents; dec
 pasted back only inside the pixel mask, so everything outside is the source exactly.
 
 The classifier is any ``logit_fn(x) -> (B,)`` on images in [0, 1] (B, 3, H, W), differentiable:
-the CLIP zero-shot lesion logit (:func:`preference.judges.clip_lesion_logit`) or a logistic probe on
+the CLIP zero-shot lesion logit (:func:`negdpo.preference.pairs.judges.clip_lesion_logit`) or a logistic probe on
 the CLIP image embedding (:func:`fit_probe`). Recorded as its own ``gen_model`` (``latent_boundary:...``).
 """
 
@@ -51,7 +51,7 @@ def _to_tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
 
 
 class LatentBoundary:
-    """Candidate source; ``__call__`` mirrors ``generator.sample.inpaint``'s I/O (float [0,1], input shape)."""
+    """Candidate source; ``__call__`` mirrors ``negdpo.generator.sample.inpaint``'s I/O (float [0,1], input shape)."""
 
     def __init__(self, vae, size: int, cfg: BoundaryConfig = BoundaryConfig()) -> None:
         self.vae = vae.eval().requires_grad_(False)
@@ -118,13 +118,13 @@ class LatentBoundary:
 # -- classifiers -----------------------------------------------------------------------------------
 def zero_shot_logit_fn(model, text_features: torch.Tensor) -> LogitFn:
     """CLIP zero-shot lesion logit; ``text_features`` (B, 2, D) = [healthy, lesion] per image."""
-    from preference.judges import clip_lesion_logit
+    from negdpo.preference.pairs.judges import clip_lesion_logit
 
     return lambda x: clip_lesion_logit(model, x, text_features)
 
 
 def _embed(model, x: torch.Tensor) -> torch.Tensor:
-    from core.models.clip import CLIP_MEAN, CLIP_STD
+    from negdpo.core.models.clip import CLIP_MEAN, CLIP_STD
 
     size = getattr(model.visual, "image_size", (224, 224))
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

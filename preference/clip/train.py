@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from negdpo.core.checkpoints import latest_checkpoint, prune_checkpoints
+from negdpo.core.config import default_output_dir, save_config, seed_everything, tracker_config
 
-from core.checkpoints import latest_checkpoint, prune_checkpoints
-from core.config import default_output_dir, save_config, seed_everything, tracker_config
-
-from . import clip_model as cm
+from . import model as cm
 from .attention import attention_entropy, attention_mask_pull, capture_attention
-from .clip_data import ClipPairDataset, load_pairs, make_collate
+from .data import ClipPairDataset, load_pairs, make_collate
 from .losses import clip_contrastive_loss, clip_dpo_pair_loss, dhn_nce_loss
 from .ot import curriculum_weight, two_stage_loss
 
@@ -124,7 +123,7 @@ class ClipTrainConfig:
 def resolve_data(cfg: ClipTrainConfig, out: Path) -> Path:
     if cfg.data:
         return Path(cfg.data)
-    from core.phantoms import ensure_phantoms
+    from negdpo.core.phantoms import ensure_phantoms
 
     return ensure_phantoms(out.parent / f"phantoms_n{cfg.phantoms_n}_s{cfg.phantoms_size}_seed{cfg.phantoms_seed}",
                            n=cfg.phantoms_n, size=cfg.phantoms_size, seed=cfg.phantoms_seed, slices=2, preview=False)
@@ -132,7 +131,7 @@ def resolve_data(cfg: ClipTrainConfig, out: Path) -> Path:
 
 def build_model(cfg: ClipTrainConfig):
     """(policy, preprocess, tokenizer, logit scale value)."""
-    from core.models import load_clip
+    from negdpo.core.models import load_clip
 
     model, preprocess, tokenizer = load_clip(cfg.model)
     if cfg.disable_dropout:
@@ -432,11 +431,10 @@ def _train(cfg: ClipTrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from core.config import parse_config
+    from negdpo.core.config import bundled_config, parse_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    default = Path(__file__).resolve().parents[1] / "configs" / "clip_demo.yaml"
-    cfg = parse_config(ClipTrainConfig, argv, default_config=str(default) if default.exists() else None)
+    cfg = parse_config(ClipTrainConfig, argv, default_config=str(bundled_config("clip_demo.yaml")))
     summary = train(cfg)
     b, a = summary["before"], summary["after"]
     print(f"preference accuracy {b['eval/preference/accuracy']:.3f} -> {a['eval/preference/accuracy']:.3f}; "

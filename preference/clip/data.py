@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from negdpo.core.imageio import to_rgb_uint8
+from negdpo.core.scans import ScanFolder
 from PIL import Image
-
-from core.imageio import to_rgb_uint8
-from core.scans import ScanFolder
 
 logger = logging.getLogger(__name__)
 DEFAULT_NEGATIVE_TEXT = {"mri": "A T1-weighted axial brain MRI with no tumour.",

@@ -7,7 +7,7 @@ Output layout (``OUT``)::
     OUT/clip_t2i/{data,dataset}                  CLIP text->image pairs (same columns as generator)
     OUT/clip_i2t/{data,dataset}                  CLIP image->text pairs (image + chosen/rejected text)
     OUT/build_summary.json                       config, counts, dropped (by reason), skipped files
-    OUT/report/                                  quality report (preference.report)
+    OUT/report/                                  quality report (negdpo.preference.pairs.report)
 
 Work unit = one *item* = one scan (image + mask) keyed ``<folder split>/<stem>``. Pair ids are
 ``<key>#gen:<source>``, ``<key>#t2i:<source>``, ``<key>#i2t:real`` and ``<key>#i2t:<source>``;
@@ -155,8 +155,8 @@ def _hash_split(subject: str) -> str:
 
 def list_items(cfg: BuildConfig) -> tuple[list[Item], list[tuple[str, str]]]:
     """Items sorted by (split, key) plus listing-time skips (missing masks). Checks subject-level splits."""
-    from core.imageio import stem_of
-    from core.scans import ScanFolder
+    from negdpo.core.imageio import stem_of
+    from negdpo.core.scans import ScanFolder
 
     root = Path(cfg.data)
     folder = ScanFolder(root, on_error="skip")
@@ -273,7 +273,7 @@ def write_shard(path: Path, rows: list[dict], features, meta: dict, tag: str, em
 
 
 def _png(arr: np.ndarray) -> dict:
-    from core.imageio import to_uint8
+    from negdpo.core.imageio import to_uint8
 
     u8 = to_uint8(arr) if arr.dtype != np.uint8 else arr
     buf = BytesIO()
@@ -300,7 +300,7 @@ class Builder:
     """Holds the models; ``run_worker(rank, world)`` does one process's share, ``merge()`` the rest."""
 
     def __init__(self, cfg: BuildConfig, device: str | None = None) -> None:
-        from core.config import code_version, resolve_device
+        from negdpo.core.config import code_version, resolve_device
 
         from .judges import CompositeJudge
 
@@ -335,7 +335,7 @@ class Builder:
     @property
     def pipe(self):
         if self._pipe is None:
-            from generator.sample import load_generator
+            from negdpo.generator.sample import load_generator
 
             self._pipe = load_generator(self.cfg.generator, self.cfg.adapter, device=self.device,
                                         dtype=getattr(torch, self.cfg.dtype))
@@ -347,7 +347,7 @@ class Builder:
             if j is not None:
                 self._clip = (j.model, j.tokenizer)
             else:
-                from core.models import load_clip
+                from negdpo.core.models import load_clip
 
                 m, _, tok = load_clip(self.cfg.clip, device=self.device)
                 self._clip = (m, tok)
@@ -361,7 +361,7 @@ class Builder:
     # -- generation ---------------------------------------------------------------------------
     def _candidates(self, source: str, scans: list, masks: list[np.ndarray], prompts: list[str],
                     keys: list[str]) -> list[list[np.ndarray]]:
-        from core.config import derive_seed
+        from negdpo.core.config import derive_seed
 
         k = self.cfg.k
         seeds = [derive_seed(key, source, j, base=self.cfg.seed) for key in keys for j in range(k)]
@@ -369,7 +369,7 @@ class Builder:
         mm = [m for m in masks for _ in range(k)]
         pp = [p for p in prompts for _ in range(k)]
         if source == "inpaint":
-            from generator.sample import inpaint
+            from negdpo.generator.sample import inpaint
 
             flat = inpaint(self.pipe, images, mm, pp, seeds, steps=self.cfg.steps,
                            guidance_scale=self.cfg.guidance, strength=self.cfg.strength,
@@ -380,8 +380,7 @@ class Builder:
 
     def _boundary_candidates(self, images, masks, prompts, seeds, scans, k) -> list[np.ndarray]:
         import torch.nn.functional as F
-
-        from generator.sample import native_size
+        from negdpo.generator.sample import native_size
 
         from .boundary import BoundaryConfig, LatentBoundary, zero_shot_logit_fn
 
@@ -404,7 +403,7 @@ class Builder:
     # -- one group of items -------------------------------------------------------------------
     def process_group(self, items: list[Item], res: WorkerResult) -> dict[str, tuple[list[dict], str | None]]:
         """Rows per kind for each item: {key: ({kind: rows}, drop reason or None)}; None value = read error."""
-        from core.scans import ScanFolder
+        from negdpo.core.scans import ScanFolder
 
         from .judges import JudgeItem
 
@@ -450,7 +449,7 @@ class Builder:
         return out
 
     def _pairs_for(self, it: Item, scan, mask, gen_prompt, lesion_text, healthy_text, cands, jitem, res):
-        from core.config import derive_seed
+        from negdpo.core.config import derive_seed
 
         cfg = self.cfg
         rows: dict[str, list[dict]] = defaultdict(list)

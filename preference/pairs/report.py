@@ -6,7 +6,7 @@
 * ``scores.png``: histograms of score_chosen / score_rejected and of the margin per gen_model;
 * ``pairs_grid.png``: random generator pairs, one per row: source | mask | chosen | rejected (| twin).
 
-    python -m preference.report OUT
+    python -m negdpo.preference.pairs.report OUT
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _twin_errors(rows, root: Path | None) -> dict[str, dict[str, float]]:
         twin_path = root / f.parent.name.replace("_images", "_twins") / f"{f.stem}.png"
         if not twin_path.is_file():
             continue
-        from core.imageio import read_scan, to_gray
+        from negdpo.core.imageio import read_scan, to_gray
 
         twin = read_scan(twin_path)
         m = _arr(r["mask"]) > 0.5
@@ -57,8 +57,7 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from core.phantoms import write_grid
+    from negdpo.core.phantoms import write_grid
 
     out = Path(out)
     rep = out / "report"
@@ -119,7 +118,7 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
             f = Path(r["file"])
             tp = root / f.parent.name.replace("_images", "_twins") / f"{f.stem}.png" if root else None
             if tp is not None and tp.is_file():
-                from core.imageio import read_scan
+                from negdpo.core.imageio import read_scan
 
                 tiles.append(read_scan(tp))
             grid.append(tiles)
@@ -151,7 +150,7 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m preference.report OUT", file=sys.stderr)
+        print("usage: python -m negdpo.preference.pairs.report OUT", file=sys.stderr)
         return 2
     print(write_report(argv[0]))
     return 0

@@ -7,7 +7,7 @@ plus ``image_0_uid``/``image_1_uid``/``best_image_uid`` (= pair_id-derived uids)
 and ``pair_id``. The scripts open the bytes with PIL, so ``fmt="png"`` (lossless) works as well as
 the default ``"jpeg"`` (quality 95, the original layout).
 
-    python -m preference.pickapic OUT OUT/pickapic [--format png]
+    python -m negdpo.preference.pairs.pickapic OUT OUT/pickapic [--format png]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def convert(out: str | Path, dest: str | Path, fmt: str = "jpeg") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m preference.pickapic", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m negdpo.preference.pairs.pickapic", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="a build-pairs output folder")
     p.add_argument("dest")
     p.add_argument("--format", default="jpeg", choices=["jpeg", "png"])

@@ -4,12 +4,12 @@ Every judge has a ``name`` and maps the candidates of one positive to scores in 
 
 * ``clip_lesion``  P("without tumour") from a CLIP model's zero-shot softmax over the item's lesion
   text vs its healthy text (differentiable core: :func:`clip_lesion_logit`, also used by
-  :mod:`preference.boundary`).
+  :mod:`negdpo.preference.pairs.boundary`).
 * ``contrast``     model-free lesion score: ``exp(-mean |s - harmonic fill of s| / (ring std + 0.02))``
   inside the mask, s = the candidate smoothed by a 1 px Gaussian -- a healthy fill continues its
   surroundings smoothly, a lesion stands out from them.
 * ``mi_out``       masked mutual information with the source on the pixels outside the dilated mask,
-  normalised by the source's own MI (:func:`parzen_mi`: ``generator.mi.weighted_mi``'s formula in float64).
+  normalised by the source's own MI (:func:`parzen_mi`: ``negdpo.generator.mi.weighted_mi``'s formula in float64).
 * ``fidelity_out`` ``1 - mean |candidate - source|`` outside the dilated mask.
 * ``twin``         ``1 - mean |candidate - healthy twin|`` inside the dilated mask (phantoms only;
   absent when the item has no twin).
@@ -27,9 +27,8 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from negdpo.core.imageio import to_gray
 from scipy import ndimage
-
-from core.imageio import to_gray
 
 DEFAULT_SPEC = "clip_lesion=1,contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"
 
@@ -66,7 +65,7 @@ def clip_lesion_logit(model, x: torch.Tensor, text_features: torch.Tensor) -> to
     ``text_features`` = normalised [healthy, lesion] embeddings (2, D) or per-image (B, 2, D).
     Preprocessing matches open_clip's for square inputs: bicubic resize to the model size + normalise.
     """
-    from core.models.clip import CLIP_MEAN, CLIP_STD
+    from negdpo.core.models.clip import CLIP_MEAN, CLIP_STD
 
     size = getattr(model.visual, "image_size", (224, 224))
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -85,7 +84,7 @@ class ClipLesionJudge:
     name = "clip_lesion"
 
     def __init__(self, clip: str | tuple = "tiny", device: str = "cpu") -> None:
-        from core.models import load_clip
+        from negdpo.core.models import load_clip
 
         self.clip_name = clip if isinstance(clip, str) else "custom"
         self.model, _, self.tokenizer = load_clip(clip, device=device) if isinstance(clip, str) else clip
@@ -181,7 +180,7 @@ class ContrastJudge:
 def parzen_mi(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None, num_bins: int = 23,
               sigma_ratio: float = 0.5, eps: float = 1e-7) -> float:
     """Weighted Gaussian-Parzen MI (nats) between samples in [0, 1] -- the formula of
-    ``generator.mi.weighted_mi`` (MONAI's estimate with pixel weights), in float64 numpy so a score
+    ``negdpo.generator.mi.weighted_mi`` (MONAI's estimate with pixel weights), in float64 numpy so a score
     does not depend on torch's thread count (and with it on the number of processes)."""
     centers = np.linspace(0.0, 1.0, num_bins)
     pre = 1.0 / (2.0 * (sigma_ratio / (num_bins - 1)) ** 2)
@@ -236,7 +235,7 @@ class TwinJudge:
 
 def quantize(image: np.ndarray) -> np.ndarray:
     """The 8-bit rendering the dataset stores, back as float32 in [0, 1]."""
-    from core.imageio import to_uint8
+    from negdpo.core.imageio import to_uint8
 
     return to_uint8(image).astype(np.float32) / 255.0
 

@@ -125,9 +125,8 @@ def save_clip_checkpoint(model: nn.Module, source: str, out: str | Path) -> Path
 
     PEFT adapters are merged into a copy first, so the folder holds plain open_clip weights.
     """
+    from negdpo.core.models import resolve_clip
     from safetensors.torch import save_file
-
-    from core.models import resolve_clip
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""BiomedCLIP preference training: CLIP-DPO (baseline DHN-NCE), attention entropy, mask-aware OT stages."""

@@ -1,0 +1,1 @@
+"""Preference-pair datasets: generate candidate negatives, judge them, write Hugging Face datasets."""
