@@ -6,9 +6,11 @@
     <root>/negatives/<name>.<ext>                   optional healthy scans
     <root>/prompts.json                             optional {file name: text}
 
-Images and masks are matched by stem, so ``a.jpg`` pairs with ``a.png``. Problems raise a
-``ScanFolderError`` naming the file, or with ``on_error="skip"`` are skipped and counted in
-``ScanFolder.skipped``.
+Images and masks are matched by stem, so ``a.jpg`` pairs with ``a.png``; two files with one stem in
+a folder (``a.png`` + ``a.jpg``) are ambiguous and never paired. Problems (missing mask, size
+mismatch of mask or twin, unreadable image/mask/twin, duplicate stem) raise a ``ScanFolderError``
+naming the file, or with ``on_error="skip"`` are skipped and counted in ``ScanFolder.skipped``. A
+malformed ``prompts.json`` always raises (its name and the problem in the message).
 """
 
 from __future__ import annotations
@@ -42,6 +44,30 @@ class SizeMismatchError(ScanFolderError):
 
 class EmptyFolderError(ScanFolderError):
     pass
+
+
+class DuplicateStemError(ScanFolderError):
+    pass
+
+
+def read_prompts(path: str | Path) -> dict[str, str]:
+    """A ``{file name: text}`` JSON file; errors name the file and the problem."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScanFolderError(f"{path}: prompts file does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ScanFolderError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ScanFolderError(f"{path}: unreadable prompts file ({err})") from None
+    if not isinstance(table, dict):
+        raise ScanFolderError(f"{path}: expected a JSON object {{\"file name\": \"text\"}}, "
+                              f"got a JSON {type(table).__name__}")
+    for key, text in table.items():
+        if not isinstance(text, str):
+            raise ScanFolderError(f"{path}: the prompt for '{key}' is not text ({type(text).__name__})")
+    return table
 
 
 @dataclass
@@ -90,20 +116,44 @@ class ScanFolder:
             raise EmptyFolderError(f"{folder}: no images found (expected .png/.jpg/.dcm/.nii files)")
         return files
 
-    def _by_stem(self, folder: Path) -> dict[str, Path]:
+    @staticmethod
+    def _group_by_stem(files: list[Path]) -> dict[str, list[Path]]:
+        groups: dict[str, list[Path]] = {}
+        for p in sorted(files):
+            groups.setdefault(stem_of(p), []).append(p)
+        return groups
+
+    @staticmethod
+    def _duplicate_error(paths: list[Path]) -> DuplicateStemError:
+        names = " and ".join(f"'{p.name}'" for p in paths)
+        return DuplicateStemError(f"{paths[0]}: {names} in {paths[0].parent} share the name '{stem_of(paths[0])}' "
+                                  "(files pair, and outputs are named, by the name without extension); "
+                                  "rename or remove one")
+
+    def _by_stem(self, folder: Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+        """Unique stems -> file, and duplicated stems -> their files."""
         if not folder.is_dir():
-            return {}
-        return {stem_of(p): p for p in folder.iterdir() if is_scan_file(p)}
+            return {}, {}
+        groups = self._group_by_stem([p for p in folder.iterdir() if is_scan_file(p)])
+        return ({k: v[0] for k, v in groups.items() if len(v) == 1},
+                {k: v for k, v in groups.items() if len(v) > 1})
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
-        """(image, mask) paths matched by stem; a missing mask raises or is skipped."""
-        masks = self._by_stem(self.root / f"{split}_masks")
+        """(image, mask) paths matched by stem; a missing or ambiguous mask or image raises or is skipped."""
+        masks, dup_masks = self._by_stem(self.root / f"{split}_masks")
         out: list[tuple[Path, Path | None]] = []
-        for img in self.image_files(split):
-            mask = masks.get(stem_of(img))
+        for stem, imgs in self._group_by_stem(self.image_files(split)).items():
+            if len(imgs) > 1:
+                self._fail(self._duplicate_error(imgs))
+                continue
+            img = imgs[0]
+            if stem in dup_masks:
+                self._fail(self._duplicate_error(dup_masks[stem]))
+                continue
+            mask = masks.get(stem)
             if mask is None:
                 self._fail(MissingMaskError(
-                    f"{img}: no mask named '{stem_of(img)}.*' in {self.root / f'{split}_masks'}"))
+                    f"{img}: no mask named '{stem}.*' in {self.root / f'{split}_masks'}"))
                 continue
             out.append((img, mask))
         return out
@@ -112,7 +162,7 @@ class ScanFolder:
     def prompts(self) -> dict[str, str]:
         if self._prompts is None:
             path = self.root / "prompts.json"
-            self._prompts = json.loads(path.read_text()) if path.exists() else {}
+            self._prompts = read_prompts(path) if path.exists() else {}
         return self._prompts
 
     # -- reading -------------------------------------------------------------------------------
@@ -124,23 +174,26 @@ class ScanFolder:
         logger.warning("skipping %s", err)
 
     def load(self, image_path: Path, mask_path: Path | None, split: str) -> Scan | None:
-        """Read one pair; returns None (and records why) when skipping."""
+        """Read one pair (and its twin, if any); returns None (and records why) when skipping."""
+        twin_path = self.root / f"{split}_twins" / f"{stem_of(image_path)}.png"
         try:
             image = read_scan(image_path, window=self.window)
             mask = read_mask(mask_path) if mask_path is not None else np.zeros(image.shape[:2], bool)
+            twin = read_scan(twin_path) if twin_path.exists() else None
         except ScanReadError as err:
             self._fail(ScanFolderError(str(err)))
             return None
-        if mask.shape != image.shape[:2]:
-            self._fail(SizeMismatchError(
-                f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match image "
-                f"{image_path.name} size {image.shape[1]}x{image.shape[0]} (W x H)"))
-            return None
-        twin_path = self.root / f"{split}_twins" / f"{stem_of(image_path)}.png"
-        twin = read_scan(twin_path) if twin_path.exists() else None
+        for path, shape, what in ((mask_path, mask.shape, "mask"),
+                                  (twin_path, None if twin is None else twin.shape[:2], "twin")):
+            if shape is not None and shape != image.shape[:2]:
+                self._fail(SizeMismatchError(
+                    f"{path}: {what} size {shape[1]}x{shape[0]} does not match image "
+                    f"{image_path.name} size {image.shape[1]}x{image.shape[0]} (W x H)"))
+                return None
+        prompts = self.prompts
         return Scan(name=image_path.name, image=image, mask=mask, image_path=image_path,
                     mask_path=mask_path, split=split, twin=twin,
-                    prompt=self.prompts.get(image_path.name))
+                    prompt=prompts.get(image_path.name, prompts.get(stem_of(image_path))))
 
     def iter_split(self, split: str) -> Iterator[Scan]:
         for img, mask in self.pairs(split):
@@ -152,8 +205,12 @@ class ScanFolder:
         return list(self.iter_split(split))
 
     def negatives(self) -> list[Path]:
+        """Healthy scans in ``negatives/`` (duplicate stems raise or are skipped, as for images)."""
         folder = self.root / "negatives"
-        return sorted(p for p in folder.iterdir() if is_scan_file(p)) if folder.is_dir() else []
+        unique, dups = self._by_stem(folder)
+        for paths in dups.values():
+            self._fail(self._duplicate_error(paths))
+        return sorted(unique.values())
 
     def report(self) -> str:
         if not self.skipped:

@@ -162,3 +162,65 @@ def test_empty_directory_errors(tmp_path):
         ScanFolder(tmp_path).load_split("val")
     with pytest.raises(ScanFolderError, match="scan folder does not exist"):
         ScanFolder(tmp_path / "nope")
+
+
+def test_corrupt_twin_named_and_skipped_in_skip_mode(tmp_path):
+    root = _folder(tmp_path)
+    for n in ("a", "b", "c"):
+        _write(root / "test_twins" / f"{n}.png", np.full((20, 30), 5, np.uint8))
+    (root / "test_twins" / "b.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ScanFolderError, match=r"test_twins/b\.png: unreadable image"):
+        ScanFolder(root).load_split("test")
+    folder = ScanFolder(root, on_error="skip")
+    scans = folder.load_split("test")
+    assert [s.name for s in scans] == ["a.png", "c.png"] and all(s.twin is not None for s in scans)
+    assert folder.skipped[0][0].endswith("test_twins/b.png")
+
+
+def test_twin_size_checked(tmp_path):
+    root = _folder(tmp_path)
+    _write(root / "test_twins" / "a.png", np.zeros((20, 31), np.uint8))
+    with pytest.raises(SizeMismatchError, match=r"test_twins/a\.png: twin size 31x20 does not match image a\.png"):
+        ScanFolder(root).load_split("test")
+    folder = ScanFolder(root, on_error="skip")
+    assert [s.name for s in folder.load_split("test")] == ["b.png", "c.png"]
+
+
+def test_duplicate_stems_named(tmp_path):
+    from negdpo.core.scans import DuplicateStemError
+
+    root = _folder(tmp_path)
+    _write(root / "test_images" / "a.jpg", np.zeros((20, 30), np.uint8))  # a.png + a.jpg: which one pairs?
+    with pytest.raises(DuplicateStemError, match=r"'a\.jpg' and 'a\.png' in .*test_images share the name 'a'"):
+        ScanFolder(root).load_split("test")
+    folder = ScanFolder(root, on_error="skip")
+    assert [s.name for s in folder.load_split("test")] == ["b.png", "c.png"]
+    assert len(folder.skipped) == 1 and "a.png" in folder.skipped[0][1]
+    # two masks for one image are just as ambiguous
+    (root / "test_images" / "a.jpg").unlink()
+    _write(root / "test_masks" / "b.jpg", np.zeros((20, 30), np.uint8))
+    with pytest.raises(DuplicateStemError, match=r"'b\.jpg' and 'b\.png' in .*test_masks"):
+        ScanFolder(root).load_split("test")
+    _write(root / "negatives" / "n.png", np.zeros((4, 4), np.uint8))
+    _write(root / "negatives" / "n.bmp", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DuplicateStemError, match="share the name 'n'"):
+        ScanFolder(root).negatives()
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"a.png": "x",}', r"not valid JSON \(.* at line 1, column \d+\)"),
+    ('["a.png"]', r"expected a JSON object .* got a JSON list"),
+    ('{"a.png": 3}', r"the prompt for 'a\.png' is not text \(int\)"),
+])
+def test_malformed_prompts_json_names_file(tmp_path, text, problem):
+    root = _folder(tmp_path)
+    (root / "prompts.json").write_text(text)
+    with pytest.raises(ScanFolderError, match=r"prompts\.json: " + problem):
+        ScanFolder(root, on_error="skip").load_split("test")
+
+
+def test_prompts_by_name_or_stem(tmp_path):
+    root = _folder(tmp_path)
+    (root / "prompts.json").write_text('{"a.png": "by name", "b": "by stem"}')
+    scans = ScanFolder(root).load_split("test")
+    assert [s.prompt for s in scans] == ["by name", "by stem", None]
