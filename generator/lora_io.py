@@ -46,20 +46,20 @@ def model_card(cfg, metrics: dict) -> str:
     ref = cfg.reference_adapter or "none (base weights)"
     return f"""---
 library_name: diffusers
-base_model: {cfg.pretrained_model}
+base_model: {cfg.pretrained_model_name_or_path}
 tags: [lora, stable-diffusion, inpainting, diffusion-dpo, negdpo]
 ---
 # negdpo generator LoRA ({cfg.train_method}) — {cfg.run_name}
 
-LoRA (rank {cfg.lora_rank}, targets `{cfg.lora_targets}`) on `{cfg.pretrained_model}` trained with
+LoRA (rank {cfg.rank}, targets `{cfg.lora_targets}`) on `{cfg.pretrained_model_name_or_path}` trained with
 {'Diffusion-DPO' if cfg.train_method == 'dpo' else 'SFT (inpainting denoising loss)'} for {cfg.max_train_steps} steps
-on `{cfg.data}` to remove lesions inside a mask while keeping the anatomy outside it.
+on `{cfg.dataset_name}` to remove lesions inside a mask while keeping the anatomy outside it.
 Reference adapter: {ref}. beta = {cfg.beta:g} (convention with the 1/2), loss `{cfg.loss_type}`,
 SDPO {cfg.sdpo} (mu {cfg.sdpo_mu}), masked-MI weight {cfg.mi_weight}, fidelity weight {cfg.fidelity_weight}.
 
 ```python
 from negdpo.generator.sample import load_generator, inpaint
-pipe = load_generator("{cfg.pretrained_model}", adapter="<this folder>")
+pipe = load_generator("{cfg.pretrained_model_name_or_path}", adapter="<this folder>")
 # or: StableDiffusionInpaintPipeline.from_pretrained(...).load_lora_weights("<this folder>")
 ```
 
