@@ -1,20 +1,49 @@
-"""``negdpo models [--clip NAME] [--sam NAME] [--diffusion NAME]``: build presets / check weights."""
+"""``negdpo models [--clip NAME] [--sam NAME] [--diffusion NAME]``: build presets / check weights.
+
+``negdpo models --list [--json]`` lists every offline preset with its parameter count per component
+(counted on the meta device: nothing is built or downloaded).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import ModelNotAvailableError, resolve_clip, resolve_diffusion, resolve_sam
 
 
+def list_presets() -> list[dict]:
+    """``[{"name", "role", "summary", "params": {component: count}}]`` for every preset."""
+    from .presets import PRESETS, param_counts
+
+    return [{"name": p.name, "role": p.role, "summary": p.summary, "params": param_counts(p)} for p in PRESETS]
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="negdpo models", description=__doc__)
+    p = argparse.ArgumentParser(prog="negdpo models", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="list the offline presets with parameter counts")
+    p.add_argument("--json", action="store_true", help="with --list: print JSON")
     p.add_argument("--clip", default="tiny")
     p.add_argument("--sam", default="tiny")
     p.add_argument("--sam-checkpoint", default=None)
     p.add_argument("--diffusion", default="tiny")
     a = p.parse_args(argv)
+    if a.list:
+        rows = list_presets()
+        if a.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print(f"{'preset':<20} {'role':<10} {'total':>10}  components")
+        for r in rows:
+            parts = ", ".join(f"{k} {_millions(v)}" for k, v in r["params"].items())
+            print(f"{r['name']:<20} {r['role']:<10} {_millions(sum(r['params'].values())):>10}  {parts}")
+        return 0
     ok = True
     for label, fn in (("clip", lambda: resolve_clip(a.clip)), ("sam", lambda: resolve_sam(a.sam, a.sam_checkpoint)),
                       ("diffusion", lambda: resolve_diffusion(a.diffusion))):

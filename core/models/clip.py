@@ -1,4 +1,6 @@
-"""BiomedCLIP through open_clip: ``hf-hub:`` id, ``local-dir:`` folder, or the ``tiny`` preset.
+"""BiomedCLIP through open_clip: ``hf-hub:`` id, ``local-dir:`` folder, or a preset.
+
+``biomedclip-random`` is BiomedCLIP's exact architecture with random weights (see ``presets``).
 
 The tiny preset is an open_clip ``local-dir:`` folder with BiomedCLIP's architecture family (timm
 ViT patch16 at 224 px with CLS token, HF BERT text tower with CLS pooling and an MLP projection),
@@ -10,12 +12,17 @@ patch grid at 224 px (``dynamic_img_size``), whereas BiomedCLIP's is fixed at 14
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .common import ModelNotAvailableError, build_once, hub_snapshot
+
+logger = logging.getLogger(__name__)
 
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -23,43 +30,43 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_CONTEXT = 64
 
 
-def _build_tiny_clip(folder: Path, final: Path) -> None:
+TINY_BERT = dict(vocab_size=0, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 max_position_embeddings=TINY_CONTEXT, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def tiny_clip_model(bert_dir: Path):
+    """The tiny preset's ``CustomTextCLIP`` (BiomedCLIP's config layout, small sizes), seeded."""
     import open_clip
-    from safetensors.torch import save_file
-    from transformers import BertConfig, BertTokenizer
 
-    from .vocab import write_bert_vocab
-
-    vocab_size = write_bert_vocab(folder)
-    BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=128, max_position_embeddings=TINY_CONTEXT, hidden_dropout_prob=0.1,
-               attention_probs_dropout_prob=0.1).save_pretrained(folder)
-    BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True,
-                  model_max_length=TINY_CONTEXT).save_pretrained(folder)
-
-    def model_cfg(bert_dir: Path) -> dict:  # BiomedCLIP's open_clip_config layout, small sizes
-        return {
-            "embed_dim": 32,
-            "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
-                           "timm_proj": "linear", "image_size": 224},
-            "text_cfg": {"hf_model_name": str(bert_dir), "hf_model_pretrained": False,
-                         "hf_tokenizer_name": str(bert_dir), "hf_proj_type": "mlp",
-                         "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": TINY_CONTEXT},
-        }
+    from .presets import biomedclip_model_cfg
 
     torch.manual_seed(0)
-    model = open_clip.CustomTextCLIP(**model_cfg(folder))  # built from the temp folder's BERT config
+    return open_clip.CustomTextCLIP(**biomedclip_model_cfg(bert_dir, 32, "test_vit", TINY_CONTEXT))
+
+
+def _build_tiny_clip(folder: Path, final: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .presets import _write_bert, biomedclip_model_cfg
+
+    _write_bert(folder, TINY_BERT, TINY_CONTEXT, None)
+    model = tiny_clip_model(folder)  # built from the temp folder's BERT config
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
     preprocess_cfg = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic",
                       "resize_mode": "shortest"}
-    (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": model_cfg(final), "preprocess_cfg": preprocess_cfg}, indent=2))
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": biomedclip_model_cfg(final, 32, "test_vit", TINY_CONTEXT), "preprocess_cfg": preprocess_cfg},
+        indent=2))
 
 
 def resolve_clip(name: str) -> str:
-    """Map ``tiny`` / ``hf-hub:<id>`` / ``local-dir:<path>`` / a bare folder to an open_clip model name."""
+    """Map ``tiny`` / ``biomedclip-random`` / ``hf-hub:<id>`` / ``local-dir:<path>`` / a folder to an open_clip name."""
     if name == "tiny":
         return f"local-dir:{build_once('tiny-clip', _build_tiny_clip)}"
+    if name == "biomedclip-random":
+        from .presets import write_biomedclip
+
+        return f"local-dir:{build_once(name, write_biomedclip)}"
     if name.startswith("local-dir:") or Path(name).is_dir():
         path = Path(name.removeprefix("local-dir:"))
         if not (path / "open_clip_config.json").is_file():
@@ -74,7 +81,7 @@ def resolve_clip(name: str) -> str:
             "or use the offline preset `tiny`."))
         return name
     raise ModelNotAvailableError(
-        f"unknown CLIP model '{name}': use 'tiny', 'hf-hub:<org>/<repo>' or 'local-dir:<folder>'")
+        f"unknown CLIP model '{name}': use 'tiny', 'biomedclip-random', 'hf-hub:<org>/<repo>' or 'local-dir:<folder>'")
 
 
 def load_clip(name: str = "tiny", device: str | torch.device = "cpu"):
@@ -82,6 +89,31 @@ def load_clip(name: str = "tiny", device: str | torch.device = "cpu"):
     import open_clip
 
     model_name = resolve_clip(name)
-    model, preprocess = open_clip.create_model_from_pretrained(model_name, device=device)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    with open_clip_info_to_debug():
+        model, preprocess = open_clip.create_model_from_pretrained(model_name, device=device)
+        tokenizer = open_clip.get_tokenizer(model_name)
+    logger.debug("loaded CLIP %s", model_name)
     return model.eval(), preprocess, tokenizer
+
+
+class _OpenClipInfoToDebug(logging.Filter):
+    """open_clip logs its progress through the *root* logger (``logging.info``): a dozen ``INFO root``
+    lines per load. Inside :func:`open_clip_info_to_debug` those records are re-logged at DEBUG under
+    ``negdpo.core.models.clip`` instead (warnings and errors pass unchanged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.name == "root" and "open_clip" in record.pathname:
+            logger.debug("open_clip: %s", record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def open_clip_info_to_debug() -> Iterator[None]:
+    filt = _OpenClipInfoToDebug()
+    root = logging.getLogger()
+    root.addFilter(filt)
+    try:
+        yield
+    finally:
+        root.removeFilter(filt)

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-PRESET_VERSION = "1"  # bump when a tiny preset's architecture or init changes
+PRESET_VERSION = "1"  # default preset version; bump a preset's own version when its architecture/init changes
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -23,12 +23,12 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def build_once(name: str, builder: Callable[[Path, Path], None]) -> Path:
+def build_once(name: str, builder: Callable[[Path, Path], None], version: str = PRESET_VERSION) -> Path:
     """Build a preset into ``cache_home()/presets/<name>-v<version>`` once; safe under concurrency.
 
     ``builder(tmp, final)`` writes into ``tmp``, which is then renamed to ``final`` atomically.
     """
-    target = cache_home() / "presets" / f"{name}-v{PRESET_VERSION}"
+    target = cache_home() / "presets" / f"{name}-v{version}"
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Stable Diffusion inpainting through diffusers: hub id, local folder, or the ``tiny`` preset.
 
+``sd15-inpaint-random`` is SD-1.5-inpainting's exact architecture, random init (see ``presets``).
 ``tiny`` is a diffusers pipeline folder with SD-1.5-inpainting's component types (UNet2DCondition
 with 9 input channels, AutoencoderKL, CLIP text encoder + tokenizer, DDPM/PNDM-style scheduler), small
 and randomly initialised; ``tiny-txt2img`` is the same with a 4-channel UNet (img2img mode).
@@ -18,11 +19,13 @@ SD_INPAINTING = "stable-diffusion-v1-5/stable-diffusion-inpainting"
 TINY_SIZE = 64  # native resolution of the tiny preset (VAE downsamples by 4 -> 16x16 latents)
 
 
-def _build_tiny_sd(folder: Path, in_channels: int) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+TINY_SD_VERSION = "2"  # v2: word-level BPE merges, so the phantom captions fit the 77-token context
 
-    from .vocab import write_clip_bpe
+
+def tiny_sd_components(in_channels: int, vocab: int) -> dict[str, torch.nn.Module]:
+    """The tiny preset's UNet, VAE and text encoder (seeded; same families and layout as SD-1.5)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -34,31 +37,44 @@ def _build_tiny_sd(folder: Path, in_channels: int) -> None:
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         norm_num_groups=8, sample_size=TINY_SIZE, scaling_factor=0.18215)
-    tok_dir = folder / "_tok"
-    tok_dir.mkdir()
-    vocab = write_clip_bpe(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, projection_dim=32, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
         pad_token_id=vocab - 1))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+def _build_tiny_sd(folder: Path, in_channels: int) -> None:
+    import shutil
+
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+    from transformers import CLIPTokenizer
+
+    from .vocab import write_clip_bpe
+
+    tok_dir = folder / "_tok"
+    tok_dir.mkdir()
+    vocab = write_clip_bpe(tok_dir)  # every word of the medical list is one token
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        **tiny_sd_components(in_channels, vocab), tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
-    import shutil
-
     shutil.rmtree(tok_dir)
 
 
 def resolve_diffusion(name: str) -> str:
-    """Local folder for ``tiny`` / ``tiny-txt2img`` / a hub id (cached) / a local diffusers folder."""
+    """Local folder for ``tiny`` / ``tiny-txt2img`` / ``sd15-inpaint-random`` / a hub id (cached) / a folder."""
     if name == "tiny":
-        return str(build_once("tiny-sd-inpaint", lambda tmp, final: _build_tiny_sd(tmp, 9)))
+        return str(build_once("tiny-sd-inpaint", lambda tmp, final: _build_tiny_sd(tmp, 9), TINY_SD_VERSION))
     if name == "tiny-txt2img":
-        return str(build_once("tiny-sd-txt2img", lambda tmp, final: _build_tiny_sd(tmp, 4)))
+        return str(build_once("tiny-sd-txt2img", lambda tmp, final: _build_tiny_sd(tmp, 4), TINY_SD_VERSION))
+    if name == "sd15-inpaint-random":
+        from .presets import write_sd15_inpaint
+
+        return str(build_once(name, write_sd15_inpaint))
     path = Path(name)
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
@@ -68,7 +84,9 @@ def resolve_diffusion(name: str) -> str:
         return hub_snapshot(name, "Stable Diffusion model", (
             f"Download it where the hub is reachable (`huggingface-cli download {name}`), or pass a local "
             "diffusers folder (with model_index.json), or use the offline preset `tiny`."))
-    raise ModelNotAvailableError(f"diffusion model '{name}' is neither 'tiny', a hub id nor an existing folder")
+    raise ModelNotAvailableError(
+        f"diffusion model '{name}' is neither a preset (tiny, tiny-txt2img, sd15-inpaint-random), a hub id nor an "
+        "existing folder")
 
 
 def load_inpaint_pipeline(name: str = "tiny", torch_dtype: torch.dtype = torch.float32, **kwargs):

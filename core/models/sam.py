@@ -1,4 +1,6 @@
-"""SAM through ``segment_anything``: vit_b / vit_l / vit_h + checkpoint file, or the ``tiny`` preset.
+"""SAM through ``segment_anything``: vit_b / vit_l / vit_h + checkpoint file, or a preset.
+
+``sam-vit-b-random`` / ``sam-vit-h-random``: the real builders with random weights (see ``presets``).
 
 Weights are always read by us with ``torch.load(weights_only=True)`` (the upstream builder's own
 loader is bypassed). The tiny preset uses the same builder (``_build_sam``) with a 2-block, 32-wide
@@ -36,11 +38,17 @@ def _search_paths(model_type: str) -> list[Path]:
 
 
 def resolve_sam(name: str, checkpoint: str | Path | None = None) -> tuple[str, Path]:
-    """(model type, checkpoint path) for ``tiny`` or ``vit_b|vit_l|vit_h`` (+ optional explicit path)."""
+    """(model type, checkpoint path) for ``tiny``, ``sam-vit-b-random``, ``sam-vit-h-random`` or
+    ``vit_b|vit_l|vit_h`` (+ optional explicit path)."""
     if name == "tiny":
         return "tiny", build_once("tiny-sam", _build_tiny_sam) / "sam_tiny.pth"
+    from .presets import SAM_KINDS, write_sam
+
+    if name in SAM_KINDS:
+        kind = SAM_KINDS[name]
+        return kind, build_once(name, write_sam(kind)) / SAM_CHECKPOINTS[kind]
     if name not in SAM_CHECKPOINTS:
-        raise ModelNotAvailableError(f"unknown SAM model '{name}': use tiny, vit_b, vit_l or vit_h")
+        raise ModelNotAvailableError(f"unknown SAM model '{name}': use tiny, sam-vit-b-random, sam-vit-h-random, vit_b, vit_l or vit_h")
     candidates = [Path(checkpoint)] if checkpoint else _search_paths(name)
     for path in candidates:
         if path.is_file():
