@@ -31,9 +31,10 @@ def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref
     """Mean Diffusion-DPO loss over pairs and detached metrics.
 
     Errors are per-pair (B,) tensors, ``w`` = chosen, ``l`` = rejected, each computed with the same t and
-    noise. ``beta`` uses the convention with the 1/2 (module docstring). Loss types, with z the margin:
-    sigmoid -log sigma(z); hinge relu(1 - z); ipo (z/beta - 1/beta)^2 = (h - 1/(2 beta'))^2 in diffusers'
-    notation (h = Delta_ref - Delta_theta, beta' = beta/2). At policy == reference: log 2, 1, 1/beta^2.
+    noise. ``beta`` uses the convention with the 1/2 (module docstring). Loss types, with z the margin and
+    h = Delta_ref - Delta_theta = 2 z / beta the unscaled log-ratio difference: sigmoid -log sigma(z); hinge
+    relu(1 - z); ipo (h - 1/beta)^2, which is IPO's (h - 1/(2 beta'))^2 in diffusers' notation (beta' = beta/2).
+    At policy == reference: log 2, 1, 1/beta^2.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got '{loss_type}'")
@@ -69,19 +70,28 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Ten
                      outside_gamma: float = 0.0) -> torch.Tensor:
     """Per-sample mean squared error (B,), fp32; optionally mask-weighted.
 
-    With ``weight`` (B,1,h,w; 1 = inside the dilated lesion): e = sum w d^2 / (C sum w) + gamma * mean over
-    the outside (1 - w). Still a mean, so beta keeps its scale and the loss is still log 2 at init.
+    With ``weight`` (B,1,h,w; 1 = inside the dilated lesion): e = sum w d^2 / (C sum w) + gamma * the same
+    mean over the outside (1 - w). Still a mean, so beta keeps its scale and the loss is still log 2 at init.
     """
     d2 = (pred.float() - target.float()) ** 2
-    if weight is None:
+    coef = _error_coefficients(weight, d2.shape, outside_gamma)
+    if coef is None:
         return d2.mean(dim=tuple(range(1, d2.ndim)))
-    w = torch.broadcast_to(weight.float(), d2.shape)
-    dims = tuple(range(1, d2.ndim))
-    err = (w * d2).sum(dims) / w.sum(dims).clamp_min(1e-8)
+    return (coef * d2).sum(dim=tuple(range(1, d2.ndim)))
+
+
+def _error_coefficients(weight: torch.Tensor | None, shape: torch.Size, outside_gamma: float
+                        ) -> torch.Tensor | None:
+    """c with per_sample_error = sum c d^2 per sample: w / sum w (+ gamma (1 - w) / sum (1 - w)); None = mean."""
+    if weight is None:
+        return None
+    dims = tuple(range(1, len(shape)))
+    w = torch.broadcast_to(weight.float(), shape)
+    coef = w / w.sum(dims, keepdim=True).clamp_min(1e-8)
     if outside_gamma > 0:
         wo = 1.0 - w
-        err = err + outside_gamma * (wo * d2).sum(dims) / wo.sum(dims).clamp_min(1e-8)
-    return err
+        coef = coef + outside_gamma * wo / wo.sum(dims, keepdim=True).clamp_min(1e-8)
+    return coef
 
 
 def _bcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -116,19 +126,22 @@ def x0_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor,
 
 
 def sdpo_lambda(pred_w: torch.Tensor, target_w: torch.Tensor, pred_l: torch.Tensor, target_l: torch.Tensor,
-                mu: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+                mu: float, weight: torch.Tensor | None = None, outside_gamma: float = 0.0) -> torch.Tensor:
     """SDPO loser-gradient scale in [0, 1] from output-space gradients (no extra backward).
 
-    g_A, g_B = d(batch-mean error)/d(outputs) of the winner / loser (detached), paired coordinate-wise
-    (meaningful because both members share t and noise). lambda = clip((1-mu)|g_A|^2 / <g_B,g_A>, 0, 1)
-    if <g_B,g_A> > 0 else 1: to first order the winner error then decreases at rate >= mu |g_A|^2.
+    g_A, g_B = d(batch-mean ``per_sample_error(pred, target, weight, outside_gamma)``)/d(pred) of the winner /
+    loser, in closed form: 2 c (pred - target) / B with the per-sample coefficients c of that error (the
+    common factor 2/B cancels). ``weight`` is the pair's shared mask weight (one row per pair). Paired
+    coordinate-wise (meaningful because both members share t and noise):
+    lambda = clip((1-mu)|g_A|^2 / <g_B,g_A>, 0, 1) if <g_B,g_A> > 0 else 1, so that, to first order, the
+    winner error decreases at rate >= mu |g_A|^2.
     """
     with torch.no_grad():
         g_a = pred_w.float() - target_w.float()
         g_b = pred_l.float() - target_l.float()
-        if weight is not None:
-            w = torch.broadcast_to(weight.float(), g_a.shape)
-            g_a, g_b = g_a * w, g_b * w
+        coef = _error_coefficients(weight, g_a.shape, outside_gamma)
+        if coef is not None:
+            g_a, g_b = g_a * coef, g_b * coef
         dot = (g_a * g_b).sum()
         if dot <= 0:
             return torch.ones((), device=pred_w.device)

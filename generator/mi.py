@@ -99,9 +99,8 @@ def mi_hinge(x0_policy: torch.Tensor, x0_ref: torch.Tensor, source: torch.Tensor
 
 def histogram_mi(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None, bins: int = 32) -> float:
     """Hard-histogram (plug-in) weighted MI of two [0,1] images, for monitoring only (not differentiable)."""
-    a = a.detach().float().clamp(0, 1).flatten()
-    b = b.detach().float().clamp(0, 1).flatten()
-    w = torch.ones_like(a) if weight is None else torch.broadcast_to(weight.detach().float(), a.shape).flatten()
+    w = torch.ones_like(a, dtype=torch.float32) if weight is None else torch.broadcast_to(weight.detach().float(), a.shape)
+    a, b, w = a.detach().float().clamp(0, 1).flatten(), b.detach().float().clamp(0, 1).flatten(), w.flatten()
     ia = (a * (bins - 1)).round().long()
     ib = (b * (bins - 1)).round().long()
     joint = torch.zeros(bins * bins, dtype=torch.float64).index_add_(0, ia * bins + ib, w.double()).view(bins, bins)
