@@ -89,8 +89,7 @@ def clean_owned(path: str | Path, owned: Sequence[str] | None) -> list[str]:
 
 def _write_marker(path: Path, owner: str, fp: str | None) -> None:
     tmp = path / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"owner": owner, "fingerprint": fp, "pid": os.getpid(),
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
+    tmp.write_text(json.dumps({"owner": owner, "fingerprint": fp}, indent=1))  # no time/pid: same run, same bytes
     tmp.replace(path / MARKER)
 
 
@@ -115,24 +114,23 @@ def prepare_output_dir(path: str | Path, owner: str, overwrite: bool = False, re
         if resume and mine:
             _write_marker(path, owner, fp)
             return path
+        clash = [p.name for p in entries if owned is None or _matches(p.name, owned)]
+        if marker is None and clash:  # never delete files negdpo did not write
+            raise OutputDirError(f"{path}: '{clash[0]}' was not written by negdpo, so it is not replaced or "
+                                 "deleted; choose an empty folder (or remove it yourself)")
         same_run = mine and fp is not None and marker.get("fingerprint") == fp
         if not (overwrite or same_run):
             if marker is None:
-                origin = "files not written by negdpo"
+                origin, fix = "files not written by negdpo", f"add {flag} to write beside them"
             elif not mine:
-                origin = f"the output of `negdpo {marker.get('owner')}`"
+                origin, fix = f"the output of `negdpo {marker.get('owner')}`", f"add {flag} to replace it"
             else:
-                origin = f"an earlier `negdpo {owner}` run with other settings"
-            fixes = f"choose an empty folder or add {flag}" + (" to replace it" if marker else "")
+                origin, fix = f"an earlier `negdpo {owner}` run with other settings", f"add {flag} to replace it"
+            fixes = f"choose an empty folder or {fix}"
             if resume and not mine:
                 fixes = f"resume needs a folder written by `negdpo {owner}`; " + fixes
             raise OutputDirError(f"{path}: holds {origin} ({len(entries)} entries, e.g. '{entries[0].name}'); "
                                  f"{fixes}")
-        if marker is None:  # never delete files negdpo did not write
-            clash = [p.name for p in entries if owned is None or _matches(p.name, owned)]
-            if clash:
-                raise OutputDirError(f"{path}: '{clash[0]}' was not written by negdpo, so it is not deleted; "
-                                     "choose an empty folder (or remove it yourself)")
         removed = clean_owned(path, owned) if marker is not None else []
         if removed:
             logger.warning("%s: removed %d entries of the previous run (%s)", path, len(removed),

@@ -12,7 +12,12 @@ Output layout (the scan folder layout of ``negdpo.core.scans`` plus twins and me
     DIR/negatives/            healthy-only training images
     DIR/prompts.json          {file name: text}
     DIR/meta.csv              file, subject_id, split, modality, positive, lesion stats
-    DIR/preview.png           grid: image | mask | twin
+    DIR/phantoms.json         the settings
+    DIR/preview.png           labelled grid: image | lesion mask | healthy twin, a row per example
+
+``generate`` owns these entries: a folder holding another phantom set is refused unless
+``overwrite=True``, which removes them first (a rerun with the same settings replaces them; other
+files are left alone), so no image of an earlier, larger set stays behind (``negdpo.core.outdir``).
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
-from .imageio import save_png, to_uint8
+from .figures import write_grid  # noqa: F401  (re-exported: ``negdpo.core.phantoms.write_grid`` is an alias)
+from .imageio import save_png
+from .outdir import MARKER, output_dir
 
 MODALITIES = ("mri", "us")
 EDGE_PX = 1.5  # width of the lesion's soft edge; alpha > 0 only within EDGE_PX/2 outside the mask
@@ -44,6 +50,21 @@ class PhantomConfig:
     modalities: tuple[str, ...] = MODALITIES
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     preview: bool = True
+
+    def __post_init__(self) -> None:
+        problems = [msg for bad, msg in (
+            (self.n < 1, f"n={self.n}: need at least 1 subject"),
+            (self.size < 16, f"size={self.size}: need at least 16 px"),
+            (self.slices < 1, f"slices={self.slices}: need at least 1 image per subject"),
+            (not 0.0 <= self.healthy_fraction <= 1.0, f"healthy_fraction={self.healthy_fraction}: must be in [0, 1]"),
+            (not self.modalities or not set(self.modalities) <= set(MODALITIES),
+             f"modalities={list(self.modalities)}: choose from {list(MODALITIES)}"),
+            (len(self.split_fractions) != 3 or min(self.split_fractions) < 0
+             or abs(sum(self.split_fractions) - 1.0) > 1e-6,
+             f"split_fractions={list(self.split_fractions)}: three non-negative shares summing to 1"),
+        ) if bad]
+        if problems:
+            raise ValueError("phantoms: " + "; ".join(problems))
 
 
 @dataclass
@@ -221,10 +242,27 @@ def _assign_splits(n: int, fractions: tuple[float, float, float], rng: np.random
     return [labels[i] for i in rng.permutation(n)]
 
 
-def generate(cfg: PhantomConfig) -> Path:
-    """Write the phantom set; same config -> same bytes."""
+OWNED = ("train_images", "train_masks", "train_twins", "val_images", "val_masks", "val_twins", "test_images",
+         "test_masks", "test_twins", "negatives", "prompts.json", "meta.csv", "phantoms.json", "preview.png")
+
+
+def _settings(cfg: PhantomConfig) -> dict:
+    settings = json.loads(json.dumps(asdict(cfg)))
+    settings.pop("out")
+    return settings
+
+
+def generate(cfg: PhantomConfig, overwrite: bool = False) -> Path:
+    """Write the phantom set (same config -> same bytes); see the module doc for an existing folder."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "phantoms.json").is_file() and not (out / MARKER).exists():  # a set written before markers existed
+        (out / MARKER).write_text(json.dumps({"owner": "phantoms", "fingerprint": None}))
+    with output_dir(out, "phantoms", overwrite, owned=OWNED, settings=_settings(cfg), flag="--overwrite_output_dir"):
+        _write_set(cfg, out)
+    return out
+
+
+def _write_set(cfg: PhantomConfig, out: Path) -> None:
     root_ss = np.random.SeedSequence(cfg.seed)
     n_per_mod = [cfg.n // len(cfg.modalities) + (i < cfg.n % len(cfg.modalities))
                  for i in range(len(cfg.modalities))]
@@ -265,41 +303,27 @@ def generate(cfg: PhantomConfig) -> Path:
                              "lesion_contrast": round(les.contrast, 4) if les else 0.0,
                              "lesion_cx": round(les.cx, 1) if les else "", "lesion_cy": round(les.cy, 1) if les else ""})
                 if positive and slc == 0 and sum(m == modality for m, _ in preview) < 4:
-                    preview.append((modality, (r.image, r.mask.astype(np.float32), r.twin)))
+                    preview.append((f"{Path(name).stem} ({split})", (r.image, r.mask.astype(np.float32), r.twin)))
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1, sort_keys=True))
     with open(out / "meta.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    cfg_dict = asdict(cfg)
-    cfg_dict.pop("out")
-    (out / "phantoms.json").write_text(json.dumps(cfg_dict, indent=1))
+    (out / "phantoms.json").write_text(json.dumps(_settings(cfg), indent=1))
     if cfg.preview and preview:
-        write_grid(out / "preview.png", [list(t) for _, t in preview])
-    return out
-
-
-def write_grid(path: Path, rows: list[list[np.ndarray]], pad: int = 2) -> None:
-    """Save rows of equally sized [0,1] grayscale/RGB tiles as one PNG."""
-    tiles = [[to_uint8(t if t.ndim == 3 else np.repeat(t[..., None], 3, -1)) for t in row] for row in rows]
-    h, w = tiles[0][0].shape[:2]
-    ncol = max(len(r) for r in tiles)
-    canvas = np.full((len(tiles) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 32, np.uint8)
-    for i, row in enumerate(tiles):
-        for j, tile in enumerate(row):
-            tile = np.asarray(Image.fromarray(tile).resize((w, h))) if tile.shape[:2] != (h, w) else tile
-            canvas[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = tile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+        write_grid(out / "preview.png", [list(t) for _, t in preview],
+                   column_labels=["image", "lesion mask", "healthy twin"], row_labels=[n for n, _ in preview],
+                   title=f"phantoms: {cfg.n} subjects x {cfg.slices} slices, {cfg.size} px, seed {cfg.seed}")
 
 
 def ensure_phantoms(out: str | Path, **kwargs) -> Path:
-    """Generate phantoms into ``out`` unless a complete set with the same settings is there."""
+    """Generate phantoms into ``out`` unless a complete set with the same settings is there.
+
+    A phantom set with other settings there is replaced; a folder holding anything else is refused.
+    """
     out = Path(out)
     cfg = PhantomConfig(out=str(out), **kwargs)
     stamp = out / "phantoms.json"
-    wanted = asdict(cfg)
-    wanted.pop("out")
-    if stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(wanted)):
+    if stamp.exists() and json.loads(stamp.read_text()) == _settings(cfg):
         return out
-    return generate(cfg)
+    return generate(cfg, overwrite=stamp.exists())

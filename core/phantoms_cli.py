@@ -1,29 +1,52 @@
-"""``negdpo phantoms --out DIR [--n N] [--size S] [--seed K] [--slices M]``."""
+"""``negdpo phantoms --out DIR [--n N] [--size S] [--seed K] [--slices M] [--overwrite_output_dir]``.
+
+The command owns what it writes in DIR (see ``negdpo.core.phantoms``): a folder holding another
+phantom set or other files is refused unless ``--overwrite_output_dir``, which removes the earlier
+set first; the same settings again simply rewrite it. A lock file keeps two runs out of one folder.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from .phantoms import MODALITIES, PhantomConfig, generate
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="negdpo phantoms", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="negdpo phantoms", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (scan folder layout + twins)")
-    p.add_argument("--n", type=int, default=40, help="number of subjects, split over modalities")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slices", type=int, default=2, help="images per subject")
-    p.add_argument("--healthy-fraction", type=float, default=0.25, help="share of healthy-only subjects")
+    p.add_argument("--n", type=int, default=40, help="number of subjects, split over modalities (default 40)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--slices", type=int, default=2, help="images per subject (default 2)")
+    p.add_argument("--healthy-fraction", type=float, default=0.25,
+                   help="share of healthy-only subjects (default 0.25)")
     p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
     p.add_argument("--no-preview", action="store_true", help="skip preview.png")
-    a = p.parse_args(argv)
+    p.add_argument("--overwrite_output_dir", "--overwrite-output-dir", action="store_true",
+                   help="replace an earlier phantom set (other files in --out are kept)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    out = generate(PhantomConfig(out=a.out, n=a.n, size=a.size, seed=a.seed, slices=a.slices,
-                                 healthy_fraction=a.healthy_fraction, modalities=tuple(a.modalities),
-                                 preview=not a.no_preview))
+    try:
+        cfg = PhantomConfig(out=a.out, n=a.n, size=a.size, seed=a.seed, slices=a.slices,
+                            healthy_fraction=a.healthy_fraction, modalities=tuple(a.modalities),
+                            preview=not a.no_preview)
+        out = generate(cfg, overwrite=a.overwrite_output_dir)
+    except (ValueError, OSError) as err:
+        if a.debug:
+            raise
+        print(f"negdpo phantoms: error: {err}", file=sys.stderr)
+        return 1
     n_img = a.n * a.slices
     dt = time.perf_counter() - t0
-    print(f"wrote {n_img} images ({a.size}px) to {out} in {dt:.1f}s ({n_img / dt:.0f} img/s); preview: {out / 'preview.png'}")
+    preview = f"; preview: {out / 'preview.png'}" if not a.no_preview else ""
+    print(f"wrote {n_img} images ({a.size}px) to {out} in {dt:.1f}s ({n_img / dt:.0f} img/s){preview}")
     return 0

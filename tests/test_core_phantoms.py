@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from negdpo.core.phantoms import PhantomConfig, generate
 from negdpo.core.scans import ScanFolder
 from scipy import ndimage
@@ -78,3 +79,53 @@ def test_lesions_vary(tmp_path):
     xs = [float(r["lesion_cx"]) for r in rows]
     assert min(areas) > 0 and max(areas) > 2 * min(areas)
     assert np.std(contrasts) > 0.05 and np.std(xs) > 5
+
+
+def test_rerun_never_leaves_old_images(tmp_path, capsys):
+    from negdpo.cli import main as negdpo
+
+    out = tmp_path / "ph"
+    assert negdpo(["phantoms", "--out", str(out), "--n", "12", "--size", "32", "--no-preview"]) == 0
+    (out / "notes.txt").write_text("mine")
+    # other settings into the same folder: refused in one line, nothing touched
+    assert negdpo(["phantoms", "--out", str(out), "--n", "3", "--size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings" in err and "--overwrite_output_dir" in err
+    assert len(list((out / "train_images").iterdir())) > 3
+    assert negdpo(["phantoms", "--out", str(out), "--n", "3", "--size", "32", "--overwrite_output_dir"]) == 0
+    rows = list(csv.DictReader(open(out / "meta.csv")))
+    listed = sorted(f"{s}/{p.name}" for s in ("train", "val", "test") for p in (out / f"{s}_images").glob("*.png"))
+    assert listed == sorted(f"{r['split']}/{r['file']}" for r in rows) and len(rows) == 6
+    assert (out / "notes.txt").read_text() == "mine"  # not the command's: kept
+    assert not (out / "negatives").exists() or {p.name for p in (out / "negatives").iterdir()} <= {
+        r["file"] for r in rows}
+    # the same settings again: rewritten in place, same bytes
+    before = _digest(out)
+    assert negdpo(["phantoms", "--out", str(out), "--n", "3", "--size", "32"]) == 0
+    assert _digest(out) == before
+
+
+def test_cli_user_errors_one_line(tmp_path, capsys):
+    from negdpo.cli import main as negdpo
+
+    assert negdpo(["phantoms", "--out", str(tmp_path / "x"), "--n", "0", "--size", "8"]) == 1
+    err = capsys.readouterr().err
+    assert err == "negdpo phantoms: error: phantoms: n=0: need at least 1 subject; size=8: need at least 16 px\n"
+    with pytest.raises(ValueError, match="need at least 1 subject"):
+        negdpo(["phantoms", "--out", str(tmp_path / "x"), "--n", "0", "--debug"])
+    with pytest.raises(SystemExit):  # no abbreviations: --overwrite is not --overwrite_output_dir
+        negdpo(["phantoms", "--out", str(tmp_path / "x"), "--overwrite"])
+
+
+def test_ensure_phantoms_replaces_other_settings_refuses_foreign_folder(tmp_path):
+    from negdpo.core.outdir import OutputDirError
+    from negdpo.core.phantoms import ensure_phantoms
+
+    out = ensure_phantoms(tmp_path / "e", n=4, size=32, preview=False)
+    stamp = (out / "meta.csv").stat().st_mtime_ns
+    assert ensure_phantoms(out, n=4, size=32, preview=False) == out and (out / "meta.csv").stat().st_mtime_ns == stamp
+    ensure_phantoms(out, n=3, size=32, preview=False)  # other settings: the old set is replaced, not topped up
+    assert len(list(csv.DictReader(open(out / "meta.csv")))) == 6 == len(list(out.glob("*_images/*.png")))
+    (tmp_path / "data" / "train_images").mkdir(parents=True)
+    with pytest.raises(OutputDirError, match="'train_images' was not written by negdpo"):
+        ensure_phantoms(tmp_path / "data", n=2, size=32)

@@ -72,15 +72,17 @@ def test_resume_keeps_everything(tmp_path):
 
 def test_unmarked_folder_is_never_wiped(tmp_path):
     (tmp_path / "metrics.csv").write_text("the user's own")
-    with pytest.raises(OutputDirError, match="files not written by negdpo"):
+    with pytest.raises(OutputDirError, match="not written by negdpo, so it is not replaced"):
         _run(tmp_path, {})
-    with pytest.raises(OutputDirError, match="'metrics.csv' was not written by negdpo, so it is not deleted"):
+    with pytest.raises(OutputDirError, match="'metrics.csv' was not written by negdpo, so it is not replaced or deleted"):
         _run(tmp_path, {}, overwrite=True)
     with pytest.raises(OutputDirError, match="not written by negdpo"):  # owned=None would mean everything
         prepare_output_dir(tmp_path, "tool", overwrite=True)
     assert (tmp_path / "metrics.csv").read_text() == "the user's own"
     (tmp_path / "metrics.csv").unlink()
-    (tmp_path / "README").write_text("unrelated")  # nothing the command owns: it writes beside it
+    (tmp_path / "README").write_text("unrelated")  # nothing the command owns: it writes beside it if told to
+    with pytest.raises(OutputDirError, match="files not written by negdpo .*--overwrite_output_dir to write beside"):
+        _run(tmp_path, {})
     _run(tmp_path, {}, overwrite=True)
     assert (tmp_path / "README").exists()
 
