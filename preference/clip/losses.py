@@ -1,7 +1,7 @@
 """CLIP objectives: DHN-NCE (baseline, paper and parity modes), CLIP-DPO, retention InfoNCE.
 
 Similarities are *scaled* cosines ``s = kappa * cos(f_img, f_txt)`` with ``kappa = exp(logit_scale)``
-held fixed. Formulas: ``docs/dpo_reference.md`` §4.2 and ``docs/medclipsamv2_reference.md`` §5.
+held fixed. Formulas: ``docs/method.md#clip-dpo``, ``#dhn-nce`` and ``#contrastive-retention``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,21 @@ DpoLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 # ---------------------------------------------------------------------------------------------- DHN-NCE
 def dhn_nce_loss(image_features: torch.Tensor, text_features: torch.Tensor, temperature: float = 0.6,
                  alpha: float = 0.0, beta1: float = 0.15, beta2: float = 0.15,
-                 mode: Literal["paper", "parity"] = "paper", batch_size: int | None = None) -> torch.Tensor:
+                 mode: Literal["paper", "parity"] = "paper", batch_size: int | None = None,
+                 text_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Decoupled hard-negative InfoNCE (MedCLIP-SAM's DHN-NCE) on a batch of matched features.
 
     ``mode="paper"``: L = mean_i l^{v->t}_i + mean_i l^{t->v}_i with hardness weights
-    w_ij = (B-1) softmax_{j!=i}(beta S_ij) and the positive weighted by ``alpha`` in the denominator.
+    w_ij = N_i softmax_{j in neg(i)}(beta S_ij) over the N_i negatives of row i and the positive weighted by
+    ``alpha`` in the denominator. ``text_ids`` (B,): rows with the same id carry the same caption (phantom
+    batches repeat the healthy text); such rows are not negatives of each other in either direction (by
+    default every j != i is a negative). A row with no negative and ``alpha`` = 0 has no contrast and is
+    left out of the mean (0 if no row is left).
     ``mode="parity"``: the public ``hnl.py`` behaviour, including its column-wise normaliser, beta only in
     the numerator, the mean over all B^2 entries and N = ``batch_size`` - 1 (``batch_size`` defaults to the
-    actual batch; the public training script passed the configured batch size). Features are
-    L2-normalised here; the model's logit scale is not used (fixed temperature).
+    actual batch; the public training script passed the configured batch size); ``text_ids`` is ignored
+    (the public code treats repeated captions as negatives). Features are L2-normalised here; the
+    model's logit scale is not used (fixed temperature).
     """
     dtype = torch.promote_types(image_features.dtype, torch.float32)
     v = F.normalize(image_features.to(dtype), dim=-1)
@@ -34,26 +40,36 @@ def dhn_nce_loss(image_features: torch.Tensor, text_features: torch.Tensor, temp
     n = v.shape[0]
     sim = v @ t.T / temperature
     if mode == "paper":
-        return _dhn_direction(sim, alpha, beta1) + _dhn_direction(sim.T, alpha, beta2)
+        if text_ids is None:
+            same = torch.eye(n, dtype=torch.bool, device=sim.device)
+        else:
+            ids = text_ids.to(sim.device)
+            same = ids[:, None] == ids[None, :]
+        return _dhn_direction(sim, alpha, beta1, same) + _dhn_direction(sim.T, alpha, beta2, same)
     if mode == "parity":
         big_n = (n if batch_size is None else batch_size) - 1
         return _dhn_parity(sim, alpha, beta1, beta2, big_n)
     raise ValueError(f"dhn_nce_loss: unknown mode {mode!r} (use 'paper' or 'parity')")
 
 
-def _dhn_direction(sim: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    n = sim.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+def _dhn_direction(sim: torch.Tensor, alpha: float, beta: float, same: torch.Tensor) -> torch.Tensor:
+    """Mean paper-mode row loss; ``same`` (B, B) bool marks the pairs that are not negatives (diagonal included)."""
     pos = sim.diagonal()
-    neg = sim.masked_fill(eye, float("-inf"))
-    # log w_ij = log(B-1) + log_softmax_{j != i}(beta * S_ij); log of the weighted negative sum:
-    log_w = math.log(max(n - 1, 1)) + torch.log_softmax((beta * sim).masked_fill(eye, float("-inf")), dim=1)
-    log_neg = torch.logsumexp(neg + log_w, dim=1) if n > 1 else torch.full_like(pos, float("-inf"))
+    n_neg = (~same).sum(dim=1)
+    has_neg = n_neg > 0
+    # rows without a negative get dummy entries (finite, discarded below) so no NaN reaches the gradient
+    excluded = same & has_neg[:, None]
+    # log w_ij = log N_i + log_softmax_{j in neg(i)}(beta * S_ij); log of the weighted negative sum:
+    log_w = torch.log(n_neg.clamp_min(1).to(sim.dtype))[:, None] + torch.log_softmax(
+        (beta * sim).masked_fill(excluded, float("-inf")), dim=1)
+    log_neg = torch.logsumexp((sim + log_w).masked_fill(excluded, float("-inf")), dim=1)
+    log_neg = torch.where(has_neg, log_neg, float("-inf") if alpha > 0 else 0.0)
     terms = [log_neg]
     if alpha > 0:
         terms.append(math.log(alpha) + pos)
-    log_den = torch.logsumexp(torch.stack(terms), dim=0)
-    return (log_den - pos).mean()
+    rows = torch.logsumexp(torch.stack(terms), dim=0) - pos
+    keep = has_neg | (alpha > 0)
+    return rows[keep].mean() if bool(keep.any()) else (0.0 * sim).sum()
 
 
 def _dhn_parity(sim: torch.Tensor, alpha: float, beta1: float, beta2: float, big_n: int) -> torch.Tensor:
@@ -74,16 +90,17 @@ def clip_dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, re
                   ref_rejected: torch.Tensor, beta: float, loss_type: DpoLossType = "sigmoid",
                   label_smoothing: float = 0.0, reduce: bool = True
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO on per-pair scaled similarities (the partition function cancels, §4.2).
+    """DPO on per-pair scaled similarities (the partition function cancels, docs/method.md#clip-dpo).
 
-    h = (s_c - s_r) - (s_ref_c - s_ref_r); sigmoid: -log sigma(beta h) (label-smoothed / robust when
-    ``label_smoothing`` > 0), ipo: (h - 1/(2 beta))^2, hinge: relu(1 - beta h). Returns (loss, metrics) with
-    the mean loss (or per-pair losses with ``reduce=False``) and TRL metric names; ``rewards/accuracies``
-    uses the strict rule (ties count as wrong).
+    h = (s_c - s_r) - (s_ref_c - s_ref_r), the reference terms detached (no gradient reaches them).
+    sigmoid: -log sigma(beta h) (label-smoothed / robust when ``label_smoothing`` > 0); ipo: (h - 1/(2 beta))^2
+    (TRL's IPO, beta as the regulariser tau; 1/(4 beta^2) at h = 0); hinge: relu(1 - beta h). Returns
+    (loss, metrics) with the mean loss (or per-pair losses with ``reduce=False``) and TRL metric names;
+    ``rewards/accuracies`` uses the strict rule (ties count as wrong).
     """
     pi = policy_chosen - policy_rejected
-    ref = ref_chosen.to(pi.dtype) - ref_rejected.to(pi.dtype)
-    h = pi - ref
+    ref_chosen, ref_rejected = ref_chosen.detach().to(pi.dtype), ref_rejected.detach().to(pi.dtype)
+    h = pi - (ref_chosen - ref_rejected)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
     elif loss_type == "robust":
@@ -95,8 +112,8 @@ def clip_dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, re
         losses = torch.relu(1 - beta * h)
     else:
         raise ValueError(f"clip_dpo_loss: unknown loss_type {loss_type!r} (sigmoid, robust, ipo, hinge)")
-    chosen_r = (beta * (policy_chosen - ref_chosen.to(pi.dtype))).detach()
-    rejected_r = (beta * (policy_rejected - ref_rejected.to(pi.dtype))).detach()
+    chosen_r = (beta * (policy_chosen - ref_chosen)).detach()
+    rejected_r = (beta * (policy_rejected - ref_rejected)).detach()
     metrics = {
         "rewards/chosen": chosen_r.mean(),
         "rewards/rejected": rejected_r.mean(),
