@@ -1,4 +1,4 @@
-"""Metrics against hand-computed cases and the reference doc §9 numbers (parity slab NSD)."""
+"""Metrics against hand-computed cases and independent parity slab NSD numbers (docs/method.md#metrics)."""
 
 import math
 

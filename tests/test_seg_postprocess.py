@@ -1,4 +1,4 @@
-"""k-means / threshold / component filter / boxes / points (reference doc §9, 12-15), SAM prompting."""
+"""k-means / threshold / component filter / boxes / points (docs/method.md#post-processing), SAM prompting."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Mask-aware two-stage objective on ViT patch tokens (research note 001, idea 5).
+"""Mask-aware two-stage objective on ViT patch tokens (docs/method.md#two-stage-ot).
 
 Stage 1 (pairs of positives): entropic OT (POT ``ot.sinkhorn2``, differentiable through the torch
 backend) between the two images' lesion patch tokens, plus a lesion-vs-background InfoNCE.

@@ -1,4 +1,4 @@
-"""CLIP Surgery saliency (Li et al. 2023; research note 003): training-free, two ideas.
+"""CLIP Surgery saliency (Li et al. 2023; docs/method.md#clip-surgery): training-free, two ideas.
 
 1. Architecture surgery, a second "v-v" path: from block ``start`` on, every block's attention
    input (norm1 of the original stream) is also run through a self-attention whose query and key

@@ -1,0 +1,120 @@
+"""The docs are self-contained: nothing points outside the repository, every anchor of docs/method.md cited
+in code exists, and every ``negdpo.*`` name that docs/method.md cites is defined in the code."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = ROOT / "docs" / "method.md"
+SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".cfg", ".txt"}
+SKIP_DIRS = {".git", "outputs", "data", "build", "dist", "node_modules", "__pycache__"}
+# Patterns are assembled from pieces so that this file does not match them itself.
+OUTSIDE = [
+    re.compile("DESIGN" + r"\.md"),  # the team's design notes
+    re.compile(r"\.\./" + "shared"),
+    re.compile("/work/" + "shared"),
+    re.compile("docs/" + r"(?!method\.md)[\w.-]+\.md"),  # any doc but docs/method.md
+    re.compile("\u00a7" + r"\s*\d"),  # "section N" of some document not in the repository
+    re.compile("research " + r"note \d", re.IGNORECASE),
+]
+CITE = re.compile(r"docs/method\.md#([A-Za-z0-9_-]+)")
+LEAD_PENDING = "README.md"  # the lead rewrites its two design-notes references (see the xfail test below)
+
+
+def repo_files() -> list[Path]:
+    out = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if (path.is_file() and path.suffix in SUFFIXES and not any(p in SKIP_DIRS or p.startswith(".")
+                                                                   or p.endswith(".egg-info") for p in rel.parts)):
+            out.append(path)
+    return sorted(out)
+
+
+def outside_refs(path: Path) -> list[str]:
+    text = path.read_text(errors="replace")
+    return [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+            for pat in OUTSIDE for m in pat.finditer(text)]
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's heading slug: lower case, punctuation other than '-' and '_' dropped, spaces -> '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def method_anchors() -> set[str]:
+    return {github_anchor(m.group(2)) for m in re.finditer(r"^(#{1,6})\s+(.+)$", METHOD.read_text(), re.M)}
+
+
+def test_github_anchor_rule():
+    assert github_anchor("Diffusion-DPO") == "diffusion-dpo"
+    assert github_anchor("Method: every formula the code implements") == "method-every-formula-the-code-implements"
+    assert github_anchor("Two-stage OT") == "two-stage-ot"
+
+
+def test_no_references_outside_the_repository():
+    files = [p for p in repo_files() if p.relative_to(ROOT).as_posix() != LEAD_PENDING]
+    assert METHOD in files and len(files) > 20
+    bad = [hit for p in files for hit in outside_refs(p)]
+    assert not bad, "references to files outside the repository:\n" + "\n".join(bad)
+
+
+@pytest.mark.xfail(strict=True, reason="README.md is the lead's to fix; drop this marker once it passes")
+def test_readme_has_no_references_outside_the_repository():
+    assert not outside_refs(ROOT / LEAD_PENDING)
+
+
+def test_outside_patterns_catch_what_they_should(tmp_path):
+    f = tmp_path / "x.md"
+    f.write_text("see DESIGN" + ".md \u00a7" + "3 and docs/" + "dpo_reference.md, not docs/method.md#conventions")
+    hits = [pat.pattern for pat in OUTSIDE if pat.search(f.read_text())]
+    assert len(hits) == 3
+
+
+def test_every_cited_anchor_exists():
+    anchors = method_anchors()
+    cited = {(p.relative_to(ROOT).as_posix(), a) for p in repo_files() for a in CITE.findall(p.read_text(errors="replace"))}
+    internal = {("docs/method.md", a) for a in re.findall(r"\]\(#([A-Za-z0-9_-]+)\)", METHOD.read_text())}
+    missing = sorted(f"{f}: #{a}" for f, a in cited | internal if a not in anchors)
+    assert not missing, "anchors missing from docs/method.md:\n" + "\n".join(missing)
+    assert {"diffusion-dpo", "conventions", "data-contracts", "metrics"} <= anchors
+
+
+def _defined(dotted: str) -> bool:
+    """Whether ``negdpo.pkg.module[.name[.attr]]`` names a module or a top-level definition in one."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 1, -1):
+        try:
+            spec = importlib.util.find_spec(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None:
+            continue
+        rest = parts[i:]
+        if not rest:
+            return True
+        tree = ast.parse(Path(spec.origin).read_text())
+        for node in tree.body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else []
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            if rest[0] in names:
+                if len(rest) == 1 or not isinstance(node, ast.ClassDef):
+                    return len(rest) == 1
+                return any(getattr(n, "name", None) == rest[1] for n in node.body)
+        return False
+    return False
+
+
+def test_cited_code_names_exist():
+    names = sorted(set(re.findall(r"`(negdpo(?:\.\w+)+)", METHOD.read_text())))
+    assert len(names) > 30
+    missing = [n for n in names if not _defined(n)]
+    assert not missing, "docs/method.md cites names the code does not define:\n" + "\n".join(missing)
