@@ -61,3 +61,10 @@ def adapted_tiny_sd(phantom_dir, tmp_path_factory) -> str:
                                  steps=50, batch_size=8, lr=3e-3, seed=0)
     finally:
         torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    """``slow``: real-size or long runs, deselected by default (run them with ``-m slow``)."""
+    config.addinivalue_line("markers", "slow: real-size or long runs; deselected unless selected with -m slow")
+    if not config.option.markexpr:
+        config.option.markexpr = "not slow"

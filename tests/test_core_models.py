@@ -96,3 +96,34 @@ def test_sam_checkpoint_loaded_with_weights_only(tmp_path):
     torch.save({"state": state, "obj": Path("x")}, evil)  # arbitrary object => needs full unpickling
     with pytest.raises(Exception, match="(?i)weights_only|Unsupported global"):
         load_sam("vit_b", checkpoint=evil)
+
+
+def test_phantom_captions_fit_the_tiny_text_encoder(tiny_sd_path):
+    """Every phantom caption encodes within 77 tokens (no truncation warnings): whole words are tokens."""
+    from negdpo.core.phantoms import _describe
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
+    lesion = type("L", (), {"cx": 10.0, "cy": 50.0, "contrast": -0.3, "ring": True, "radius": 20.0,
+                            "harmonics": [(0.2, 0.0)]})()
+    captions = [_describe(m, les, 64) for m in ("mri", "ultrasound") for les in (None, lesion)]
+    longest = max(captions, key=len)
+    assert len(longest) > 90  # char-level BPE (the v1 preset) needed > 77 tokens for this one
+    for text in captions:
+        assert len(tok(text).input_ids) <= 40
+
+
+def test_loading_clip_prints_no_root_info(caplog):
+    """open_clip's progress messages go to the root logger at INFO; loading keeps them out of it."""
+    import logging
+
+    from negdpo.core.models import load_clip
+
+    with caplog.at_level(logging.INFO):
+        load_clip("tiny")
+    assert not [r for r in caplog.records if r.name == "root" and r.levelno == logging.INFO]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):  # still there for whoever asks for DEBUG, under our module logger
+        load_clip("tiny")
+    assert not [r for r in caplog.records if r.name == "root" and r.levelno == logging.INFO]
+    assert any("open_clip:" in r.getMessage() for r in caplog.records if r.name == "negdpo.core.models.clip")
