@@ -1,6 +1,7 @@
 """Scoped attention capture (no patching), entropy, and the two-stage OT objective."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,10 +9,18 @@ from negdpo.preference.clip.attention import (
     attention_entropy,
     attention_mask_pull,
     capture_attention,
+    cls_patch_attention,
     mask_to_patches,
     vision_trunk,
 )
-from negdpo.preference.clip.ot import curriculum_weight, sinkhorn_cost, two_stage_loss
+from negdpo.preference.clip.ot import (
+    curriculum_weight,
+    lesion_infonce,
+    sinkhorn_cost,
+    stage1_loss,
+    stage2_loss,
+    two_stage_loss,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +94,66 @@ def test_entropy_and_mask_pull_gradients(model):
     assert attention_entropy(hot).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def _cls_rows(rows):
+    """(blocks, B=1, heads, N, N) probabilities whose CLS rows are ``rows`` [blocks][heads] (other rows uniform)."""
+    n = len(rows[0][0])
+    out = torch.full((len(rows), 1, len(rows[0]), n, n), 1.0 / n, dtype=torch.float64)
+    for b, heads in enumerate(rows):
+        for h, r in enumerate(heads):
+            out[b, 0, h, 0] = torch.tensor(r, dtype=torch.float64)
+    return out
+
+
+def test_entropy_hand_values():
+    """Per-head entropy of the CLS->patch row, renormalised over patches, then head and block means."""
+    probs = _cls_rows([[[0.2, 0.4, 0.2, 0.2], [0.1, 0.3, 0.3, 0.3]],  # patches [.5 .25 .25] and uniform
+                       [[0.0, 1.0, 0.0, 0.0], [0.5, 0.25, 0.25, 0.0]]])  # one-hot and [.5 .5 0]
+    h = [1.5 * math.log(2), math.log(3), 0.0, math.log(2)]
+    assert attention_entropy(probs, normalized=False).item() == pytest.approx(sum(h) / 4, abs=1e-9)
+    assert attention_entropy(probs).item() == pytest.approx(sum(h) / 4 / math.log(3), abs=1e-9)
+    assert attention_entropy(probs[0]).item() == pytest.approx((h[0] + h[1]) / 2 / math.log(3), abs=1e-9)
+    # two prefix tokens: token 1 (0.4) is not a patch, the two patches [.2 .2] are uniform
+    assert attention_entropy(probs[:1, :, :1], num_prefix_tokens=2).item() == pytest.approx(1.0, abs=1e-9)
+    torch.testing.assert_close(cls_patch_attention(probs[0], 1)[0, 0], torch.tensor([0.5, 0.25, 0.25],
+                                                                                    dtype=torch.float64))
+
+
+def test_mask_pull_and_patch_mask_hand_values():
+    probs = _cls_rows([[[0.2, 0.4, 0.2, 0.2], [0.1, 0.3, 0.3, 0.3]]])[0]  # (B=1, heads 2, 4, 4)
+    pm = torch.tensor([[1.0, 0.0, 0.5]], dtype=torch.float64)  # q = [2/3, 0, 1/3]
+    ce0 = -(2 / 3 * math.log(0.5) + 1 / 3 * math.log(0.25))
+    ce1 = -math.log(1 / 3)
+    assert attention_mask_pull(probs, pm).item() == pytest.approx((ce0 + ce1) / 2, abs=1e-9)
+    two = torch.cat([probs, probs])
+    pull = attention_mask_pull(two, torch.cat([pm, torch.zeros_like(pm)]))
+    assert pull[1].item() == 0.0 and pull[0].item() == pytest.approx((ce0 + ce1) / 2, abs=1e-9)
+    mask = torch.zeros(1, 4, 6)
+    mask[0, :2, :3] = 1
+    mask[0, 3, 5] = 1
+    torch.testing.assert_close(mask_to_patches(mask, (2, 2)), torch.tensor([[1.0, 0.0, 0.0, 1 / 6]]))
+
+
+def test_capture_reads_prefix_tokens_from_the_model():
+    """Defect: the prefix count was hard-coded to 1; a ViT with register tokens has CLS + registers."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                            depth=2, num_heads=2, reg_tokens=2, num_classes=0).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        vit.blocks[-1].attn.qkv.weight.mul_(8.0)  # sharper than random-init (near uniform) attention
+    with torch.no_grad(), capture_attention(vit, (-1,)) as rec:
+        vit(torch.randn(2, 3, 32, 32))
+    assert rec.num_prefix_tokens == 3
+    probs = rec.stacked()
+    assert probs.shape == (1, 2, 2, 19, 19)
+    row = probs[0, :, :, 0, 3:]
+    p = row / row.sum(-1, keepdim=True)
+    manual = (-(p * p.log()).sum(-1) / math.log(16)).mean(-1)
+    torch.testing.assert_close(attention_entropy(probs, rec.num_prefix_tokens), manual)
+    assert not torch.allclose(attention_entropy(probs, 1), manual)
+
+
 def test_sinkhorn_self_below_cross_and_order_invariant():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(20, 16, generator=g, dtype=torch.float64)
@@ -101,12 +170,30 @@ def test_sinkhorn_self_below_cross_and_order_invariant():
 def test_two_stage_loss_and_curriculum():
     assert curriculum_weight(0, 100) == 0.0 and curriculum_weight(100, 100) == 1.0
     assert curriculum_weight(50, 100) == pytest.approx(0.5)
-    tok_pos = torch.randn(3, 16, 8, requires_grad=True)
-    tok_neg = torch.randn(3, 16, 8)
+    assert curriculum_weight(20, 100) == 0.0 and curriculum_weight(80, 100) == 1.0  # clipped outside [.3, .7]
+    assert curriculum_weight(40, 100) == pytest.approx(0.25)
+    assert curriculum_weight(5, 0) == 1.0
+    assert curriculum_weight(49, 100, 0.5, 0.5) == 0.0 and curriculum_weight(50, 100, 0.5, 0.5) == 1.0
+    g = torch.Generator().manual_seed(0)
+    tok_pos = torch.randn(3, 16, 8, generator=g, requires_grad=True)
+    tok_neg = torch.randn(3, 16, 8, generator=g)
     masks = torch.zeros(3, 16)
     masks[:, 5:8] = 1.0
+    s1 = torch.stack([stage1_loss(tok_pos[i], masks[i], tok_pos[(i + 1) % 3], masks[(i + 1) % 3])[0]
+                      for i in range(3)]).mean()
+    s2 = torch.stack([stage2_loss(tok_pos[i], masks[i], tok_neg[i])[0] for i in range(3)]).mean()
     for w in (0.0, 0.5, 1.0):
         loss, logs = two_stage_loss(tok_pos, masks, tok_neg, w)
-        assert torch.isfinite(loss) and logs["stages/weight2"] == w
+        assert loss.item() == pytest.approx(((1 - w) * s1 + w * s2).item(), rel=1e-6)
+        assert logs["stages/weight2"] == w
     loss.backward()
     assert tok_pos.grad.abs().sum() > 0
+
+
+def test_lesion_infonce_hand_value():
+    anchors = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    pos = torch.tensor([2.0, 0.0], dtype=torch.float64)  # cos 1
+    bg = torch.tensor([[0.0, 3.0], [-1.0, 0.0]], dtype=torch.float64)  # cos 0 and -1
+    tau = 0.5
+    expect = -math.log(math.exp(2) / (math.exp(2) + math.exp(0) + math.exp(-2)))
+    assert lesion_infonce(anchors, pos, bg, tau).item() == pytest.approx(expect, abs=1e-12)

@@ -9,6 +9,7 @@ the instance, and leaving the context removes the hooks. Costs one extra q/k pro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -43,7 +44,13 @@ def _attn_probs(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None
 
 
 class AttentionRecord(dict):
-    """{block index: (B, heads, N, N) probabilities} filled during forwards inside the context."""
+    """{block index: (B, heads, N, N) probabilities} filled during forwards inside the context.
+
+    ``num_prefix_tokens``: the tower's non-patch tokens (CLS + registers), read from the timm trunk; pass it to
+    :func:`attention_entropy` / :func:`attention_mask_pull`.
+    """
+
+    num_prefix_tokens: int = 1
 
     def stacked(self) -> torch.Tensor:
         """(blocks, B, heads, N, N) in block order."""
@@ -60,6 +67,7 @@ def capture_attention(model: nn.Module, blocks: Sequence[int] = (-1,)) -> Iterat
     trunk = vision_trunk(model)
     n_blocks = len(trunk.blocks)
     record = AttentionRecord()
+    record.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
     handles = []
     try:
         for raw in blocks:
@@ -81,7 +89,11 @@ def capture_attention(model: nn.Module, blocks: Sequence[int] = (-1,)) -> Iterat
 
 
 def cls_patch_attention(probs: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """CLS->patch attention renormalised over patches: (..., heads, N, N) -> (..., heads, P)."""
+    """CLS->patch attention renormalised over patches: (..., heads, N, N) -> (..., heads, P).
+
+    Token 0 is the CLS token and the first ``num_prefix_tokens`` tokens are not patches (timm layout; 1 for a
+    ViT without registers such as BiomedCLIP; use ``AttentionRecord.num_prefix_tokens`` of the capture).
+    """
     row = probs[..., 0, num_prefix_tokens:]
     return row / row.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -95,7 +107,7 @@ def attention_entropy(probs: torch.Tensor, num_prefix_tokens: int = 1, normalize
     p = cls_patch_attention(probs, num_prefix_tokens)
     ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)  # (..., B, heads)
     if normalized:
-        ent = ent / torch.log(torch.tensor(float(p.shape[-1])))
+        ent = ent / math.log(p.shape[-1])
     ent = ent.mean(-1)
     return ent.reshape(-1, ent.shape[-1]).mean(0)
 
