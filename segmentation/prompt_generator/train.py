@@ -1,0 +1,295 @@
+"""Train the prompt generator (stage 2: pseudo-labels; or ground truth: the supervised ceiling).
+
+    accelerate launch seg_train.py                                  # configs/seg_demo.yaml: phantoms, tiny SAM
+    accelerate launch seg_train.py --data DIR --targets EVAL_OUT --sam vit_b --sam_checkpoint sam_vit_b.pth
+
+``targets``: empty = the scan folder's ground-truth masks; a ``negdpo evaluate`` output folder = its
+pseudo-labels (``masks/``; ``targets_checkpoint`` picks one when it holds several); any other folder =
+one mask per image. SAM stays frozen; the generator (and optional adapters) train with the Hungarian-
+matched set loss. Outputs: ``final/`` (load with ``prompt-generator:DIR``), ``checkpoint-*/``,
+``metrics.jsonl``, ``summary.json`` (loss and Dice on the training images before / after), ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from negdpo.core.config import check, check_choice, check_positive
+from negdpo.core.training import TrainConfig
+
+from .data import Sample, collate, load_samples
+from .inference import load_trainable, save_prompt_generator
+from .matching import LossWeights, set_loss
+from .model import GeneratorConfig, PromptSAM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SegTrainConfig(TrainConfig):
+    run_name: str = "seg_demo"
+    learning_rate: float = 1e-3
+    train_batch_size: int = 2
+    max_train_steps: int = 100
+    # data
+    data: str = field(default="", metadata={"help": "scan folder; empty = phantoms next to the output folder"})
+    phantoms_n: int = 12
+    phantoms_size: int = 64
+    phantoms_seed: int = 0
+    train_split: str = "train"
+    targets: str = field(default="", metadata={"help": "'' = ground truth | a negdpo evaluate output | a mask folder"})
+    targets_checkpoint: str = field(default="", metadata={"help": "checkpoint subfolder of an evaluate output"})
+    class_values: list[int] = field(default_factory=list, metadata={
+        "help": "mask pixel value of each class (empty: any non-zero pixel is the one class)"})
+    target_mode: str = field(default="components", metadata={"help": "components | classes: what one target is"})
+    min_target_area: int = 1
+    max_train_images: int | None = None
+    eval_images: int = field(default=16, metadata={"help": "training images scored before / after (0 = none)"})
+    cache_features: bool = field(default=True, metadata={
+        "help": "encode each image once (frozen encoder, no encoder adapters) if it fits cache_max_gb"})
+    cache_max_gb: float = 4.0
+    # model
+    sam: str = field(default="tiny", metadata={"help": "tiny | vit_b | vit_l | vit_h"})
+    sam_checkpoint: str | None = None
+    num_queries: int = 4
+    hidden_dim: int = 64
+    prompts: str = field(default="box+mask", metadata={"help": "box+mask | box | mask: prompts given to SAM"})
+    encoder_adapters: bool = False
+    decoder_adapters: bool = True
+    adapter_dim: int = 16
+    score_threshold: float = 0.5
+    # loss (cost and loss weights, DETR / MaskSAM)
+    weight_class: float = 2.0
+    weight_l1: float = 5.0
+    weight_giou: float = 2.0
+    weight_bce: float = 5.0
+    weight_dice: float = 5.0
+    no_object_weight: float = 0.1
+    aux_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "num_queries", "hidden_dim", "adapter_dim", "min_target_area")
+        check_choice(self, "target_mode", ("components", "classes"))
+        check_choice(self, "prompts", ("box+mask", "box", "mask"))
+        check(0 <= self.no_object_weight <= 1, "no_object_weight", self.no_object_weight, "must be in [0, 1]")
+        check(self.eval_images >= 0, "eval_images", self.eval_images, "must be >= 0")
+
+    def generator_config(self) -> GeneratorConfig:
+        ckpt = str(Path(self.sam_checkpoint).resolve()) if self.sam_checkpoint else None
+        return GeneratorConfig(num_queries=self.num_queries, num_classes=max(1, len(self.class_values)),
+                               hidden_dim=self.hidden_dim, prompts=self.prompts, encoder_adapters=self.encoder_adapters,
+                               decoder_adapters=self.decoder_adapters, adapter_dim=self.adapter_dim, sam=self.sam,
+                               sam_checkpoint=ckpt)
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(cls=self.weight_class, l1=self.weight_l1, giou=self.weight_giou, bce=self.weight_bce,
+                           dice=self.weight_dice, no_object_weight=self.no_object_weight, aux_weight=self.aux_weight)
+
+
+def resolve_data(cfg: SegTrainConfig, out: Path) -> Path:
+    if cfg.data:
+        return Path(cfg.data)
+    from negdpo.core.phantoms import ensure_phantoms
+
+    return ensure_phantoms(out.parent / f"phantoms_n{cfg.phantoms_n}_s{cfg.phantoms_size}_seed{cfg.phantoms_seed}",
+                           n=cfg.phantoms_n, size=cfg.phantoms_size, seed=cfg.phantoms_seed, slices=2, preview=False)
+
+
+@torch.no_grad()
+def cache_features(model: PromptSAM, samples: list[Sample], max_gb: float) -> bool:
+    """Encode every image once (frozen encoder) and keep the hooked features on the CPU, if they fit."""
+    if model.cfg.encoder_adapters or not samples:
+        return False
+    device = model.sam.device
+    first = model.encode(samples[0].image[None].to(device))
+    per_image = sum(t[0].numel() for t in [*first["blocks"], first["neck"]]) * 4
+    if per_image * len(samples) > max_gb * 2**30:
+        logger.info("feature cache would need %.1f GB > cache_max_gb; encoding every step",
+                    per_image * len(samples) / 2**30)
+        return False
+    for s in samples:
+        f = model.encode(s.image[None].to(device))
+        s.features = {"blocks": [b[0].cpu() for b in f["blocks"]], "neck": f["neck"][0].cpu()}
+    return True
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = dict(batch, input_hw=batch["input_hw"].to(device),
+               targets=[{k: v.to(device) for k, v in t.items()} for t in batch["targets"]])
+    if "features" in batch:
+        out["features"] = {"blocks": [b.to(device) for b in batch["features"]["blocks"]],
+                           "neck": batch["features"]["neck"].to(device)}
+    else:
+        out["images"] = batch["images"].to(device)
+    return out
+
+
+def forward(model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return model(images=batch.get("images"), input_hw=batch["input_hw"], features=batch.get("features"))
+
+
+@torch.no_grad()
+def score(model: PromptSAM, samples: list[Sample], weights: LossWeights, threshold: float,
+          device: torch.device) -> dict[str, float]:
+    """Mean set loss, and mean Dice of the predicted union mask (final: ``dice``; auxiliary: ``aux_dice``; queries
+    scoring >= threshold) vs the target union in the mask frame, over ``samples``."""
+    was = model.training
+    model.eval()
+    rows = []
+    for s in samples:
+        batch = _to(collate([s]), device)
+        out = forward(model, batch)
+        loss, _ = set_loss(out, batch["targets"], weights, model.cfg.num_classes)
+        keep = (1 - out["logits"][0].float().softmax(-1)[:, -1]) >= threshold
+        t = batch["targets"][0]["masks"]
+        gt = t.amax(0) if len(t) else torch.zeros(out["masks"].shape[-2:], device=device)
+        row = {"loss": float(loss)}
+        for key, name in (("masks", "dice"), ("aux_masks", "aux_dice")):
+            pred = ((out[key][0] > 0) & keep[:, None, None]).any(0).float()
+            denom = float(pred.sum() + gt.sum())
+            row[name] = 1.0 if denom == 0 else float(2 * (pred * gt).sum()) / denom
+        rows.append(row)
+    model.train(was)
+    return {k: sum(r[k] for r in rows) / max(len(rows), 1) for k in ("loss", "dice", "aux_dice")}
+
+
+def train(cfg: SegTrainConfig) -> dict[str, Any]:
+    """Run one training; returns the summary (also written to ``output_dir/summary.json``)."""
+    from negdpo.core.models import load_sam
+    from negdpo.core.training import (
+        MetricsLog,
+        NonFiniteGuard,
+        clip_gradients,
+        epoch_batches,
+        finish_run,
+        make_optimizer,
+        make_scheduler,
+        resume_step,
+        save_checkpoint,
+        start_run,
+        stop_nonfinite,
+    )
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    run = start_run(cfg, "segmentation", owner="seg_train")
+    accelerator, out = run.accelerator, run.out
+    with accelerator.main_process_first():
+        data = resolve_data(cfg, out)
+    device = accelerator.device
+    sam = load_sam(cfg.sam, cfg.sam_checkpoint, device)
+    model = PromptSAM(sam, cfg.generator_config()).to(device)
+    samples = load_samples(sam, data, cfg.train_split, cfg.targets, cfg.targets_checkpoint, cfg.class_values,
+                           cfg.target_mode, cfg.min_target_area, cfg.max_train_images)
+    n_targets = sum(int(s.target["labels"].numel()) for s in samples)
+    logger.info("%d training images, %d targets (%s)", len(samples), n_targets, cfg.target_mode)
+    cached = cfg.cache_features and cache_features(model, samples, cfg.cache_max_gb)
+    weights = cfg.loss_weights()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    scheduler = make_scheduler(optimizer, cfg, accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    base = accelerator.unwrap_model(model)
+
+    def save_hook(models, state, output_dir):  # only the generator + adapters, not SAM
+        if accelerator.is_main_process:
+            for m in models:
+                save_prompt_generator(accelerator.unwrap_model(m), output_dir)
+        while state:
+            state.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            load_trainable(accelerator.unwrap_model(models.pop()), Path(input_dir) / "prompt_generator.safetensors")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    step = resume_step(run, cfg)
+    metrics_log = MetricsLog(run, step)
+    eval_set = samples[: cfg.eval_images]
+    summary: dict[str, Any] = {"output_dir": str(out), "train_images": len(samples), "targets": n_targets,
+                               "feature_cache": bool(cached)}
+    if eval_set:
+        summary["before"] = score(base, eval_set, weights, cfg.score_threshold, device)
+        accelerator.print(f"training images before: {summary['before']}")
+    guard = NonFiniteGuard(cfg.max_nonfinite_grad_steps)
+    progress = tqdm(range(cfg.max_train_steps), initial=step, desc="seg_train", disable=not accelerator.is_local_main_process)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    model.train()
+    while step < cfg.max_train_steps:
+        logs: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            flat = step * cfg.gradient_accumulation_steps + micro
+            idx = epoch_batches(len(samples), cfg.train_batch_size, flat, cfg.seed, world, rank)
+            batch = _to(collate([samples[i] for i in idx]), device)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    outputs = forward(model, batch)
+                loss, m = set_loss(outputs, batch["targets"], weights, base.cfg.num_classes)
+                if not guard.loss_ok(accelerator, loss):
+                    raise stop_nonfinite(run, step, f"loss became {float(loss)}", cfg.checkpoints_total_limit)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm)
+                    m["grad_norm"] = float(grad_norm)
+                    if not guard.grads_ok(grad_norm):
+                        optimizer.zero_grad(set_to_none=True)
+                        if guard.exhausted:
+                            raise stop_nonfinite(run, step, f"gradient norm non-finite on {guard.bad_grads} "
+                                                 "consecutive steps", cfg.checkpoints_total_limit)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in m.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+        step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        logs["lr"] = scheduler.get_last_lr()[0]
+        if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+            metrics_log.log(step, logs)
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
+            save_checkpoint(run, step, cfg.checkpoints_total_limit)
+    progress.close()
+    accelerator.wait_for_everyone()
+    if eval_set:
+        summary["after"] = score(base, eval_set, weights, cfg.score_threshold, device)
+        accelerator.print(f"training images after: {summary['after']}")
+    if accelerator.is_main_process:
+        meta = {"score_threshold": cfg.score_threshold, "steps": step, "data": str(data), "targets": cfg.targets or "gt",
+                "targets_checkpoint": cfg.targets_checkpoint, "class_values": cfg.class_values,
+                "target_mode": cfg.target_mode}
+        save_prompt_generator(base, out / "final", meta)
+        summary.update(steps=step, checkpoint=str((out / "final").resolve()), metrics=str(metrics_log.path),
+                       wall_s=round(time.time() - t_start, 1))
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    finish_run(run)
+    return summary
+
+
+def _run(argv: list[str]) -> int:
+    from negdpo.core.config import bundled_config, parse_config
+
+    cfg = parse_config(SegTrainConfig, argv, default_config=str(bundled_config("seg_demo.yaml")))
+    summary = train(cfg)
+    if "checkpoint" in summary:
+        b, a = summary.get("before", {}), summary.get("after", {})
+        print(f"\ndone in {summary['wall_s']} s ({summary['steps']} steps, {summary['train_images']} images, "
+              f"{summary['targets']} targets)")
+        if a:
+            print(f"  training images: loss {b['loss']:.4f} -> {a['loss']:.4f}, Dice {b['dice']:.4f} -> {a['dice']:.4f}")
+        print(f"  generator: {summary['checkpoint']} (negdpo evaluate --segmenter prompt-generator:{summary['checkpoint']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from negdpo.core.console import run_main
+
+    return run_main("seg_train", _run, argv)
