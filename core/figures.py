@@ -86,7 +86,7 @@ def render_grid(rows: Sequence[Sequence[np.ndarray]], column_labels: Sequence[st
     left = 0
     if row_labels:
         left = min(tw, max(_text_size(probe, str(t), f)[0] for t in row_labels) + 2 * pad)
-    top = (line + pad if title else 0) + (line + pad if column_labels else 0)
+    top = (line + 2 * pad if title else 0) + (line + pad if column_labels else 0)
     legend_h = line + 2 * pad if legend else 0
     width = left + ncol * (tw + pad) + pad
     height = top + len(tiles) * (th + pad) + pad + legend_h
@@ -95,7 +95,7 @@ def render_grid(rows: Sequence[Sequence[np.ndarray]], column_labels: Sequence[st
     y = pad
     if title:
         draw.text((pad, y), _fit(draw, title, f, width - 2 * pad), fill=TEXT, font=f)
-        y += line
+        y += line + 2 * pad
     if column_labels:
         for j, label in enumerate(column_labels[:ncol]):
             text = _fit(draw, str(label), f, tw)

@@ -6,6 +6,9 @@ Example (offline, tiny models)::
     negdpo evaluate --data /tmp/ph --split test --clip tiny=tiny --sam tiny --out /tmp/eval
     negdpo evaluate --data /tmp/ph --clip base=hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 \
         dpo=local-dir:runs/clip_dpo --sam vit_h --sam-checkpoint sam_vit_h_4b8939.pth --out /tmp/eval
+
+--out holds one evaluation: the same command again replaces its outputs; other settings are refused
+unless --overwrite_output_dir. Open OUT/index.html for the per-image overlays, sortable by Dice.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
 
 from .evaluate import DEFAULT_CONTROL, EvalConfig, evaluate
+
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)  # bad input, missing file or weights: one line
 
 
 def _clips(values: list[str]) -> dict[str, str]:
@@ -31,25 +37,34 @@ def _clips(values: list[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig()
-    p = argparse.ArgumentParser(prog="negdpo evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="negdpo evaluate", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="scan folder ({split}_images, {split}_masks)")
     p.add_argument("--split", default=d.split)
-    p.add_argument("--clip", nargs="+", default=["tiny=tiny"], metavar="NAME=CKPT",
-                   help="checkpoints: report name = tiny | hf-hub:<id> | local-dir:<folder>")
-    p.add_argument("--out", required=True)
+    p.add_argument("--clip", nargs="+", action="extend", default=None, metavar="NAME=CKPT",
+                   help="checkpoints (repeatable; names unique): report name = tiny | hf-hub:<id> | "
+                        "local-dir:<folder> (default tiny=tiny)")
+    p.add_argument("--out", required=True, help="output folder (one evaluation per folder)")
+    p.add_argument("--overwrite_output_dir", "--overwrite-output-dir", action="store_true",
+                   help="replace the outputs of an earlier evaluation with other settings in --out")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     g = p.add_argument_group("saliency")
-    g.add_argument("--saliency", default=d.saliency, help="m2ib | surgery | oracle (blurred ground truth)")
+    g.add_argument("--saliency", default=d.saliency,
+                   help="m2ib | surgery | vlsam (VLM attention flow) | oracle (blurred ground truth)")
     g.add_argument("--align", choices=["crop", "stretch"], default=d.align,
                    help="crop: map aligned with the preprocessing crop; stretch: the public code's stretch")
     g.add_argument("--seed", type=int, default=d.seed, help="base seed (per-image seeds derive from it)")
     g.add_argument("--m2ib-layer", type=int, default=None, help="bottleneck after this block (default n_blocks-3)")
-    g.add_argument("--m2ib-beta", type=float, default=d.m2ib_beta)
+    g.add_argument("--m2ib-beta", type=float, default=d.m2ib_beta,
+                   help="bottleneck weight (default per modality: brain MRI 2.0, breast US 1.0, other 1.0)")
     g.add_argument("--m2ib-steps", type=int, default=d.m2ib_steps)
     g.add_argument("--m2ib-lr", type=float, default=d.m2ib_lr)
     g.add_argument("--m2ib-samples", type=int, default=d.m2ib_samples)
     g.add_argument("--surgery-start", type=int, default=None, help="first v-v block (default n_blocks//2)")
     g.add_argument("--oracle-sigma", type=float, default=d.oracle_sigma)
+    g.add_argument("--vlm", default=d.vlm, help="vlsam: tiny | a Qwen2-VL hub id | a folder (e.g. from vlm_train)")
+    g.add_argument("--vlsam-points", type=int, default=d.vlsam_points, help="vlsam: positive SAM points (peaks)")
+    g.add_argument("--vlsam-negative", type=int, default=d.vlsam_negative, help="vlsam: negative SAM points")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per saliency batch")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", default=None, help="JSON {file name: text} (default: the folder's prompts.json)")
@@ -81,29 +96,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _options(a: argparse.Namespace) -> dict:
+    """EvalConfig fields from the parsed flags: a flag whose dest is a field name is passed on as is."""
+    options = {f.name: getattr(a, f.name) for f in fields(EvalConfig)
+               if hasattr(a, f.name) and f.name not in ("data", "clips", "out", "control_prompt")}
+    options.update(control_prompt=None if a.no_control else a.control_prompt,
+                   on_error="skip" if a.skip_bad else "raise", save_images=not a.no_images)
+    return options
+
+
+def _log_to_stderr() -> None:
+    """Progress lines of negdpo's own loggers (the root logger and other libraries are left alone)."""
+    log = logging.getLogger("negdpo")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False  # a root handler some library installed would print each line twice
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        clips = _clips(a.clip)
+        clips = _clips(a.clip or ["tiny=tiny"])
     except argparse.ArgumentTypeError as err:
         p.error(str(err))
-    options = {k: getattr(a, k) for k in (
-        "split", "saliency", "align", "seed", "m2ib_layer", "m2ib_beta", "m2ib_steps", "m2ib_lr", "m2ib_samples",
-        "surgery_start", "oracle_sigma", "batch_size", "prompts", "prompt_template", "post", "threshold",
-        "num_components", "ties", "kmeans_parity", "sam", "sam_checkpoint", "sam_prompt", "box_mode", "num_points",
-        "num_negative", "multimask", "multimask_select", "tolerance", "device", "limit", "bootstrap")}
-    options.update(control_prompt=None if a.no_control else a.control_prompt,
-                   on_error="skip" if a.skip_bad else "raise", save_images=not a.no_images)
+    _log_to_stderr()
     try:
-        result = evaluate(a.data, clips, a.out, **options)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        print(f"negdpo evaluate: error: {err}", file=sys.stderr)
+        result = evaluate(a.data, clips, a.out, overwrite_output_dir=a.overwrite_output_dir, **_options(a))
+    except USER_ERRORS as err:
+        if a.debug:
+            raise
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"negdpo evaluate: error: {text} (--debug shows the traceback)", file=sys.stderr)
         return 1
     for name, s in result.summary["checkpoints"].items():
         dice = s["dice"]
         print(f"{name}: Dice {dice['mean']:.4f} ± {dice['std']:.4f} (n={dice['n']}), "
               f"control Dice {s['control_dice']['mean']:.4f}, empty coarse {s['empty_coarse']}")
-    print(f"wrote {result.out}/report.md")
+    print(f"wrote {result.out}/report.md" + (f" and {result.out}/index.html" if (result.out / "index.html").exists()
+                                               else ""))
     return 0

@@ -9,10 +9,19 @@ Outputs (``docs/method.md#evaluation-output``), under ``out``::
     saliency/<stem>.png  coarse/<stem>.png  masks/<stem>.png  overlays/<stem>.png
     metrics.csv  summary.json  report.md  dice_bar.png  config.json
 
+    index.html  (per-image overlays of all checkpoints side by side, sortable by Dice)
+
 With several checkpoints the image folders get one subfolder per checkpoint name
 (``saliency/<checkpoint>/<stem>.png``); with one checkpoint they are flat. ``metrics.csv`` names
-each row's files (``saliency_path``, ``mask_path``), so readers need not rebuild paths. Overlays are
-one row: image | saliency | coarse | SAM mask | ground truth. Control-prompt maps are not saved.
+each row's files (``saliency_path``, ``mask_path``, ``overlay_path``), so readers need not rebuild
+paths. Overlays (``report.write_overlay``) are one labelled row: image | saliency | coarse mask |
+ground truth | prediction, with the Dice on the prediction and a legend. Control-prompt maps are not saved.
+
+The output folder holds one evaluation: the same settings again replace its outputs; other settings
+(or another command's folder) are refused unless ``overwrite_output_dir=True``, which removes the
+earlier outputs first (other files stay). A lock file keeps two runs out of one folder
+(``negdpo.core.outdir``). Checkpoint names must be unique (also ignoring case: they name folders),
+as must image names without extension. Inputs are checked before any model is loaded.
 
 Headline statistics are over scans with a lesion; scans without one (phantom test splits have
 them) are scored too (both-empty = 1, see ``metrics``) and summarised as a false-positive rate.
@@ -27,7 +36,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +51,10 @@ DEFAULT_TEMPLATE = "a medical scan showing a tumor"
 DEFAULT_CONTROL = "a photo of a cat sitting on a chair"
 CSV_COLUMNS = ["checkpoint", "image", "positive", "prompt", "gt_area", "coarse_area", "pred_area", "empty_coarse",
                "n_prompts", "dice", "iou", "nsd", "nsd_parity", "hd95", "coarse_dice", "coarse_nsd",
-               "control_dice", "control_coarse_dice", "control_saliency_corr", "saliency_path", "mask_path"]
+               "control_dice", "control_coarse_dice", "control_saliency_corr", "saliency_path", "mask_path",
+               "overlay_path"]
+OWNED = ("saliency", "coarse", "masks", "overlays", "metrics.csv", "summary.json", "report.md", "dice_bar.png",
+         "config.json", "index.html")
 
 
 @dataclass
@@ -57,12 +69,15 @@ class EvalConfig:
     align: Literal["crop", "stretch"] = "crop"
     seed: int = 12
     m2ib_layer: int | None = None
-    m2ib_beta: float = 1.0
+    m2ib_beta: float | None = None  # None = per modality (saliency.m2ib.BETA_BY_MODALITY)
     m2ib_steps: int = 10
     m2ib_lr: float = 1.0
     m2ib_samples: int = 10
     surgery_start: int | None = None
     oracle_sigma: float = 0.02
+    vlm: str = "tiny"
+    vlsam_points: int = 3
+    vlsam_negative: int = 3
     post: Literal["kmeans", "threshold", "otsu"] = "kmeans"
     threshold: float = 0.3
     num_components: int = 1
@@ -98,25 +113,44 @@ class EvalResult:
 def _check_names(clips: dict[str, str]) -> None:
     if not clips:
         raise ValueError("no CLIP checkpoint given (use NAME=CKPT, e.g. tiny=tiny)")
+    seen: dict[str, str] = {}
     for name in clips:
-        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in (".", ".."):
             raise ValueError(f"checkpoint name '{name}' must be letters, digits, '_', '.', '+' or '-'")
+        if name.lower() in seen:
+            raise ValueError(f"checkpoint names '{seen[name.lower()]}' and '{name}' differ only in case; their "
+                             "output folders would collide: give each checkpoint its own name")
+        seen[name.lower()] = name
+
+
+def _check_scan_names(scans: Sequence) -> None:
+    stems: dict[str, str] = {}
+    for s in scans:
+        stem = Path(s.name).stem
+        if stem in stems:
+            raise ValueError(f"scans '{stems[stem]}' and '{s.name}' share the name '{stem}'; their outputs "
+                             "would overwrite each other: rename one")
+        stems[stem] = s.name
 
 
 def resolve_prompts(scans: Sequence, cfg: EvalConfig) -> list[str]:
     """Template (``{name}``/``{stem}`` filled in) > JSON file > the scan's own prompt > default template."""
-    table: dict[str, str] = {}
-    if cfg.prompts:
-        table = json.loads(Path(cfg.prompts).read_text())
+    from negdpo.core.scans import read_prompts
+
+    table: dict[str, str] = read_prompts(cfg.prompts) if cfg.prompts else {}
     out = []
     for s in scans:
         stem = Path(s.name).stem
         if cfg.prompt_template:
-            out.append(cfg.prompt_template.format(name=s.name, stem=stem))
+            try:
+                out.append(cfg.prompt_template.format(name=s.name, stem=stem))
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"prompt template '{cfg.prompt_template}': only {{name}} and {{stem}} can be "
+                                 f"filled in ({type(err).__name__}: {err})") from None
         elif cfg.prompts:
             text = table.get(s.name, table.get(stem))
             if text is None:
-                raise KeyError(f"{cfg.prompts}: no prompt for image '{s.name}' (add it or use --prompt-template)")
+                raise ValueError(f"{cfg.prompts}: no prompt for image '{s.name}' (add it or use --prompt-template)")
             out.append(text)
         else:
             out.append(getattr(s, "prompt", None) or DEFAULT_TEMPLATE)
@@ -146,23 +180,6 @@ def image_path(out: Path, kind: str, ckpt: str, name: str, multi: bool) -> Path:
     return folder / f"{Path(name).stem}.png"
 
 
-def _overlay_tiles(image: np.ndarray, sal: np.ndarray, coarse: np.ndarray, pred: np.ndarray,
-                   gt: np.ndarray) -> list[np.ndarray]:
-    import cv2
-    from negdpo.core.imageio import to_rgb_uint8
-
-    rgb = to_rgb_uint8(image).astype(np.float32) / 255.0
-    heat = cv2.applyColorMap(np.clip(np.rint(sal * 255), 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-
-    def tint(mask: np.ndarray, color: tuple[float, float, float]) -> np.ndarray:
-        out = rgb.copy()
-        out[mask] = 0.5 * out[mask] + 0.5 * np.asarray(color, np.float32)
-        return out
-
-    return [rgb, 0.5 * rgb + 0.5 * heat, tint(coarse, (1, 1, 0)), tint(pred, (0, 1, 0)), tint(gt, (1, 0, 0))]
-
-
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     if a.std() == 0 or b.std() == 0:
@@ -172,39 +189,68 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def _saliency_options(cfg: EvalConfig) -> dict[str, Any]:
     return {"layer": cfg.m2ib_layer, "beta": cfg.m2ib_beta, "steps": cfg.m2ib_steps, "lr": cfg.m2ib_lr,
-            "samples": cfg.m2ib_samples, "surgery_start": cfg.surgery_start, "oracle_sigma": cfg.oracle_sigma}
+            "samples": cfg.m2ib_samples, "surgery_start": cfg.surgery_start, "oracle_sigma": cfg.oracle_sigma,
+            "vlm": cfg.vlm}
+
+
+def _settings(cfg: EvalConfig) -> dict[str, Any]:
+    """What makes two evaluations the same run (the output folder and the device do not)."""
+    settings = asdict(cfg)
+    for key in ("out", "device"):
+        settings.pop(key)
+    return settings
 
 
 def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None, out: str | Path | None = None,
-             *, scans: Sequence | None = None, config: EvalConfig | None = None, **options: Any) -> EvalResult:
+             *, scans: Sequence | None = None, config: EvalConfig | None = None, overwrite_output_dir: bool = False,
+             **options: Any) -> EvalResult:
     """Run the chain and write the outputs (if ``out``); returns per-image rows and the summary.
 
     ``data``: a scan folder (or pass ``scans``: objects with ``name``, ``image``, ``mask``, optional
     ``prompt``). ``clips``: {report name: CLIP name} (``"tiny"``, ``hf-hub:…``, ``local-dir:…``).
+    ``overwrite_output_dir``: replace the outputs of an earlier, different evaluation in ``out``.
     ``options``: any ``EvalConfig`` field, e.g. ``saliency="oracle", sam="none"``.
     """
-    from negdpo.core.config import code_version, derive_seed, resolve_device
-    from negdpo.core.imageio import save_png, to_rgb_uint8
-    from negdpo.core.models import load_clip, load_sam
-    from negdpo.core.phantoms import write_grid
+    import contextlib
 
-    from .report import summarise, write_report
-    from .saliency import SaliencyContext, get
+    from negdpo.core.outdir import output_dir
+
+    from .saliency import get
 
     cfg = config or EvalConfig()
+    unknown = sorted(set(options) - {f.name for f in fields(EvalConfig)})
+    if unknown:
+        raise ValueError(f"unknown evaluation option(s) {unknown}")
     cfg = EvalConfig(**{**asdict(cfg), **options,
                         **({"data": str(data)} if data is not None else {}),
                         **({"clips": dict(clips)} if clips is not None else {}),
                         **({"out": str(out)} if out is not None else {})})
+    # every input is checked before a model loads
     _check_names(cfg.clips)
-    device = resolve_device(cfg.device)
     method = get(cfg.saliency)
-    t_start = time.perf_counter()
     scan_list, skipped = load_scans(cfg, scans)
+    _check_scan_names(scan_list)
     prompts = resolve_prompts(scan_list, cfg)
     out_dir = Path(cfg.out) if cfg.out else None
+    folder = (output_dir(out_dir, "evaluate", overwrite_output_dir, owned=OWNED, settings=_settings(cfg))
+              if out_dir is not None else contextlib.nullcontext())
+    with folder:
+        return _run(cfg, method, scan_list, skipped, prompts, out_dir)
+
+
+def _run(cfg: EvalConfig, method: Any, scan_list: list, skipped: list, prompts: list[str],
+         out_dir: Path | None) -> EvalResult:
+    from negdpo.core.config import code_version, derive_seed, resolve_device
+    from negdpo.core.imageio import save_png, to_rgb_uint8
+    from negdpo.core.models import load_clip, load_sam
+
+    from .report import summarise, write_overlay, write_report
+    from .saliency import SaliencyContext
+
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
     multi = len(cfg.clips) > 1
-    needs_clip = cfg.saliency != "oracle"
+    needs_clip = cfg.saliency not in ("oracle", "vlsam")  # vlsam loads its VLM (cfg.vlm) itself
     bundles = {name: (load_clip(ckpt, device) if needs_clip else None) for name, ckpt in cfg.clips.items()}
     segmenter = None
     if cfg.sam != "none":
@@ -214,7 +260,7 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
         segmenter = SamSegmenter(load_sam(cfg.sam, cfg.sam_checkpoint, device), sam_cfg)
     contexts = {name: SaliencyContext(clip=b, device=device, align=cfg.align, seed=cfg.seed,
                                       options=_saliency_options(cfg)) for name, b in bundles.items()}
-    control = cfg.control_prompt if needs_clip else None  # the oracle ignores prompts
+    control = cfg.control_prompt if cfg.saliency != "oracle" else None  # the oracle ignores prompts
 
     def to_coarse(sal: np.ndarray) -> np.ndarray:
         return coarse_mask(sal, cfg.post, cfg.threshold, cfg.num_components, cfg.ties, cfg.kmeans_parity)
@@ -243,6 +289,11 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                         continue
                     if segmenter is None:
                         preds[(name, key)] = (cm, {"empty_coarse": not cm.any(), "n_prompts": 0})
+                    elif cfg.saliency == "vlsam":  # VL-SAM: SAM points from the map's peaks, not the coarse mask
+                        from .saliency.vlsam import segment_map
+
+                        preds[(name, key)] = segment_map(segmenter.predictor, r["sal" if key == "real" else "ctl"][i],
+                                                         cfg.vlsam_points, cfg.vlsam_negative)
                     else:
                         preds[(name, key)] = segmenter.segment(cm, point_seed)
             timing["sam_s"] += time.perf_counter() - t0
@@ -264,16 +315,18 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                     row["control_saliency_corr"] = _corr(sal, r["ctl"][i])
                 else:
                     row.update(control_dice=math.nan, control_coarse_dice=math.nan, control_saliency_corr=math.nan)
-                row["saliency_path"] = row["mask_path"] = ""
+                row["saliency_path"] = row["mask_path"] = row["overlay_path"] = ""
                 if out_dir is not None and cfg.save_images:
                     paths = {k: image_path(out_dir, k, name, scan.name, multi)
                              for k in ("saliency", "coarse", "masks", "overlays")}
                     save_png(paths["saliency"], sal)
                     save_png(paths["coarse"], cm)
                     save_png(paths["masks"], pred)
-                    write_grid(paths["overlays"], [_overlay_tiles(scan.image, sal, cm, pred, gt)])
-                    row["saliency_path"] = str(paths["saliency"].relative_to(out_dir))
-                    row["mask_path"] = str(paths["masks"].relative_to(out_dir))
+                    write_overlay(paths["overlays"], scan.image, sal, cm, pred, gt, row["dice"],
+                                  title=f"{scan.name} | checkpoint {name} | prompt: {batch_prompts[i]}")
+                    for key, kind in (("saliency_path", "saliency"), ("mask_path", "masks"),
+                                      ("overlay_path", "overlays")):
+                        row[key] = paths[kind].relative_to(out_dir).as_posix()
                 rows.append(row)
             timing["metrics_s"] += time.perf_counter() - t0
         logger.info("evaluated %d/%d scans", min(start + cfg.batch_size, len(scan_list)), len(scan_list))
@@ -283,11 +336,10 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                    skipped=[{"file": f, "reason": why} for f, why in skipped],
                    layout="per-checkpoint subfolders" if multi else "flat")
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         write_csv(out_dir / "metrics.csv", rows)
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
-        write_report(out_dir, summary)
+        write_report(out_dir, summary, rows)
     return EvalResult(rows=rows, summary=summary, out=out_dir)
 
 

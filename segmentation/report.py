@@ -1,17 +1,28 @@
-"""Summary statistics and the ablation report (``report.md`` + ``dice_bar.png``).
+"""Summary statistics, the ablation report (``report.md`` + ``dice_bar.png``), per-image overlays and
+``index.html``.
 
 Per checkpoint, over scans with a lesion: mean ± std and a 95% percentile-bootstrap CI of the mean
 (``n_boot`` resamples of images, seed 0) for each metric; HD95 over the images where it is defined;
 the irrelevant-prompt control (Dice of the chain run with the control prompt, and the Pearson
 correlation of the real and control saliency maps -- near 1 means the prompt does not steer the map);
 empty coarse masks; on lesion-free scans, the false-positive rate (non-empty prediction).
+
+Overlays (``write_overlay``): one labelled row image | saliency | coarse mask | ground truth |
+prediction, the Dice on the prediction tile, a colour legend; small scans enlarged (nearest).
+``index.html`` (``write_index``): a static page, every image with the overlays of all checkpoints
+side by side, sortable by Dice (a few lines of inline JS, no server). User text (file names,
+prompts, checkpoint names, paths) is escaped in both the markdown and the HTML.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
 import math
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -93,17 +104,52 @@ def bar_plot(path: Path, summary: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, summary: dict[str, Any]) -> Path:
-    """``report.md`` and ``dice_bar.png`` in ``out``."""
+def _overlay_section(rows: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """Links to every overlay, with the worst and best positive image of each checkpoint shown."""
+    if not any(r.get("overlay_path") for r in rows):
+        return []
+    lines = ["## Per-image overlays", "",
+             "[index.html](index.html): every image with the overlays of all checkpoints side by side, "
+             "sortable by Dice. Each overlay: " + " \\| ".join(md_text(c) for c in OVERLAY_COLUMNS)
+             + "; the ground truth is outlined in red on the prediction.", ""]
+    for name in names:
+        pos = [r for r in rows if r["checkpoint"] == name and r["positive"] and r.get("overlay_path")
+               and not math.isnan(r["dice"])]
+        if pos:
+            worst, best = min(pos, key=lambda r: r["dice"]), max(pos, key=lambda r: r["dice"])
+            for label, r in (("lowest", worst), ("highest", best))[: 1 if worst is best else 2]:
+                lines += [f"{md_text(name)}, {label} Dice ({r['dice']:.3f}): {md_text(r['image'])}", "",
+                          f"![{md_text(name)} {label} Dice]({url(r['overlay_path'])})", ""]
+    by_image: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], {})[r["checkpoint"]] = r
+    lines += ["| image | " + " | ".join(f"Dice {md_text(n)}" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for image, per in by_image.items():
+        cells = []
+        for n in names:
+            r = per.get(n)
+            if r is None:
+                cells.append("–")
+                continue
+            text = "–" if math.isnan(r["dice"]) else f"{r['dice']:.3f}"
+            cells.append(f"[{text}]({url(r['overlay_path'])})" if r.get("overlay_path") else text)
+        lines.append(f"| {md_text(image)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_report(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> Path:
+    """``report.md`` and ``dice_bar.png`` in ``out``; with ``rows`` (that have overlays) also ``index.html``
+    and a linked overlay section."""
     cfg = summary.get("config", {})
     ckpts = summary["checkpoints"]
+    m = md_text
     lines = ["# Zero-shot segmentation report", "",
-             f"Data: `{cfg.get('data')}` split `{cfg.get('split')}`; saliency `{cfg.get('saliency')}` "
-             f"(align {cfg.get('align')}), post-processing `{cfg.get('post')}` (K={cfg.get('num_components')}, "
-             f"ties {cfg.get('ties')}), SAM `{cfg.get('sam')}` ({cfg.get('sam_prompt')} prompts); "
-             f"NSD tolerance {cfg.get('tolerance')} px; code `{summary.get('code_version')}`.", "",
+             f"Data: {m(cfg.get('data'))} split {m(cfg.get('split'))}; saliency {m(cfg.get('saliency'))} "
+             f"(align {m(cfg.get('align'))}), post-processing {m(cfg.get('post'))} (K={cfg.get('num_components')}, "
+             f"ties {m(cfg.get('ties'))}), SAM {m(cfg.get('sam'))} ({m(cfg.get('sam_prompt'))} prompts); "
+             f"NSD tolerance {cfg.get('tolerance')} px; code {m(summary.get('code_version'))}.", "",
              "Scans with a lesion; each cell: mean ± std [95% bootstrap CI of the mean]. "
-             f"Control = the same chain with the irrelevant prompt “{cfg.get('control_prompt')}”; "
+             f"Control = the same chain with the irrelevant prompt “{m(cfg.get('control_prompt'))}”; "
              "sal. corr. = Pearson correlation of the real- and control-prompt saliency maps "
              "(≈1: the prompt does not steer the map).", ""]
     cols = ["dice", "iou", "nsd", "nsd_parity", "hd95", "coarse_dice", "control_dice", "control_saliency_corr"]
@@ -111,19 +157,159 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
     lines.append("|---" * (len(cols) + 3) + "|")
     for name, s in ckpts.items():
         cells = [_fmt(s[c], 2 if c == "hd95" else 3) for c in cols]
-        lines.append(f"| {name} | {s['n_positive']} | " + " | ".join(cells) + f" | {_fmt(s['dice_minus_control'])} |")
+        lines.append(f"| {m(name)} | {s['n_positive']} | " + " | ".join(cells) + f" | {_fmt(s['dice_minus_control'])} |")
     lines += ["", "| checkpoint | Dice (parity, 4 d.p.) | NSD (parity, 4 d.p.) | empty coarse masks | "
               "HD95 undefined | lesion-free scans | false-positive rate on them |", "|---" * 7 + "|"]
     for name, s in ckpts.items():
         fp = s["negatives_false_positive_rate"]
-        lines.append(f"| {name} | {s['dice_parity_mean']:.4f} | {s['nsd_parity_mean']:.4f} | {s['empty_coarse']} | "
+        lines.append(f"| {m(name)} | {s['dice_parity_mean']:.4f} | {s['nsd_parity_mean']:.4f} | {s['empty_coarse']} | "
                      f"{s['hd95_undefined']} | {s['n_negative']} | {'–' if math.isnan(fp) else f'{fp:.3f}'} |")
     skipped = summary.get("skipped") or []
-    lines += ["", f"Skipped files: {len(skipped)}." + "".join(f"\n- {s['reason']}" for s in skipped),
+    lines += ["", f"Skipped files: {len(skipped)}." + "".join(f"\n- {m(s['reason'])}" for s in skipped),
               "", "NSD (2-D) is the true boundary NSD; NSD (parity) reproduces the public implementation's "
               "1-pixel-slab surface Dice (close to a tolerant Dice; compare with published numbers only).",
               "", "![Dice by checkpoint](dice_bar.png)", ""]
+    if rows:
+        lines += _overlay_section(rows, list(ckpts))
+        if any(r.get("overlay_path") for r in rows):
+            write_index(out, rows, list(ckpts), title=f"{cfg.get('data')} ({cfg.get('split')})")
     bar_plot(out / "dice_bar.png", summary)
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# -- escaping --------------------------------------------------------------------------------------
+_MD_SPECIAL = "\\`*_{}[]()#+!|~<>"
+
+
+def md_text(text: Any) -> str:
+    """User text as literal markdown: HTML-escaped, markdown punctuation backslash-escaped, one line."""
+    out = html.escape(" ".join(str(text).split()), quote=False)
+    return "".join("\\" + c if c in _MD_SPECIAL and c not in "<>" else c for c in out)
+
+
+def url(rel_path: str | Path) -> str:
+    """A relative file path as a URL (percent-encoded; safe in markdown links and HTML attributes)."""
+    return quote(Path(rel_path).as_posix())
+
+
+# -- overlays --------------------------------------------------------------------------------------
+OVERLAY_COLUMNS = ("image", "saliency (red = high)", "coarse mask", "ground truth", "prediction")
+GT_COLOR, COARSE_COLOR, PRED_COLOR = (1.0, 0.15, 0.15), (1.0, 0.85, 0.0), (0.1, 0.9, 0.2)
+OVERLAY_LEGEND = (("ground truth (outline on the prediction)", GT_COLOR),
+                  ("coarse mask (saliency clusters)", COARSE_COLOR), ("prediction (SAM)", PRED_COLOR))
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def overlay_tiles(image: np.ndarray, sal: np.ndarray, coarse: np.ndarray, pred: np.ndarray,
+                  gt: np.ndarray) -> list[np.ndarray]:
+    """The five [0, 1] RGB tiles of an overlay row (see ``OVERLAY_COLUMNS``)."""
+    import cv2
+    from negdpo.core.imageio import to_rgb_uint8
+
+    rgb = to_rgb_uint8(image).astype(np.float32) / 255.0
+    heat = cv2.applyColorMap(np.clip(np.rint(np.asarray(sal) * 255), 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+    def paint(base: np.ndarray, fill: np.ndarray | None, color: tuple, outline: np.ndarray | None = None,
+              outline_color: tuple = GT_COLOR) -> np.ndarray:
+        out = base.copy()
+        if fill is not None:
+            fill = np.asarray(fill, bool)
+            out[fill] = 0.55 * out[fill] + 0.45 * np.asarray(color, np.float32)
+            out[_edge(fill)] = color
+        if outline is not None:
+            out[_edge(outline)] = outline_color
+        return out
+
+    return [rgb, 0.45 * rgb + 0.55 * heat, paint(rgb, coarse, COARSE_COLOR), paint(rgb, gt, GT_COLOR),
+            paint(rgb, pred, PRED_COLOR, outline=gt)]
+
+
+def write_overlay(path: Path, image: np.ndarray, sal: np.ndarray, coarse: np.ndarray, pred: np.ndarray,
+                  gt: np.ndarray, dice: float, title: str) -> Path:
+    """One labelled overlay PNG: the five tiles, the Dice on the prediction, a legend, ``title`` on top."""
+    from negdpo.core.figures import write_grid
+
+    caption = "no lesion, empty prediction" if not np.any(gt) and not np.any(pred) else (
+        "Dice –" if math.isnan(dice) else f"Dice {dice:.3f}")
+    return write_grid(path, [overlay_tiles(image, sal, coarse, pred, gt)], column_labels=OVERLAY_COLUMNS,
+                      tile_text=[[None, None, None, None, caption]], legend=OVERLAY_LEGEND, title=title)
+
+
+# -- index.html ------------------------------------------------------------------------------------
+_SORT_JS = """
+document.querySelectorAll('th[data-sort]').forEach(function (th) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0], col = th.cellIndex;
+    var asc = th.getAttribute('aria-sort') !== 'ascending';
+    table.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+    th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+    var key = function (tr) { var v = tr.cells[col].getAttribute('data-v'); return v === null ? tr.cells[col].textContent : v; };
+    var num = th.getAttribute('data-sort') === 'num';
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b);
+      if (num) { x = x === '' ? NaN : +x; y = y === '' ? NaN : +y;
+        if (isNaN(x) || isNaN(y)) { return isNaN(x) - isNaN(y); } return asc ? x - y : y - x; }
+      return asc ? x.localeCompare(y) : y.localeCompare(x);
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+_CSS = """body{font-family:system-ui,sans-serif;margin:1em;background:#fafafa}
+table{border-collapse:collapse;width:100%}th,td{border:1px solid #ccc;padding:4px;vertical-align:top}
+th[data-sort]{cursor:pointer;background:#eee}th[aria-sort=ascending]::after{content:" \\25B2"}
+th[aria-sort=descending]::after{content:" \\25BC"}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.ov img{width:100%;min-width:420px}td.prompt{max-width:16em;font-size:90%}"""
+
+
+def write_index(out: Path, rows: list[dict[str, Any]], checkpoints: list[str], title: str = "") -> Path:
+    """``index.html``: one row per image, Dice per checkpoint (sortable), the overlays side by side."""
+    e = html.escape
+    by_image: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], {})[r["checkpoint"]] = r
+    head = ['<th data-sort="text">image</th>', '<th data-sort="num">lesion px</th>',
+            '<th data-sort="text">prompt</th>']
+    head += [f'<th data-sort="num">Dice {e(c)}</th>' for c in checkpoints]
+    head += [f"<th>overlay {e(c)}</th>" for c in checkpoints]
+    body = []
+    for image, per in by_image.items():
+        first = next(iter(per.values()))
+        cells = [f"<td>{e(image)}</td>", f'<td class="num">{int(first["gt_area"])}</td>',
+                 f'<td class="prompt">{e(str(first.get("prompt", "")))}</td>']
+        for c in checkpoints:
+            d = per.get(c, {}).get("dice", math.nan)
+            ok = isinstance(d, float | int) and math.isfinite(d)
+            cells.append(f'<td class="num" data-v="{d:.6f}">{d:.3f}</td>' if ok else '<td class="num" data-v="">–</td>')
+        for c in checkpoints:
+            rel = per.get(c, {}).get("overlay_path", "")
+            cells.append(f'<td class="ov"><a href="{e(url(rel))}"><img src="{e(url(rel))}" loading="lazy" '
+                         f'alt="overlay {e(c)} {e(image)}"></a></td>' if rel else "<td>–</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    script_hash = base64.b64encode(hashlib.sha256(_SORT_JS.encode()).digest()).decode()
+    csp = f"script-src 'sha256-{script_hash}'; object-src 'none'; base-uri 'none'"  # only our sort script runs
+    page = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+            f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
+            f"<title>{e(title or 'Zero-shot segmentation')}: per-image overlays</title>",
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{e(title or 'Zero-shot segmentation')}: per-image overlays</h1>",
+            "<p>Click a column header to sort (Dice: click again to reverse). Each overlay: "
+            + " | ".join(e(c) for c in OVERLAY_COLUMNS) + "; ground truth outlined in red on the prediction. "
+            'Summary: <a href="report.md">report.md</a>.</p>',
+            "<table><thead><tr>" + "".join(head) + "</tr></thead><tbody>", *body, "</tbody></table>",
+            f"<script>{_SORT_JS}</script>", "</body></html>", ""]
+    path = out / "index.html"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(page), encoding="utf-8")
+    tmp.replace(path)
     return path

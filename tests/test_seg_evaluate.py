@@ -48,14 +48,14 @@ def test_oracle_without_sam_scores_high(phantom_dir):
 
 def test_negdpo_evaluate_writes_everything(phantom_dir, tmp_path):
     out = tmp_path / "eval"
-    rc = negdpo(["evaluate", "--data", str(phantom_dir), "--split", "test", "--clip", "base=tiny", "dpo=tiny",
+    rc = negdpo(["evaluate", "--data", str(phantom_dir), "--split", "test", "--clip", "base=tiny", "--clip", "dpo=tiny",
                  "--sam", "tiny", "--out", str(out), "--limit", "2", "--m2ib-steps", "2", "--m2ib-samples", "2",
                  "--bootstrap", "200"])
     assert rc == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert len(rows) == 4 and {r["checkpoint"] for r in rows} == {"base", "dpo"}
+    assert len(rows) == 4 and {r["checkpoint"] for r in rows} == {"base", "dpo"}  # --clip is repeatable
     for r in rows:
-        for key in ("saliency_path", "mask_path"):
+        for key in ("saliency_path", "mask_path", "overlay_path"):
             assert (out / r[key]).is_file()
         for kind in ("saliency", "coarse", "masks", "overlays"):
             assert (out / kind / r["checkpoint"] / f"{Path(r['image']).stem}.png").is_file()
@@ -68,11 +68,78 @@ def test_negdpo_evaluate_writes_everything(phantom_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "| base |" in report and "control Dice" in report and "dice_bar.png" in report
     assert (out / "dice_bar.png").stat().st_size > 1000
+    # overlays are linked from report.md and shown side by side in index.html
+    assert "(index.html)" in report and all(f"({r['overlay_path']})" in report for r in rows)
+    page = (out / "index.html").read_text()
+    assert all(f'src="{r["overlay_path"]}"' in page for r in rows) and page.count("<tr>") == 1 + 2
 
 
-def test_cli_errors(phantom_dir, tmp_path, capsys):
+def _no_models(monkeypatch):
+    import negdpo.core.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(models, "load_clip", refuse)
+    monkeypatch.setattr(models, "load_sam", refuse)
+
+
+def test_cli_errors_one_line_before_models_load(phantom_dir, tmp_path, capsys, monkeypatch):
+    import logging
+
+    _no_models(monkeypatch)
+    root_handlers = list(logging.getLogger().handlers)
     with pytest.raises(SystemExit):
         negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "nonsense", "--out", str(tmp_path)])
-    rc = negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "x=tiny", "--saliency", "nope",
-                 "--out", str(tmp_path)])
-    assert rc == 1 and "unknown saliency method" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the same name twice would overwrite each other's images
+        negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "a=tiny", "--clip", "a=other", "--out", str(tmp_path)])
+    assert "--clip name 'a' given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no abbreviations
+        negdpo(["evaluate", "--data", str(phantom_dir), "--out", str(tmp_path), "--overwrite"])
+    capsys.readouterr()
+    cases = [(["--saliency", "nope"], "unknown saliency method 'nope'"),
+             (["--data", str(tmp_path / "missing")], "missing: scan folder does not exist"),
+             (["--clip", "A=tiny", "a=tiny"], "'A' and 'a' differ only in case"),
+             (["--prompts", str(tmp_path / "p.json")], "p.json: not valid JSON"),
+             (["--prompt-template", "{nope}"], "only {name} and {stem} can be filled in")]
+    (tmp_path / "p.json").write_text("{'single': 'quotes'}")
+    for extra, message in cases:
+        rc = negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "x=tiny", "--out", str(tmp_path / "o"),
+                     *extra])
+        err = capsys.readouterr().err
+        assert rc == 1 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    with pytest.raises(KeyError, match="unknown saliency method"):
+        negdpo(["evaluate", "--data", str(phantom_dir), "--out", str(tmp_path / "o"), "--saliency", "nope", "--debug"])
+    assert logging.getLogger().handlers == root_handlers  # library loggers are not configured at the root
+    assert not (tmp_path / "o").exists()  # nothing written for a failed check
+
+
+def test_api_rejects_colliding_names(phantom_dir):
+    from negdpo.core.scans import ScanFolder
+    from negdpo.segmentation.evaluate import evaluate
+
+    scans = ScanFolder(phantom_dir).load_split("test")[:2]
+    twin_name = type(scans[0])(**{**scans[0].__dict__, "name": Path(scans[0].name).stem + ".jpg"})
+    with pytest.raises(ValueError, match=r"share the name .*outputs would overwrite each other"):
+        evaluate(clips={"o": "tiny"}, scans=[scans[0], twin_name], saliency="oracle", sam="none")
+    with pytest.raises(ValueError, match="differ only in case"):
+        evaluate(clips={"Base": "tiny", "base": "tiny"}, scans=scans, saliency="oracle", sam="none")
+
+
+def test_output_folder_holds_one_evaluation(phantom_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    base = ["evaluate", "--data", str(phantom_dir), "--saliency", "oracle", "--sam", "none", "--out", str(out),
+            "--bootstrap", "10", "--limit", "3"]
+    assert negdpo(base + ["--clip", "a=tiny", "b=tiny"]) == 0
+    assert (out / "overlays" / "a").is_dir()
+    (out / "notes.txt").write_text("mine")
+    assert negdpo(base + ["--clip", "a=tiny", "b=tiny"]) == 0  # the same run again: replaced in place
+    capsys.readouterr()
+    assert negdpo(base + ["--clip", "a=tiny"]) == 1  # other settings: refused, nothing touched
+    err = capsys.readouterr().err
+    assert "earlier `negdpo evaluate` run with other settings" in err and "--overwrite_output_dir" in err
+    assert (out / "overlays" / "b").is_dir()
+    assert negdpo(base + ["--clip", "a=tiny", "--overwrite_output_dir"]) == 0
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(  # flat now, no stale subfolders
+        f"{Path(r['image']).stem}.png" for r in csv.DictReader((out / "metrics.csv").open()))
+    assert (out / "notes.txt").read_text() == "mine" and not (out / ".negdpo.lock").exists()
