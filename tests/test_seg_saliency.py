@@ -1,5 +1,7 @@
 """M2IB (capacity at init, read-out, determinism, batched == single), CLIP Surgery, registry, alignment."""
 
+import copy
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -7,19 +9,38 @@ import pytest
 import torch
 from negdpo.segmentation.saliency import SaliencyContext, available, get, register
 from negdpo.segmentation.saliency.common import crop_geometry, grids_to_frames, to_frame, upsample_grid
-from negdpo.segmentation.saliency.m2ib import M2IBConfig, capacity
+from negdpo.segmentation.saliency.m2ib import M2IBConfig, capacity, image_seeds, m2ib_grids
 
 FAST = {"steps": 3, "samples": 2, "beta": 1.0}
+FAST_AUTO_BETA = {"steps": 3, "samples": 2}
 
 
-def test_capacity_at_init():
-    alpha = torch.full((4,), 5.0, dtype=torch.float64)
-    lam = torch.sigmoid(alpha[0]).item()
-    assert lam == pytest.approx(0.9933071490757153, abs=1e-15)
-    assert (1 - lam) ** 2 == pytest.approx(4.479425349469899e-05, rel=1e-9)
-    c = capacity(torch.tensor([0.0, 1.0, -2.0, 10.0], dtype=torch.float64), alpha)
-    assert c.tolist() == pytest.approx([4.506737745615884, 5.000067291818347, 6.480055930425735,
-                                        53.83969236586214], abs=1e-9)
+def test_capacity_is_the_gaussian_kl_to_the_prior():
+    """Elementwise KL(N(lam x, (1-lam)^2) || N(0,1)) = (s2 + m^2 - 1 - ln s2) / 2, written out with math."""
+    xs = [0.0, 1.0, -2.0, 10.0, 0.3]
+    alphas = [5.0, 0.0, -3.0, 2.5, 30.0]
+    got = capacity(torch.tensor(xs, dtype=torch.float64), torch.tensor(alphas, dtype=torch.float64))
+    for x, a, c in zip(xs, alphas, got.tolist()):
+        lam = 1 / (1 + math.exp(-a))
+        s2 = (1 - lam) ** 2 if a < 20 else math.exp(-2 * a)  # (1 - lam)^2 without cancellation
+        assert c == pytest.approx(0.5 * (s2 + (lam * x) ** 2 - 1 - math.log(s2)), rel=1e-9)
+    assert got.min() >= 0
+    # lam -> 0 (z = pure noise = the prior): no information passes
+    assert capacity(torch.tensor([3.0]), torch.tensor([-40.0])).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_beta_default_per_modality():
+    """Defect: the function (1.0), the CLI and the brain preset disagreed; one documented default per modality."""
+    from negdpo.segmentation.cli import build_parser
+    from negdpo.segmentation.evaluate import EvalConfig
+    from negdpo.segmentation.saliency.m2ib import BETA_BY_MODALITY, DEFAULT_BETA, modality_beta
+
+    assert M2IBConfig().beta is None and EvalConfig().m2ib_beta is None
+    assert build_parser().parse_args(["--data", "d", "--out", "o"]).m2ib_beta is None
+    assert modality_beta("mri_0003_1.png") == 2.0 == BETA_BY_MODALITY["brain"]
+    assert modality_beta("us_0001_0.png") == 1.0 == BETA_BY_MODALITY["breast"]
+    assert modality_beta("ct_0001_0.png") == DEFAULT_BETA == modality_beta("scan.png") == 1.0
+    assert modality_beta("MRI_7.png") == 2.0
 
 
 def test_upsampling_and_readout():
@@ -105,3 +126,82 @@ def test_surgery_and_registry(ctx):
     assert get("constant_test") is constant
     with pytest.raises(KeyError, match="unknown saliency method"):
         get("nope")
+
+
+def _with_dropout(model):
+    """A copy whose blocks drop half their residual branch in train mode (identical to ``model`` in eval)."""
+    m = copy.deepcopy(model)
+    for blk in m.visual.trunk.blocks:
+        blk.ls1 = torch.nn.Dropout(0.5)
+    return m.train()
+
+
+def test_saliency_runs_the_model_in_eval_mode(ctx, tiny_clip):
+    """Defect: a model handed over in train mode gave random maps; the method now sets eval() itself."""
+    scans = _scans(1)
+    ref = get("m2ib")(ctx, scans, ["a tumour"])[0]
+    noisy = _with_dropout(tiny_clip[0])
+    train_ctx = SaliencyContext(clip=(noisy, *tiny_clip[1:]), options=dict(FAST))
+    for name, expect in (("m2ib", ref), ("surgery", get("surgery")(ctx, scans, ["a tumour"])[0])):
+        got = get(name)(train_ctx, scans, ["a tumour"])[0]
+        np.testing.assert_allclose(got, expect, atol=1e-5, err_msg=name)
+        assert noisy.training and noisy.visual.trunk.blocks[0].training  # the caller's mode is restored
+
+
+def test_m2ib_beta_per_image_and_per_modality(ctx, tiny_clip):
+    model, preprocess, tokenizer = tiny_clip
+    scans = _scans(2)
+    scans[0].name, scans[1].name = "mri_0001_0.png", "us_0002_0.png"
+    auto = get("m2ib")(SaliencyContext(clip=tiny_clip, options=dict(FAST_AUTO_BETA)), scans, ["a tumour"] * 2)
+    for scan, beta, got in zip(scans, (2.0, 1.0), auto):
+        explicit = get("m2ib")(SaliencyContext(clip=tiny_clip, options={**FAST_AUTO_BETA, "beta": beta}),
+                               [scan], ["a tumour"])[0]
+        np.testing.assert_allclose(got, explicit, atol=1e-4)
+    one = get("m2ib")(SaliencyContext(clip=tiny_clip, options={**FAST_AUTO_BETA, "beta": 1.0}), scans[:1], ["a tumour"])
+    assert not np.allclose(one[0], auto[0], atol=1e-3)  # beta 1 vs the brain MRI default 2 differ
+
+
+def _m2ib_reference(model, image, text_feat, seed, beta, steps, samples, lr=1.0, init=5.0):
+    """One image, written plainly: Adam on alpha for ``steps`` updates of beta*mean C - mean cos."""
+    from negdpo.segmentation.saliency.common import embed_from, tokens_through
+
+    visual = model.visual
+    layer = len(visual.trunk.blocks) - 3
+    with torch.no_grad():
+        x = tokens_through(visual, image[None], layer)[0]
+    alpha = torch.full_like(x, init, requires_grad=True)
+    opt = torch.optim.Adam([alpha], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    cap = None
+    for _ in range(steps):
+        opt.zero_grad()
+        eps = torch.randn((samples, *x.shape), generator=gen)
+        lam = torch.sigmoid(alpha)
+        z = lam * x + (1 - lam) * eps
+        feats = embed_from(visual, z, layer + 1)
+        cos = torch.nn.functional.cosine_similarity(feats, text_feat[None], dim=-1, eps=1e-6)
+        cap = capacity(x, alpha)
+        (beta * cap.mean() - cos.mean()).backward()
+        opt.step()
+    return cap.detach()[1:].sum(-1)
+
+
+def test_m2ib_grids_match_a_plain_reference(tiny_clip):
+    from negdpo.segmentation.saliency.common import preprocess_batch, text_features, tokens_through
+
+    model, preprocess, tokenizer = tiny_clip
+    scans = _scans(2)
+    images = preprocess_batch([s.image for s in scans], preprocess, "cpu")
+    tf = text_features(model, tokenizer, ["a tumour", "a dark mass"], "cpu")
+    seeds = image_seeds([s.name for s in scans], 12)
+    grids = m2ib_grids(model, images, tf, seeds, M2IBConfig(steps=2, samples=2), betas=[0.5, 3.0])
+    for i, beta in enumerate((0.5, 3.0)):
+        ref = _m2ib_reference(model, images[i], tf[i], seeds[i], beta, steps=2, samples=2)
+        torch.testing.assert_close(grids[i].flatten(), ref, atol=1e-4, rtol=1e-4)
+    zero = m2ib_grids(model, images[:1], tf[:1], seeds[:1], M2IBConfig(steps=0))
+    x = tokens_through(model.visual, images[:1], 3)
+    torch.testing.assert_close(zero.flatten(), capacity(x, torch.full_like(x, 5.0))[0, 1:].sum(-1))
+    with pytest.raises(ValueError, match="one beta per image"):
+        m2ib_grids(model, images, tf, seeds, M2IBConfig(steps=1), betas=[1.0])
+    with pytest.raises(ValueError, match="one text feature and one seed"):
+        m2ib_grids(model, images, tf, seeds[:1], M2IBConfig(steps=1))

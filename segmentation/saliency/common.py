@@ -10,7 +10,8 @@ Read-out of a patch-grid score (both M2IB and CLIP Surgery):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,6 +81,17 @@ def grids_to_frames(grids: torch.Tensor, shapes: Sequence[tuple[int, int]], crop
     """(B, h, w) scores -> per-scan [0,1] maps at each scan's (H, W)."""
     maps = minmax(upsample_grid(grids.detach().float(), crop)).cpu().numpy()
     return [to_frame(m, h, w, align) for m, (h, w) in zip(maps, shapes, strict=True)]
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a saliency method with dropout / drop-path off; the caller's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # -- the open_clip / timm vision tower, split at a block ------------------------------------------

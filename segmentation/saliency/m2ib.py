@@ -30,6 +30,7 @@ from negdpo.core.config import derive_seed
 from .base import SaliencyContext, register
 from .common import (
     embed_from,
+    eval_mode,
     grids_to_frames,
     input_size,
     num_blocks,
@@ -39,13 +40,25 @@ from .common import (
     tokens_through,
 )
 
+#: The one default of M2IB's beta per modality (the scan file-name prefix before the first ``_``, as the
+#: phantoms are named): the public MedCLIP-SAMv2 zero-shot scripts use 2.0 for brain MRI and 1.0 for
+#: breast ultrasound; any other modality gets ``DEFAULT_BETA``. An explicit ``beta`` overrides it.
+BETA_BY_MODALITY = {"mri": 2.0, "brain": 2.0, "us": 1.0, "breast": 1.0}
+DEFAULT_BETA = 1.0
+
+
+def modality_beta(name: str) -> float:
+    """The default beta of a scan from its file name (``mri_0003_1.png`` -> 2.0); ``DEFAULT_BETA`` otherwise."""
+    return BETA_BY_MODALITY.get(name.split("_", 1)[0].lower(), DEFAULT_BETA)
+
 
 @dataclass
 class M2IBConfig:
-    """``layer`` None = ``num_blocks - 3`` (block 9 of 12 as in the public brain/breast scripts)."""
+    """``layer`` None = ``num_blocks - 3`` (block 9 of 12 as in the public brain/breast scripts);
+    ``beta`` None = the per-modality default (``BETA_BY_MODALITY``)."""
 
     layer: int | None = None
-    beta: float = 1.0
+    beta: float | None = None
     steps: int = 10
     lr: float = 1.0
     samples: int = 10
@@ -68,10 +81,12 @@ def resolve_layer(visual, layer: int | None) -> int:
 
 
 def m2ib_grids(model, images: torch.Tensor, text_feats: torch.Tensor, seeds: Sequence[int],
-               cfg: M2IBConfig = M2IBConfig()) -> torch.Tensor:
+               cfg: M2IBConfig = M2IBConfig(), betas: Sequence[float] | None = None) -> torch.Tensor:
     """Capacity score per patch, (B, grid_h, grid_w), for a preprocessed image batch.
 
-    ``text_feats`` (B, E): the prompt embedding of each image; ``seeds``: one noise seed per image.
+    ``text_feats`` (B, E): the prompt embedding of each image; ``seeds``: one noise seed per image;
+    ``betas``: one beta per image (default ``cfg.beta``, or ``DEFAULT_BETA`` when that is None). The model
+    runs in eval mode (its mode is restored after).
     """
     visual = model.visual
     layer = resolve_layer(visual, cfg.layer)
@@ -79,37 +94,52 @@ def m2ib_grids(model, images: torch.Tensor, text_feats: torch.Tensor, seeds: Seq
     device = images.device
     if len(seeds) != images.shape[0] or text_feats.shape[0] != images.shape[0]:
         raise ValueError("need one text feature and one seed per image")
+    if betas is None:
+        betas = [DEFAULT_BETA if cfg.beta is None else cfg.beta] * images.shape[0]
+    if len(betas) != images.shape[0]:
+        raise ValueError("need one beta per image")
+    beta = torch.tensor([float(v) for v in betas], device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
-    try:
-        with torch.no_grad():
-            x = tokens_through(visual, images, layer)  # (B, T, D), computed once
-        b, t, d = x.shape
-        s = cfg.samples
-        alpha = torch.full_like(x, cfg.init).requires_grad_(True)
-        opt = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-        gens = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
-        tf = text_feats.detach().float()[:, None, :]
-        cap_last = None
-        for _ in range(cfg.steps):
-            opt.zero_grad(set_to_none=True)
-            eps = torch.stack([torch.randn((s, t, d), generator=g, device=device) for g in gens])
-            lam, std = torch.sigmoid(alpha)[:, None], torch.sigmoid(-alpha)[:, None]
-            z = (lam * x[:, None] + std * eps).reshape(b * s, t, d)
-            feats = embed_from(visual, z, layer + 1).reshape(b, s, -1)
-            cos = F.cosine_similarity(feats, tf, dim=-1, eps=1e-6)  # (B, S)
-            cap = capacity(x, alpha)  # noise-free: the same for every sample
-            loss = (cfg.beta * cap.mean(dim=(1, 2)) - cos.mean(dim=1)).sum()
-            loss.backward()
-            cap_last = cap.detach()
-            opt.step()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    with eval_mode(model):
+        try:
+            cap_last, x = _optimise(visual, images, text_feats, seeds, cfg, layer, beta)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
     if cap_last is None:  # steps == 0: capacity at init
         cap_last = capacity(x, torch.full_like(x, cfg.init))
+    b = images.shape[0]
     return cap_last[:, prefix:].sum(-1).reshape(b, gh, gw)
+
+
+def _optimise(visual, images: torch.Tensor, text_feats: torch.Tensor, seeds: Sequence[int], cfg: M2IBConfig,
+              layer: int, beta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The bottleneck optimisation; returns (capacity of the last forward or None, the tokens at ``layer``)."""
+    device = images.device
+    with torch.no_grad():
+        x = tokens_through(visual, images, layer)  # (B, T, D), computed once
+    b, t, d = x.shape
+    s = cfg.samples
+    alpha = torch.full_like(x, cfg.init).requires_grad_(True)
+    opt = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    gens = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+    tf = text_feats.detach().float()[:, None, :]
+    cap_last = None
+    for _ in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        eps = torch.stack([torch.randn((s, t, d), generator=g, device=device) for g in gens])
+        lam, std = torch.sigmoid(alpha)[:, None], torch.sigmoid(-alpha)[:, None]
+        z = (lam * x[:, None] + std * eps).reshape(b * s, t, d)
+        feats = embed_from(visual, z, layer + 1).reshape(b, s, -1)
+        cos = F.cosine_similarity(feats, tf, dim=-1, eps=1e-6)  # (B, S)
+        cap = capacity(x, alpha)  # noise-free: the same for every sample
+        loss = (beta * cap.mean(dim=(1, 2)) - cos.mean(dim=1)).sum()
+        loss.backward()
+        cap_last = cap.detach()
+        opt.step()
+    return cap_last, x
 
 
 def image_seeds(names: Sequence[str], seed: int) -> list[int]:
@@ -118,13 +148,15 @@ def image_seeds(names: Sequence[str], seed: int) -> list[int]:
 
 @register("m2ib")
 def m2ib(ctx: SaliencyContext, scans: Sequence, prompts: Sequence[str]) -> list[np.ndarray]:
-    """Options (``ctx.options``): layer, beta, steps, lr, samples (see ``M2IBConfig``)."""
+    """Options (``ctx.options``): layer, beta (None = per modality), steps, lr, samples (``M2IBConfig``)."""
     if ctx.clip is None:
         raise ValueError("m2ib needs a CLIP model")
     model, preprocess, tokenizer = ctx.clip
     keys = M2IBConfig.__dataclass_fields__
     cfg = M2IBConfig(**{k: v for k, v in ctx.options.items() if k in keys and v is not None})
     images = preprocess_batch([s.image for s in scans], preprocess, ctx.device)
-    tf = text_features(model, tokenizer, prompts, ctx.device)
-    grids = m2ib_grids(model, images, tf, image_seeds([s.name for s in scans], ctx.seed), cfg)
+    betas = [modality_beta(s.name) if cfg.beta is None else cfg.beta for s in scans]
+    with eval_mode(model):
+        tf = text_features(model, tokenizer, prompts, ctx.device)
+        grids = m2ib_grids(model, images, tf, image_seeds([s.name for s in scans], ctx.seed), cfg, betas)
     return grids_to_frames(grids, [s.image.shape[:2] for s in scans], input_size(model.visual), ctx.align)

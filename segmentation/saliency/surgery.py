@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from .base import SaliencyContext, register
-from .common import _trunk, grids_to_frames, input_size, patch_grid, preprocess_batch, text_features
+from .common import (
+    _trunk,
+    eval_mode,
+    grids_to_frames,
+    input_size,
+    patch_grid,
+    preprocess_batch,
+    text_features,
+)
 
 BACKGROUND_CLASSES = ("background", "normal tissue", "healthy tissue", "bone", "skull", "skin", "fat",
                       "muscle", "air", "blood vessel", "fluid", "noise")
@@ -39,7 +47,12 @@ def _vv_attention(attn, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def surgery_tokens(visual, images: torch.Tensor, start: int | None = None) -> torch.Tensor:
-    """Projected per-token features (B, T, E) of the v-v path, CLS from the original path."""
+    """Projected per-token features (B, T, E) of the v-v path, CLS from the original path (eval mode)."""
+    with eval_mode(visual):
+        return _surgery_tokens(visual, images, start)
+
+
+def _surgery_tokens(visual, images: torch.Tensor, start: int | None) -> torch.Tensor:
     trunk = _trunk(visual)
     n = len(trunk.blocks)
     start = max(n // 2, 0) if start is None else start
@@ -80,9 +93,11 @@ def surgery(ctx: SaliencyContext, scans: Sequence, prompts: Sequence[str]) -> li
     visual = model.visual
     images = preprocess_batch([s.image for s in scans], preprocess, ctx.device)
     gh, gw, prefix = patch_grid(visual, tuple(images.shape[-2:]))
-    tokens = F.normalize(surgery_tokens(visual, images, ctx.options.get("surgery_start")).float(), dim=-1)
-    background = class_embeddings(model, tokenizer, ctx.options.get("classes") or BACKGROUND_CLASSES, ctx.device)
-    targets = F.normalize(text_features(model, tokenizer, prompts, ctx.device).float(), dim=-1)
+    with eval_mode(model):  # dropout off in both towers; the caller's mode is restored
+        tokens = F.normalize(surgery_tokens(visual, images, ctx.options.get("surgery_start")).float(), dim=-1)
+        background = class_embeddings(model, tokenizer, ctx.options.get("classes") or BACKGROUND_CLASSES,
+                                       ctx.device)
+        targets = F.normalize(text_features(model, tokenizer, prompts, ctx.device).float(), dim=-1)
     grids = []
     for i in range(len(scans)):  # each image has its own target prompt -> its own class list
         classes = torch.cat([targets[i:i + 1], background])
