@@ -4,7 +4,7 @@ in code exists, and every ``negdpo.*`` name that docs/method.md cites is defined
 from __future__ import annotations
 
 import ast
-import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -28,12 +28,11 @@ LEAD_PENDING = "README.md"  # the lead rewrites its two design-notes references 
 
 
 def repo_files() -> list[Path]:
+    """Text files of the repository (hidden folders, build outputs and data folders pruned, not walked)."""
     out = []
-    for path in ROOT.rglob("*"):
-        rel = path.relative_to(ROOT)
-        if (path.is_file() and path.suffix in SUFFIXES and not any(p in SKIP_DIRS or p.startswith(".")
-                                                                   or p.endswith(".egg-info") for p in rel.parts)):
-            out.append(path)
+    for folder, subdirs, files in os.walk(ROOT):
+        subdirs[:] = [d for d in subdirs if d not in SKIP_DIRS and not d.startswith(".") and not d.endswith(".egg-info")]
+        out += [Path(folder) / f for f in files if Path(f).suffix in SUFFIXES]
     return sorted(out)
 
 
@@ -86,21 +85,36 @@ def test_every_cited_anchor_exists():
     assert {"diffusion-dpo", "conventions", "data-contracts", "metrics"} <= anchors
 
 
-def _defined(dotted: str) -> bool:
+def package_dirs() -> dict[str, Path]:
+    """``negdpo.*`` package -> source folder, from ``[tool.setuptools.package-dir]`` (nothing is imported)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.package-dir]", 1)[1].split("\n[", 1)[0]
+    return {m.group(1): ROOT / m.group(2) for m in re.finditer(r'^"([\w.]+)"\s*=\s*"([^"]+)"', section, re.M)}
+
+
+def module_file(dotted: str, dirs: dict[str, Path]) -> Path | None:
+    """The source file of module ``dotted`` (a ``.py`` file or a package's ``__init__.py``), if any."""
+    for pkg in sorted(dirs, key=len, reverse=True):
+        if dotted == pkg or dotted.startswith(pkg + "."):
+            base = dirs[pkg].joinpath(*dotted[len(pkg):].strip(".").split(".")) if dotted != pkg else dirs[pkg]
+            for cand in (base.with_suffix(".py"), base / "__init__.py"):
+                if cand.is_file():
+                    return cand
+            return None
+    return None
+
+
+def _defined(dotted: str, dirs: dict[str, Path]) -> bool:
     """Whether ``negdpo.pkg.module[.name[.attr]]`` names a module or a top-level definition in one."""
     parts = dotted.split(".")
     for i in range(len(parts), 1, -1):
-        try:
-            spec = importlib.util.find_spec(".".join(parts[:i]))
-        except ModuleNotFoundError:
-            spec = None
-        if spec is None:
+        path = module_file(".".join(parts[:i]), dirs)
+        if path is None:
             continue
         rest = parts[i:]
         if not rest:
             return True
-        tree = ast.parse(Path(spec.origin).read_text())
-        for node in tree.body:
+        for node in ast.parse(path.read_text()).body:
             names = [node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else []
             if isinstance(node, (ast.Assign, ast.AnnAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -113,8 +127,19 @@ def _defined(dotted: str) -> bool:
     return False
 
 
+def test_name_resolution_finds_and_rejects():
+    dirs = package_dirs()
+    assert dirs["negdpo.generator"] == ROOT / "generator"
+    assert _defined("negdpo.generator.losses.diffusion_dpo_loss", dirs)
+    assert _defined("negdpo.generator.data.Curriculum.pool", dirs)
+    assert not _defined("negdpo.generator.losses.no_such_function", dirs)
+    assert not _defined("negdpo.generator.data.Curriculum.no_such_method", dirs)
+    assert not _defined("negdpo.no_such_package.module", dirs)
+
+
 def test_cited_code_names_exist():
     names = sorted(set(re.findall(r"`(negdpo(?:\.\w+)+)", METHOD.read_text())))
     assert len(names) > 30
-    missing = [n for n in names if not _defined(n)]
+    dirs = package_dirs()
+    missing = [n for n in names if not _defined(n, dirs)]
     assert not missing, "docs/method.md cites names the code does not define:\n" + "\n".join(missing)
