@@ -25,6 +25,12 @@ Per image and object phrase (see ``docs/method.md#vl-sam``):
 6. SAM prompts (``peak_points``): the top-k peaks of the map at least ``spacing`` px apart and at least
    ``min_peak`` (relative to the maximum) as positives; negatives in the lowest region (values at or
    below the ``low_quantile`` quantile), greedily as far as possible from every point chosen so far.
+   ``negdpo evaluate --saliency vlsam`` prompts SAM with these points (``segment_map``), not with
+   prompts from the coarse mask; ``align`` does not apply (no crop).
+
+    negdpo evaluate --data DIR --saliency vlsam --vlm tiny|FOLDER|Qwen/Qwen2-VL-2B-Instruct --sam tiny --out OUT
+
+The VLM is loaded once per (name, device) per process, in float32.
 """
 
 from __future__ import annotations
