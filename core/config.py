@@ -1,10 +1,12 @@
-"""Run configs: dataclasses filled from a YAML file plus command-line overrides.
+"""Run configs: dataclasses filled from a YAML file plus command-line overrides — the one config path.
 
     args = parse_config(TrainConfig)              # --config configs/demo.yaml --learning_rate 1e-4
     args = parse_config(TrainConfig, ["--config", "x.yaml", "--max_train_steps", "10"])
 
-The YAML supplies defaults; explicit flags win. Unknown YAML keys are an error (typos do not pass
-silently). Parsing is ``transformers.HfArgumentParser``; nothing here re-implements it.
+The YAML supplies defaults; explicit flags win. A YAML may hold ``presets: {name: {...}}`` chosen with
+``--preset`` (when the dataclass has a ``preset`` field). Unknown keys, values of the wrong type and
+abbreviated flags are errors that name the key, the value and the file; each dataclass checks its ranges
+in ``__post_init__`` (see :func:`check`). Parsing is ``transformers.HfArgumentParser``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,29 +28,174 @@ import yaml
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """A bad setting: the message is one line naming the key, the value and what is allowed."""
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise :class:`ConfigError` ``"<key>=<value>: <allowed>"`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def check_positive(cfg: Any, *keys: str) -> None:
+    """Every named int field is >= 1."""
+    for key in keys:
+        v = getattr(cfg, key)
+        check(isinstance(v, int) and v >= 1, key, v, "must be an integer >= 1")
+
+
+def check_finite_positive(cfg: Any, *keys: str) -> None:
+    """Every named float field is finite and > 0."""
+    for key in keys:
+        v = getattr(cfg, key)
+        check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, key, v, "must be a finite number > 0")
+
+
+def check_probability(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        v = getattr(cfg, key)
+        check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, key, v, "must be a probability in [0, 1]")
+
+
+def check_choice(cfg: Any, key: str, choices: typing.Iterable[Any]) -> None:
+    choices = list(choices)
+    v = getattr(cfg, key)
+    check(v in choices, key, v, f"must be one of {choices}")
+
+
+# ---------------------------------------------------------------------------------------------- types
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """``value`` as type ``tp`` (bool/int/float/str, ``X | None``, ``list[X]``, ``dict``), else ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}={value!r}: not allowed")
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _is_int(value))):
+            raise ConfigError(f"{where}={value!r}: expected an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected a number")
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={value!r}: expected a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}={value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def check_mapping(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Keys of ``values`` must be fields of ``cls``; values are coerced to the field types."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(types_)}")
+    return {k: coerce(types_[k], v, f"{source}: {k}") for k, v in values.items()}
+
+
+def read_yaml_config(path: str | Path, preset: str | None = None) -> dict[str, Any]:
+    """A YAML mapping; with a ``presets:`` section, the shared keys updated by ``presets[preset]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    presets = raw.pop("presets", None) or {}
+    if presets:
+        preset = preset or raw.get("preset") or next(iter(presets))
+        if preset not in presets:
+            raise ConfigError(f"{path}: no preset {preset!r} (have {sorted(presets)})")
+        raw = {**raw, **(presets[preset] or {}), "preset": preset}
+    elif preset is not None:
+        raw["preset"] = preset
+    return raw
+
+
+def _yaml_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
 def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default_config: str | None = None) -> T:
-    """Parse ``--config FILE`` (YAML) and overrides into one dataclass instance."""
+    """Parse ``--config FILE`` (YAML) [``--preset NAME``] and flag overrides into one dataclass instance."""
     from transformers import HfArgumentParser
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=default_config)
+    pre.add_argument("--preset", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_type)
+    parser = HfArgumentParser(dataclass_type, allow_abbrev=False)
     parser.add_argument("--config", default=default_config, help="YAML run config (flags override it)")
+    types_ = _field_types(dataclass_type)
+    if "preset" not in types_:
+        parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    for action in parser._actions:  # mappings on the command line are YAML/JSON: --gen_extra '{lora_rank: 4}'
+        if action.dest in types_ and (types_[action.dest] is dict or typing.get_origin(types_[action.dest]) is dict):
+            action.type = _yaml_value
     if known.config:
-        values = yaml.safe_load(Path(known.config).read_text()) or {}
-        fields = {f.name for f in dataclasses.fields(dataclass_type)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+        values = read_yaml_config(known.config, known.preset)
+        values = check_mapping(dataclass_type, values, str(known.config))
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from YAML satisfies a required flag
             if action.dest in values:
                 action.required = False
+    elif known.preset is not None and "preset" in types_:
+        parser.set_defaults(preset=known.preset)
     outputs = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     cfg, extra = outputs[0], outputs[-1]  # a namespace holding --config sits in between
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    for name, tp in types_.items():  # flags are typed by argparse; mappings given as flags are checked here
+        if tp is dict or typing.get_origin(tp) is dict:
+            coerce(tp, getattr(cfg, name), f"--{name}")
     return cfg
 
 

@@ -20,7 +20,6 @@ Accelerate checkpoint), so an interrupted study continues where it stopped. Same
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -28,7 +27,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +57,9 @@ class StudyConfig:
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0 = torch default; 1 is much faster on a shared 2-core CPU)
     # phantoms
-    phantom_n: int = 40
-    phantom_size: int = 64
-    phantom_slices: int = 2
+    phantoms_n: int = 40
+    phantoms_size: int = 64
+    phantoms_slices: int = 2
     # which variants to run (a reduced study runs a subset; the tables show what ran)
     gen_variants: list[str] = field(default_factory=lambda: list(GEN_VARIANTS))
     clip_variants: list[str] = field(default_factory=lambda: list(CLIP_VARIANTS))
@@ -97,6 +96,35 @@ class StudyConfig:
     eval_extra: dict = field(default_factory=dict)
     bootstrap: int = 2000
 
+    def __post_init__(self) -> None:
+        """Types, ranges, variant names and every ``*_extra`` key are checked before any stage runs."""
+        from negdpo.core.config import check, check_finite_positive, check_mapping, check_positive
+
+        check_positive(self, "phantoms_n", "phantoms_size", "phantoms_slices", "gen_sft_steps", "gen_dpo_steps",
+                       "gen_batch", "gen_sample_steps", "pairs_k", "pairs_steps", "clip_pretrain_steps",
+                       "clip_finetune_steps", "clip_batch", "bootstrap")
+        check_finite_positive(self, "gen_lr", "gen_beta", "gen_autoencoder_lr", "clip_pretrain_lr", "clip_finetune_lr")
+        check(self.gen_autoencoder_steps >= 0, "gen_autoencoder_steps", self.gen_autoencoder_steps, "must be >= 0")
+        bad = sorted(set(self.gen_variants) - set(GEN_VARIANTS))
+        check(not bad, "gen_variants", self.gen_variants, f"unknown {bad}; choose from {list(GEN_VARIANTS)}")
+        bad = sorted(set(self.clip_variants) - set(CLIP_VARIANTS))
+        check(not bad, "clip_variants", self.clip_variants, f"unknown {bad}; choose from {list(CLIP_VARIANTS)}")
+        check(self.pairs_adapter in GEN_VARIANTS[1:], "pairs_adapter", self.pairs_adapter,
+              f"one of {list(GEN_VARIANTS[1:])}")
+        for key, cls in _extra_targets().items():
+            setattr(self, key, check_mapping(cls, getattr(self, key), key))
+
+
+def _extra_targets() -> dict[str, type]:
+    """The config class each ``*_extra`` section overrides."""
+    from negdpo.generator.train import GenTrainConfig
+    from negdpo.preference.clip.train import ClipTrainConfig
+    from negdpo.preference.pairs.config import BuildConfig
+    from negdpo.segmentation.evaluate import EvalConfig
+
+    return {"gen_extra": GenTrainConfig, "pairs_extra": BuildConfig, "clip_extra": ClipTrainConfig,
+            "eval_extra": EvalConfig}
+
 
 # -- stage bookkeeping -----------------------------------------------------------------------------
 def _stamp_key(settings: dict) -> str:
@@ -113,7 +141,8 @@ def run_stage(work: Path, name: str, settings: dict, fn: Callable[[Path], dict])
         if info.get("key") == key:
             logger.info("stage %s: cached", name)
             return info["result"]
-        logger.info("stage %s: settings changed, rerunning", name)
+        logger.info("stage %s: settings changed, rerunning from scratch", name)
+        shutil.rmtree(stage_dir)  # never resume another setting's checkpoints
     stage_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = fn(stage_dir)
@@ -149,14 +178,14 @@ def fmt_ci(stat: tuple[float, float, float], digits: int = 3) -> str:
 def _gen_config(cfg: StudyConfig, phantoms: Path, out: Path, **overrides):
     from negdpo.generator.train import GenTrainConfig
 
-    base = dict(pretrained_model=cfg.gen_model, data=str(phantoms), run_name=out.name, output_dir=str(out),
+    base = dict(pretrained_model_name_or_path=cfg.gen_model, dataset_name=str(phantoms), run_name=out.name,
+                output_dir=str(out),
                 seed=cfg.seed, beta=cfg.gen_beta, learning_rate=cfg.gen_lr, train_batch_size=cfg.gen_batch,
                 sdpo_mu=cfg.gen_sdpo_mu, cache_latents=True, report_to="tensorboard", checkpointing_steps=0,
                 validation_steps=0, resume_from_checkpoint="latest")
     base.update(cfg.gen_extra)
     base.update(overrides)
-    known = {f.name for f in fields(GenTrainConfig)}
-    return GenTrainConfig(**{k: v for k, v in base.items() if k in known})
+    return GenTrainConfig(**base)
 
 
 def train_generator(cfg: StudyConfig, phantoms: Path, out: Path, **overrides) -> dict:
@@ -239,13 +268,13 @@ def train_clip(cfg: StudyConfig, out: Path, model: str, data: str, loss: str, st
                **overrides) -> dict:
     from negdpo.preference.clip.train import ClipTrainConfig, train
 
-    base = dict(model=model, data=data, output_dir=str(out), run_name=out.name, loss=loss, seed=cfg.seed,
-                max_train_steps=steps, learning_rate=lr, train_batch_size=cfg.clip_batch, report_to="tensorboard",
-                resume_from_checkpoint="latest", progress_bar=True, eval_steps=0, checkpointing_steps=0)
+    base = dict(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(out), run_name=out.name,
+                loss=loss, seed=cfg.seed, max_train_steps=steps, learning_rate=lr, train_batch_size=cfg.clip_batch,
+                report_to="tensorboard", resume_from_checkpoint="latest", progress_bar=True, validation_steps=0,
+                checkpointing_steps=0)
     base.update(overrides)
     base.update(cfg.clip_extra)  # the user's extras win (e.g. tsne: false for a quick run)
-    known = {f.name for f in fields(ClipTrainConfig)}
-    summary = train(ClipTrainConfig(**{k: v for k, v in base.items() if k in known}))
+    summary = train(ClipTrainConfig(**base))
     return {"checkpoint": str(summary.get("checkpoint", out / "final")),
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}}
 
@@ -345,9 +374,6 @@ def run_study(cfg: StudyConfig) -> dict:
     from negdpo.core.config import code_version, seed_everything
     from negdpo.core.phantoms import ensure_phantoms
 
-    bad = sorted(set(cfg.gen_variants) - set(GEN_VARIANTS)) + sorted(set(cfg.clip_variants) - set(CLIP_VARIANTS))
-    if bad:
-        raise ValueError(f"unknown variant(s) {bad}; generator: {GEN_VARIANTS}, CLIP: {CLIP_VARIANTS}")
     gen_variants = [v for v in GEN_VARIANTS if v in cfg.gen_variants or v == "sft"]  # SFT = every DPO's reference
     clip_variants = [v for v in CLIP_VARIANTS if v in cfg.clip_variants or v == "base"]  # base = every fine-tune's start
     work, out = Path(cfg.work_dir), Path(cfg.out)
@@ -359,9 +385,9 @@ def run_study(cfg: StudyConfig) -> dict:
 
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    ph_settings = {"n": cfg.phantom_n, "size": cfg.phantom_size, "slices": cfg.phantom_slices, "seed": cfg.seed}
+    ph_settings = {"n": cfg.phantoms_n, "size": cfg.phantoms_size, "slices": cfg.phantoms_slices, "seed": cfg.seed}
     phantoms = Path(run_stage(work, "phantoms", ph_settings, lambda d: {"path": str(ensure_phantoms(
-        d / "data", n=cfg.phantom_n, size=cfg.phantom_size, seed=cfg.seed, slices=cfg.phantom_slices))})["path"])
+        d / "data", n=cfg.phantoms_n, size=cfg.phantoms_size, seed=cfg.seed, slices=cfg.phantoms_slices))})["path"])
 
     # 1. generator: (autoencoder adaptation), SFT, then DPO variants with the SFT adapter as reference
     gen_model = cfg.gen_model
@@ -460,7 +486,8 @@ def run_study(cfg: StudyConfig) -> dict:
 
         options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
                    "device": cfg.device, "bootstrap": 200} | cfg.eval_extra
-        res = evaluate(str(phantoms), {k: f"local-dir:{v}" for k, v in ckpts.items()}, str(d / "eval"), **options)
+        res = evaluate(str(phantoms), {k: f"local-dir:{v}" for k, v in ckpts.items()}, str(d / "eval"),
+                       overwrite_output_dir=True, **options)  # the stage owns d: a rerun replaces its evaluation
         return {"rows": json.loads(json.dumps(res.rows, default=float)), "report": str(d / "eval" / "report.md")}
 
     seg = run_stage(work, "evaluate", eval_set, run_eval)
@@ -503,7 +530,7 @@ def render_markdown(cfg: StudyConfig, gen_md: str, seg_md: str, out: Path, pairs
         f"`negdpo study --config configs/phantom_study.yaml --preset {cfg.preset}` (this run: {seconds:.0f} s "
         "including cached stages). Every number below is computed by that command; rerunning with the same seed "
         "reproduces them.", "",
-        f"Phantoms: {cfg.phantom_n} subjects x {cfg.phantom_slices} slices at {cfg.phantom_size} px (MRI-like + "
+        f"Phantoms: {cfg.phantoms_n} subjects x {cfg.phantoms_slices} slices at {cfg.phantoms_size} px (MRI-like + "
         "ultrasound-like, 25% healthy-only subjects, subject-level splits). Intervals are 95% bootstrap CIs over "
         f"subjects ({cfg.bootstrap} resamples; each subject = mean of its images).", "",
         "## Generator: tumour removal on held-out positives (val + test subjects)", "",
@@ -532,40 +559,25 @@ def render_markdown(cfg: StudyConfig, gen_md: str, seg_md: str, out: Path, pairs
 
 # -- CLI --------------------------------------------------------------------------------------------
 def load_study_config(path: str | None, preset: str | None, overrides: list[str]) -> StudyConfig:
-    """YAML with shared keys plus ``presets: {quick: {...}, full: {...}}``; ``--key value`` overrides."""
-    from negdpo.core.config import bundled_config
+    """The bundled or given YAML (shared keys + ``presets:``), the preset, then ``--key value`` overrides."""
+    from negdpo.core.config import bundled_config, parse_config
 
-    path = path or str(bundled_config("phantom_study.yaml"))
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    presets = raw.pop("presets", {}) or {}
-    preset = preset or raw.get("preset", "quick")
-    if presets and preset not in presets:
-        raise ValueError(f"{path}: no preset '{preset}' (have {sorted(presets)})")
-    values = {**raw, **presets.get(preset, {}), "preset": preset}
-    known = {f.name: f for f in fields(StudyConfig)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}")
-    cfg = StudyConfig(**values)
-    it = iter(overrides)
-    for flag in it:
-        key = flag.lstrip("-").replace("-", "_")
-        if key not in known:
-            raise ValueError(f"unknown option --{key}")
-        raw_value = next(it)
-        current = getattr(cfg, key)
-        value = yaml.safe_load(raw_value) if not isinstance(current, str) else raw_value
-        cfg = replace(cfg, **{key: value})
-    return cfg
+    argv = ["--config", path or str(bundled_config("phantom_study.yaml"))]
+    argv += ["--preset", preset] if preset else []
+    return parse_config(StudyConfig, argv + list(overrides))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="negdpo study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=None, help="study YAML (default: the bundled configs/phantom_study.yaml)")
-    p.add_argument("--preset", default=None, help="quick (CPU, ~20 min) | full (GPU)")
-    a, rest = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_study_config(a.config, a.preset, rest)
+def _run(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        from negdpo.core.config import parse_config
+
+        parse_config(StudyConfig, ["--help"])
+    cfg = load_study_config(None, None, argv)
     run_study(cfg)
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    from negdpo.core.console import run_main
+
+    return run_main("negdpo study", _run, argv)

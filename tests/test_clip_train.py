@@ -78,7 +78,7 @@ def test_checkpoint_roundtrip_open_clip(tiny_clip, tmp_path):
 
 
 def test_train_resume_logit_scale_and_outputs(phantom_dir, tmp_path):
-    base = dict(data=str(phantom_dir), output_dir=str(tmp_path / "run"), loss="dpo+entropy+stages+clip",
+    base = dict(dataset_name=str(phantom_dir), output_dir=str(tmp_path / "run"), loss="dpo+entropy+stages+clip",
                 train_batch_size=4, eval_batch_size=8, checkpointing_steps=2, report_to="none", tsne=True,
                 tsne_max_points=80, progress_bar=False, ref_mode="on_the_fly")
     s1 = train(ClipTrainConfig(max_train_steps=2, save_final=False, **(base | {"tsne": False})))
@@ -98,6 +98,25 @@ def test_train_resume_logit_scale_and_outputs(phantom_dir, tmp_path):
     assert {"eval/preference/accuracy", "eval/r1_i2t", "eval/attention_entropy"} <= set(s2["after"])
 
 
+def test_resume_is_exact(phantom_dir, tmp_path):
+    """Killed after step 2 and resumed = uninterrupted: same final weights (bit-exact on CPU), no repeated log steps."""
+    import json
+
+    from safetensors.torch import load_file
+
+    base = dict(dataset_name=str(phantom_dir), loss="dpo+clip", train_batch_size=4, eval_batch_size=8,
+                report_to="none", tsne=False, progress_bar=False, max_train_steps=4, logging_steps=1,
+                learning_rate=1e-3, lr_scheduler="constant")
+    train(ClipTrainConfig(output_dir=str(tmp_path / "full"), **base))
+    train(ClipTrainConfig(output_dir=str(tmp_path / "cut"), checkpointing_steps=2, **(base | {"max_train_steps": 2})))
+    train(ClipTrainConfig(output_dir=str(tmp_path / "cut"), resume_from_checkpoint="latest", **base))
+    a = load_file(tmp_path / "full" / "final" / "open_clip_model.safetensors")
+    b = load_file(tmp_path / "cut" / "final" / "open_clip_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     """One short CLIP-DPO run from the tiny random init on 24-subject phantoms, shared by the learning
@@ -106,7 +125,7 @@ def learned(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("clip_learn")
     data = ensure_phantoms(root / "ph", n=24, size=64, seed=0, slices=2, preview=False)
-    return train(ClipTrainConfig(data=str(data), output_dir=str(root / "learn"), loss="dpo+clip", dpo_beta=1.0,
+    return train(ClipTrainConfig(dataset_name=str(data), output_dir=str(root / "learn"), loss="dpo+clip", beta=1.0,
                                  learning_rate=LEARN_LR, lr_scheduler="constant", max_train_steps=LEARN_STEPS,
                                  train_batch_size=LEARN_BATCH,
                                  report_to="none", tsne=False, save_final=False, progress_bar=False))

@@ -73,3 +73,105 @@ def test_resolve_device():
 
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Ranged:
+    steps: int = 1
+    lr: float = 1e-3
+    extra: dict = field(default_factory=dict)
+    names: list[str] = field(default_factory=lambda: ["a"])
+
+    def __post_init__(self):
+        from negdpo.core.config import check_finite_positive, check_mapping, check_positive
+
+        check_positive(self, "steps")
+        check_finite_positive(self, "lr")
+        self.extra = check_mapping(Demo, self.extra, "extra")
+
+
+def test_yaml_types_are_checked_and_coerced(tmp_path):
+    from negdpo.core.config import ConfigError
+
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1e-4\nsteps: 3\n")  # YAML 1.1 reads 1e-4 as a string
+    assert parse_config(Ranged, ["--config", str(f)]).lr == 1e-4
+    f.write_text("steps: abc\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: steps='abc': expected an integer"):
+        parse_config(Ranged, ["--config", str(f)])
+    f.write_text("names: 3\n")
+    with pytest.raises(ConfigError, match="names"):
+        parse_config(Ranged, ["--config", str(f)])
+
+
+def test_ranges_and_nested_sections_are_checked(tmp_path):
+    from negdpo.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"steps=0: must be an integer >= 1"):
+        parse_config(Ranged, ["--steps", "0"])
+    with pytest.raises(ConfigError, match=r"lr=nan: must be a finite number > 0"):
+        parse_config(Ranged, ["--lr", "nan"])
+    f = tmp_path / "c.yaml"
+    f.write_text("extra:\n  learnin_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"extra: unknown key\(s\) \['learnin_rate'\]"):
+        parse_config(Ranged, ["--config", str(f)])
+    f.write_text("extra:\n  steps: ten\n")
+    with pytest.raises(ConfigError, match=r"extra: steps='ten': expected an integer"):
+        parse_config(Ranged, ["--config", str(f)])
+    cfg = parse_config(Ranged, ["--extra", "{data_dir: /x, steps: 4}"])  # a mapping flag is YAML
+    assert cfg.extra == {"data_dir": "/x", "steps": 4}
+
+
+def test_no_abbreviated_flags():
+    with pytest.raises(SystemExit):
+        parse_config(Demo, ["--data_dir", "x", "--learning_rat", "1"])
+    with pytest.raises(SystemExit):
+        parse_config(Demo, ["--data_dir", "x", "--conf", "y.yaml"])
+
+
+def test_presets(tmp_path):
+    @dataclass
+    class P:
+        preset: str = "quick"
+        steps: int = 1
+
+    f = tmp_path / "p.yaml"
+    f.write_text("steps: 2\npresets:\n  quick: {steps: 3}\n  full: {steps: 9}\n")
+    assert parse_config(P, ["--config", str(f)]) == P("quick", 3)
+    assert parse_config(P, ["--config", str(f), "--preset", "full"]) == P("full", 9)
+    assert parse_config(P, ["--config", str(f), "--preset", "full", "--steps", "4"]) == P("full", 4)
+    from negdpo.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no preset 'huge'"):
+        parse_config(P, ["--config", str(f), "--preset", "huge"])
+
+
+def test_trainer_configs_validate():
+    from negdpo.core.config import ConfigError
+    from negdpo.generator.train import GenTrainConfig
+    from negdpo.preference.clip.train import ClipTrainConfig
+
+    for cls in (GenTrainConfig, ClipTrainConfig):
+        for bad in ({"max_train_steps": 0}, {"gradient_accumulation_steps": 0}, {"learning_rate": float("inf")},
+                    {"learning_rate": -1.0}, {"beta": 0.0}, {"train_batch_size": 0}, {"report_to": "tensorbord"},
+                    {"checkpoints_total_limit": 0}):
+            with pytest.raises(ConfigError, match=next(iter(bad))):
+                cls(**bad)
+    assert GenTrainConfig(beta_dpo=2500.0).beta == 5000.0  # diffusers' scale has no 1/2
+    with pytest.raises(ConfigError, match="hflip_prob"):
+        GenTrainConfig(hflip_prob=1.5)
+
+
+def test_study_extra_sections_fail_before_any_stage(tmp_path):
+    from negdpo.core.config import ConfigError
+    from negdpo.study import load_study_config
+
+    with pytest.raises(ConfigError, match=r"gen_extra: unknown key\(s\) \['lora_rnk'\]"):
+        load_study_config(None, "quick", ["--gen_extra", "{lora_rnk: 4}"])
+    with pytest.raises(ConfigError, match=r"eval_extra: m2ib_steps='x'"):
+        load_study_config(None, "quick", ["--eval_extra", "{m2ib_steps: x}"])
+    with pytest.raises(SystemExit):
+        load_study_config(None, "quick", ["--gen_dpo_steps", "abc"])
+    with pytest.raises(ConfigError, match="gen_lr"):
+        load_study_config(None, "quick", ["--gen_lr", "0"])
+    assert load_study_config(None, "quick", ["--gen_lr", "1e-4"]).gen_lr == 1e-4

@@ -11,8 +11,9 @@ import torch
 from negdpo.generator.data import load_pairs
 from negdpo.generator.lora_io import save_lora
 from negdpo.generator.losses import LOG2
+from negdpo.generator.objective import compute_loss
 from negdpo.generator.pipeline import POLICY_ADAPTER, Reference, add_lora, load_components
-from negdpo.generator.train import GenTrainConfig, PairBank, compute_loss, draw_batch, train
+from negdpo.generator.train import GenTrainConfig, PairBank, draw_batch, train
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +103,14 @@ def test_adapter_reload_and_sft_reference(tiny_sd_path, pairs, tmp_path):
 
 
 def _cfg(phantom_dir, out, **kw) -> GenTrainConfig:
-    base = dict(pretrained_model="tiny", data=str(phantom_dir), output_dir=str(out), train_batch_size=2,
+    base = dict(pretrained_model_name_or_path="tiny", dataset_name=str(phantom_dir), output_dir=str(out), train_batch_size=2,
                 max_train_steps=4, learning_rate=1e-3, report_to="none", eval_pairs=0, validation_steps=0,
                 checkpointing_steps=0, cache_latents=True, mi_weight=0.1, fidelity_weight=0.01)
     return GenTrainConfig(**(base | kw))
 
 
 def _losses(out):
-    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resume_reproduces_uninterrupted_losses(tiny_sd_path, phantom_dir, tmp_path):
@@ -123,6 +124,7 @@ def test_resume_reproduces_uninterrupted_losses(tiny_sd_path, phantom_dir, tmp_p
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(full / ".negdpo-run.json", resumed / ".negdpo-run.json")  # the run's marker travels with it
     train(_cfg(phantom_dir, resumed, resume_from_checkpoint="latest"))
     a, b = _losses(full), _losses(resumed)
     assert len(a) == 4 and len(b) == 2
@@ -155,7 +157,7 @@ def heldout_accuracy(model, adapter_dir, data, cfg, draws=8, t_range=EVAL_T, see
     from negdpo.generator.lora_io import load_lora_into
 
     comp = load_components(model)
-    add_lora(comp.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+    add_lora(comp.unet, cfg.rank, cfg.lora_alpha, cfg.lora_targets.split(","))
     if adapter_dir is not None:
         load_lora_into(comp.unet, Path(adapter_dir))
     comp.unet.eval()
@@ -185,8 +187,8 @@ def heldout_accuracy(model, adapter_dir, data, cfg, draws=8, t_range=EVAL_T, see
 
 def learn_cfg(data, model, out, **kw) -> GenTrainConfig:
     """DPO recipe that generalises on phantoms (seeds 0-3 checked by hand; see the test docstring)."""
-    base = dict(pretrained_model=model, data=str(data), output_dir=str(out), train_batch_size=8, max_train_steps=40,
-                learning_rate=3e-3, beta=5000.0, sdpo=False, lora_rank=8, lora_targets=LEARN_TARGETS,
+    base = dict(pretrained_model_name_or_path=model, dataset_name=str(data), output_dir=str(out), train_batch_size=8, max_train_steps=40,
+                learning_rate=3e-3, beta=5000.0, sdpo=False, rank=8, lora_targets=LEARN_TARGETS,
                 report_to="none", eval_pairs=0, validation_steps=0, checkpointing_steps=0, cache_latents=True, seed=0)
     return GenTrainConfig(**(base | kw))
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _reduced(tmp: Path) -> StudyConfig:
     cfg = load_study_config(str(ROOT / "configs" / "phantom_study.yaml"), "quick", [])
     return StudyConfig(**{**cfg.__dict__, "out": str(tmp / "results"), "work_dir": str(tmp / "work"),
-                          "phantom_n": 8, "gen_autoencoder_steps": min(cfg.gen_autoencoder_steps, 20),
+                          "phantoms_n": 8, "gen_autoencoder_steps": min(cfg.gen_autoencoder_steps, 20),
                           "gen_sft_steps": 2, "gen_dpo_steps": 2, "gen_sample_steps": 2,
                           "gen_variants": ["sft", "dpo_mi_sdpo"], "pairs_k": 2, "pairs_steps": 2,
                           "clip_variants": ["base", "dpo_twin", "dpo_gen"], "clip_pretrain_steps": 2,

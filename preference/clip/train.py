@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from negdpo.core.checkpoints import latest_checkpoint, prune_checkpoints
-from negdpo.core.config import default_output_dir, save_config, seed_everything, tracker_config
+from negdpo.core.config import check, check_choice, check_finite_positive, check_positive, check_probability
+from negdpo.core.training import TrainConfig
 
 from . import model as cm
 from .attention import attention_entropy, attention_mask_pull, capture_attention
@@ -35,30 +34,33 @@ LOSS_PARTS = ("dpo", "dhn_nce", "entropy", "stages", "clip")
 
 
 @dataclass
-class ClipTrainConfig:
-    model: str = field(default="tiny", metadata={"help": "tiny | hf-hub:<id> | local-dir:<folder>"})
-    data: str = field(default="", metadata={"help": "scan folder with *_twins, or pair-dataset folder; "
-                                                    "empty = phantoms under output_dir/../phantoms"})
+class ClipTrainConfig(TrainConfig):
+    """Run config (YAML via --config, flags override); shared fields in :class:`negdpo.core.training.TrainConfig`."""
+
+    pretrained_model_name_or_path: str = field(default="tiny", metadata={
+        "help": "tiny | hf-hub:<id> | local-dir:<folder>", "aliases": ["--model"]})
+    dataset_name: str = field(default="", metadata={
+        "help": "scan folder with *_twins, or pair-dataset folder; empty = phantoms next to output_dir",
+        "aliases": ["--data"]})
     phantoms_n: int = 24
     phantoms_size: int = 64
     phantoms_seed: int = 0
     negative_text: str | None = None
     train_split: str = "train"
     val_split: str = "val"
-    output_dir: str = ""
     run_name: str = "clip_demo"
     loss: str = field(default="dpo", metadata={"help": "'+'-joined: dpo, dhn_nce, entropy, stages, clip"})
-    # CLIP-DPO
-    dpo_beta: float = 1.0
-    dpo_loss_type: str = "sigmoid"
+    # CLIP-DPO (TRL names)
+    beta: float = field(default=1.0, metadata={"help": "CLIP-DPO beta", "aliases": ["--dpo_beta"]})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid | hinge | ipo"})
     label_smoothing: float = 0.0
     dpo_directions: str = "t2i,i2t"
     ref_mode: str = field(default="auto", metadata={"help": "auto | on_the_fly | cached"})
     freeze_logit_scale: bool = True
     disable_dropout: bool = True
     retention_weight: float = 0.1
-    retention_dedup: bool = field(default=False, metadata={"help": "identical captions in a batch are one "
-                                                                  "caption in the contrastive term, not negatives"})
+    retention_dedup: bool = field(default=True, metadata={"help": "identical captions in a batch are one "
+                                                                 "caption in the contrastive terms, not negatives"})
     # DHN-NCE
     dhn_temperature: float = 0.6
     dhn_alpha: float = 0.0
@@ -79,37 +81,39 @@ class ClipTrainConfig:
     # what trains
     finetune: str = field(default="full", metadata={"help": "full | lock_image | lock_text | lora"})
     lora_towers: str = "both"
-    lora_rank: int = 8
+    rank: int = field(default=8, metadata={"help": "LoRA rank", "aliases": ["--lora_rank"]})
     lora_alpha: int = 16
-    # optimisation
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
+    # optimisation defaults of open_clip
+    adam_weight_decay: float = field(default=0.1, metadata={"aliases": ["--weight_decay"]})
     adam_beta2: float = 0.98
     adam_epsilon: float = 1e-6
     lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 0
     train_batch_size: int = 8
     eval_batch_size: int = 32
-    gradient_accumulation_steps: int = 1
     max_train_steps: int = 60
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    seed: int = 0
-    dataloader_num_workers: int = 0
-    torch_threads: int = field(default=0, metadata={"help": "intra-op CPU threads for this run (0 = leave as is); "
-                                                            "1 is much faster for the tiny model on a shared CPU"})
-    # bookkeeping
-    report_to: str = "tensorboard"
     logging_steps: int = 5
-    eval_steps: int = 0
-    checkpointing_steps: int = 0
-    checkpoints_total_limit: int = 2
-    resume_from_checkpoint: str | None = None
+    dataloader_num_workers: int = 0
+    # bookkeeping
     tsne: bool = True
     tsne_max_points: int = 600
     save_final: bool = True
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.parts()
+        check_finite_positive(self, "beta", "dhn_temperature", "stage_temperature", "ot_reg")
+        check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))
+        check_choice(self, "ref_mode", ("auto", "on_the_fly", "cached"))
+        check_choice(self, "finetune", ("full", "lock_image", "lock_text", "lora"))
+        check_choice(self, "dhn_mode", ("paper", "parity"))
+        check_positive(self, "eval_batch_size", "rank", "phantoms_n", "tsne_max_points")
+        check_probability(self, "label_smoothing", "curriculum_start", "curriculum_end")
+        for key in ("retention_weight", "entropy_weight", "entropy_mask_weight", "stages_weight", "ot_weight",
+                    "dataloader_num_workers"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        dirs = {d.strip() for d in self.dpo_directions.split(",") if d.strip()}
+        check(bool(dirs) and dirs <= {"t2i", "i2t"}, "dpo_directions", self.dpo_directions, "t2i, i2t or t2i,i2t")
 
     def parts(self) -> set[str]:
         parts = {p.strip() for p in self.loss.split("+") if p.strip()}
@@ -121,8 +125,8 @@ class ClipTrainConfig:
 
 # --------------------------------------------------------------------------------------------------- setup
 def resolve_data(cfg: ClipTrainConfig, out: Path) -> Path:
-    if cfg.data:
-        return Path(cfg.data)
+    if cfg.dataset_name:
+        return Path(cfg.dataset_name)
     from negdpo.core.phantoms import ensure_phantoms
 
     return ensure_phantoms(out.parent / f"phantoms_n{cfg.phantoms_n}_s{cfg.phantoms_size}_seed{cfg.phantoms_seed}",
@@ -133,7 +137,7 @@ def build_model(cfg: ClipTrainConfig):
     """(policy, preprocess, tokenizer, logit scale value)."""
     from negdpo.core.models import load_clip
 
-    model, preprocess, tokenizer = load_clip(cfg.model)
+    model, preprocess, tokenizer = load_clip(cfg.pretrained_model_name_or_path)
     if cfg.disable_dropout:
         cm.disable_dropout(model)
     scale = float(model.logit_scale.detach().exp())
@@ -146,7 +150,7 @@ def build_model(cfg: ClipTrainConfig):
     elif cfg.finetune == "lock_text":
         cm.lock_towers(model, False, True)
     elif cfg.finetune == "lora":
-        model = cm.apply_lora(model, cfg.lora_towers, cfg.lora_rank, cfg.lora_alpha)
+        model = cm.apply_lora(model, cfg.lora_towers, cfg.rank, cfg.lora_alpha)
     elif cfg.finetune != "full":
         raise ValueError(f"finetune '{cfg.finetune}': use full | lock_image | lock_text | lora")
     model.train()
@@ -192,7 +196,7 @@ def compute_loss(cfg: ClipTrainConfig, parts: set[str], model, ref: cm.Reference
         else:
             ref_sims = ref.sims(batch["pos"], batch["neg"], batch["texts"], scale, autocast)
         dirs = tuple(d.strip() for d in cfg.dpo_directions.split(",") if d.strip())
-        loss, m = clip_dpo_pair_loss(sims, ref_sims, cfg.dpo_beta, cfg.dpo_loss_type, cfg.label_smoothing, dirs)
+        loss, m = clip_dpo_pair_loss(sims, ref_sims, cfg.beta, cfg.loss_type, cfg.label_smoothing, dirs)
         total = total + loss
         logs["loss/dpo"] = float(loss.detach())
         logs |= {k: float(v) for k, v in m.items()}
@@ -257,7 +261,7 @@ def evaluate(model, ref: cm.Reference | None, dataset: ClipPairDataset, collate,
     model.train(was_training)
     sims_t = torch.cat(sims)
     ref_t = torch.cat(refs) if refs else torch.zeros_like(sims_t)
-    _, m = clip_dpo_pair_loss(sims_t, ref_t, cfg.dpo_beta, "sigmoid")
+    _, m = clip_dpo_pair_loss(sims_t, ref_t, cfg.beta, "sigmoid")
     out = {f"eval/{k}": float(v) for k, v in m.items() if k.startswith(("preference", "t2i/pref", "i2t/pref"))
            or (ref is not None and k.startswith(("rewards", "t2i/rewards", "i2t/rewards")))}
     out["eval/attention_entropy"] = float(torch.cat(ents).mean())
@@ -283,11 +287,27 @@ def retrieval_r1(img: torch.Tensor, txt: torch.Tensor, pairs) -> dict[str, float
 
 
 # --------------------------------------------------------------------------------------------------- main
+class StepBatches:
+    """Batch sampler for steps ``start..``: shuffled epochs drawn from (seed, epoch) alone, so resume is exact."""
+
+    def __init__(self, n: int, cfg: ClipTrainConfig, start_step: int, world: int, rank: int) -> None:
+        self.n, self.cfg, self.world, self.rank = n, cfg, world, rank
+        self.start = start_step * cfg.gradient_accumulation_steps
+        self.stop = cfg.max_train_steps * cfg.gradient_accumulation_steps
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        from negdpo.core.training import epoch_batches
+
+        for flat in range(self.start, self.stop):
+            yield epoch_batches(self.n, self.cfg.train_batch_size, flat, self.cfg.seed, self.world, self.rank)
+
+
 def train(cfg: ClipTrainConfig) -> dict:
     """Run one training; returns the summary (also written to ``output_dir/summary.json``)."""
     threads = torch.get_num_threads()
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
     try:
         return _train(cfg)
     finally:
@@ -295,39 +315,45 @@ def train(cfg: ClipTrainConfig) -> dict:
 
 
 def _train(cfg: ClipTrainConfig) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from negdpo.core.training import (
+        MetricsLog,
+        NonFiniteGuard,
+        clip_gradients,
+        finish_run,
+        make_optimizer,
+        make_scheduler,
+        resume_step,
+        save_checkpoint,
+        start_run,
+        step_seed,
+        stop_nonfinite,
+    )
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     parts = cfg.parts()
-    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir("clip", cfg.run_name)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if cfg.report_to in ("", "none") else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    seed_everything(cfg.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-    data = resolve_data(cfg, out) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    data = data or resolve_data(cfg, out)
+    if cfg.dataset_name and not Path(cfg.dataset_name).exists():  # before any model loads
+        raise FileNotFoundError(f"--dataset_name {cfg.dataset_name}: no such folder")
+    run = start_run(cfg, "clip", owner="clip_train")
+    accelerator, out = run.accelerator, run.out
+    with accelerator.main_process_first():
+        data = resolve_data(cfg, out)
 
     model, preprocess, tokenizer, scale = build_model(cfg)
     grid = cm.grid_size(model)
     collate = make_collate(tokenizer)
     train_ds = ClipPairDataset(load_pairs(data, cfg.train_split, cfg.negative_text), preprocess, grid)
     val_ds = ClipPairDataset(load_pairs(data, cfg.val_split, cfg.negative_text), preprocess, grid)
+    world = accelerator.num_processes
+    if len(train_ds) < cfg.train_batch_size * world:
+        raise ValueError(f"{len(train_ds)} training pairs < train_batch_size {cfg.train_batch_size} x {world} processes")
     device = accelerator.device
     model.to(device)
 
-    ref = None
+    # the reference also scores validation (implicit rewards), so it exists for every loss
+    ref = cm.Reference(model, use_adapter_disable=cfg.finetune == "lora")
+    if ref.copy is not None:
+        ref.copy.to(device)
     ref_mode = cfg.ref_mode
-    if "dpo" in parts or True:  # the reference also scores validation (implicit rewards)
-        ref = cm.Reference(model, use_adapter_disable=cfg.finetune == "lora")
-        if ref.copy is not None:
-            ref.copy.to(device)
     if "dpo" in parts:
         if ref_mode == "auto":
             ref_mode = "cached" if _ref_is_cacheable(preprocess) else "on_the_fly"
@@ -335,87 +361,76 @@ def _train(cfg: ClipTrainConfig) -> dict:
             if not _ref_is_cacheable(preprocess):
                 raise ValueError("ref_mode=cached needs deterministic preprocessing (no random transforms)")
             cache_reference(ref, train_ds, collate, scale, cfg.eval_batch_size, device)
-        elif ref_mode != "on_the_fly":
-            raise ValueError(f"ref_mode '{cfg.ref_mode}': use auto | on_the_fly | cached")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train_batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate, num_workers=cfg.dataloader_num_workers)
-    if len(loader) == 0:
-        raise ValueError(f"{len(train_ds)} training pairs < train_batch_size {cfg.train_batch_size}")
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                              num_training_steps=cfg.max_train_steps * accelerator.num_processes)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    if accelerator.is_main_process and accelerator.log_with:
-        accelerator.init_trackers(cfg.run_name, config=tracker_config(cfg))
-
-    step, resume_skip = 0, 0
-    if cfg.resume_from_checkpoint:
-        path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
-        if path is None or not path.exists():
-            logger.warning("resume_from_checkpoint=%s: nothing found; starting fresh", cfg.resume_from_checkpoint)
-        else:
-            accelerator.load_state(str(path))
-            step = int(re.search(r"(\d+)$", path.name).group(1))
-            resume_skip = (step * cfg.gradient_accumulation_steps) % len(loader)
-            accelerator.print(f"resumed from {path} at step {step}")
+    optimizer = make_optimizer(params, cfg)
+    scheduler = make_scheduler(optimizer, cfg, world)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    step = resume_step(run, cfg)
+    metrics_log = MetricsLog(run, step)
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=StepBatches(len(train_ds), cfg, step, world, accelerator.process_index),
+        collate_fn=collate, num_workers=cfg.dataloader_num_workers)
 
     autocast = accelerator.autocast
+    before_file = out / "eval_before.json"
     before, before_extra = evaluate(model, ref, val_ds, collate, scale, cfg, device, collect_tokens=cfg.tsne)
+    if step > 0 and before_file.exists():  # a resumed run reports the metrics of the untrained start
+        before = json.loads(before_file.read_text())
+    elif run.is_main:
+        before_file.write_text(json.dumps(before))
     accelerator.log({k.replace("eval/", "eval_before/"): v for k, v in before.items()}, step=step)
-    metrics_file = out / "metrics.jsonl"
-    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not (cfg.progress_bar and accelerator.is_local_main_process),
-               desc="clip-train")
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="clip_train",
+               disable=not (cfg.progress_bar and accelerator.is_local_main_process))
+    guard = NonFiniteGuard(cfg.max_nonfinite_grad_steps)
     t0, n_samples, last = time.perf_counter(), 0, {}
-    epoch = 0
-    while step < cfg.max_train_steps:
-        active = accelerator.skip_first_batches(loader, resume_skip) if resume_skip else loader
-        resume_skip = 0
-        for batch in active:
-            with accelerator.accumulate(model):
-                loss, logs = compute_loss(cfg, parts, model, ref, batch, scale, step, autocast)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            n_samples += batch["pos"].shape[0]
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            logs |= {"lr": scheduler.get_last_lr()[0], "logit_scale": float(cm.unwrap(model).logit_scale.exp()),
-                     "samples_per_s": n_samples / (time.perf_counter() - t0), "epoch": epoch}
-            last = logs
-            if step % max(cfg.logging_steps, 1) == 0 or step == cfg.max_train_steps:
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                accelerator.log(logs, step=step)
-                if accelerator.is_main_process:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps({"step": step} | logs) + "\n")
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_train_steps:
-                ev, _ = evaluate(model, ref, val_ds, collate, scale, cfg, device)
-                accelerator.log(ev, step=step)
-            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-                if accelerator.is_main_process:
-                    prune_checkpoints(out, max(cfg.checkpoints_total_limit - 1, 0))
-                accelerator.save_state(str(out / f"checkpoint-{step}"))
-            if step >= cfg.max_train_steps:
-                break
-        epoch += 1
+    micro = 0
+    for batch in loader:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        torch.manual_seed(step_seed(cfg.seed, step, micro, accelerator.process_index))  # dropout etc.
+        with accelerator.accumulate(model):
+            loss, logs = compute_loss(cfg, parts, model, ref, batch, scale, step, autocast)
+            if not guard.loss_ok(accelerator, loss):
+                raise stop_nonfinite(run, step, f"loss became {float(loss)}", cfg.checkpoints_total_limit)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm)
+                logs["grad_norm"] = float(grad_norm)
+                if not guard.grads_ok(grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    if guard.exhausted:
+                        raise stop_nonfinite(run, step, f"gradient norm non-finite on {guard.bad_grads} consecutive "
+                                             "steps", cfg.checkpoints_total_limit)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        n_samples += batch["pos"].shape[0]
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        step, micro = step + 1, 0
+        bar.update(1)
+        logs |= {"lr": scheduler.get_last_lr()[0], "logit_scale": float(cm.unwrap(model).logit_scale.detach().exp()),
+                 "samples_per_s": n_samples / (time.perf_counter() - t0)}
+        last = logs
+        if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            metrics_log.log(step, logs)
+        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+            ev, _ = evaluate(model, ref, val_ds, collate, scale, cfg, device)
+            accelerator.log(ev, step=step)
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            save_checkpoint(run, step, cfg.checkpoints_total_limit)
     bar.close()
     train_time = time.perf_counter() - t0
     after, after_extra = evaluate(model, ref, val_ds, collate, scale, cfg, device, collect_tokens=cfg.tsne)
     accelerator.log(after, step=step)
     summary = {"steps": step, "loss": cfg.loss, "finetune": cfg.finetune, "ref_mode": ref_mode,
                "train_pairs": len(train_ds), "val_pairs": len(val_ds), "train_seconds": round(train_time, 2),
-               "samples_per_s": round(n_samples / max(train_time, 1e-9), 2), "logit_scale": scale,
+               "samples_per_s": round(n_samples * world / max(train_time, 1e-9), 2), "logit_scale": scale,
                "before": before, "after": after, "last_step": last}
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if run.is_main:
         if cfg.tsne and before_extra:
             from .tsne import lesion_background_points, plot_tsne
 
@@ -423,24 +438,29 @@ def _train(cfg: ClipTrainConfig) -> dict:
             pa = lesion_background_points(after_extra["tokens"], after_extra["masks"], cfg.tsne_max_points, seed=cfg.seed)
             summary["tsne_silhouette"] = plot_tsne({"before": pb, "after": pa}, out / "tsne.png", seed=cfg.seed)
         if cfg.save_final:
-            cm.save_clip_checkpoint(accelerator.unwrap_model(model), cfg.model, out / "final")
+            cm.save_clip_checkpoint(accelerator.unwrap_model(model), cfg.pretrained_model_name_or_path, out / "final")
             summary["checkpoint"] = str((out / "final").resolve())
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    accelerator.end_training()
+    finish_run(run)
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _run(argv: list[str]) -> int:
+    from accelerate import PartialState
     from negdpo.core.config import bundled_config, parse_config
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_config(ClipTrainConfig, argv, default_config=str(bundled_config("clip_demo.yaml")))
     summary = train(cfg)
-    b, a = summary["before"], summary["after"]
-    print(f"preference accuracy {b['eval/preference/accuracy']:.3f} -> {a['eval/preference/accuracy']:.3f}; "
-          f"R@1 i2t {b['eval/r1_i2t']:.3f} -> {a['eval/r1_i2t']:.3f}; "
-          f"entropy {b['eval/attention_entropy']:.3f} -> {a['eval/attention_entropy']:.3f}; "
-          f"{summary['samples_per_s']} samples/s; checkpoint {summary.get('checkpoint')}")
-    return summary
+    if PartialState().is_main_process:
+        b, a = summary["before"], summary["after"]
+        print(f"preference accuracy {b['eval/preference/accuracy']:.3f} -> {a['eval/preference/accuracy']:.3f}; "
+              f"R@1 i2t {b['eval/r1_i2t']:.3f} -> {a['eval/r1_i2t']:.3f}; "
+              f"entropy {b['eval/attention_entropy']:.3f} -> {a['eval/attention_entropy']:.3f}; "
+              f"{summary['samples_per_s']} samples/s; checkpoint {summary.get('checkpoint')}")
+    return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    from negdpo.core.console import run_main
+
+    return run_main("clip_train", _run, argv)

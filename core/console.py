@@ -1,0 +1,59 @@
+"""What a command prints: quiet library loggers, and user errors as one line (traceback with ``--debug``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+QUIET = ("diffusers", "transformers", "accelerate", "peft", "httpx", "urllib3", "datasets", "open_clip", "timm",
+         "torch", "matplotlib", "PIL", "fsspec", "filelock", "huggingface_hub")
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+
+
+def setup_logging(debug: bool = False) -> None:
+    """``negdpo`` loggers at INFO (DEBUG with ``--debug``) to stderr; libraries at WARNING; root untouched."""
+    log = logging.getLogger("negdpo")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error() if not debug else hf_logging.set_verbosity_info()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` from ``argv``; returns (rest, debug)."""
+    return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
+def run_main(prog: str, fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
+    """Call ``fn(argv)``; a user error prints ``<prog>: error: <message>`` and returns 2 (3 for a NaN stop)."""
+    from .training import NonFiniteError
+
+    argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(debug)
+    try:
+        result = fn(argv)
+    except NonFiniteError as err:
+        if debug:
+            raise
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 3
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"{prog}: error: {err} (--debug for the traceback)", file=sys.stderr)
+        return 2
+    return int(result) if isinstance(result, int) else 0

@@ -1,0 +1,334 @@
+"""Training scaffolding shared by every trainer (generator, CLIP, prompt generator), as functions.
+
+    cfg = parse_config(MyConfig)                     # MyConfig(TrainConfig): diffusers' example-script names
+    run = start_run(cfg, kind="generator")           # Accelerator, output dir (+ lock), config, trackers, seed
+    start = resume_step(run, cfg)                    # 'latest' = newest complete checkpoint, or 0
+    metrics = MetricsLog(run, start)                 # metrics.jsonl (rank-reduced), no repeated steps
+    guard = NonFiniteGuard(cfg.max_nonfinite_grad_steps)
+    ...  guard.check_loss(loss, step) / guard.grads_ok(grad_norm, step) / save_checkpoint(run, step, limit)
+    finish_run(run)
+
+* Mixed precision: ``None`` (default) honours ``accelerate launch --mixed_precision`` and the accelerate
+  config file; a value in the run config wins.
+* Resume: ``latest`` with nothing to resume from warns and starts fresh (as diffusers does); an explicit
+  path that does not exist is an error.
+* Checkpoints are atomic (:mod:`negdpo.core.checkpoints`); ``checkpoints_total_limit=None`` keeps all.
+* A non-finite loss, or a non-finite gradient norm on ``max_nonfinite_grad_steps`` consecutive steps,
+  stops the run after the last finite state was saved (:class:`NonFiniteError`, one line, exit code 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import (
+    finalize_checkpoint,
+    latest_checkpoint,
+    partial_dir,
+    prune_checkpoints,
+    step_of,
+)
+from .config import (
+    check,
+    check_choice,
+    check_finite_positive,
+    check_positive,
+    default_output_dir,
+    save_config,
+    seed_everything,
+    tracker_config,
+)
+
+logger = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a NaN/inf loss or gradient norm; the last finite state was saved."""
+
+
+@dataclass
+class TrainConfig:
+    """Fields every trainer shares, under the names of diffusers' example scripts."""
+
+    output_dir: str = field(default="", metadata={"help": "default: $NEGDPO_OUTPUT/<kind>/<run_name> (outputs/...)"})
+    run_name: str = "run"
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a previous run in output_dir"})
+    seed: int = 0
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 100
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no | fp16 | bf16 (default: the launcher's)"})
+    checkpointing_steps: int = field(default=0, metadata={"help": "save a resumable state every N steps (0 = off)"})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep the newest N (None = all)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | none"})
+    tracker_name: str = field(default="", metadata={"help": "tracker project name (default negdpo-<kind>)"})
+    logging_steps: int = 1
+    validation_steps: int = field(default=0, metadata={"help": "validate every N steps (0 = only at the end)"})
+    max_nonfinite_grad_steps: int = field(default=3, metadata={"help": "stop after N consecutive inf/NaN grad norms"})
+    torch_threads: int = field(default=0, metadata={"help": "intra-op CPU threads for this run (0 = leave as is)"})
+
+    def __post_init__(self) -> None:
+        check_positive(self, "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                       "logging_steps", "max_nonfinite_grad_steps")
+        check_finite_positive(self, "learning_rate", "adam_epsilon")
+        for key in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "torch_threads"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        check(self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), "max_grad_norm", self.max_grad_norm,
+              "must be a finite number >= 0")
+        check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit",
+              self.checkpoints_total_limit, "must be >= 1, or None to keep all")
+        check_choice(self, "report_to", REPORT_TO)
+        check_choice(self, "mixed_precision", (None, "no", "fp16", "bf16"))
+        for key in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, key)
+            check(0.0 <= v < 1.0, key, v, "must be in [0, 1)")
+
+
+@dataclass
+class Run:
+    """What :func:`start_run` set up: the accelerator, the output folder and the lock held on it."""
+
+    accelerator: Any
+    out: Path
+    kind: str
+    lock: contextlib.ExitStack
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+
+def output_path(cfg: TrainConfig, kind: str) -> Path:
+    return Path(cfg.output_dir) if cfg.output_dir else default_output_dir(kind, cfg.run_name)
+
+
+def check_launch(accelerator: Any) -> None:
+    """Refuse N independent single-process runs started by a multi-process launcher on one folder."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"the launcher started {world} processes but each runs alone (no process group: e.g. a multi-GPU "
+            "accelerate config on a machine without GPUs); they would all write one folder. Launch one process, or "
+            "for CPU DDP: ACCELERATE_USE_CPU=true torchrun --nproc_per_node N <script> ...")
+
+
+def start_run(cfg: TrainConfig, kind: str, owner: str | None = None) -> Run:
+    """Accelerator (+ trackers), output folder claimed and locked, resolved config saved, seeded."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from .outdir import output_dir
+
+    if cfg.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    out = output_path(cfg, kind)
+    log_with = None if cfg.report_to == "none" else cfg.report_to
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=cfg.mixed_precision, log_with=log_with,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    check_launch(accelerator)
+    stack = contextlib.ExitStack()
+    if accelerator.is_main_process:
+        stack.enter_context(output_dir(out, owner or kind, overwrite=cfg.overwrite_output_dir,
+                                       resume=bool(cfg.resume_from_checkpoint)))
+        save_config(cfg, out)
+    accelerator.wait_for_everyone()
+    seed_everything(cfg.seed)
+    if accelerator.is_main_process and log_with:
+        accelerator.init_trackers(cfg.tracker_name or f"negdpo-{kind}", config=tracker_config(cfg))
+    return Run(accelerator, out, kind, stack)
+
+
+def resume_path(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint to resume from: ``latest`` -> newest complete (None if there is none)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        path = latest_checkpoint(out)
+        if path is None:
+            logger.warning("resume_from_checkpoint=latest: no complete checkpoint in %s; starting a new run", out)
+        return path
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    return path
+
+
+def resume_step(run: Run, cfg: TrainConfig) -> int:
+    """Load the state to resume from (Accelerate ``load_state``) and return its step (0 for a new run)."""
+    path = resume_path(cfg.resume_from_checkpoint, run.out)
+    if path is None:
+        return 0
+    run.accelerator.print(f"resuming from {path}")
+    run.accelerator.load_state(str(path))
+    return step_of(path)
+
+
+def save_checkpoint(run: Run, step: int, limit: int | None) -> Path:
+    """Atomic ``checkpoint-<step>`` (every process saves, the main one finalises), then prune to ``limit``."""
+    import shutil
+
+    acc = run.accelerator
+    tmp = partial_dir(run.out, step)
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    final = run.out / f"checkpoint-{step}"
+    if acc.is_main_process:
+        finalize_checkpoint(run.out, step, {"kind": run.kind})
+        prune_checkpoints(run.out, limit)
+    acc.wait_for_everyone()
+    return final
+
+
+def reduce_metrics(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """Mean of each metric over processes (every process must pass the same keys)."""
+    if accelerator.num_processes == 1 or not metrics:
+        return {k: float(v) for k, v in metrics.items()}
+    import torch
+
+    keys = sorted(metrics)
+    local = torch.tensor([float(metrics[k]) for k in keys], device=accelerator.device, dtype=torch.float64)
+    mean = accelerator.reduce(local, reduction="mean")
+    return dict(zip(keys, mean.tolist()))
+
+
+class MetricsLog:
+    """``metrics.jsonl`` + trackers: reduced over processes, written by the main process only.
+
+    Resuming at step ``s`` drops lines with a step > ``s`` (written after the checkpoint), so the file never
+    holds a step twice.
+    """
+
+    def __init__(self, run: Run, start_step: int = 0, name: str = METRICS_FILE) -> None:
+        self.run, self.path = run, run.out / name
+        if run.is_main and self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            tmp = self.path.with_name(f".{name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+
+    def log(self, step: int, metrics: dict[str, float], to_trackers: bool = True) -> dict[str, float]:
+        reduced = reduce_metrics(self.run.accelerator, metrics)
+        if to_trackers:
+            self.run.accelerator.log(reduced, step=step)
+        if self.run.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **reduced}) + "\n")
+        return reduced
+
+
+class NonFiniteGuard:
+    """Stops on a non-finite loss (at once) or ``patience`` consecutive non-finite gradient norms."""
+
+    def __init__(self, patience: int = 3) -> None:
+        self.patience, self.bad_grads = patience, 0
+
+    def loss_ok(self, accelerator: Any, loss: Any) -> bool:
+        """True when the loss is finite on every process."""
+        import torch
+
+        flag = torch.isfinite(loss.detach().float()).all().reshape(1).to(torch.float32)
+        return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes) \
+            if accelerator.num_processes > 1 else bool(flag.item())
+
+    def grads_ok(self, grad_norm: Any) -> bool:
+        """True for a finite norm (resets the count); False means: skip this optimizer step."""
+        value = float(grad_norm)
+        if math.isfinite(value):
+            self.bad_grads = 0
+            return True
+        self.bad_grads += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bad_grads >= self.patience
+
+
+def stop_nonfinite(run: Run, step: int, what: str, limit: int | None) -> NonFiniteError:
+    """Save the current (finite) state as ``checkpoint-<step>`` and build the one-line error to raise."""
+    ckpt = save_checkpoint(run, step, None if limit is None else max(limit, 1))
+    return NonFiniteError(f"{what} at step {step + 1}; the finite state of step {step} is saved in {ckpt}. "
+                          f"Lower --learning_rate (or --beta), or use fp32/bf16, then --resume_from_checkpoint {ckpt}")
+
+
+def clip_gradients(accelerator: Any, params: Any, max_norm: float) -> Any:
+    """Clip to ``max_norm`` (0 = no clipping) and return the total norm before clipping."""
+    return accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
+def make_optimizer(params: Any, cfg: TrainConfig, weight_decay: float | None = None) -> Any:
+    """AdamW (8-bit from bitsandbytes when asked and installed)."""
+    import torch
+
+    cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit
+        except ImportError:
+            logger.warning("bitsandbytes not installed; using torch.optim.AdamW")
+    wd = cfg.adam_weight_decay if weight_decay is None else weight_decay
+    return cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=wd,
+               eps=cfg.adam_epsilon)
+
+
+def make_scheduler(optimizer: Any, cfg: TrainConfig, num_processes: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * num_processes,
+                         num_training_steps=cfg.max_train_steps * num_processes)
+
+
+def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
+    """Seed of one micro-step: data order, noise and dropout depend on (seed, step) only, so resume is exact."""
+    from .config import derive_seed
+
+    return derive_seed("step", step, micro, rank, base=seed)
+
+
+def epoch_batches(n: int, batch: int, flat_step: int, seed: int, world: int = 1, rank: int = 0) -> list[int]:
+    """Indices of micro-batch ``flat_step`` for ``rank``: shuffled epochs (drop last), a pure function of its inputs."""
+    import torch
+
+    from .config import derive_seed
+
+    global_batch = batch * world
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"{n} training examples < train_batch_size x processes = {global_batch}")
+    epoch, pos = divmod(flat_step, per_epoch)
+    gen = torch.Generator().manual_seed(derive_seed("epoch", epoch, base=seed))
+    perm = torch.randperm(n, generator=gen)[pos * global_batch:(pos + 1) * global_batch]
+    return perm[rank * batch:(rank + 1) * batch].tolist()
+
+
+def finish_run(run: Run) -> None:
+    run.accelerator.end_training()
+    run.lock.close()
