@@ -88,13 +88,20 @@ def bar_plot(path: Path, summary: dict[str, Any]) -> None:
     names = list(summary["checkpoints"])
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 3.6), dpi=120)
-    for off, key, label, color in ((-0.2, "dice", "real prompt", "#3070b0"),
-                                   (0.2, "control_dice", "irrelevant prompt", "#c0a040")):
+    series = [(key, label, color) for key, label, color in (("dice", "real prompt", "#3070b0"),
+                                                            ("control_dice", "irrelevant prompt", "#c0a040"))
+              if any(summary["checkpoints"][n][key]["n"] for n in names)]  # no control run: no bar, not a false 0
+    width = 0.8 / max(1, len(series))
+    for i, (key, label, color) in enumerate(series):
+        off = (i - (len(series) - 1) / 2) * width
         stats = [summary["checkpoints"][n][key] for n in names]
         means = np.array([s["mean"] if s["n"] else 0.0 for s in stats])
         err = np.array([[m - s["ci95"][0], s["ci95"][1] - m] if s["n"] else [0, 0] for m, s in zip(means, stats)]).T
-        ax.bar(x + off, means, width=0.4, yerr=err, capsize=4, label=label, color=color)
-    ax.set_xticks(x, names)
+        bars = ax.bar(x + off, means, width=width, yerr=err, capsize=4, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{m:.3f}" if s["n"] else "–" for m, s in zip(means, stats)], fontsize=7,
+                     padding=2)
+    n_pos = [summary["checkpoints"][n]["n_positive"] for n in names]
+    ax.set_xticks(x, [f"{n}\n(n={k})" for n, k in zip(names, n_pos)])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("Dice (mean, 95% bootstrap CI)")
     ax.set_title("Zero-shot segmentation by checkpoint")
@@ -198,14 +205,16 @@ def url(rel_path: str | Path) -> str:
 OVERLAY_COLUMNS = ("image", "saliency (red = high)", "coarse mask", "ground truth", "prediction")
 GT_COLOR, COARSE_COLOR, PRED_COLOR = (1.0, 0.15, 0.15), (1.0, 0.85, 0.0), (0.1, 0.9, 0.2)
 OVERLAY_LEGEND = (("ground truth (outline on the prediction)", GT_COLOR),
-                  ("coarse mask (saliency clusters)", COARSE_COLOR), ("prediction (SAM)", PRED_COLOR))
+                  ("coarse mask (saliency clusters)", COARSE_COLOR), ("prediction (final mask)", PRED_COLOR))
 
 
 def _edge(mask: np.ndarray) -> np.ndarray:
+    """The inner boundary of ``mask``, about 1/160 of the image side thick (>= 1 px): visible at any size."""
     from scipy import ndimage
 
     mask = np.asarray(mask, bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    width = max(1, round(max(mask.shape) / 160))
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
 
 
 def overlay_tiles(image: np.ndarray, sal: np.ndarray, coarse: np.ndarray, pred: np.ndarray,
