@@ -57,7 +57,7 @@ def load_components(model: str = "tiny", reference_adapter: str | None = None, r
     from diffusers import DDPMScheduler
     from negdpo.core.models import load_inpaint_pipeline
 
-    from .sample import LORA_WEIGHT_NAME
+    from .lora_io import LORA_WEIGHT_NAME, load_adapter
 
     pipe = load_inpaint_pipeline(model, torch_dtype=dtype)
     in_ch = int(pipe.unet.config.in_channels)
@@ -69,7 +69,7 @@ def load_components(model: str = "tiny", reference_adapter: str | None = None, r
             raise FileNotFoundError(f"reference adapter {folder}: no {LORA_WEIGHT_NAME}")
         if reference_mode not in ("fuse", "adapter"):
             raise ValueError(f"reference_mode must be 'fuse' or 'adapter', got '{reference_mode}'")
-        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME, adapter_name=REF_ADAPTER)
+        load_adapter(pipe, folder, REF_ADAPTER)  # load_lora_weights, then every tensor checked
         if reference_mode == "fuse":
             pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[REF_ADAPTER])
             pipe.unload_lora_weights()

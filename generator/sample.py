@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .lora_io import LORA_WEIGHT_NAME, load_adapter
+
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_META = "negdpo_adapter.json"  # optional: {"reference_adapter": <folder>} fused before this adapter
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -64,6 +65,8 @@ def _adapter_chain(adapter: str | Path) -> list[Path]:
         if not ref:
             break
         ref_dir = Path(ref)
+        if not ref_dir.is_absolute() and not (ref_dir / LORA_WEIGHT_NAME).is_file():
+            ref_dir = meta.parent / ref_dir  # relative to the adapter folder (a moved pair of run folders)
         if not (ref_dir / LORA_WEIGHT_NAME).is_file():
             raise FileNotFoundError(f"{meta}: reference adapter '{ref}' has no {LORA_WEIGHT_NAME}")
         if ref_dir in chain:
@@ -77,8 +80,9 @@ def load_generator(model: str = "tiny", adapter: str | None = None, device: str 
                    dtype: torch.dtype = torch.float32):
     """``StableDiffusionInpaintPipeline`` for ``model`` (tiny / hub id / folder) with an optional LoRA adapter.
 
-    ``adapter`` is a folder holding ``pytorch_lora_weights.safetensors`` (a ``gen_train.py`` output). If it
-    was trained on top of a reference (SFT) adapter, that one is fused into the base first, as in training.
+    ``adapter`` is a folder holding ``pytorch_lora_weights.safetensors`` (a ``gen_train.py`` output), loaded
+    with ``load_lora_weights`` and checked tensor by tensor (``lora_io.load_adapter``). If it was trained on
+    top of a reference (SFT) adapter, that one is fused into the base first, as in training.
     A 4-channel UNet runs in the pipeline's legacy blending mode (img2img-style inpainting).
     """
     from negdpo.core.models import load_inpaint_pipeline
@@ -88,7 +92,7 @@ def load_generator(model: str = "tiny", adapter: str | None = None, device: str 
         chain = _adapter_chain(adapter)
         for i, folder in enumerate(chain):
             name = f"negdpo_{i}"
-            pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME, adapter_name=name)
+            load_adapter(pipe, folder, name)  # load_lora_weights, then every tensor checked
             if i < len(chain) - 1:  # reference adapters are part of the base the policy was trained on
                 pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[name])
                 pipe.unload_lora_weights()

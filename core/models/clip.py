@@ -84,13 +84,27 @@ def resolve_clip(name: str) -> str:
         f"unknown CLIP model '{name}': use 'tiny', 'biomedclip-random', 'hf-hub:<org>/<repo>' or 'local-dir:<folder>'")
 
 
+def _own_text_tower(model_name: str) -> dict:
+    """``text_cfg`` override so a ``local-dir:`` folder holding its HF text tower's ``config.json`` uses it,
+    whatever path its ``open_clip_config.json`` recorded (a moved or copied checkpoint); else ``{}``."""
+    if not model_name.startswith("local-dir:"):
+        return {}
+    folder = Path(model_name.removeprefix("local-dir:"))
+    text_cfg = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {}).get("text_cfg", {})
+    recorded = text_cfg.get("hf_model_name")
+    if not recorded or not (folder / "config.json").is_file() or Path(recorded).resolve() == folder.resolve():
+        return {}
+    return {"text_cfg": text_cfg | {"hf_model_name": str(folder.resolve()), "hf_model_pretrained": False}}
+
+
 def load_clip(name: str = "tiny", device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) for a CLIP name; the model is in eval mode."""
     import open_clip
 
     model_name = resolve_clip(name)
     with open_clip_info_to_debug():
-        model, preprocess = open_clip.create_model_from_pretrained(model_name, device=device)
+        model, preprocess = open_clip.create_model_from_pretrained(model_name, device=device,
+                                                                   **_own_text_tower(model_name))
         tokenizer = open_clip.get_tokenizer(model_name)
     logger.debug("loaded CLIP %s", model_name)
     return model.eval(), preprocess, tokenizer

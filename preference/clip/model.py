@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -120,11 +119,16 @@ def pair_sims(model: nn.Module, pos: torch.Tensor, neg: torch.Tensor, texts: tor
 
 
 def save_clip_checkpoint(model: nn.Module, source: str, out: str | Path) -> Path:
-    """Write an open_clip ``local-dir:`` folder: the source's ``open_clip_config.json`` (HF text config and
-    tokenizer files copied alongside when they were local) + ``open_clip_model.safetensors``.
+    """Write an open_clip ``local-dir:`` folder that loads after a move or copy: ``open_clip_config.json``
+    (the source's), ``open_clip_model.safetensors``, and the HF text tower's ``config.json`` and tokenizer
+    files, so the folder needs nothing outside itself.
 
+    The config names the text tower as the source did: a Hub id stays (plain open_clip resolves it
+    anywhere), a local folder becomes this folder's absolute path (plain open_clip loads it in place);
+    ``negdpo.core.models.load_clip`` always takes the tower's config from the folder itself.
     PEFT adapters are merged into a copy first, so the folder holds plain open_clip weights.
     """
+    import open_clip
     from negdpo.core.models import resolve_clip
     from safetensors.torch import save_file
 
@@ -143,13 +147,17 @@ def save_clip_checkpoint(model: nn.Module, source: str, out: str | Path) -> Path
         src_dir = Path(snapshot_download(src_name.removeprefix("hf-hub:"), local_files_only=True))
     cfg = json.loads((src_dir / "open_clip_config.json").read_text())
     text_cfg = cfg.get("model_cfg", {}).get("text_cfg", {})
-    for key in ("hf_model_name", "hf_tokenizer_name"):
-        local = Path(str(text_cfg.get(key, "")))
-        if text_cfg.get(key) and local.is_dir():
-            for f in local.iterdir():
-                if f.is_file() and f.suffix in (".json", ".txt") and f.name != "open_clip_config.json":
-                    shutil.copy2(f, out / f.name)
-            text_cfg[key] = str(out.resolve())
+    if text_cfg.get("hf_model_name"):  # HF text tower: its config and tokenizer go into the folder
+        text_config = getattr(getattr(m, "text", None), "config", None)
+        if not hasattr(text_config, "save_pretrained"):
+            raise ValueError(f"{source}: config names HF text model '{text_cfg['hf_model_name']}' but the model "
+                             "has no HF text tower config")
+        text_config.save_pretrained(str(out))
+        tokenizer = open_clip.get_tokenizer(src_name)
+        tokenizer.save_pretrained(str(out))
+        for key in ("hf_model_name", "hf_tokenizer_name"):
+            if text_cfg.get(key) and Path(str(text_cfg[key])).is_dir():
+                text_cfg[key] = str(out.resolve())
     (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     tmp = out / ".open_clip_model.safetensors.tmp"
     save_file(state, str(tmp))
