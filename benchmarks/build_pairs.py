@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 m[: args.size // 4, : args.size // 4] = True
                 inpaint(builder.pipe, [s] * 2, [m] * 2, ["x"] * 2, [0, 1], steps=2, size=args.size)
             else:
-                builder.cfg = cfg
-                builder.use_out(cfg.out)
+                builder.use_config(cfg)
             timer.reset()
             t0 = time.perf_counter()
             res = builder.run_worker(0, 1)

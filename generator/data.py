@@ -5,8 +5,9 @@ thing to remove), chosen = a healthy fill: the phantom's healthy twin when prese
 inpainting bootstrap (OpenCV Telea inside the dilated mask). Healthy scans (``negatives/`` or empty masks)
 can be added for SFT with a random blob mask (chosen = rejected = the scan).
 
-HF dataset: a ``save_to_disk`` folder or parquet files with columns ``source, mask, chosen, rejected,
-prompt`` (+ optional ``difficulty``, ``split``, ``pair_id``); images as ``datasets.Image``.
+HF dataset: a pair build folder (its ``generator`` config), a ``save_to_disk`` folder or parquet files with
+columns ``source, mask, chosen, rejected, prompt`` (+ optional ``difficulty``, ``split``, ``pair_id``); images
+as ``datasets.Image``. The dataset split ``validation`` and the scan folder's ``val`` are one split.
 
 Batches are drawn statelessly: the indices, augmentation, timesteps and noise of (step, micro-step, rank)
 come from a generator seeded by those keys, so a resumed run sees exactly the batches of an uninterrupted one.
@@ -123,11 +124,26 @@ def pairs_from_scan_folder(root: str | Path, split: str, size: int, chosen: str 
     return pairs
 
 
+# The pair builder's output (a Hub-style dataset repo, negdpo.preference.pairs.schema): the generator config
+# is ``OUT/generator`` (save_to_disk) and ``OUT/data/generator/*.parquet``; builds before that layout
+# wrote ``OUT/dataset`` and ``OUT/data/*.parquet``. The dataset split ``validation`` is the folder's ``val``.
+_SAVED = ("generator", "dataset")
+_SHARDS = ("data/generator", "data")
+_SPLIT_ALIASES = {"val": "validation", "validation": "validation"}
+
+
+def _same_split(a: str, b: str) -> bool:
+    return _SPLIT_ALIASES.get(str(a), str(a)) == _SPLIT_ALIASES.get(str(b), str(b))
+
+
+def _is_saved(p: Path) -> bool:
+    return any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
 def is_hf_dataset(path: str | Path) -> bool:
     p = Path(path)
-    return (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or \
-        (p / "state.json").is_file() or p.suffix == ".parquet" or any(p.glob("*.parquet")) or \
-        (p / "dataset").is_dir() or (p / "data").is_dir() and any((p / "data").glob("*.parquet"))
+    return _is_saved(p) or p.suffix == ".parquet" or any(p.glob("*.parquet")) or \
+        any(_is_saved(p / d) for d in _SAVED) or any(any((p / d).glob("*.parquet")) for d in _SHARDS)
 
 
 def _img_array(v, where: str, key: str) -> np.ndarray:
@@ -137,30 +153,41 @@ def _img_array(v, where: str, key: str) -> np.ndarray:
     return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
 
 
-def load_hf_pairs(path: str | Path, split: str | None, size: int, limit: int | None = None) -> list[Pair]:
-    """Pairs from a ``save_to_disk`` folder (``OUT`` or ``OUT/dataset``) or parquet shards (``OUT/data``)."""
+def _open_hf(path: str | Path):
+    """A Dataset/DatasetDict from a save_to_disk folder, a build folder or parquet shards."""
     import datasets
 
     p = Path(path)
-    if (p / "dataset").is_dir():
-        p = p / "dataset"
-    if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
-        ds = datasets.load_from_disk(str(p))
+    saved = next((p / d for d in _SAVED if _is_saved(p / d)), p if _is_saved(p) else None)
+    if saved is not None:
+        return datasets.load_from_disk(str(saved))
+    if p.suffix == ".parquet":
+        files = [str(p)]
     else:
-        files = [str(p)] if p.suffix == ".parquet" else sorted(str(f) for f in (p.glob("*.parquet") if any(
-            p.glob("*.parquet")) else (p / "data").glob("*.parquet")))
-        if not files:
-            raise PairDataError(f"{path}: neither a save_to_disk folder nor parquet shards")
-        ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        folder = next((q for q in (p, *(p / d for d in _SHARDS)) if any(q.glob("*.parquet"))), None)
+        files = sorted(str(f) for f in folder.glob("*.parquet")) if folder is not None else []
+    if not files:
+        raise PairDataError(f"{path}: neither a save_to_disk folder nor parquet shards")
+    return datasets.load_dataset("parquet", data_files=files, split="train")
+
+
+def load_hf_pairs(path: str | Path, split: str | None, size: int, limit: int | None = None) -> list[Pair]:
+    """Pairs from a pair build folder (``OUT``), a ``save_to_disk`` folder or parquet shards.
+
+    ``split`` ``val`` and ``validation`` are the same split.
+    """
+    import datasets
+
+    ds = _open_hf(path)
     if isinstance(ds, datasets.DatasetDict):
-        key = split if split in ds else ("train" if "train" in ds else next(iter(ds)))
+        key = next((k for k in ds if split and _same_split(k, split)), "train" if "train" in ds else next(iter(ds)))
         ds = ds[key]
     need = {"source", "mask", "chosen", "rejected"}
     missing = need - set(ds.column_names)
     if missing:
         raise PairDataError(f"{path}: missing column(s) {sorted(missing)}; have {ds.column_names}")
     if split and "split" in ds.column_names:
-        ds = ds.filter(lambda s: s == split, input_columns="split")
+        ds = ds.filter(lambda s: _same_split(s, split), input_columns="split")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     pairs = []
@@ -184,8 +211,11 @@ def load_hf_pairs(path: str | Path, split: str | None, size: int, limit: int | N
 
 def load_pairs(data: str | Path, split: str, size: int, chosen: str = "auto", include_healthy: bool = False,
                limit: int | None = None) -> list[Pair]:
+    """Pairs of ``split`` from a pair dataset (see ``load_hf_pairs``) or a scan folder (on the fly)."""
     if is_hf_dataset(data):
         return load_hf_pairs(data, split, size, limit)
+    if not (Path(data) / f"{split}_images").is_dir() and _same_split(split, "val"):
+        split = "val"  # the dataset split 'validation' is the scan folder's val_images
     return pairs_from_scan_folder(data, split, size, chosen, include_healthy, limit)
 
 

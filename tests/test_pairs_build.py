@@ -1,14 +1,10 @@
-"""build-pairs on the phantom set: schema, round-trips, world-size independence, resume, corrupt input."""
+"""build-pairs on the phantom set: schema, the Hub-style layout, consumers, report, world-size independence."""
 
 from __future__ import annotations
 
+import csv
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +14,7 @@ datasets = pytest.importorskip("datasets")
 
 FAST = dict(generator="tiny", k=2, steps=2, clip="tiny", batch_items=2, chunk_size=2, progress=False)
 NO_CLIP = "contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"
+KINDS = ("generator", "clip_t2i", "clip_i2t")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,7 @@ def built(phantom_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def builder(phantom_dir, tmp_path_factory):
-    """One loaded Builder (test split, no CLIP judge) reused by the rank / resume tests."""
+    """One loaded Builder (test split, no CLIP judge) reused by the rank tests."""
     from negdpo.preference.pairs.build import BuildConfig, Builder
 
     cfg = BuildConfig(data=str(phantom_dir), out=str(tmp_path_factory.mktemp("unused")), splits="test",
@@ -51,53 +48,60 @@ def reference(builder, tmp_path_factory):
 
 
 def _rows(out: Path, kind: str = "generator") -> dict[str, dict]:
-    from negdpo.preference.pairs.schema import dataset_dir
-
-    dsd = datasets.load_from_disk(dataset_dir(str(out), kind))
-    rows = {}
-    for ds in dsd.values():
-        for r in ds.data.table.to_pylist():  # raw rows: image bytes, exact floats
-            rows[r["pair_id"]] = r
-    return rows
+    dsd = datasets.load_from_disk(str(out / kind))
+    return {r["pair_id"]: r for ds in dsd.values() for r in ds.data.table.to_pylist()}  # raw: bytes, exact floats
 
 
 def test_schema_and_dtypes(built):
-    from negdpo.preference.pairs.schema import features_for
+    from negdpo.preference.pairs.schema import SPLITS, features_for
 
     out, summary = built
-    for kind in ("generator", "clip_t2i", "clip_i2t"):
-        dsd = datasets.load_from_disk(str(out / "dataset") if kind == "generator" else str(out / kind / "dataset"))
-        assert set(dsd) <= {"train", "val", "test"} and len(dsd) >= 2
+    for kind in KINDS:
+        dsd = datasets.load_from_disk(str(out / kind))
+        assert set(dsd) <= set(SPLITS) and len(dsd) >= 2
         for ds in dsd.values():
             assert ds.features == features_for(kind), kind
             assert set(ds["kind"]) <= {kind}
-    gen = datasets.load_from_disk(str(out / "dataset"))["train"]
-    row = gen[0]
+    gen = datasets.load_from_disk(str(out / "generator"))
+    assert "validation" in gen and set(gen["validation"]["split"]) == {"validation"}
+    row = gen["train"][0]
     for col in ("source", "mask", "chosen", "rejected"):
         assert row[col].mode == "L" and row[col].size == (64, 64)
     assert set(np.unique(np.asarray(row["mask"]))) <= {0, 255}
     assert row["score_chosen"] > row["score_rejected"] and 0 < row["difficulty"] <= 1
     assert row["seed_chosen"] >= 0 and row["gen_model"] == "tiny" and row["steps"] == 2
     assert json.loads(row["judge_chosen"]).keys() >= {"clip_lesion", "contrast", "mi_out", "twin"}
-    i2t = datasets.load_from_disk(str(out / "clip_i2t" / "dataset"))["train"]
+    i2t = datasets.load_from_disk(str(out / "clip_i2t"))["train"]
     assert isinstance(i2t[0]["chosen"], str) and i2t[0]["image"].mode == "L"
     assert summary["dropped"].get("not_positive", 0) > 0  # healthy subjects are counted, not silent
+    assert summary["failed"] == [] and summary["settings"]["k"] == 2
 
 
-def test_parquet_and_disk_round_trip(built):
-    out, _ = built
-    disk = datasets.load_from_disk(str(out / "dataset"))
-    files = {s: sorted(str(p) for p in (out / "data").glob(f"{s}-*.parquet")) for s in disk}
-    pq = datasets.load_dataset("parquet", data_files=files, cache_dir=str(out / ".cache_test"))
-    for split in disk:
-        a = disk[split].sort("pair_id").flatten_indices().data.table.to_pylist()
-        b = pq[split].sort("pair_id").flatten_indices().data.table.to_pylist()
-        assert pq[split].features == disk[split].features
-        assert a == b
+def test_hub_layout_load_dataset_equals_load_from_disk(built):
+    """``load_dataset(OUT, kind)`` through the card's configs returns the rows of ``load_from_disk(OUT/kind)``."""
+    import yaml
+
+    out, summary = built
+    card = (out / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert [c["config_name"] for c in header["configs"]] == list(KINDS) and header["configs"][0]["default"]
+    for kind in KINDS:
+        hub = datasets.load_dataset(str(out), kind, cache_dir=str(out.parent / f"hf_cache_{kind}"))
+        disk = datasets.load_from_disk(str(out / kind))
+        assert set(hub) == set(disk) and {s: len(d) for s, d in disk.items()} == summary["rows"][kind]
+        for split in disk:
+            assert hub[split].features == disk[split].features
+            a = hub[split].sort("pair_id").flatten_indices().data.table.to_pylist()
+            assert a == disk[split].data.table.to_pylist(), (kind, split)
+        counts = summary["rows"][kind]
+        assert f"| {kind} | {counts.get('train', 0)} | {counts.get('validation', 0)} | {counts.get('test', 0)} |" in card
+    default = datasets.load_dataset(str(out), cache_dir=str(out.parent / "hf_cache_default"))
+    assert {s: len(d) for s, d in default.items()} == summary["rows"]["generator"]
+    assert "clip\\_lesion:tiny=1" in card and "source inpaint: tiny" in card and '"k": 2' in card
 
 
 def test_subject_level_split(built, phantom_dir):
-    import csv
+    from negdpo.preference.pairs.schema import split_matches
 
     out, _ = built
     meta = {r["file"]: r for r in csv.DictReader(open(phantom_dir / "meta.csv"))}
@@ -105,23 +109,29 @@ def test_subject_level_split(built, phantom_dir):
     for kind in ("generator", "clip_i2t"):
         for pid, r in _rows(out, kind).items():
             where.setdefault(r["subject_id"], set()).add(r["split"])
-            assert meta[Path(r["file"]).name]["split"] == r["split"], pid
+            assert split_matches(meta[Path(r["file"]).name]["split"], r["split"]), pid
     assert where and all(len(v) == 1 for v in where.values())
 
 
 def test_consumers_read_the_pairs(built):
-    """The generator training loop's loader and the Pick-a-Pic converter read OUT directly."""
+    """The generator and CLIP readers and the Pick-a-Pic converter read OUT; `val` = `validation`."""
     from negdpo.generator.data import load_hf_pairs
+    from negdpo.preference.clip.data import pairs_from_dataset
     from negdpo.preference.pairs.pickapic import to_pickapic
 
-    out, _ = built
+    out, summary = built
     pairs = load_hf_pairs(out, "train", 64)
-    assert pairs and pairs[0].chosen.shape == (64, 64, 3) and pairs[0].mask.any()
-    from negdpo.preference.clip.data import pairs_from_dataset
-
+    assert len(pairs) == summary["rows"]["generator"]["train"]
+    assert pairs[0].chosen.shape == (64, 64, 3) and pairs[0].mask.any()
+    val = [p.name for p in load_hf_pairs(out, "val", 64)]
+    assert val == [p.name for p in load_hf_pairs(out, "validation", 64)]
+    assert len(val) == summary["rows"]["generator"]["validation"] and all("#gen:" in n for n in val)
     clip_pairs = pairs_from_dataset(out, "train")
-    assert clip_pairs and clip_pairs[0].text_pos != clip_pairs[0].text_neg
-    pp = to_pickapic(datasets.load_from_disk(str(out / "dataset"))["val"])
+    assert len(clip_pairs) == summary["rows"]["clip_t2i"]["train"]
+    assert clip_pairs[0].text_pos != clip_pairs[0].text_neg
+    assert [p.pair_id for p in pairs_from_dataset(out, "val")] == \
+        [p.pair_id for p in pairs_from_dataset(out, "validation")]
+    pp = to_pickapic(datasets.load_from_disk(str(out / "generator"))["validation"])
     r = pp[0]
     assert r["label_0"] == 1.0 and r["jpg_0"][:2] == b"\xff\xd8" and r["caption"]
 
@@ -134,6 +144,28 @@ def test_report_written(built):
     info = json.loads((rep / "report.json").read_text())
     twin = info["by_gen_model"]["tiny"]["twin_error"]
     assert twin["n"] > 0 and twin["chosen_out"] == 0.0  # paste-back keeps the outside exact
+    assert info["rows"]["generator"] == summary["rows"]["generator"]
+
+
+def test_report_and_card_escape_user_text(built, tmp_path):
+    """Prompts, file names and model names reach report.md / README.md escaped (no raw HTML)."""
+    from negdpo.preference.pairs.card import md_escape, write_card
+    from negdpo.preference.pairs.report import write_report
+
+    src, summary = built
+    out = tmp_path / "esc"
+    out.mkdir()
+    evil = "<script>alert(1)</script> | *x*"
+    dsd = datasets.load_from_disk(str(src / "generator"))
+    dsd.map(lambda r: {"prompt": evil, "gen_model": evil}).save_to_disk(str(out / "generator"))
+    (out / "build_summary.json").write_text(json.dumps(
+        {"dropped": {evil: 1}, "skipped_files": [{"file": "x", "reason": f"{evil}.png: unreadable"}],
+         "failed": [{"item": f"test/{evil}", "reason": "failed_generation:inpaint"}]}))
+    md = write_report(out).read_text()
+    card = write_card(out, {"generator": evil}, summary["rows"], evil, {"inpaint": evil}, {evil: 1}).read_text()
+    for text in (md, card):
+        assert "<script>" not in text and "&lt;script&gt;" in text
+    assert md.count("&lt;script&gt;alert") >= 5 and "\\|" in md_escape(evil)  # table cells cannot split
 
 
 def test_one_vs_two_ranks_identical(builder, reference, tmp_path):
@@ -150,60 +182,18 @@ def test_one_vs_two_ranks_identical(builder, reference, tmp_path):
     assert _rows(reference, "clip_i2t") == _rows(two, "clip_i2t")
 
 
-def test_interrupted_build_resumes_without_duplicates(builder, reference, tmp_path):
-    """First run stops after one chunk with a half-written temp file left behind; rerun completes."""
-    out = tmp_path / "resume"
-    builder.use_out(out)
-    builder.run_worker(0, 1, max_chunks=1)
-    stray = out / "data" / ".test-deadbeef.parquet.tmp-0-1"
-    stray.parent.mkdir(parents=True, exist_ok=True)
-    stray.write_bytes(b"PAR1 truncated")  # a writer killed mid-write
-    done_before = {p.name for p in (out / "data").glob("*.parquet")}
-    res = builder.run_worker(0, 1)
-    assert res.items > 0 and done_before <= {p.name for p in (out / "data").glob("*.parquet")}
-    builder.merge()
-    assert not stray.exists()
-    for kind in ("generator", "clip_t2i", "clip_i2t"):
-        ids = [pid for d in datasets.load_from_disk(str(out / "dataset") if kind == "generator" else
-                                                     str(out / kind / "dataset")).values() for pid in d["pair_id"]]
-        assert len(ids) == len(set(ids))
-        assert set(ids) == set(_rows(reference, kind)), kind
-    assert builder.run_worker(0, 1).items == 0  # nothing left
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_killed_process_rerun_same_pair_ids(phantom_dir, reference, builder, tmp_path):
-    """A real ``negdpo build-pairs`` process killed with SIGKILL after its first shard, then rerun."""
-    out = tmp_path / "killed"
-    args = [sys.executable, "-m", "negdpo.preference.pairs.build_cli", "--data", str(phantom_dir), "--out", str(out),
-            "--splits", "test", "--judges", NO_CLIP, "--k", "2", "--steps", "2", "--batch-items", "1",
-            "--chunk-size", "1", "--no-progress", "--no-report"]  # one scan per shard: many shards to kill between
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None and not any((out / "data").glob("*.parquet")):
-        time.sleep(0.02)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
-    assert builder.use_out(out).run_worker(0, 1).items > 0
-    builder.merge()
-    ids = [pid for d in datasets.load_from_disk(str(out / "dataset")).values() for pid in d["pair_id"]]
-    assert len(ids) == len(set(ids)) and set(ids) == set(_rows(reference))
-
-
 def test_corrupt_image_reported_and_skipped(phantom_dir, tmp_path, builder):
     from negdpo.preference.pairs.build import BuildConfig, Builder
+    from PIL import Image
 
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)
-    positives = sorted(p.name for p in (data / "val_masks").glob("*.png") if np.asarray(
-        __import__("PIL.Image", fromlist=["Image"]).open(p)).any())
+    positives = sorted(p.name for p in (data / "val_masks").glob("*.png") if np.asarray(Image.open(p)).any())
     bad = data / "val_images" / positives[0]
     bad.write_bytes(b"not a png at all")
     cfg = BuildConfig(data=str(data), out=str(tmp_path / "out"), splits="val", judges="contrast,twin", **FAST)
     b = Builder(cfg, device="cpu")
-    b._pipe = builder.pipe  # reuse the loaded generator
+    b.pipe = builder.pipe  # reuse the loaded generator
     res = b.run_worker(0, 1)
     b.merge()
     assert [f for f, _ in res.skipped] and any(positives[0] in why for _, why in res.skipped)
@@ -220,10 +210,10 @@ def test_positive_as_rejected_with_exact_arrays(phantom_dir, tmp_path, builder):
     cfg = BuildConfig(data=str(phantom_dir), out=str(tmp_path / "out"), splits="test", judges="contrast",
                       rejected="positive", store_arrays=True, kinds="generator", **(FAST | {"k": 1}))
     b = Builder(cfg, device="cpu")
-    b._pipe = builder.pipe
+    b.pipe = builder.pipe
     b.run_worker(0, 1)
     b.merge()
-    ds = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))["test"]
+    ds = datasets.load_from_disk(str(tmp_path / "out" / "generator"))["test"]
     assert len(ds) >= 1 and set(ds["seed_rejected"]) == {-1}
     r = ds.with_format("numpy")[0]
     assert r["source_f32"].dtype == np.float32 and r["source_f32"].shape == (64, 64)

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from negdpo.core.imageio import to_rgb_uint8
 from negdpo.core.scans import ScanFolder
+from negdpo.preference.pairs import schema
 from PIL import Image
 
 logger = logging.getLogger(__name__)
 DEFAULT_NEGATIVE_TEXT = {"mri": "A T1-weighted axial brain MRI with no tumour.",
                          "us": "A breast ultrasound image with no mass."}
 FALLBACK_NEGATIVE_TEXT = "A medical image with no tumour."
-CLIP_KINDS = ("clip", "t2i", "text_to_image", "clip_t2i", "text2image")
+CLIP_KINDS = ("clip", "t2i", "text_to_image", "text2image", schema.KIND_T2I)  # kind prefixes of t2i rows
 
 
 @dataclass
@@ -74,78 +75,93 @@ def pairs_from_scans(root: str | Path, split: str, negative_text: str | None = N
 def pairs_from_dataset(path: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
     """Text->image CLIP rows of the pair builder's dataset (``save_to_disk`` folder or parquet files).
 
-    ``path`` may be the builder's OUT folder (``OUT/clip_t2i/dataset``; the healthy text then comes from
-    ``OUT/clip_i2t/dataset`` rows of the same file) or a dataset folder. Rows: ``prompt``, ``chosen``
-    (Image, real positive), ``rejected`` (Image, counterfactual), optional ``mask``, ``negative_prompt``,
-    ``modality``, ``split``, ``kind`` and cached ``ref_sims``. Generator
-    rows (other ``kind``) and image->text rows (text ``chosen``) are skipped and counted.
+    ``path`` may be the builder's OUT folder (its ``clip_t2i`` config; the healthy text then comes from
+    the ``clip_i2t`` rows of the same file) or a dataset folder. Columns (names from
+    :mod:`negdpo.preference.pairs.schema`): ``prompt``, ``chosen`` (Image, real positive), ``rejected``
+    (Image, counterfactual), optional ``mask``, ``negative_prompt``, ``modality``, ``split``, ``kind`` and
+    cached ``ref_sims``. Generator rows (other ``kind``) and image->text rows (text ``chosen``) are skipped
+    and counted. ``split`` ``val`` and ``validation`` are the same split.
     """
     import datasets
 
     path = Path(path)
-    neg_by_file = _healthy_texts_from_i2t(path / "clip_i2t" / "dataset", split)
-    if (path / "clip_t2i" / "dataset").is_dir():  # the pair builder's OUT folder
-        path = path / "clip_t2i" / "dataset"
-    elif (path / "dataset").is_dir():
-        path = path / "dataset"
-    if path.is_dir() and any(path.glob("*.parquet")) and not (path / "dataset_info.json").exists() \
-            and not (path / "dataset_dict.json").exists():
-        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(path.glob("*.parquet"))],
-                                   split="train")
+    neg_by_file = _healthy_texts_from_i2t(schema.find_dataset(path, "clip_i2t") if path.is_dir() else None, split)
+    if path.is_dir() and not any(path.glob("*.parquet")):
+        path = schema.find_dataset(path, "clip_t2i") or path
+    if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))
+                                     and not (path / "dataset_dict.json").exists()):
+        files = [str(path)] if path.suffix == ".parquet" else [str(p) for p in sorted(path.glob("*.parquet"))]
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
     else:
         ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
-        ds = ds["clip"] if "clip" in ds else (ds[split] if split in ds else datasets.concatenate_datasets(
-            list(ds.values())))
+        ds = _pick_split(ds, split)
     cols = set(ds.column_names)
-    missing = {"prompt", "chosen", "rejected"} - cols
+    missing = {schema.PROMPT, schema.CHOSEN, schema.REJECTED} - cols
     if missing:
         raise ValueError(f"{path}: CLIP pair dataset lacks column(s) {sorted(missing)}")
     skipped = {"other kind": 0, "image->text": 0, "split": 0}
     pairs = []
     for i, row in enumerate(ds):
-        if "kind" in cols and not any(str(row["kind"]).lower().startswith(k) for k in CLIP_KINDS):
+        if schema.KIND in cols and not any(str(row[schema.KIND]).lower().startswith(k) for k in CLIP_KINDS):
             skipped["other kind"] += 1
             continue
-        if "split" in cols and row["split"] != split:
+        if schema.SPLIT in cols and not schema.split_matches(row[schema.SPLIT], split):
             skipped["split"] += 1
             continue
-        if isinstance(row["chosen"], str):
+        if isinstance(row[schema.CHOSEN], str):
             skipped["image->text"] += 1
             continue
-        mod = row.get("modality") or ""
-        neg = row.get("negative_prompt") or neg_by_file.get(row.get("file") or "") or negative_text or DEFAULT_NEGATIVE_TEXT.get(mod, FALLBACK_NEGATIVE_TEXT)
-        mask = np.asarray(row["mask"].convert("L")) > 0 if row.get("mask") is not None else None
-        pairs.append(ClipPair(pair_id=str(row.get("pair_id", i)), positive=np.asarray(row["chosen"].convert("RGB")),
-                              negative=np.asarray(row["rejected"].convert("RGB")), text_pos=row["prompt"],
-                              text_neg=neg, mask=mask, ref_sims=row.get("ref_sims")))
+        mod = row.get(schema.MODALITY) or ""
+        neg = (row.get(schema.NEGATIVE_PROMPT) or neg_by_file.get(row.get(schema.FILE) or "") or negative_text
+               or DEFAULT_NEGATIVE_TEXT.get(mod, FALLBACK_NEGATIVE_TEXT))
+        mask = np.asarray(row[schema.MASK].convert("L")) > 0 if row.get(schema.MASK) is not None else None
+        pairs.append(ClipPair(pair_id=str(row.get(schema.PAIR_ID, i)),
+                              positive=np.asarray(row[schema.CHOSEN].convert("RGB")),
+                              negative=np.asarray(row[schema.REJECTED].convert("RGB")), text_pos=row[schema.PROMPT],
+                              text_neg=neg, mask=mask, ref_sims=row.get(schema.REF_SIMS)))
     logger.info("%s: %d CLIP pairs for split %s; skipped %s", path, len(pairs), split, skipped)
     if not pairs:
         raise ValueError(f"{path}: no text->image CLIP rows for split '{split}' (skipped: {skipped})")
     return pairs
 
 
-def _healthy_texts_from_i2t(path: Path, split: str) -> dict[str, str]:
+def _pick_split(dsd, split: str):
+    """The split of a DatasetDict (``val`` = ``validation``; ``clip`` for older single-split files),
+    else all splits concatenated (rows are then filtered by their ``split`` column)."""
+    import datasets
+
+    if "clip" in dsd:
+        return dsd["clip"]
+    for name in dsd:
+        if schema.split_matches(name, split):
+            return dsd[name]
+    return datasets.concatenate_datasets(list(dsd.values()))
+
+
+def _healthy_texts_from_i2t(path: Path | None, split: str) -> dict[str, str]:
     """{source file: healthy text} from the builder's image->text rows of real positives."""
-    if not path.is_dir():
+    if path is None or not path.is_dir():
         return {}
     import datasets
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
-        ds = ds[split] if split in ds else datasets.concatenate_datasets(list(ds.values()))
-    cols = [c for c in ("file", "rejected", "image_is_real") if c in ds.column_names]
+        ds = _pick_split(ds, split)
+    cols = [c for c in (schema.FILE, schema.REJECTED, schema.IMAGE_IS_REAL) if c in ds.column_names]
     if len(cols) < 3:
         return {}
     rows = ds.select_columns(cols)
-    return {r["file"]: r["rejected"] for r in rows if r["image_is_real"]}
+    return {r[schema.FILE]: r[schema.REJECTED] for r in rows if r[schema.IMAGE_IS_REAL]}
 
 
 def load_pairs(data: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
-    """A scan folder with twins (``*_twins/``) or a pair dataset folder."""
+    """A scan folder with twins (``*_twins/``) or a pair dataset folder (``val`` = ``validation``)."""
     data = Path(data)
-    if (data / f"{split}_images").is_dir():
-        return pairs_from_scans(data, split, negative_text)
+    folder_split = next((s for s in (split, "val" if schema.split_matches(split, "val") else None)
+                         if s and (data / f"{s}_images").is_dir()), None)
+    if folder_split is not None:
+        return pairs_from_scans(data, folder_split, negative_text)
     return pairs_from_dataset(data, split, negative_text)
 
 
@@ -220,22 +236,19 @@ def pairs_to_dataset(pairs: Sequence[ClipPair]):
     """HF ``Dataset`` of text->image rows with TRL names and the cached reference columns."""
     import datasets
 
-    rows = {"pair_id": [], "prompt": [], "negative_prompt": [], "chosen": [], "rejected": [], "kind": [],
-            "ref_chosen_logps": [], "ref_rejected_logps": [], "ref_sims": []}
+    ref_chosen, ref_rejected = "ref_chosen_logps", "ref_rejected_logps"
+    names = (schema.PAIR_ID, schema.PROMPT, schema.NEGATIVE_PROMPT, schema.CHOSEN, schema.REJECTED, schema.KIND,
+             ref_chosen, ref_rejected, schema.REF_SIMS)
+    rows: dict[str, list] = {n: [] for n in names}
     for p in pairs:
-        rows["pair_id"].append(p.pair_id)
-        rows["prompt"].append(p.text_pos)
-        rows["negative_prompt"].append(p.text_neg)
-        rows["chosen"].append(_pil(p.positive))
-        rows["rejected"].append(_pil(p.negative))
-        rows["kind"].append("clip_t2i")
         s = p.ref_sims
-        rows["ref_chosen_logps"].append(s[0] if s else None)  # s_ref(x+, y+)
-        rows["ref_rejected_logps"].append(s[2] if s else None)  # s_ref(x-, y+)
-        rows["ref_sims"].append(s)
+        for name, value in zip(names, (p.pair_id, p.text_pos, p.text_neg, _pil(p.positive), _pil(p.negative),
+                                       schema.KIND_T2I, s[0] if s else None,  # s_ref(x+, y+)
+                                       s[2] if s else None, s)):  # s_ref(x-, y+)
+            rows[name].append(value)
+    text, score = datasets.Value("string"), datasets.Value("float32")
     features = datasets.Features({
-        "pair_id": datasets.Value("string"), "prompt": datasets.Value("string"),
-        "negative_prompt": datasets.Value("string"), "chosen": datasets.Image(), "rejected": datasets.Image(),
-        "kind": datasets.Value("string"), "ref_chosen_logps": datasets.Value("float32"),
-        "ref_rejected_logps": datasets.Value("float32"), "ref_sims": datasets.Sequence(datasets.Value("float32"))})
+        schema.PAIR_ID: text, schema.PROMPT: text, schema.NEGATIVE_PROMPT: text, schema.CHOSEN: datasets.Image(),
+        schema.REJECTED: datasets.Image(), schema.KIND: text, ref_chosen: score, ref_rejected: score,
+        schema.REF_SIMS: datasets.Sequence(score)})
     return datasets.Dataset.from_dict(rows, features=features)

@@ -248,9 +248,14 @@ def parse_spec(spec: str) -> dict[str, float]:
         name, _, w = part.partition("=")
         if name not in JUDGES:
             raise ValueError(f"unknown judge '{name}' in '{spec}'; available: {sorted(JUDGES)}")
-        out[name] = float(w) if w else 1.0
-    if not out:
-        raise ValueError("judge spec is empty")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"weight of '{name}' in '{spec}' is not a number: '{w}'") from None
+        if not np.isfinite(out[name]) or out[name] < 0:
+            raise ValueError(f"weight of '{name}' in '{spec}' must be a finite number >= 0")
+    if not out or sum(out.values()) <= 0:
+        raise ValueError(f"judge spec '{spec}' names no judge with a positive weight")
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .schema import dataset_dir
+from .schema import dataset_dir, find_dataset
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -57,10 +57,13 @@ def to_pickapic(ds, fmt: str = "jpeg"):
 
 
 def convert(out: str | Path, dest: str | Path, fmt: str = "jpeg") -> Path:
-    """``OUT/dataset`` (DatasetDict) -> ``dest`` (save_to_disk) in the Pick-a-Pic layout."""
+    """``OUT/generator`` (DatasetDict) -> ``dest`` (save_to_disk) in the Pick-a-Pic layout."""
     import datasets
 
-    dsd = datasets.load_from_disk(dataset_dir(str(out), "generator"))
+    path = find_dataset(out, "generator")
+    if path is None:
+        raise FileNotFoundError(f"{out}: no generator pairs (expected {dataset_dir(out, 'generator')})")
+    dsd = datasets.load_from_disk(str(path))
     conv = datasets.DatasetDict({s: to_pickapic(d, fmt) for s, d in dsd.items()})
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -72,7 +75,8 @@ def convert(out: str | Path, dest: str | Path, fmt: str = "jpeg") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negdpo.preference.pairs.pickapic", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m negdpo.preference.pairs.pickapic", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("out", help="a build-pairs output folder")
     p.add_argument("dest")
     p.add_argument("--format", default="jpeg", choices=["jpeg", "png"])

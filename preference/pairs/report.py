@@ -1,8 +1,9 @@
 """Quality report of a pair build, written next to the data (``OUT/report/``).
 
-* ``report.md`` / ``report.json``: rows per kind and split, dropped and skipped counts, score and
-  margin statistics per ``gen_model``, and on phantoms the mean error of chosen/rejected against
-  the healthy twin (inside the mask, outside it) per ``gen_model``;
+* ``report.md`` / ``report.json``: rows per kind and split, dropped, failed and skipped counts, the
+  most common generator prompts, score and margin statistics per ``gen_model``, and on phantoms the
+  mean error of chosen/rejected against the healthy twin (inside the mask, outside it) per
+  ``gen_model``. User text (paths, file names, prompts, model names) is escaped for markdown/HTML;
 * ``scores.png``: histograms of score_chosen / score_rejected and of the margin per gen_model;
 * ``pairs_grid.png``: random generator pairs, one per row: source | mask | chosen | rejected (| twin).
 
@@ -11,14 +12,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from .schema import KINDS, dataset_dir
+from .card import md_escape
+from .schema import KINDS, SPLITS, dataset_dir
 
 
 def _arr(img) -> np.ndarray:
@@ -66,7 +68,7 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     root = Path(summary.get("config", {}).get("data", "")) if summary else None
     root = root if root is not None and root.is_dir() else None
-    info: dict = {"rows": {}, "dropped": summary.get("dropped", {}),
+    info: dict = {"rows": {}, "dropped": summary.get("dropped", {}), "failed": summary.get("failed", []),
                   "skipped_files": summary.get("skipped_files", []), "by_gen_model": {}}
     gen_rows = []
     for kind in KINDS:
@@ -81,6 +83,7 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
     for r in gen_rows:
         by_model[r["gen_model"]].append(r)
     twin = _twin_errors(gen_rows, root)
+    info["top_prompts"] = Counter(r["prompt"] for r in gen_rows).most_common(5)
     for g, rows in by_model.items():
         sc = np.array([r["score_chosen"] for r in rows])
         sr = np.array([r["score_rejected"] for r in rows])
@@ -124,13 +127,17 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
             grid.append(tiles)
         write_grid(rep / "pairs_grid.png", grid)
     (rep / "report.json").write_text(json.dumps(info, indent=1))
-    lines = [f"# Pair build report: `{out}`", "", "## Rows", "", "| kind | " + " | ".join(("train", "val", "test")) + " |",
-             "| --- | --- | --- | --- |"]
+    lines = [f"# Pair build report: {md_escape(out.name)}", "", "## Rows", "", "| kind | " + " | ".join(SPLITS) + " |",
+             "| --- |" + " --- |" * len(SPLITS)]
     for kind, c in info["rows"].items():
-        lines.append(f"| {kind} | " + " | ".join(str(c.get(s, 0)) for s in ("train", "val", "test")) + " |")
-    lines += ["", f"Dropped (scans, by reason): {info['dropped'] or 'none'}",
-              f"Skipped input files: {len(info['skipped_files'])}"]
-    lines += [f"- {s['reason']}" for s in info["skipped_files"]]
+        lines.append(f"| {kind} | " + " | ".join(str(c.get(s, 0)) for s in SPLITS) + " |")
+    dropped = ", ".join(f"{md_escape(k)}: {v}" for k, v in sorted(info["dropped"].items())) or "none"
+    lines += ["", f"Dropped (scans, by reason): {dropped}",
+              f"Failed scans (not done, retried by a rerun): {len(info['failed'])}"]
+    lines += [f"- {md_escape(f['item'])}: {md_escape(f['reason'])}" for f in info["failed"]]
+    lines += [f"Skipped input files: {len(info['skipped_files'])}"]
+    lines += [f"- {md_escape(s['reason'])}" for s in info["skipped_files"]]
+    lines += ["", "Most common generator prompts:"] + [f"- {n} x {md_escape(t)}" for t, n in info["top_prompts"]]
     lines += ["", "## Generator pairs by gen_model", "",
               "| gen_model | pairs | score chosen | score rejected | margin (mean / median) | twin err in: chosen / rejected | twin err out: chosen / rejected |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -138,7 +145,7 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
         t = s["twin_error"] or {}
         tin = f"{t.get('chosen_in', float('nan')):.4f} / {t.get('rejected_in', float('nan')):.4f}" if t else "n/a"
         tout = f"{t.get('chosen_out', float('nan')):.4f} / {t.get('rejected_out', float('nan')):.4f}" if t else "n/a"
-        lines.append(f"| {g} | {s['pairs']} | {s['score_chosen_mean']:.4f} | {s['score_rejected_mean']:.4f} | "
+        lines.append(f"| {md_escape(g)} | {s['pairs']} | {s['score_chosen_mean']:.4f} | {s['score_rejected_mean']:.4f} | "
                      f"{s['margin_mean']:.4f} / {s['margin_median']:.4f} | {tin} | {tout} |")
     lines += ["", "![scores](scores.png)", "", "Random pairs: source | mask | chosen | rejected (| healthy twin)",
               "", "![pairs](pairs_grid.png)", ""]
@@ -148,11 +155,10 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m negdpo.preference.pairs.report OUT", file=sys.stderr)
-        return 2
-    print(write_report(argv[0]))
+    p = argparse.ArgumentParser(prog="python -m negdpo.preference.pairs.report", allow_abbrev=False,
+                                description="Write the quality report of a build-pairs output folder.")
+    p.add_argument("out", help="a build-pairs output folder")
+    print(write_report(p.parse_args(argv).out))
     return 0
 
 

@@ -1,14 +1,23 @@
-"""Column layout of the preference-pair datasets (DESIGN.md §3, TRL names where they exist).
+"""Column layout and folder layout of the preference-pair datasets (TRL names where they exist).
 
-Three kinds, each its own dataset (a ``DatasetDict`` by split) because their ``chosen``/``rejected``
-types differ; every row also carries ``kind``:
+Three kinds, each one config of the output (a Hub-style dataset repo, see ``docs/method.md#pairs``)
+because their ``chosen``/``rejected`` types differ; every row also carries ``kind``:
 
-* ``generator`` (``OUT/dataset``): ``source`` + ``mask`` condition an inpainting generator; ``chosen``
-  is the better tumour-free fill, ``rejected`` the worse fill (or the positive itself).
-* ``clip_t2i`` (``OUT/clip_t2i/dataset``): same columns; ``prompt`` = the positive's lesion text,
-  ``chosen`` = the real positive, ``rejected`` = its generated negative.
-* ``clip_i2t`` (``OUT/clip_i2t/dataset``): ``image`` with ``chosen`` / ``rejected`` *texts*
-  (a positive with its lesion text over the healthy text, a generated negative the other way round).
+* ``generator``: ``source`` + ``mask`` condition an inpainting generator; ``chosen`` is the better
+  tumour-free fill, ``rejected`` the worse fill (or the positive itself).
+* ``clip_t2i``: same columns; ``prompt`` = the positive's lesion text, ``chosen`` = the real positive,
+  ``rejected`` = its generated negative.
+* ``clip_i2t``: ``image`` with ``chosen`` / ``rejected`` *texts* (a positive with its lesion text over
+  the healthy text, a generated negative the other way round).
+
+Layout of a build folder ``OUT``::
+
+    OUT/README.md                          dataset card: one ``configs:`` entry per kind (data_files)
+    OUT/data/<kind>/<split>-<hash>.parquet  shards; ``load_dataset(OUT, kind)``
+    OUT/<kind>/                             the same rows as a DatasetDict; ``load_from_disk(OUT/<kind>)``
+
+Dataset splits are ``train`` / ``validation`` / ``test`` (the scan folder's ``val_images`` is the
+``validation`` split); readers accept ``val`` for ``validation``.
 
 Images are ``datasets.Image`` (8-bit PNG: mode L for grayscale, RGB otherwise); ``mask`` is L 0/255
 with 255 = repaint, the dilation actually used. Exact float intensities are optional
@@ -17,9 +26,20 @@ with 255 = repaint, the dilation actually used. Exact float intensities are opti
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from datasets import Array2D, Features, Image, Value
 
 KINDS = ("generator", "clip_t2i", "clip_i2t")
+KIND_GENERATOR, KIND_T2I, KIND_I2T = KINDS
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+
+# column names shared with the readers (negdpo.preference.clip.data)
+PAIR_ID, PROMPT, KIND, SPLIT, FILE, MODALITY = "pair_id", "prompt", "kind", "split", "file", "modality"
+CHOSEN, REJECTED, SOURCE, MASK, IMAGE = "chosen", "rejected", "source", "mask", "image"
+IMAGE_IS_REAL = "image_is_real"
+NEGATIVE_PROMPT, REF_SIMS = "negative_prompt", "ref_sims"  # optional CLIP t2i columns (clip.data writes them)
 
 _PROVENANCE = {
     "subject_id": Value("string"),
@@ -99,11 +119,43 @@ def difficulty_of(margin: float) -> tuple[float, int]:
     return d, int(bucket)
 
 
-def dataset_dir(out: str, kind: str) -> str:
-    """Where ``save_to_disk`` puts a kind: ``OUT/dataset`` for generator pairs, ``OUT/<kind>/dataset``."""
-    return f"{out}/dataset" if kind == "generator" else f"{out}/{kind}/dataset"
+def dataset_split(name: str) -> str:
+    """The dataset split of a folder or user split name: ``val`` -> ``validation``, others unchanged."""
+    return _SPLIT_ALIASES.get(name, name)
 
 
-def shard_dir(out: str, kind: str) -> str:
-    """Parquet shards of a kind: ``OUT/data`` for generator pairs, ``OUT/<kind>/data`` otherwise."""
-    return f"{out}/data" if kind == "generator" else f"{out}/{kind}/data"
+def split_matches(name: str, wanted: str) -> bool:
+    """Whether split ``name`` is ``wanted`` (``val`` and ``validation`` are one split)."""
+    return dataset_split(str(name)) == dataset_split(str(wanted))
+
+
+def dataset_dir(out: str | Path, kind: str) -> str:
+    """Where ``save_to_disk`` puts a kind: ``OUT/<kind>``."""
+    _check_kind(kind)
+    return f"{out}/{kind}"
+
+
+def shard_path(kind: str) -> str:
+    """Parquet shards of a kind relative to the build folder: ``data/<kind>`` (the card's ``data_files``)."""
+    _check_kind(kind)
+    return f"data/{kind}"
+
+
+def shard_dir(out: str | Path, kind: str) -> str:
+    return f"{out}/{shard_path(kind)}"
+
+
+def find_dataset(path: str | Path, kind: str) -> Path | None:
+    """A kind's ``save_to_disk`` folder given a build folder or the folder itself (also the layout of
+    builds before the Hub-style one: ``OUT/dataset``, ``OUT/<kind>/dataset``)."""
+    p = Path(path)
+    for cand in (Path(dataset_dir(p, kind)), p / kind / "dataset", p / "dataset" if kind == "generator" else None,
+                 p):
+        if cand is not None and ((cand / "dataset_dict.json").is_file() or (cand / "state.json").is_file()):
+            return cand
+    return None
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown pair kind '{kind}'; expected one of {KINDS}")

@@ -1,0 +1,126 @@
+"""The work units of a pair build: one *item* per scan (image + mask), with its subject-level split.
+
+An item is keyed ``<folder split>/<stem>`` (the scan folder's ``val`` stays ``val`` in keys and pair
+ids); its ``split`` is the dataset split (``train`` / ``validation`` / ``test``). Splits are the
+folder's, checked to be subject-level (``meta.csv`` or ``subject_pattern`` gives the subject);
+``resplit`` reassigns them by a hash of the subject instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import BuildConfig
+from .schema import dataset_split
+
+DEFAULT_HEALTHY_TEXT = "A medical scan with no tumour."
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # <folder split>/<stem>
+    split: str  # dataset split (subject-level): train / validation / test
+    file: str  # image path relative to the data root
+    image_path: str
+    mask_path: str | None
+    folder_split: str
+    subject_id: str
+    modality: str
+
+
+def read_meta(root: Path) -> dict[str, dict]:
+    """``meta.csv`` rows by file name (empty when absent)."""
+    path = root / "meta.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "file" not in rows[0]:
+        raise ValueError(f"{path}: no 'file' column (have {sorted(rows[0])})")
+    return {r["file"]: r for r in rows}
+
+
+def hash_split(subject: str) -> str:
+    """60/20/20 train/validation/test by a hash of the subject id."""
+    u = int(hashlib.sha256(subject.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "train" if u < 0.6 else ("validation" if u < 0.8 else "test")
+
+
+def _folder_splits(folder, wanted: str | None) -> list[str]:
+    present = folder.splits()
+    if not wanted:
+        return present
+    out = []
+    for s in (w.strip() for w in wanted.split(",") if w.strip()):
+        match = [p for p in present if dataset_split(p) == dataset_split(s)]
+        if not match:
+            raise ValueError(f"--splits: no '{s}_images' folder in {folder.root} (present: {present})")
+        out += match
+    return out
+
+
+def list_items(cfg: BuildConfig) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Items sorted by (split, key) plus listing-time skips (missing masks). Checks subject-level splits."""
+    from negdpo.core.imageio import stem_of
+    from negdpo.core.scans import ScanFolder
+
+    root = Path(cfg.data)
+    folder = ScanFolder(root, on_error="skip")
+    meta = read_meta(root)
+    pattern = re.compile(cfg.subject_pattern) if cfg.subject_pattern else None
+    items: list[Item] = []
+    for split in _folder_splits(folder, cfg.splits):
+        pairs = folder.pairs(split)
+        if cfg.limit is not None:
+            pairs = pairs[: cfg.limit]
+        for img, mask in pairs:
+            stem = stem_of(img)
+            row = meta.get(img.name, {})
+            subject = row.get("subject_id") or stem
+            if pattern is not None:
+                m = pattern.search(stem)
+                if m is None:
+                    raise ValueError(f"{img}: --subject_pattern '{cfg.subject_pattern}' does not match '{stem}'")
+                subject = m.group(1) if m.groups() else m.group(0)
+            items.append(Item(key=f"{split}/{stem}", split=hash_split(subject) if cfg.resplit else dataset_split(split),
+                              file=str(img.relative_to(root)), image_path=str(img),
+                              mask_path=str(mask) if mask else None, folder_split=split, subject_id=subject,
+                              modality=row.get("modality") or "unknown"))
+    check_subject_splits(items)
+    items.sort(key=lambda it: (it.split, it.key))
+    return items, list(folder.skipped)
+
+
+def check_subject_splits(items: Iterable[Item]) -> None:
+    """Raise if a subject appears in more than one split (slice leakage)."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for it in items:
+        where[it.subject_id].add(it.split)
+    leaks = {s: sorted(v) for s, v in where.items() if len(v) > 1}
+    if leaks:
+        some = ", ".join(f"{s}: {v}" for s, v in list(leaks.items())[:5])
+        raise ValueError(f"{len(leaks)} subject(s) appear in several splits ({some}); fix the folder, "
+                         "give --subject_pattern, or pass --resplit to assign splits by subject")
+
+
+def healthy_texts(root: Path, default: str | None) -> dict[str, str]:
+    """Per-modality healthy text: the most common prompt of healthy scans (meta.csv ``positive`` = 0)."""
+    if default:
+        return defaultdict(lambda: default)
+    from negdpo.core.scans import ScanFolder
+
+    meta = read_meta(root)
+    prompts = ScanFolder(root, on_error="skip").prompts  # a malformed prompts.json raises, naming it
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for name, row in meta.items():
+        if str(row.get("positive")) == "0" and name in prompts:
+            counts[row.get("modality") or "unknown"][prompts[name]] += 1
+    out: dict[str, str] = defaultdict(lambda: DEFAULT_HEALTHY_TEXT)
+    out.update({mod: c.most_common(1)[0][0] for mod, c in counts.items()})
+    return out
