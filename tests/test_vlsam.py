@@ -239,3 +239,14 @@ def test_train_reports_then_evaluate_with_vlsam(phantom_dir, tmp_path, capsys):
     sal = np.asarray(Image.open(out / rows[0]["saliency_path"]))
     assert sal.max() == 255 and sal.min() == 0
     assert "Dice" in capsys.readouterr().out
+
+
+def test_bundled_vlm_config_parses():
+    from pathlib import Path
+
+    from negdpo.core.config import parse_config
+    from negdpo.segmentation.vlm_train import VlmTrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "vlm_demo.yaml"
+    cfg = parse_config(VlmTrainConfig, ["--config", str(path)])
+    assert cfg.model == "tiny" and cfg.max_train_steps == 400 and cfg.data == ""
