@@ -105,7 +105,10 @@ def bar_plot(path: Path, summary: dict[str, Any]) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("Dice (mean, 95% bootstrap CI)")
     ax.set_title("Zero-shot segmentation by checkpoint")
-    ax.legend(loc="upper right", fontsize=8)
+    if series:
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no scans with a lesion: no Dice", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
