@@ -20,7 +20,6 @@ once). With Accelerate, call these on the main process only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import hashlib
 import json
@@ -166,13 +165,8 @@ def _age(p: Path) -> float:
         return float("inf")
 
 
-@contextlib.contextmanager
-def run_lock(path: str | Path) -> Iterator[Path]:
-    """Hold ``path/.negdpo.lock`` for the block; raises ``OutputDirLockedError`` if a live run holds it."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"{path}: exists and is not a folder; choose another output folder")
-    path.mkdir(parents=True, exist_ok=True)
+def _take(path: Path) -> dict[str, Any]:
+    """Create the lock file (taking over a stale one); returns its content or raises ``OutputDirLockedError``."""
     lock = path / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for attempt in range(2):
@@ -194,15 +188,33 @@ def run_lock(path: str | Path) -> Iterator[Path]:
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
         break
+    return me
+
+
+@contextlib.contextmanager
+def run_lock(path: str | Path, wait: float = 0.0, poll: float = 0.5) -> Iterator[Path]:
+    """Hold ``path/.negdpo.lock`` for the block; raises ``OutputDirLockedError`` if a live run holds it
+    (after waiting up to ``wait`` seconds for it to end)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"{path}: exists and is not a folder; choose another output folder")
+    path.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            me = _take(path)
+            break
+        except OutputDirLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(poll)
     try:
         yield path
     finally:
+        lock = path / LOCK
         if _read_lock(lock).get("pid") == me["pid"]:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
-            except OSError as err:  # pragma: no cover - e.g. the folder was removed under us
-                if err.errno != errno.ENOENT:
-                    raise
 
 
 @contextlib.contextmanager

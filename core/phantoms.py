@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from .figures import write_grid  # noqa: F401  (re-exported: ``negdpo.core.phantoms.write_grid`` is an alias)
 from .imageio import save_png
-from .outdir import MARKER, output_dir
+from .outdir import MARKER, prepare_output_dir, run_lock
 
 MODALITIES = ("mri", "us")
 EDGE_PX = 1.5  # width of the lesion's soft edge; alpha > 0 only within EDGE_PX/2 outside the mask
@@ -255,11 +255,16 @@ def _settings(cfg: PhantomConfig) -> dict:
 def generate(cfg: PhantomConfig, overwrite: bool = False) -> Path:
     """Write the phantom set (same config -> same bytes); see the module doc for an existing folder."""
     out = Path(cfg.out)
+    with run_lock(out):
+        _generate_locked(cfg, out, overwrite)
+    return out
+
+
+def _generate_locked(cfg: PhantomConfig, out: Path, overwrite: bool) -> None:
     if (out / "phantoms.json").is_file() and not (out / MARKER).exists():  # a set written before markers existed
         (out / MARKER).write_text(json.dumps({"owner": "phantoms", "fingerprint": None}))
-    with output_dir(out, "phantoms", overwrite, owned=OWNED, settings=_settings(cfg), flag="--overwrite_output_dir"):
-        _write_set(cfg, out)
-    return out
+    prepare_output_dir(out, "phantoms", overwrite, owned=OWNED, settings=_settings(cfg))
+    _write_set(cfg, out)
 
 
 def _write_set(cfg: PhantomConfig, out: Path) -> None:
@@ -324,6 +329,13 @@ def ensure_phantoms(out: str | Path, **kwargs) -> Path:
     out = Path(out)
     cfg = PhantomConfig(out=str(out), **kwargs)
     stamp = out / "phantoms.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == _settings(cfg):
+
+    def ready() -> bool:
+        return stamp.exists() and json.loads(stamp.read_text()) == _settings(cfg)
+
+    if ready():
         return out
-    return generate(cfg, overwrite=stamp.exists())
+    with run_lock(out, wait=900):  # several processes (ranks) may ask at once: one writes, the others wait
+        if not ready():
+            _generate_locked(cfg, out, overwrite=stamp.exists())
+    return out

@@ -130,3 +130,51 @@ def test_output_dir_locks_then_prepares(tmp_path):
     assert not (out / LOCK).exists()
     with output_dir(out, "tool", owned=OWNED, settings={}):  # the lock file is bookkeeping, not content
         assert not (out / "metrics.csv").exists()
+
+
+def test_lock_waits_for_a_run_that_ends(tmp_path):
+    import threading
+    import time
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with run_lock(tmp_path):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    held.wait(5)
+    with pytest.raises(OutputDirLockedError):
+        with run_lock(tmp_path, wait=0.2, poll=0.05):
+            pass
+    threading.Timer(0.3, release.set).start()
+    t0 = time.monotonic()
+    with run_lock(tmp_path, wait=5, poll=0.05):
+        assert time.monotonic() - t0 >= 0.2
+    t.join()
+
+
+def test_concurrent_ensure_phantoms_one_set(tmp_path):
+    import csv
+    import threading
+
+    from negdpo.core.phantoms import ensure_phantoms
+
+    errors: list[BaseException] = []
+
+    def worker():
+        try:
+            ensure_phantoms(tmp_path / "ph", n=4, size=32, preview=False)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    rows = list(csv.DictReader(open(tmp_path / "ph" / "meta.csv")))
+    assert len(rows) == 8 == len(list((tmp_path / "ph").glob("*_images/*.png")))
