@@ -113,9 +113,11 @@ def test_subject_level_split(built, phantom_dir):
     assert where and all(len(v) == 1 for v in where.values())
 
 
-def test_consumers_read_the_pairs(built):
-    """The generator and CLIP readers and the Pick-a-Pic converter read OUT; `val` = `validation`."""
-    from negdpo.generator.data import load_hf_pairs
+def test_consumers_read_the_pairs(built, phantom_dir):
+    """The generator and CLIP readers and the Pick-a-Pic converter read OUT; `val` = `validation`
+    for pair datasets and scan folders alike."""
+    from negdpo.generator.data import load_hf_pairs, load_pairs
+    from negdpo.preference.clip.data import load_pairs as load_clip_pairs
     from negdpo.preference.clip.data import pairs_from_dataset
     from negdpo.preference.pairs.pickapic import to_pickapic
 
@@ -131,6 +133,10 @@ def test_consumers_read_the_pairs(built):
     assert clip_pairs[0].text_pos != clip_pairs[0].text_neg
     assert [p.pair_id for p in pairs_from_dataset(out, "val")] == \
         [p.pair_id for p in pairs_from_dataset(out, "validation")]
+    scan_val = [p.name for p in load_pairs(phantom_dir, "val", 64)]
+    assert scan_val and scan_val == [p.name for p in load_pairs(phantom_dir, "validation", 64)]
+    assert [p.pair_id for p in load_clip_pairs(phantom_dir, "validation")] == \
+        [p.pair_id for p in load_clip_pairs(phantom_dir, "val")]
     pp = to_pickapic(datasets.load_from_disk(str(out / "generator"))["validation"])
     r = pp[0]
     assert r["label_0"] == 1.0 and r["jpg_0"][:2] == b"\xff\xd8" and r["caption"]

@@ -93,6 +93,19 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip().endswith("TORCH False"), out.stdout[-300:] + out.stderr[-2000:]
 
 
+def test_cli_refuses_to_extend_a_build_with_other_settings(phantom_dir, reference, tmp_path, capsys):
+    from negdpo.preference.pairs.build_cli import main
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["--data", str(phantom_dir), "--out", str(out), "--splits", "test", "--judges", NO_CLIP,
+                 "--k", "3", "--steps", "2", "--no_progress", "--no_report"]) == 2
+    err = capsys.readouterr().err
+    assert "--k: 2 -> 3" in err and "--overwrite_output_dir" in err
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing touched
+
+
 def test_other_settings_refused_overwrite_clears(builder, reference, tmp_path):
     from negdpo.preference.pairs.build import BuildConfig, Builder
     from negdpo.preference.pairs.card import SettingsMismatchError, clear_output
