@@ -1,8 +1,10 @@
 """``negdpo phantoms --out DIR [--n N] [--size S] [--seed K] [--slices M] [--overwrite_output_dir]``.
 
-The command owns what it writes in DIR (see ``negdpo.core.phantoms``): a folder holding another
-phantom set or other files is refused unless ``--overwrite_output_dir``, which removes the earlier
-set first; the same settings again simply rewrite it. A lock file keeps two runs out of one folder.
+The command owns what it writes in DIR (see ``negdpo.core.phantoms``). The same settings again
+rewrite the set in place; a set with other settings (or other files) there is refused unless
+``--overwrite_output_dir``, which removes the earlier set first and keeps files that are not its
+own. Files of the set's names that negdpo did not write are never deleted. A lock file keeps two
+runs out of one folder.
 """
 
 from __future__ import annotations
