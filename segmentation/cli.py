@@ -1,4 +1,4 @@
-"""``negdpo evaluate``: zero-shot segmentation of a scan folder with one or more CLIP checkpoints.
+r"""``negdpo evaluate``: zero-shot segmentation of a scan folder with one or more CLIP checkpoints.
 
 Example (offline, tiny models)::
 
