@@ -13,8 +13,9 @@ A command that writes into a folder marks it with ``.negdpo-run.json`` (``owner`
 
 ``run_lock`` stops two runs from sharing a folder: ``.negdpo.lock`` is created with
 ``O_CREAT | O_EXCL`` and holds the pid and host; a lock whose pid is gone (same host) is stale and
-taken over with a warning; ``wait=`` seconds to wait for a live holder instead of failing at once. ``output_dir`` combines both (lock first, so two runs never clean at
-once). With Accelerate, call these on the main process only.
+taken over with a warning; ``wait=`` gives a live holder that many seconds to finish before
+failing. ``output_dir`` combines both (lock first, so two runs never clean at once). With
+Accelerate, call these on the main process only.
 """
 
 from __future__ import annotations
