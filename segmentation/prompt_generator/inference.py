@@ -42,11 +42,13 @@ def load_trainable(model: PromptSAM, weights: str | Path) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(weights))
-    expected = set(model.trainable_state_dict())
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or extra:
+    expected = {k: tuple(v.shape) for k, v in model.trainable_state_dict().items()}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or extra or shapes:
         raise ValueError(f"{weights}: weights do not fit this generator (missing {missing[:5]}, unexpected "
-                         f"{extra[:5]}); was it trained with other num_queries / adapters / SAM?")
+                         f"{extra[:5]}, other shape {shapes[:5]}); was it trained with other num_queries / "
+                         "adapters / SAM?")
     model.load_state_dict(state, strict=False)
 
 

@@ -143,6 +143,8 @@ class PromptSAM(nn.Module):
     """Frozen SAM + prompt generator + optional adapters; ``forward`` runs prompt-free segmentation.
 
     Inputs are SAM-preprocessed images (B, 3, S, S) and their resized sizes (h', w') before padding.
+    The hooks live on the SAM module: a SAM serves one ``PromptSAM`` at a time (building a new one
+    detaches the previous; ``remove_hooks`` detaches explicitly).
     """
 
     def __init__(self, sam: nn.Module, cfg: GeneratorConfig) -> None:
@@ -166,7 +168,10 @@ class PromptSAM(nn.Module):
             {str(i): Adapter(sam.mask_decoder.transformer_dim, cfg.adapter_dim) for i in range(len(layers))}
             if cfg.decoder_adapters else {})
         self._captured: dict[str, torch.Tensor] = {}
-        self._hooks = []
+        for handle in getattr(sam, "_prompt_generator_hooks", []):  # one generator per SAM: the newest wins
+            handle.remove()
+        self._hooks: list = []
+        sam._prompt_generator_hooks = self._hooks
         for i, blk in enumerate(enc.blocks):  # adapter first: the capture hook then sees the adapted output
             if str(i) in self.encoder_adapters:
                 self._hooks.append(blk.register_forward_hook(self._encoder_adapter_hook(str(i))))
@@ -196,6 +201,12 @@ class PromptSAM(nn.Module):
             return self.decoder_adapters[key](queries), keys
 
         return hook
+
+    def remove_hooks(self) -> None:
+        """Detach from SAM (its forward is plain SAM again); this object stops working."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def train(self, mode: bool = True) -> PromptSAM:
         super().train(mode)

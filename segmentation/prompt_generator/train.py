@@ -160,8 +160,11 @@ def score(model: PromptSAM, samples: list[Sample], weights: LossWeights, thresho
     return {k: sum(r[k] for r in rows) / max(len(rows), 1) for k in ("loss", "dice", "aux_dice")}
 
 
-def train(cfg: SegTrainConfig) -> dict[str, Any]:
-    """Run one training; returns the summary (also written to ``output_dir/summary.json``)."""
+def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Run one training; returns the summary (also written to ``output_dir/summary.json``).
+
+    ``sam``: a prebuilt ``segment_anything`` ``Sam`` to use instead of loading ``cfg.sam`` (programmatic use,
+    tests); the saved generator still records ``cfg.sam``, which must name that model to load it again."""
     from negdpo.core.models import load_sam
     from negdpo.core.training import (
         MetricsLog,
@@ -184,7 +187,7 @@ def train(cfg: SegTrainConfig) -> dict[str, Any]:
     with accelerator.main_process_first():
         data = resolve_data(cfg, out)
     device = accelerator.device
-    sam = load_sam(cfg.sam, cfg.sam_checkpoint, device)
+    sam = load_sam(cfg.sam, cfg.sam_checkpoint, device) if sam is None else sam.to(device).eval()
     model = PromptSAM(sam, cfg.generator_config()).to(device)
     samples = load_samples(sam, data, cfg.train_split, cfg.targets, cfg.targets_checkpoint, cfg.class_values,
                            cfg.target_mode, cfg.min_target_area, cfg.max_train_images)
