@@ -101,6 +101,7 @@ class EvalConfig:
     on_error: Literal["raise", "skip"] = "raise"
     save_images: bool = True
     bootstrap: int = 2000
+    segmenter: str = "sam"  # "sam": the zero-shot chain; "prompt-generator:DIR": prompt-free (prompt_generator)
 
 
 @dataclass
@@ -235,6 +236,10 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
     folder = (output_dir(out_dir, "evaluate", overwrite_output_dir, owned=OWNED, settings=_settings(cfg))
               if out_dir is not None else contextlib.nullcontext())
     with folder:
+        if cfg.segmenter != "sam":  # a trained prompt generator: no CLIP, saliency or prompt
+            from .prompt_generator.evaluation import run_prompt_free
+
+            return run_prompt_free(cfg, scan_list, skipped, out_dir)
         return _run(cfg, method, scan_list, skipped, prompts, out_dir)
 
 
