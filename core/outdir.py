@@ -132,9 +132,10 @@ def prepare_output_dir(path: str | Path, owner: str, overwrite: bool = False, re
             raise OutputDirError(f"{path}: holds {origin} ({len(entries)} entries, e.g. '{entries[0].name}'); "
                                  f"{fixes}")
         removed = clean_owned(path, owned) if marker is not None else []
-        if removed:
-            logger.warning("%s: removed %d entries of the previous run (%s)", path, len(removed),
-                           ", ".join(removed[:5]) + (", ..." if len(removed) > 5 else ""))
+        if removed:  # a rerun with the same settings is routine; replacing another run is worth a warning
+            logger.log(logging.INFO if same_run and not overwrite else logging.WARNING,
+                       "%s: removed %d entries of the previous run (%s)", path, len(removed),
+                       ", ".join(removed[:5]) + (", ..." if len(removed) > 5 else ""))
     _write_marker(path, owner, fp)
     return path
 
