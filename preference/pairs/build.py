@@ -321,7 +321,7 @@ def run_build(cfg: BuildConfig, push_to_hub: str | None = None, report: bool = T
     for r in results:
         secs.update(dict(r.seconds))
     failed = {k: why for r in results for k, why in r.failed.items()}
-    metas = [m for m in chunk_index(cfg.out, builder.kinds[0]).metas]
+    metas = chunk_index(cfg.out, builder.kinds[0]).metas
     elapsed = time.perf_counter() - t0
     summary = {
         "config": asdict(cfg), "settings": builder.settings, "world_size": state.num_processes,
