@@ -109,7 +109,7 @@ def verify_loaded(unet: torch.nn.Module, expected: dict[str, torch.Tensor], adap
     """Raise unless the UNet's adapter holds exactly ``expected`` (same keys, equal values)."""
     from peft.utils import get_peft_model_state_dict
 
-    got = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()
+    got = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()
            if not v.is_meta}  # diffusers leaves layers the file lacks on the meta device
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if missing or extra:
@@ -178,7 +178,7 @@ def model_card(cfg, metrics: dict, adapter_dir: str | Path | None = None) -> str
         f"plain.load_lora_weights({str(ref)!r}, adapter_name=\"reference\")  # trained on top of this adapter\n"
         "plain.fuse_lora(components=[\"unet\"], adapter_names=[\"reference\"])\n"
         "plain.unload_lora_weights()\n")
-    peft_note = ("" if not ref else " (PEFT gives base + this adapter only; fuse the reference adapter first)")
+    peft_note = "" if not ref else "; that gives base + this adapter only, so fuse the reference adapter first"
     what = "Diffusion-DPO" if method == "dpo" else "SFT (inpainting denoising loss)"
     return f"""---
 {chr(10).join(front)}
@@ -188,10 +188,12 @@ def model_card(cfg, metrics: dict, adapter_dir: str | Path | None = None) -> str
 LoRA (rank {_text(rank)}, targets `{_text(_field(cfg, "lora_targets", default=""))}`) on `{_text(model)}` trained with
 {what} for {_text(_field(cfg, "max_train_steps", default="?"))} steps on `{_text(data)}` to remove lesions inside a mask
 while keeping the anatomy outside it. Reference adapter: `{_text(ref or "none (base weights)")}`.
-beta = {_text(_field(cfg, "beta", default="?"))} (convention with the 1/2), loss `{_text(_field(cfg, "loss_type", default="?"))}`.
+beta = {_text(_field(cfg, "beta", default="?"))} (convention with the 1/2), loss `{_text(_field(cfg, "loss_type", default="?"))}`, \
+SDPO {_text(_field(cfg, "sdpo", default="?"))} (mu {_text(_field(cfg, "sdpo_mu", default="?"))}), \
+masked-MI weight {_text(_field(cfg, "mi_weight", default="?"))}, fidelity weight {_text(_field(cfg, "fidelity_weight", default="?"))}.
 
 Files: `{LORA_WEIGHT_NAME}` (diffusers `load_lora_weights`), `{PEFT_CONFIG_NAME}` + `{PEFT_WEIGHT_NAME}`
-(PEFT `PeftModel.from_pretrained` on the UNet{peft_note}), `negdpo_adapter.json` (reference adapter chain).
+(PEFT: `PeftModel.from_pretrained(pipe.unet, folder)`{peft_note}), `negdpo_adapter.json` (reference adapter chain).
 
 ```python
 from diffusers import StableDiffusionInpaintPipeline

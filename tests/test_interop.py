@@ -44,10 +44,16 @@ def _pipe(path: str):
     return pipe
 
 
+def _unet(path: str):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+
+
 def _trained_unet(path: str, targets: str, seed: int = 0):
     """A UNet with a policy LoRA whose A and B are both random (B = 0 would make every adapter a no-op);
     alpha != rank, so a loader that ignores the saved config would scale it wrongly."""
-    unet = _pipe(path).unet
+    unet = _unet(path)
     add_lora(unet, rank=4, alpha=2.0, targets=targets.split(","))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -79,7 +85,6 @@ def _assert_same_adapter(trained: dict, loaded: dict) -> None:
 
 @pytest.mark.parametrize("kind", list(TARGETS))
 def test_adapter_loads_losslessly_with_diffusers_peft_and_negdpo(tiny_sd_path, tmp_path, kind):
-    from diffusers import UNet2DConditionModel
     from negdpo.generator.sample import load_generator
     from peft import PeftModel
 
@@ -90,7 +95,7 @@ def test_adapter_loads_losslessly_with_diffusers_peft_and_negdpo(tiny_sd_path, t
     save_lora(unet, tmp_path, base_model=tiny_sd_path)
     for name in (LORA_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME):
         assert (tmp_path / name).is_file(), name
-    base_out = _unet_out(_pipe(tiny_sd_path).unet)
+    base_out = _unet_out(_unet(tiny_sd_path))
     assert (want - base_out).abs().max() > 1e-3  # the adapter changes the output, so equality below means something
 
     pipe = _pipe(tiny_sd_path)  # plain diffusers, default weight name
@@ -99,8 +104,7 @@ def test_adapter_loads_losslessly_with_diffusers_peft_and_negdpo(tiny_sd_path, t
     assert pipe.unet.peft_config["x"].lora_alpha == 2.0
     torch.testing.assert_close(_unet_out(pipe.unet), want, atol=1e-5, rtol=0)
 
-    peft_unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet"),
-                                          str(tmp_path))
+    peft_unet = PeftModel.from_pretrained(_unet(tiny_sd_path), str(tmp_path))
     assert peft_unet.peft_config["default"].base_model_name_or_path == tiny_sd_path
     _assert_same_adapter(trained, _peft_weights(peft_unet, "default"))
     torch.testing.assert_close(_unet_out(peft_unet), want, atol=1e-5, rtol=0)
@@ -109,7 +113,7 @@ def test_adapter_loads_losslessly_with_diffusers_peft_and_negdpo(tiny_sd_path, t
     _assert_same_adapter(trained, _peft_weights(ours, "negdpo_0"))
     torch.testing.assert_close(_unet_out(ours), want, atol=1e-5, rtol=0)
 
-    resumed = _pipe(tiny_sd_path).unet  # training resume (accelerate load hook)
+    resumed = _unet(tiny_sd_path)  # training resume (accelerate load hook)
     add_lora(resumed, rank=4, alpha=2.0, targets=TARGETS[kind].split(","))
     load_lora_into(resumed, tmp_path)
     _assert_same_adapter(trained, _peft_weights(resumed, POLICY_ADAPTER))
@@ -149,6 +153,7 @@ def test_partial_load_raises(tiny_sd_path, tmp_path):
 
     unet = _trained_unet(tiny_sd_path, TARGETS["attention"])
     save_lora(unet, tmp_path)
+    load_generator(tiny_sd_path, str(tmp_path), dtype=torch.bfloat16)  # LoRA cast to bf16 still verifies equal
     path = tmp_path / LORA_WEIGHT_NAME
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()
@@ -158,7 +163,7 @@ def test_partial_load_raises(tiny_sd_path, tmp_path):
     save_file(sd, str(path), metadata=header)
     with pytest.raises(RuntimeError, match="LoRA load incomplete"):
         load_generator(tiny_sd_path, str(tmp_path))
-    other = _pipe(tiny_sd_path).unet  # resume into an adapter with other targets
+    other = _unet(tiny_sd_path)  # resume into an adapter with other targets
     add_lora(other, rank=4, targets=TARGETS["demo"].split(","))
     save_lora(unet, tmp_path)
     with pytest.raises(RuntimeError, match="incomplete"):
@@ -200,7 +205,7 @@ def test_model_card_front_matter_and_snippet_runs(tiny_sd_path, tmp_path):
         torch.testing.assert_close(_unet_out(scope[name].unet), want, atol=1e-5, rtol=0)
 
     # DPO adapter trained on top of an SFT reference adapter: both recipes fuse the reference first
-    (dpo / "negdpo_adapter.json").write_text(json.dumps({"reference_adapter": str(sft)}))
+    (dpo / "negdpo_adapter.json").write_text(json.dumps({"reference_adapter": "../sft"}))  # relative to dpo/
     card = model_card(_card_cfg(tiny_sd_path, tmp_path / "elsewhere", reference_adapter=str(sft)), {}, adapter_dir=dpo)
     assert _front_matter(card)["base_model"] == tiny_sd_path
     scope = _run_snippet(card)
