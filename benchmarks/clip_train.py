@@ -1,7 +1,7 @@
 """CLIP preference-training step benchmark: samples/s and peak memory per objective.
 
     python benchmarks/clip_train.py                       # tiny preset on CPU (phantom pairs)
-    python benchmarks/clip_train.py --biomedclip-size --device cuda --batch 64   # ViT-B/16 + BERT-base, random init
+    python benchmarks/clip_train.py --biomedclip-size --device cuda --batch 64   # the biomedclip-random preset
 
 Variants: DHN-NCE, CLIP-DPO with the reference forward on the fly, CLIP-DPO with cached reference
 similarities, + attention entropy, + two-stage OT. One "sample" = one preference pair (2 images, 2 texts).
@@ -31,21 +31,6 @@ VARIANTS = {
     "dpo+entropy": ("dpo+entropy", True),
     "dpo+stages": ("dpo+stages", True),
 }
-
-
-def biomedclip_sized(context: int = 256):
-    """Random-init ViT-B/16 (224) + BERT-base CustomTextCLIP, built offline (no downloads)."""
-    import open_clip
-    from transformers import BertConfig
-
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "negdpo-bert-base-cfg"
-    BertConfig(vocab_size=30522, max_position_embeddings=512).save_pretrained(tmp)
-    model = open_clip.CustomTextCLIP(embed_dim=512, vision_cfg={
-        "timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
-        "timm_proj": "linear", "image_size": 224}, text_cfg={
-        "hf_model_name": str(tmp), "hf_model_pretrained": False, "hf_tokenizer_name": None, "hf_proj_type": "mlp",
-        "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": context})
-    return model, context
 
 
 def make_batch(b: int, context: int, vocab: int, grid: tuple[int, int], device) -> dict:
@@ -104,21 +89,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default 8 tiny, 64 biomedclip-size)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--biomedclip-size", action="store_true", help="ViT-B/16 + BERT-base random init (GPU)")
+    p.add_argument("--biomedclip-size", action="store_true", help="the biomedclip-random preset (BiomedCLIP's shapes)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.manual_seed(0)
-    if a.biomedclip_size:
-        model, context = biomedclip_sized()
-        vocab, batch_size = 30522, a.batch or 64
-    else:
-        from negdpo.core.models import load_clip
+    from negdpo.core.models import load_clip
 
-        model, _, tok = load_clip("tiny")
-        context, vocab, batch_size = tok.context_length, tok.tokenizer.vocab_size, a.batch or 8
+    model, _, tok = load_clip("biomedclip-random" if a.biomedclip_size else "tiny")
+    context, vocab = tok.context_length, tok.tokenizer.vocab_size
+    batch_size = a.batch or (64 if a.biomedclip_size else 8)
     cm.disable_dropout(model)
     model.logit_scale.requires_grad_(False)
     model.to(device)
@@ -135,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         mem = r.get("peak_mem_mib", r.get("peak_rss_mib"))
         rel = f"{100 * r['samples_per_s'] / base:.0f}%" if base else "-"
         print(f"{name:<16} {r['samples_per_s']:>10.2f} {r['step_s']:>8.3f} {mem:>9.1f} {rel:>10}")
-    report = {"device": str(device), "model": "biomedclip-size" if a.biomedclip_size else "tiny",
+    report = {"device": str(device), "model": "biomedclip-random" if a.biomedclip_size else "tiny",
               "batch_pairs": batch_size, "steps": a.steps, "amp": a.amp, "threads": torch.get_num_threads(),
               "results": results}
     out = Path(a.out or Path(__file__).parent / "results" / f"clip_train_{device.type}.json")

@@ -1,7 +1,7 @@
 """Diffusion-DPO generator training step: pairs/s and peak memory per configuration.
 
     python benchmarks/gen_train.py                 # tiny UNet on CPU (64 px)  -> benchmarks/results/gen_train_cpu.json
-    python benchmarks/gen_train.py --real          # SD-1.5-inpainting-sized random-init UNet, 512 px, GPU
+    python benchmarks/gen_train.py --real          # the sd15-inpaint-random preset's UNet, 512 px, GPU
                                                    # (bf16, batch 4/8, grad ckpt on/off, adapter toggle vs 2nd UNet)
 
 Measures the UNet part of one optimizer step (reference forward under no_grad + policy forward +
@@ -23,27 +23,20 @@ import torch
 from negdpo.generator.losses import diffusion_dpo_loss, per_sample_error
 from negdpo.generator.pipeline import add_lora
 
-SD15_INPAINT_UNET = dict(  # stable-diffusion-v1-5/stable-diffusion-inpainting unet/config.json
-    sample_size=64, in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-
 
 def make_unet(real: bool):
+    """The UNet of ``sd15-inpaint-random`` (real) or ``tiny``, through diffusers' own loader."""
     from diffusers import UNet2DConditionModel
-
-    if real:
-        torch.manual_seed(0)
-        return UNet2DConditionModel(**SD15_INPAINT_UNET), 768, 77
     from negdpo.core.models import resolve_diffusion
 
-    unet = UNet2DConditionModel.from_pretrained(resolve_diffusion("tiny"), subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(resolve_diffusion("sd15-inpaint-random" if real else "tiny"),
+                                                subfolder="unet")
     return unet, int(unet.config.cross_attention_dim), 77
 
 
 def bench(real: bool, batch: int, dtype: torch.dtype, grad_ckpt: bool, reference: str, steps: int, warmup: int,
-          device: str, full_ft: bool = False) -> dict:
+          device: str, full_ft: bool = False, resolution: int | None = None) -> dict:
+    """One optimizer step's UNet work; ``resolution`` in px (default: the UNet's native size)."""
     unet, ctx_dim, seq = make_unet(real)
     unet.requires_grad_(False)
     unet.to(device, dtype=dtype)
@@ -62,7 +55,8 @@ def bench(real: bool, batch: int, dtype: torch.dtype, grad_ckpt: bool, reference
     if grad_ckpt:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
-    lat = int(unet.config.sample_size)
+    factor = 8 if real else 4  # VAE downsampling of the preset
+    lat = resolution // factor if resolution else int(unet.config.sample_size)
     g = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(2 * batch, 4, lat, lat, generator=g).to(device)
     cond = torch.randn(2 * batch, 5, lat, lat, generator=g).to(device)
@@ -102,7 +96,8 @@ def bench(real: bool, batch: int, dtype: torch.dtype, grad_ckpt: bool, reference
     dt = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return {"model": "sd15-inpaint-size" if real else "tiny", "device": device, "batch_pairs": batch,
+    return {"model": "sd15-inpaint-random" if real else "tiny", "device": device, "batch_pairs": batch,
+            "resolution": lat * factor,
             "dtype": str(dtype).replace("torch.", ""), "grad_ckpt": grad_ckpt, "reference": reference,
             "train": "full" if full_ft else "lora-r8", "pairs_per_s": round(batch * steps / dt, 2),
             "s_per_step": round(dt / steps, 4), "peak_mem_gib": round(peak, 2),
