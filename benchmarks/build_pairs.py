@@ -11,8 +11,8 @@ Two measurements per (steps, batch_items) setting:
 * ``inpaint``: ``negdpo.generator.sample.inpaint`` alone on batches of K x batch_items images (img/s).
 
 Prints a table and writes ``benchmarks/results/build_pairs_<device>.json`` (or ``--out``).
-``real-random`` builds an SD-1.5-inpainting-shaped pipeline (9-ch UNet 320-640-1280-1280, SD VAE,
-12-layer 768-d text encoder) with random weights, so it runs offline; the numbers are speed only.
+``real-random`` (= ``sd15-inpaint-random``): SD-1.5-inpainting's exact architecture with random weights
+(``negdpo.core.models.presets``), so it runs offline; the numbers are speed only.
 """
 
 from __future__ import annotations
@@ -30,32 +30,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def build_real_random(folder: Path) -> str:
-    """Save an SD-1.5-inpainting-sized random-init pipeline (tokenizer borrowed from the tiny preset)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from negdpo.core.models import resolve_diffusion
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    if (folder / "model_index.json").is_file():
-        return str(folder)
-    tok = CLIPTokenizer.from_pretrained(resolve_diffusion("tiny"), subfolder="tokenizer")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, in_channels=9, out_channels=4, cross_attention_dim=768)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, sample_size=512)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id))
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False).save_pretrained(folder)
-    return str(folder)
 
 
 class UNetTimer:
@@ -105,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from negdpo.preference.pairs.build import BuildConfig, Builder
 
     work = Path(tempfile.mkdtemp(prefix="bench_pairs_"))
-    model = build_real_random(work / "real_random") if args.model == "real-random" else args.model
+    model = "sd15-inpaint-random" if args.model == "real-random" else args.model  # the preset, random init
     data = ensure_phantoms(work / "phantoms", n=args.subjects, size=args.size, seed=0, slices=2)
     results = []
     builder = None
