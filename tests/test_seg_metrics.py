@@ -85,3 +85,25 @@ def test_agrees_with_monai_dice_iou():
         pt, gt = torch.from_numpy(p)[None, None].float(), torch.from_numpy(g)[None, None].float()
         assert M.dice(p, g) == pytest.approx(compute_dice(pt, gt).item(), abs=1e-6)
         assert M.iou(p, g) == pytest.approx(compute_iou(pt, gt).item(), abs=1e-6)
+
+
+def test_hd95_is_the_95th_percentile_not_the_maximum():
+    """4 isolated far pixels among 80 boundary pixels: the 95th percentile (linear) is 0.05 x 11, the max 11."""
+    pred = GT.copy()
+    pred[50, [24, 28, 32, 36]] = True  # each 11 px below the square's bottom edge (row 39)
+    assert M.hd95(pred, GT) == pytest.approx(0.05 * 11, abs=1e-4)  # float32 distances
+    assert M.hd95(GT, pred) == pytest.approx(0.05 * 11, abs=1e-4)
+
+
+def test_all_metrics_columns_and_mode_check():
+    pred = np.roll(GT, 3, axis=0)
+    row = M.all_metrics(pred, GT)
+    assert row == pytest.approx({"dice": 0.85, "iou": 17 / 23, "nsd": 0.550743, "nsd_parity": 0.966632,
+                                 "hd95": 3.0}, abs=2e-6)
+    assert M.all_metrics(pred, GT, tolerance=3)["nsd_parity"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown NSD mode"):
+        M.nsd(pred, GT, mode="slab")
+    assert math.isnan(M.parity_round(math.nan)) and M.parity_round(0.12345) == 0.1235
+    empty = np.zeros((64, 64), bool)
+    assert math.isnan(M.iou(empty, empty, empty=math.nan)) and math.isnan(M.nsd(empty, empty, empty=math.nan))
+    assert M.nsd(empty, empty, mode="parity") == 1.0
