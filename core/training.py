@@ -185,6 +185,15 @@ def resume_step(run: Run, cfg: TrainConfig) -> int:
     return step_of(path)
 
 
+def fault_point(name: str, step: int = -1) -> None:
+    """Test hook: ``NEGDPO_FAULT=<name>:<step>[,...]`` kills this process (SIGKILL) when it gets there."""
+    spec = os.environ.get("NEGDPO_FAULT")
+    if spec and f"{name}:{step}" in {s.strip() for s in spec.split(",")}:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_checkpoint(run: Run, step: int, limit: int | None) -> Path:
     """Atomic ``checkpoint-<step>`` (every process saves, the main one finalises), then prune to ``limit``."""
     import shutil
@@ -196,9 +205,11 @@ def save_checkpoint(run: Run, step: int, limit: int | None) -> Path:
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
+    fault_point("checkpoint_save", step)
     final = run.out / f"checkpoint-{step}"
     if acc.is_main_process:
         finalize_checkpoint(run.out, step, {"kind": run.kind})
+        fault_point("checkpoint_prune", step)
         prune_checkpoints(run.out, limit)
     acc.wait_for_everyone()
     return final

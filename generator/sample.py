@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: sample negatives for every positive of a split; writes OUT/<name>.png and OUT/preview.png."""
     from negdpo.core.config import derive_seed
     from negdpo.core.imageio import save_png
-    from negdpo.core.phantoms import write_grid
+    from negdpo.core.figures import write_grid
     from negdpo.core.scans import ScanFolder
 
     args = _parser().parse_args(argv)
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for scan, img in zip(scans, outs):
         save_png(out / f"{Path(scan.name).stem}.png", img)
-    write_grid(out / "preview.png", [[s.image, s.mask.astype(np.float32), o] for s, o in list(zip(scans, outs))[:8]])
+    write_grid(out / "preview.png", [[s.image, s.mask.astype(np.float32), o] for s, o in list(zip(scans, outs))[:8]],
+               column_labels=["positive", "lesion mask", "generated negative"])
     (out / "sample_args.json").write_text(json.dumps(vars(args) | {"seeds": dict(zip([s.name for s in scans], seeds))},
                                                      indent=1))
     print(f"wrote {len(outs)} negatives to {out} (preview: {out / 'preview.png'}); {folder.report()}")

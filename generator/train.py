@@ -196,6 +196,7 @@ def train(cfg: GenTrainConfig) -> dict:
         MetricsLog,
         NonFiniteGuard,
         clip_gradients,
+        fault_point,
         finish_run,
         make_optimizer,
         make_scheduler,
@@ -309,8 +310,10 @@ def train(cfg: GenTrainConfig) -> dict:
         step_metrics.update(lr=lr_scheduler.get_last_lr()[0], curriculum_stage=curriculum.stage(global_step - 1))
         progress.set_postfix(loss=f"{step_metrics['loss']:.4f}",
                              acc=f"{step_metrics.get('implicit_acc', float('nan')):.2f}")
+        fault_point("step_end", global_step)
         if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
             metrics_log.log(global_step, step_metrics)
+        fault_point("after_log", global_step)
         if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
             save_checkpoint(run, global_step, cfg.checkpoints_total_limit)
         is_val = cfg.validation_steps and (global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps)
@@ -326,20 +329,31 @@ def train(cfg: GenTrainConfig) -> dict:
         summary["heldout_after"] = implicit_accuracy(comp, base_unet, reference, val_bank, cfg, cfg.eval_draws)
         accelerator.print(f"held-out implicit accuracy after training: {summary['heldout_after']}")
         accelerator.log({f"heldout/{k}": v for k, v in summary["heldout_after"].items()}, step=global_step)
+    fault_point("final", global_step)
     if accelerator.is_main_process:
-        save_lora(base_unet, out)
+        save_lora(base_unet, out, base_model=cfg.pretrained_model_name_or_path)
         meta = {"base_model": cfg.pretrained_model_name_or_path, "train_method": cfg.train_method,
-                "reference_adapter": str(Path(cfg.reference_adapter).resolve()) if cfg.reference_adapter else None,
+                "reference_adapter": _relative_to(cfg.reference_adapter, out) if cfg.reference_adapter else None,
                 "rank": cfg.rank, "steps": global_step}
         (out / "negdpo_adapter.json").write_text(json.dumps(meta, indent=1))
         held = {k: summary[k] for k in ("heldout_before", "heldout_after") if k in summary}
-        (out / "README.md").write_text(model_card(cfg, held))
+        (out / "README.md").write_text(model_card(cfg, held, adapter_dir=out))
         summary.update(adapter=str(out / "pytorch_lora_weights.safetensors"), logs=str(out / "logs"),
                        metrics=str(metrics_log.path), preview=str(out / "preview.png") if grid_path else None,
                        steps=global_step, wall_s=round(time.time() - t_start, 1))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     finish_run(run)
     return summary
+
+
+def _relative_to(path: str, out: Path) -> str:
+    """``path`` relative to ``out`` (so a moved pair of run folders still loads), else absolute."""
+    import os
+
+    try:
+        return os.path.relpath(Path(path).resolve(), out.resolve())
+    except ValueError:  # another drive
+        return str(Path(path).resolve())
 
 
 def _log_image(accelerator, grid: np.ndarray, step: int) -> None:

@@ -16,7 +16,7 @@ def validation_grid(comp: Components, unet: torch.nn.Module, reference: Referenc
                     cfg: Any, path: Path) -> np.ndarray:
     """Rows: source | mask | policy output | reference output | chosen (target fill). Saved as PNG."""
     from negdpo.core.imageio import to_gray
-    from negdpo.core.phantoms import write_grid
+    from negdpo.core.figures import write_grid
 
     from .sample import inpaint
 
@@ -43,7 +43,7 @@ def validation_grid(comp: Components, unet: torch.nn.Module, reference: Referenc
         unet.train(was_training)
     rows = [[to_gray(p.source), p.mask.astype(np.float32), to_gray(po), to_gray(r), to_gray(p.chosen)]
             for p, po, r in zip(pairs, policy, ref)]
-    write_grid(path, rows)
+    write_grid(path, rows, column_labels=["source", "mask", "policy", "reference", "chosen (target)"])
     from PIL import Image
 
     return np.asarray(Image.open(path).convert("RGB"))

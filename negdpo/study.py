@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 from negdpo.core.config import resolve_device
+from negdpo.core.stats import fmt_ci, subject_ci
 
 logger = logging.getLogger("negdpo.study")
 
@@ -154,26 +155,6 @@ def run_stage(work: Path, name: str, settings: dict, fn: Callable[[Path], dict])
     return result
 
 
-# -- statistics -------------------------------------------------------------------------------------
-def subject_ci(values: dict[str, list[float]], n_boot: int, seed: int) -> tuple[float, float, float]:
-    """Mean over subjects (each subject = mean of its images) and a 95% percentile bootstrap CI."""
-    per_subject = np.array([np.mean(v) for v in values.values() if len(v)], np.float64)
-    per_subject = per_subject[np.isfinite(per_subject)]
-    if per_subject.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    boots = per_subject[rng.integers(0, per_subject.size, (n_boot, per_subject.size))].mean(1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(per_subject.mean()), float(lo), float(hi)
-
-
-def fmt_ci(stat: tuple[float, float, float], digits: int = 3) -> str:
-    m, lo, hi = stat
-    if not np.isfinite(m):
-        return "n/a"
-    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
 # -- generator stages -------------------------------------------------------------------------------
 def _gen_config(cfg: StudyConfig, phantoms: Path, out: Path, **overrides):
     from negdpo.generator.train import GenTrainConfig
@@ -195,27 +176,12 @@ def train_generator(cfg: StudyConfig, phantoms: Path, out: Path, **overrides) ->
     return {"adapter": str(out), "summary": {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}}
 
 
-def _lesion_contrast(image: np.ndarray, mask: np.ndarray) -> float:
+def _residual_lesion(image: np.ndarray, mask: np.ndarray) -> float:
+    """1 - the contrast judge: how much the fill stands out from a harmonic interpolation of its surroundings."""
     from negdpo.preference.pairs.judges import ContrastJudge, JudgeItem
 
     item = JudgeItem(source=image, mask=mask, prompt="", healthy_text="")
-    return float(ContrastJudge()(item, [image])[0])
-
-
-def _outside_mi(out: np.ndarray, source: np.ndarray, outside: np.ndarray) -> float:
-    """Weighted Parzen MI between output and source over the ``outside`` pixels (nats)."""
-    import torch
-
-    from negdpo.generator.mi import weighted_mi
-
-    a = torch.from_numpy(np.asarray(out, np.float32))[None, None]
-    b = torch.from_numpy(np.asarray(source, np.float32))[None, None]
-    return float(weighted_mi(a, b, torch.from_numpy(outside.astype(np.float32))[None, None])[0])
-
-
-def _psnr_outside(out: np.ndarray, source: np.ndarray, outside: np.ndarray) -> float:
-    mse = float(np.mean((out[outside] - source[outside]) ** 2))
-    return 99.0 if mse == 0 else float(10 * np.log10(1.0 / mse))
+    return 1.0 - float(ContrastJudge()(item, [image])[0])
 
 
 def held_out_positives(phantoms: Path) -> list:
@@ -231,7 +197,7 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
 
     from negdpo.core.config import derive_seed
     from negdpo.core.imageio import to_gray
-    from negdpo.core.phantoms import write_grid
+    from negdpo.core.figures import write_grid
     from negdpo.preference.pairs.judges import harmonic_fill
 
     masks = [ndimage.binary_dilation(s.mask, iterations=2) for s in scans]  # repaint region; outside = ~mask
@@ -246,20 +212,17 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
         seeds = [derive_seed("study-gen", s.name, base=cfg.seed) for s in scans]
         outputs = inpaint(pipe, [s.image for s in scans], masks, [s.prompt or "" for s in scans], seeds,
                           steps=cfg.gen_sample_steps, paste_back=False)
+    from negdpo.generator.evaluate import repair_metrics
+
     rows = []
     for s, m, o in zip(scans, masks, outputs):
         o = to_gray(np.asarray(o, np.float32))
-        img, twin = to_gray(s.image), to_gray(s.twin)
-        rows.append({"variant": variant, "file": s.name, "subject_id": s.name.rsplit("_", 1)[0],
-                     "inside_mae_vs_twin": float(np.abs(o - twin)[s.mask].mean()),
-                     "outside_psnr": _psnr_outside(o, img, ~m),
-                     "outside_mi": _outside_mi(o, img, ~m),
-                     "twin_outside_mi": _outside_mi(twin, img, ~m),
-                     "residual_lesion": 1.0 - _lesion_contrast(o, m)})
+        metrics = repair_metrics(o, to_gray(s.image), to_gray(s.twin), s.mask, m, residual=_residual_lesion)
+        rows.append({"variant": variant, "file": s.name, "subject_id": s.name.rsplit("_", 1)[0], **metrics})
     _write_csv(out / "per_image.csv", rows)
     grid = [[to_gray(s.image), s.mask.astype(np.float32), to_gray(np.asarray(o, np.float32)), to_gray(s.twin)]
             for s, o in list(zip(scans, outputs))[:6]]
-    write_grid(out / "samples.png", grid)
+    write_grid(out / "samples.png", grid, column_labels=["positive", "repaint mask", "output", "healthy twin"])
     return {"rows": rows, "grid": str(out / "samples.png")}
 
 
@@ -303,7 +266,7 @@ def _by_subject(rows: list[dict], key: str) -> dict[str, list[float]]:
 
 
 def generator_table(gen_rows: dict[str, list[dict]], cfg: StudyConfig) -> tuple[str, dict]:
-    cols = [("inside_mae_vs_twin", "inside-mask error vs twin ↓"), ("outside_mi", "outside MI (nats) ↑"),
+    cols = [("inside_err", "inside-mask error vs twin ↓"), ("outside_mi", "outside MI (nats) ↑"),
             ("outside_psnr", "outside PSNR (dB) ↑"), ("residual_lesion", "residual-lesion score ↓")]
     lines = ["| generator | n img | " + " | ".join(c[1] for c in cols) + " |",
              "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
@@ -485,7 +448,7 @@ def run_study(cfg: StudyConfig) -> dict:
         from negdpo.segmentation.evaluate import evaluate
 
         options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
-                   "device": cfg.device, "bootstrap": 200} | cfg.eval_extra
+                   "device": cfg.device, "bootstrap": 200, "overwrite_output_dir": True} | cfg.eval_extra
         res = evaluate(str(phantoms), {k: f"local-dir:{v}" for k, v in ckpts.items()}, str(d / "eval"),
                        overwrite_output_dir=True, **options)  # the stage owns d: a rerun replaces its evaluation
         return {"rows": json.loads(json.dumps(res.rows, default=float)), "report": str(d / "eval" / "report.md")}
@@ -493,7 +456,7 @@ def run_study(cfg: StudyConfig) -> dict:
     seg = run_stage(work, "evaluate", eval_set, run_eval)
 
     # 7. figures and results.md
-    plot_curves({v: Path(adapters[v]) / "train_log.jsonl" for v in gen_variants},
+    plot_curves({v: Path(adapters[v]) / "metrics.jsonl" for v in gen_variants},
                 out / "figures" / "generator_curves.png", ("loss", "implicit_acc"),
                             "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
     plot_curves({v: Path(ckpts[v]).parent / "metrics.jsonl" for v in clip_variants},

@@ -319,6 +319,7 @@ def _train(cfg: ClipTrainConfig) -> dict:
         MetricsLog,
         NonFiniteGuard,
         clip_gradients,
+        fault_point,
         finish_run,
         make_optimizer,
         make_scheduler,
@@ -413,9 +414,11 @@ def _train(cfg: ClipTrainConfig) -> dict:
         logs |= {"lr": scheduler.get_last_lr()[0], "logit_scale": float(cm.unwrap(model).logit_scale.detach().exp()),
                  "samples_per_s": n_samples / (time.perf_counter() - t0)}
         last = logs
+        fault_point("step_end", step)
         if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             metrics_log.log(step, logs)
+        fault_point("after_log", step)
         if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
             ev, _ = evaluate(model, ref, val_ds, collate, scale, cfg, device)
             accelerator.log(ev, step=step)
@@ -430,6 +433,7 @@ def _train(cfg: ClipTrainConfig) -> dict:
                "samples_per_s": round(n_samples * world / max(train_time, 1e-9), 2), "logit_scale": scale,
                "before": before, "after": after, "last_step": last}
     accelerator.wait_for_everyone()
+    fault_point("final", step)
     if run.is_main:
         if cfg.tsne and before_extra:
             from .tsne import lesion_background_points, plot_tsne

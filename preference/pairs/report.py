@@ -59,7 +59,7 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from negdpo.core.phantoms import write_grid
+    from negdpo.core.figures import write_grid
 
     out = Path(out)
     rep = out / "report"
@@ -125,7 +125,8 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
 
                 tiles.append(read_scan(tp))
             grid.append(tiles)
-        write_grid(rep / "pairs_grid.png", grid)
+        labels = ["source", "mask", "chosen", "rejected", "healthy twin"][: max(len(r) for r in grid)]
+        write_grid(rep / "pairs_grid.png", grid, column_labels=labels)
     (rep / "report.json").write_text(json.dumps(info, indent=1))
     lines = [f"# Pair build report: {md_escape(out.name)}", "", "## Rows", "", "| kind | " + " | ".join(SPLITS) + " |",
              "| --- |" + " --- |" * len(SPLITS)]
