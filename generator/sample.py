@@ -197,8 +197,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI: sample negatives for every positive of a split; writes OUT/<name>.png and OUT/preview.png."""
     from negdpo.core.config import derive_seed
-    from negdpo.core.imageio import save_png
     from negdpo.core.figures import write_grid
+    from negdpo.core.imageio import save_png
     from negdpo.core.scans import ScanFolder
 
     args = _parser().parse_args(argv)

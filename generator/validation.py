@@ -15,8 +15,8 @@ from .pipeline import Components, Reference
 def validation_grid(comp: Components, unet: torch.nn.Module, reference: Reference | None, pairs: list[Pair],
                     cfg: Any, path: Path) -> np.ndarray:
     """Rows: source | mask | policy output | reference output | chosen (target fill). Saved as PNG."""
-    from negdpo.core.imageio import to_gray
     from negdpo.core.figures import write_grid
+    from negdpo.core.imageio import to_gray
 
     from .sample import inpaint
 

@@ -196,8 +196,8 @@ def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: 
     from scipy import ndimage
 
     from negdpo.core.config import derive_seed
-    from negdpo.core.imageio import to_gray
     from negdpo.core.figures import write_grid
+    from negdpo.core.imageio import to_gray
     from negdpo.preference.pairs.judges import harmonic_fill
 
     masks = [ndimage.binary_dilation(s.mask, iterations=2) for s in scans]  # repaint region; outside = ~mask

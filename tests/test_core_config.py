@@ -164,6 +164,7 @@ def test_trainer_configs_validate():
 
 def test_study_extra_sections_fail_before_any_stage(tmp_path):
     from negdpo.core.config import ConfigError
+
     from negdpo.study import load_study_config
 
     with pytest.raises(ConfigError, match=r"gen_extra: unknown key\(s\) \['lora_rnk'\]"):

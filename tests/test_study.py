@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from negdpo.core.stats import subject_ci
+
 from negdpo.study import StudyConfig, load_study_config, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
