@@ -160,6 +160,21 @@ def test_vlsam_grid_map_shape_and_object_tokens(tiny_vlm):
     assert not V.grid_to_map(torch.ones(6, 10), h, w).any()  # a constant map becomes zeros
 
 
+def test_object_found_in_the_answer_is_read_there(tiny_vlm, monkeypatch):
+    model, processor = tiny_vlm
+    tok = processor.tokenizer
+    said = tok(" a small tumour in the left lobe.", add_special_tokens=False)["input_ids"]
+
+    def fake_generate(input_ids, **_):  # the answer is fixed: the object sits at answer index 2
+        return torch.cat([input_ids, torch.tensor([said + [tok.eos_token_id, 7, 7]])], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    res = V.vlsam_grid(model, processor, _image(seed=3), "tumour")
+    n_prompt = len(res.sequence) - len(said)  # the eos and what follows it are cut
+    assert not res.appended and res.object_positions == [n_prompt + 2]
+    assert res.answer == "a small tumour in the left lobe."
+
+
 def test_object_phrase_and_subsequence():
     assert V.object_phrase("A T1-weighted axial brain MRI showing a small bright Tumour in the left lobe.") == "tumour"
     assert V.object_phrase("A breast ultrasound image showing a mass.") == "mass"

@@ -3,7 +3,8 @@
 Per image and object phrase (see ``docs/method.md#vl-sam``):
 
 1. The VLM (Qwen2-VL class) answers ``question`` about the image (greedy generation). The object's
-   tokens are found in the answer, or appended after it when the answer does not contain them.
+   tokens are found in the answer (with or without a leading space, lower-case or capitalised), or
+   appended after it when the answer does not contain them.
 2. Q and K of every decoder layer and head over the whole sequence (prompt with image tokens, answer,
    object) are captured by scoped forward pre-hooks on the self-attention modules (removed on exit):
    the hook re-runs ``q_proj``/``k_proj`` on the module's input and applies the rotary embedding the
@@ -213,10 +214,15 @@ def vlsam_grid(model, processor, image: np.ndarray, obj: str, question: str = DE
     answer = generated.tolist()
     cut = next((i for i, t in enumerate(answer) if t in stops), len(answer))
     answer = answer[:cut]
-    obj_ids = tok(" " + obj, add_special_tokens=False)["input_ids"]
-    start = find_subsequence(answer, obj_ids)
+    start, obj_ids = -1, []
+    for variant in dict.fromkeys((" " + obj, obj, " " + obj.capitalize(), obj.capitalize())):
+        obj_ids = tok(variant, add_special_tokens=False)["input_ids"]
+        start = find_subsequence(answer, obj_ids)
+        if start >= 0:
+            break
     appended = start < 0
-    if appended:
+    if appended:  # not in the answer: teacher-force " <object>" after it
+        obj_ids = tok(" " + obj, add_special_tokens=False)["input_ids"]
         start, answer = len(answer), answer + obj_ids
     tail = torch.tensor([answer], dtype=prompt.dtype, device=device)
     seq = torch.cat([prompt, tail], dim=1)
