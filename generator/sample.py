@@ -131,14 +131,35 @@ def _back_to_input(out: np.ndarray, like: np.ndarray) -> np.ndarray:
     return out.mean(axis=-1) if like.ndim == 2 else out
 
 
+def paste_back_blend(source: np.ndarray, output: np.ndarray, mask: np.ndarray, seam_px: float = 2.0) -> np.ndarray:
+    """``output`` inside ``mask``, ``source`` exactly outside it, blended over a ``seam_px``-wide band inside.
+
+    The weight of the output is ``min(1, d / seam_px)`` with ``d`` the Euclidean distance (px) of a mask
+    pixel to the nearest pixel outside the mask (border pixels: d = 1); ``seam_px <= 1`` is a hard paste.
+    """
+    from scipy import ndimage
+
+    src = np.clip(np.asarray(source, np.float32), 0.0, 1.0)
+    out = np.asarray(output, np.float32)
+    m = np.asarray(mask, bool)
+    if out.shape != src.shape or m.shape != src.shape[:2]:
+        raise ValueError(f"paste_back_blend: shapes differ (source {src.shape}, output {out.shape}, mask {m.shape})")
+    w = np.clip(ndimage.distance_transform_edt(m) / max(float(seam_px), 1.0), 0.0, 1.0).astype(np.float32)
+    if src.ndim == 3:
+        w = w[..., None]
+    return np.where(w > 0, w * out + (1.0 - w) * src, src).astype(np.float32)
+
+
 def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: list[str], seeds: list[int], *,
             steps: int = 20, guidance_scale: float = 1.0, strength: float = 1.0, scheduler: str | None = None,
-            paste_back: bool = True, size: int | None = None, batch_size: int = 8) -> list[np.ndarray]:
+            paste_back: bool = True, seam_px: float = 2.0, size: int | None = None,
+            batch_size: int = 8) -> list[np.ndarray]:
     """Repaint the masked region of each image; returns float [0,1] arrays shaped like the inputs.
 
     images: float [0,1] (H,W) or (H,W,3); masks: bool (H,W), True = repaint. Images are resized to
     ``size`` (default: the UNet's native resolution) for the model and back afterwards. With
-    ``paste_back`` the source is kept exactly outside the mask. ``guidance_scale`` <= 1 disables CFG.
+    ``paste_back`` (the default) the source is kept exactly outside the mask, with a soft seam of
+    ``seam_px`` pixels inside it (:func:`paste_back_blend`). ``guidance_scale`` <= 1 disables CFG.
     """
     n = len(images)
     if not (len(masks) == len(prompts) == len(seeds) == n):
@@ -165,9 +186,7 @@ def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: li
         for j, i in enumerate(idx):
             res = _back_to_input(np.asarray(out[j]), np.asarray(images[i]))
             if paste_back:
-                src = np.clip(np.asarray(images[i], np.float32), 0.0, 1.0)
-                m = np.asarray(masks[i], bool)
-                res = np.where(m if src.ndim == 2 else m[..., None], res, src)
+                res = paste_back_blend(images[i], res, masks[i], seam_px)
             results.append(np.clip(res, 0.0, 1.0).astype(np.float32))
     del device
     return results
@@ -189,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its name")
     p.add_argument("--limit", type=int, default=None, help="at most this many positives")
     p.add_argument("--no_paste_back", action="store_true")
+    p.add_argument("--seam_px", type=float, default=2.0,
+                   help="width of the soft seam inside the mask when pasting back (default 2; <= 1: hard paste)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     return p
@@ -214,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [derive_seed(s.name, base=args.seed) for s in scans]
     outs = inpaint(pipe, [s.image for s in scans], [s.mask for s in scans], [s.prompt or "" for s in scans], seeds,
                    steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
-                   scheduler=args.scheduler, paste_back=not args.no_paste_back, size=args.size,
+                   scheduler=args.scheduler, paste_back=not args.no_paste_back, seam_px=args.seam_px, size=args.size,
                    batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
