@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from negdpo.generator.losses import (
+    LOG2,
     beta_from_diffusers,
     diffusion_dpo_loss,
     fidelity_loss,
@@ -37,10 +38,11 @@ def test_log2_and_other_types_at_equal_policy_and_reference():
     ew, el, _, _ = _errs()
     loss, m = diffusion_dpo_loss(ew, el, ew.clone(), el.clone(), beta=5000)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert LOG2 == pytest.approx(loss.item(), abs=1e-7)  # the constant trainers compare the step-0 loss with
     assert m["implicit_acc"] == 0.5 and m["implicit_acc_strict"] == 0.0
     assert diffusion_dpo_loss(ew, el, ew, el, 5000, "hinge")[0].item() == pytest.approx(1.0)
     assert diffusion_dpo_loss(ew, el, ew, el, 5000, "ipo")[0].item() == pytest.approx(1 / (4 * 2500**2), rel=1e-5)
-    with pytest.raises(ValueError, match="loss_type must be one of"):
+    with pytest.raises(ValueError, match=r"^loss_type must be one of \('sigmoid', 'hinge', 'ipo'\), got 'dpo'$"):
         diffusion_dpo_loss(ew, el, ew, el, 5000, "dpo")
 
 
