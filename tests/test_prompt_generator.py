@@ -305,9 +305,10 @@ def _cfg(out: Path, data: Path, **kw):
 def test_training_lowers_the_loss_and_raises_dice(phantom_dir, sam, tmp_path):
     """40 steps on 6 phantom training images (ground-truth targets) against the untrained generator.
 
-    Measured (seed 0): set loss 18.6 -> 8.8, Dice of the generator's masks 0.33 -> 0.79 (0.33 = the two
-    lesion-free images, empty = empty). SAM's final masks are not asserted: the micro SAM is random and
-    frozen, so its decoder barely follows prompts (with real SAM weights it does)."""
+    Measured, seeds 0-3: set loss x0.47 / 0.45 / 0.51 / 0.47; Dice of the generator's masks +0.45 / +0.50 /
+    +0.27 / +0.44 (seed 0: 0.33 -> 0.79; 0.33 = the two lesion-free images, empty = empty); learning rate
+    1e-9: no change. SAM's final masks are not asserted: the micro SAM is random and frozen, so its
+    decoder barely follows prompts (with real SAM weights it does)."""
     from negdpo.segmentation.prompt_generator.train import train
 
     summary = train(_cfg(tmp_path / "run", phantom_dir, max_train_steps=40, max_train_images=6, eval_images=6,
@@ -315,7 +316,7 @@ def test_training_lowers_the_loss_and_raises_dice(phantom_dir, sam, tmp_path):
     b, a = summary["before"], summary["after"]
     assert summary["targets"] >= 4 and summary["feature_cache"]
     assert a["loss"] < 0.6 * b["loss"]
-    assert a["aux_dice"] > b["aux_dice"] + 0.25
+    assert a["aux_dice"] > b["aux_dice"] + 0.2
     assert (tmp_path / "run" / "final" / "prompt_generator.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40]

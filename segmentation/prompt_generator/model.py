@@ -15,12 +15,13 @@ plain modules attached through forward hooks. SAM's own weights are never traine
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import box_convert
 
 PromptKind = Literal["box+mask", "box", "mask"]
 
@@ -39,7 +40,6 @@ class GeneratorConfig:
     adapter_dim: int = 16
     sam: str = "tiny"
     sam_checkpoint: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -256,8 +256,6 @@ class PromptSAM(nn.Module):
             boxes = masks_in = None
             if "box" in self.cfg.prompts:
                 scale = input_hw[b].flip(0).to(neck).repeat(2)  # (w', h', w', h')
-                from torchvision.ops import box_convert
-
                 boxes = box_convert(out["boxes"][b], "cxcywh", "xyxy") * scale
                 boxes = boxes.clamp(0, size)
             if "mask" in self.cfg.prompts:

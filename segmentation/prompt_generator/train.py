@@ -114,8 +114,8 @@ def cache_features(model: PromptSAM, samples: list[Sample], max_gb: float) -> bo
         logger.info("feature cache would need %.1f GB > cache_max_gb; encoding every step",
                     per_image * len(samples) / 2**30)
         return False
-    for s in samples:
-        f = model.encode(s.image[None].to(device))
+    for i, s in enumerate(samples):
+        f = first if i == 0 else model.encode(s.image[None].to(device))
         s.features = {"blocks": [b[0].cpu() for b in f["blocks"]], "neck": f["neck"][0].cpu()}
     return True
 
