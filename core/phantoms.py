@@ -9,11 +9,22 @@ dilated by 2 px, so positive and twin are byte-identical outside that band.
 Output layout (the scan folder layout of ``negdpo.core.scans`` plus twins and metadata)::
 
     DIR/{train,val,test}_{images,masks,twins}/<modality>_<subject>_<slice>.png
+    DIR/pretrain_{images,masks,twins}/<modality>_p<subject>_<slice>.png   with pretrain_n > 0 only
     DIR/negatives/            healthy-only training images
     DIR/prompts.json          {file name: text}
-    DIR/meta.csv              file, subject_id, split, modality, positive, lesion stats
+    DIR/meta.csv              file, subject_id, split, modality, positive, group, lesion stats
     DIR/phantoms.json         the settings
     DIR/preview.png           labelled grid: image | lesion mask | healthy twin, a row per example
+
+Lesion groups (``meta.csv`` column ``group``, empty for healthy scans): ``mri_bright`` and
+``mri_dark`` (MRI lesions brighter / darker than the tissue they replace) and ``us`` (hypoechoic
+ultrasound masses). ``lesion_area = (lo, hi)`` draws each lesion's nominal area log-uniformly from that
+share of the image (the mask area, column ``lesion_area_frac``, deviates by the lobulation); ``None``
+keeps the original radius law (radius 4-13% of the side x a per-subject scale).
+
+``pretrain_n`` extra subjects form a ``pretrain`` split, disjoint from train/val/test by construction
+(their own subject ids ``<modality>_pNNNN`` and random streams): the stand-in for the web-scale data
+the real models were pre-trained on. Adding them changes no byte of the train/val/test scans.
 
 ``generate`` owns these entries: a folder holding another phantom set is refused unless
 ``overwrite=True``, which removes them first (a rerun with the same settings replaces them; other
@@ -50,6 +61,8 @@ class PhantomConfig:
     modalities: tuple[str, ...] = MODALITIES
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     preview: bool = True
+    pretrain_n: int = 0  # extra subjects in a disjoint ``pretrain`` split
+    lesion_area: tuple[float, float] | None = None  # (lo, hi) share of the image; None = original radius law
 
     def __post_init__(self) -> None:
         problems = [msg for bad, msg in (
@@ -62,6 +75,10 @@ class PhantomConfig:
             (len(self.split_fractions) != 3 or min(self.split_fractions) < 0
              or abs(sum(self.split_fractions) - 1.0) > 1e-6,
              f"split_fractions={list(self.split_fractions)}: three non-negative shares summing to 1"),
+            (self.pretrain_n < 0, f"pretrain_n={self.pretrain_n}: must be >= 0"),
+            (self.lesion_area is not None and (len(self.lesion_area) != 2
+                                               or not 0.0 < self.lesion_area[0] <= self.lesion_area[1] < 0.5),
+             f"lesion_area={self.lesion_area}: (lo, hi) with 0 < lo <= hi < 0.5"),
         ) if bad]
         if problems:
             raise ValueError("phantoms: " + "; ".join(problems))
@@ -117,9 +134,17 @@ def _lesion_alpha(lesion: Lesion, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sample_lesion(rng: np.random.Generator, size: int, inside: np.ndarray, scale: float,
-                   contrast: float) -> Lesion:
-    """Lesion centred on a random pixel of ``inside`` (eroded so the lesion stays in the anatomy)."""
-    radius = float(rng.uniform(0.04, 0.13) * size * scale)
+                   contrast: float, area: tuple[float, float] | None = None) -> Lesion:
+    """Lesion centred on a random pixel of ``inside`` (eroded so the lesion stays in the anatomy).
+
+    ``area``: nominal area drawn log-uniformly from (lo, hi) x the image area (one draw either way, so
+    the random stream of everything after the lesion is the same for both laws).
+    """
+    if area is None:
+        radius = float(rng.uniform(0.04, 0.13) * size * scale)
+    else:
+        frac = math.exp(rng.uniform(math.log(area[0]), math.log(area[1])))
+        radius = float(math.sqrt(frac / math.pi) * size)
     safe = ndimage.binary_erosion(inside, iterations=max(1, int(radius * 1.4) + 2))
     ys, xs = np.nonzero(safe if safe.any() else inside)
     i = int(rng.integers(len(xs)))
@@ -129,7 +154,8 @@ def _sample_lesion(rng: np.random.Generator, size: int, inside: np.ndarray, scal
 
 
 # -- MRI -----------------------------------------------------------------------------------------
-def render_mri(rng: np.random.Generator, size: int, anatomy: dict, positive: bool) -> Rendered:
+def render_mri(rng: np.random.Generator, size: int, anatomy: dict, positive: bool,
+               area: tuple[float, float] | None = None) -> Rendered:
     x, y = _grid(size)
     u, v = (x - size / 2) / (size / 2), (y - size / 2) / (size / 2)
     rot = anatomy["rot"] + rng.normal(0, 0.02)
@@ -155,7 +181,7 @@ def render_mri(rng: np.random.Generator, size: int, anatomy: dict, positive: boo
         return Rendered(twin, twin, np.zeros((size, size), bool), None)
     sign = anatomy["lesion_sign"]
     lesion = _sample_lesion(rng, size, brain_mask & ~(vent_l | vent_r), anatomy["lesion_scale"],
-                            sign * anatomy["lesion_contrast"])
+                            sign * anatomy["lesion_contrast"], area)
     alpha, mask = _lesion_alpha(lesion, size)
     inner = base + lesion.contrast + 0.04 * _smooth_noise(rng, size, 2.0)
     if lesion.ring:  # rim-enhancing lesion with a darker core
@@ -167,7 +193,8 @@ def render_mri(rng: np.random.Generator, size: int, anatomy: dict, positive: boo
 
 
 # -- ultrasound ----------------------------------------------------------------------------------
-def render_us(rng: np.random.Generator, size: int, anatomy: dict, positive: bool) -> Rendered:
+def render_us(rng: np.random.Generator, size: int, anatomy: dict, positive: bool,
+              area: tuple[float, float] | None = None) -> Rendered:
     x, y = _grid(size)
     apex_x, apex_y = size / 2, -0.08 * size
     depth = np.hypot(x - apex_x, y - apex_y) / size
@@ -188,7 +215,7 @@ def render_us(rng: np.random.Generator, size: int, anatomy: dict, positive: bool
     if not positive:
         return Rendered(twin, twin, np.zeros((size, size), bool), None)
     inside = fan & (depth > 0.3) & (depth < 0.85)
-    lesion = _sample_lesion(rng, size, inside, anatomy["lesion_scale"], anatomy["lesion_factor"])
+    lesion = _sample_lesion(rng, size, inside, anatomy["lesion_scale"], anatomy["lesion_factor"], area)
     alpha, mask = _lesion_alpha(lesion, size)
     echo = tissue * ((1 - alpha) + alpha * lesion.contrast)
     image = compose(echo)
@@ -208,6 +235,16 @@ def _anatomy(rng: np.random.Generator, modality: str) -> dict:
 
 
 RENDERERS = {"mri": render_mri, "us": render_us}
+GROUPS = ("mri_bright", "mri_dark", "us")
+
+
+def lesion_group(modality: str, lesion: Lesion | None) -> str:
+    """``mri_bright`` / ``mri_dark`` / ``us`` for a lesion, ``""`` for a healthy scan."""
+    if lesion is None:
+        return ""
+    if modality == "mri":
+        return "mri_bright" if lesion.contrast > 0 else "mri_dark"
+    return "us"
 
 
 def _describe(modality: str, lesion: Lesion | None, size: int) -> str:
@@ -243,7 +280,8 @@ def _assign_splits(n: int, fractions: tuple[float, float, float], rng: np.random
 
 
 OWNED = ("train_images", "train_masks", "train_twins", "val_images", "val_masks", "val_twins", "test_images",
-         "test_masks", "test_twins", "negatives", "prompts.json", "meta.csv", "phantoms.json", "preview.png")
+         "test_masks", "test_twins", "pretrain_images", "pretrain_masks", "pretrain_twins", "negatives",
+         "prompts.json", "meta.csv", "phantoms.json", "preview.png")
 
 
 def _settings(cfg: PhantomConfig) -> dict:
@@ -288,27 +326,16 @@ def _write_set(cfg: PhantomConfig, out: Path) -> None:
                 split_of[sid] = split
         subject_ss = np.random.SeedSequence([cfg.seed, mod_idx, 7919]).spawn(n_subj)
         for sid in range(n_subj):
-            rng = np.random.default_rng(subject_ss[sid])
-            anatomy = _anatomy(rng, modality)
-            positive = sid not in healthy
-            split = split_of[sid]
-            subject_id = f"{modality}_{sid:04d}"
-            for slc in range(cfg.slices):
-                r = RENDERERS[modality](rng, cfg.size, anatomy, positive)
-                name = f"{subject_id}_{slc}.png"
-                save_png(out / f"{split}_images" / name, r.image)
-                save_png(out / f"{split}_masks" / name, r.mask)
-                save_png(out / f"{split}_twins" / name, r.twin)
-                if not positive and split == "train":
-                    save_png(out / "negatives" / name, r.twin)
-                prompts[name] = _describe(modality, r.lesion, cfg.size)
-                les = r.lesion
-                rows.append({"file": name, "subject_id": subject_id, "split": split, "modality": modality,
-                             "positive": int(positive), "lesion_area": int(r.mask.sum()),
-                             "lesion_contrast": round(les.contrast, 4) if les else 0.0,
-                             "lesion_cx": round(les.cx, 1) if les else "", "lesion_cy": round(les.cy, 1) if les else ""})
-                if positive and slc == 0 and sum(m == modality for m, _ in preview) < 4:
-                    preview.append((f"{Path(name).stem} ({split})", (r.image, r.mask.astype(np.float32), r.twin)))
+            _write_subject(cfg, out, modality, f"{modality}_{sid:04d}", split_of[sid], sid not in healthy,
+                           np.random.default_rng(subject_ss[sid]), prompts, rows, preview)
+    for mod_idx, modality in enumerate(cfg.modalities):  # the pre-training pool: own ids, own random streams
+        n_pre = cfg.pretrain_n // len(cfg.modalities) + (mod_idx < cfg.pretrain_n % len(cfg.modalities))
+        pre_ss = np.random.SeedSequence([cfg.seed, mod_idx, 104729]).spawn(n_pre + 1)
+        n_healthy = int(round(n_pre * cfg.healthy_fraction))
+        healthy = set(np.random.default_rng(pre_ss[-1]).permutation(n_pre)[:n_healthy].tolist())
+        for sid in range(n_pre):
+            _write_subject(cfg, out, modality, f"{modality}_p{sid:04d}", "pretrain", sid not in healthy,
+                           np.random.default_rng(pre_ss[sid]), prompts, rows, None)
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1, sort_keys=True))
     with open(out / "meta.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -319,6 +346,30 @@ def _write_set(cfg: PhantomConfig, out: Path) -> None:
         write_grid(out / "preview.png", [list(t) for _, t in preview],
                    column_labels=["image", "lesion mask", "healthy twin"], row_labels=[n for n, _ in preview],
                    title=f"phantoms: {cfg.n} subjects x {cfg.slices} slices, {cfg.size} px, seed {cfg.seed}")
+
+
+def _write_subject(cfg: PhantomConfig, out: Path, modality: str, subject_id: str, split: str, positive: bool,
+                   rng: np.random.Generator, prompts: dict, rows: list, preview: list | None) -> None:
+    """Render and save every slice of one subject; appends its prompts, meta rows and preview entries."""
+    anatomy = _anatomy(rng, modality)
+    for slc in range(cfg.slices):
+        r = RENDERERS[modality](rng, cfg.size, anatomy, positive, cfg.lesion_area)
+        name = f"{subject_id}_{slc}.png"
+        save_png(out / f"{split}_images" / name, r.image)
+        save_png(out / f"{split}_masks" / name, r.mask)
+        save_png(out / f"{split}_twins" / name, r.twin)
+        if not positive and split == "train":
+            save_png(out / "negatives" / name, r.twin)
+        prompts[name] = _describe(modality, r.lesion, cfg.size)
+        les = r.lesion
+        rows.append({"file": name, "subject_id": subject_id, "split": split, "modality": modality,
+                     "positive": int(positive), "lesion_area": int(r.mask.sum()),
+                     "lesion_contrast": round(les.contrast, 4) if les else 0.0,
+                     "lesion_cx": round(les.cx, 1) if les else "", "lesion_cy": round(les.cy, 1) if les else "",
+                     "group": lesion_group(modality, les),
+                     "lesion_area_frac": round(float(r.mask.mean()), 5) if les else 0.0})
+        if preview is not None and positive and slc == 0 and sum(m == modality for m, _ in preview) < 4:
+            preview.append((f"{Path(name).stem} ({split})", (r.image, r.mask.astype(np.float32), r.twin)))
 
 
 def ensure_phantoms(out: str | Path, **kwargs) -> Path:

@@ -129,3 +129,48 @@ def test_ensure_phantoms_replaces_other_settings_refuses_foreign_folder(tmp_path
     (tmp_path / "data" / "train_images").mkdir(parents=True)
     with pytest.raises(OutputDirError, match="'train_images' was not written by negdpo"):
         ensure_phantoms(tmp_path / "data", n=2, size=32)
+
+
+def test_pretrain_pool_is_disjoint_and_changes_no_eval_byte(tmp_path):
+    """The pre-training pool adds its own subjects; train/val/test files stay byte-identical."""
+    plain = generate(PhantomConfig(out=str(tmp_path / "a"), n=6, size=32, seed=2, preview=False))
+    pooled = generate(PhantomConfig(out=str(tmp_path / "b"), n=6, size=32, seed=2, preview=False, pretrain_n=5))
+    a, b = _digest(plain), _digest(pooled)
+    assert {k: v for k, v in b.items() if not k.startswith("pretrain_") and k.endswith(".png")} == \
+        {k: v for k, v in a.items() if k.endswith(".png")}
+    rows = list(csv.DictReader(open(pooled / "meta.csv")))
+    pre = {r["subject_id"] for r in rows if r["split"] == "pretrain"}
+    others = {r["subject_id"] for r in rows if r["split"] != "pretrain"}
+    assert len(pre) == 5 and not pre & others
+    assert len(list((pooled / "pretrain_images").glob("*.png"))) == 10
+    assert {r["split"] for r in rows} == {r["split"] for r in csv.DictReader(open(plain / "meta.csv"))} | {"pretrain"}
+    assert not {p.name for p in (pooled / "negatives").iterdir()} & {r["file"] for r in rows if r["split"] == "pretrain"}
+    folder = ScanFolder(pooled)
+    assert folder.splits() == ScanFolder(plain).splits()  # readers of the three splits see what they saw before
+    assert all(s.twin is not None for s in folder.load_split("pretrain"))
+
+
+def test_lesion_groups_and_area_law(tmp_path):
+    root = generate(PhantomConfig(out=str(tmp_path / "g"), n=40, size=64, seed=5, preview=False,
+                                  lesion_area=(0.01, 0.15)))
+    rows = list(csv.DictReader(open(root / "meta.csv")))
+    prompts = json.loads((root / "prompts.json").read_text())
+    for r in rows:
+        if r["positive"] == "0":
+            assert r["group"] == "" and float(r["lesion_area_frac"]) == 0.0
+            continue
+        # the group follows the rendered contrast: bright/dark MRI lesions (and their report word), US masses
+        expected = "us" if r["modality"] == "us" else ("mri_bright" if float(r["lesion_contrast"]) > 0 else "mri_dark")
+        assert r["group"] == expected
+        if r["modality"] == "mri":
+            assert (" bright " in prompts[r["file"]]) == (expected == "mri_bright")
+        assert float(r["lesion_area_frac"]) == pytest.approx(int(r["lesion_area"]) / 64 ** 2, abs=1e-5)
+    fracs = np.array([float(r["lesion_area_frac"]) for r in rows if r["positive"] == "1"])
+    assert {r["group"] for r in rows} == {"", "mri_bright", "mri_dark", "us"}
+    # nominal areas 1-15% (lobulation moves the mask by up to ~1/3); the draws cover the range
+    assert fracs.min() > 0.005 and fracs.max() < 0.25
+    assert np.percentile(fracs, 20) < 0.03 and np.percentile(fracs, 80) > 0.06
+    with pytest.raises(ValueError, match="lesion_area"):
+        PhantomConfig(out=str(tmp_path / "x"), lesion_area=(0.2, 0.1))
+    with pytest.raises(ValueError, match="pretrain_n"):
+        PhantomConfig(out=str(tmp_path / "x"), pretrain_n=-1)
