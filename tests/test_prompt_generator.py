@@ -270,6 +270,18 @@ def test_frozen_sam_hooks_and_zero_init_adapters(sam):
         torch.testing.assert_close(sam.image_encoder(x), feats["neck"])  # plain SAM again
 
 
+def test_target_frame_matches_the_valid_region(sam):
+    """A full-image target covers exactly the region the model treats as image (not SAM's padding)."""
+    from negdpo.segmentation.prompt_generator.data import input_size, to_mask_frame
+
+    model = PromptSAM(sam, GeneratorConfig(num_queries=1, hidden_dim=8))
+    for hw in ((300, 200), (301, 200), (90, 128), (64, 64)):
+        ihw = input_size(hw, 128)
+        full = to_mask_frame(np.ones((1, *hw), bool), ihw, 128, 32)[0]
+        torch.testing.assert_close(full, model.valid_mask(torch.tensor([ihw]), torch.device("cpu"))[0, 0])
+    model.remove_hooks()
+
+
 def test_save_load_round_trip(sam, tmp_path):
     torch.manual_seed(3)
     model = PromptSAM(sam, GeneratorConfig(num_queries=2, hidden_dim=16))

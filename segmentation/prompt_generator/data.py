@@ -9,6 +9,7 @@ checkpoint, chosen with ``checkpoint``). Masks pair with images by file stem. Ea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -94,7 +95,7 @@ def to_mask_frame(masks: np.ndarray, input_hw: tuple[int, int], img_size: int, m
     """(T, H, W) bool -> (T, L, L) float {0, 1} in SAM's padded mask-prompt frame."""
     if len(masks) == 0:
         return torch.zeros(0, mask_size, mask_size)
-    h, w = (max(1, round(s * mask_size / img_size)) for s in input_hw)
+    h, w = (max(1, math.ceil(s * mask_size / img_size)) for s in input_hw)  # as PromptSAM.valid_mask
     t = F.interpolate(torch.as_tensor(masks, dtype=torch.float32)[:, None], size=(h, w), mode="bilinear",
                       align_corners=False)[:, 0]
     return F.pad((t >= 0.5).float(), (0, mask_size - w, 0, mask_size - h))

@@ -123,7 +123,7 @@ def _groups(ch: int) -> int:
 
 def moment_boxes(prob: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, N, L, L) soft masks -> (B, N, 4) cx, cy, w, h normalised to the valid region (w = sqrt(12 var))."""
-    b, _, hgt, wid = prob.shape
+    hgt, wid = prob.shape[-2:]
     vh = valid[:, 0].amax(2).sum(1).clamp(min=1)  # valid rows / columns per image
     vw = valid[:, 0].amax(1).sum(1).clamp(min=1)
     ys = (torch.arange(hgt, device=prob.device, dtype=prob.dtype) + 0.5)[None] / vh[:, None]  # (B, L)
