@@ -1,4 +1,5 @@
-"""``negdpo phantoms --out DIR [--n N] [--size S] [--seed K] [--slices M] [--overwrite_output_dir]``.
+"""``negdpo phantoms --out DIR [--n N] [--size S] [--seed K] [--slices M] [--pretrain-n P] [--lesion-area LO HI]
+[--overwrite_output_dir]``.
 
 The command owns what it writes in DIR (see ``negdpo.core.phantoms``). The same settings again
 rewrite the set in place; a set with other settings (or other files) there is refused unless
@@ -27,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--healthy-fraction", type=float, default=0.25,
                    help="share of healthy-only subjects (default 0.25)")
     p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
+    p.add_argument("--pretrain-n", "--pretrain_n", type=int, default=0,
+                   help="extra subjects in a disjoint 'pretrain' split (default 0: none)")
+    p.add_argument("--lesion-area", "--lesion_area", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="lesion area drawn log-uniformly from LO..HI of the image (default: radius 4-13%% of the side)")
     p.add_argument("--no-preview", action="store_true", help="skip preview.png")
     p.add_argument("--overwrite_output_dir", "--overwrite-output-dir", action="store_true",
                    help="replace an earlier phantom set (other files in --out are kept)")
@@ -40,14 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = PhantomConfig(out=a.out, n=a.n, size=a.size, seed=a.seed, slices=a.slices,
                             healthy_fraction=a.healthy_fraction, modalities=tuple(a.modalities),
-                            preview=not a.no_preview)
+                            preview=not a.no_preview, pretrain_n=a.pretrain_n,
+                            lesion_area=tuple(a.lesion_area) if a.lesion_area else None)
         out = generate(cfg, overwrite=a.overwrite_output_dir)
     except (ValueError, OSError) as err:
         if a.debug:
             raise
         print(f"negdpo phantoms: error: {err}", file=sys.stderr)
         return 1
-    n_img = a.n * a.slices
+    n_img = (a.n + a.pretrain_n) * a.slices
     dt = time.perf_counter() - t0
     preview = f"; preview: {out / 'preview.png'}" if not a.no_preview else ""
     print(f"wrote {n_img} images ({a.size}px) to {out} in {dt:.1f}s ({n_img / dt:.0f} img/s){preview}")
