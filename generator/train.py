@@ -224,9 +224,13 @@ def train(cfg: GenTrainConfig) -> dict:
     size = cfg.resolution or int(comp.unet.config.sample_size) * int(comp.pipe.vae_scale_factor)
     train_pairs, val_pairs = _load_pairs(cfg, size)  # inputs checked before the UNet is moved or wrapped
     unet = comp.unet
-    unet.to(device, dtype=weight_dtype)
+    if weight_dtype == torch.float32:  # casting to the dtype it already has only triggers a diffusers warning
+        unet.to(device)
+        comp.text_encoder.to(device)
+    else:
+        unet.to(device, dtype=weight_dtype)
+        comp.text_encoder.to(device, dtype=weight_dtype)
     comp.vae.to(device)  # VAE stays fp32 (fp16 VAEs overflow)
-    comp.text_encoder.to(device, dtype=weight_dtype)
     if cfg.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()  # raises a clear error when xformers is missing
     params = add_lora(unet, cfg.rank, cfg.lora_alpha, [s.strip() for s in cfg.lora_targets.split(",")], cfg.lora_init)
