@@ -1,21 +1,25 @@
-"""``negdpo study --config configs/phantom_study.yaml [--preset quick|full]``: the whole chain on phantoms.
+"""``negdpo study --config configs/phantom_study.yaml [--preset quick|medium|full]``: the whole chain on phantoms.
 
 The phantom set has what no public data set has: the healthy twin of every positive. The study uses it
 to score each part of the method with numbers:
 
-    phantoms -> (autoencoder adapted to the phantoms) -> SFT of the inpainting model on healthy scans
-             -> Diffusion-DPO variants (DPO, DPO+MI, DPO+MI+SDPO; reference = the SFT model)
-             -> generator table on held-out (val+test) positives vs their twins
-             -> base CLIP (contrastive pre-training on phantom image/prompt pairs)
+    phantoms (+ a disjoint pre-training pool) -> (autoencoder adapted to the phantoms) -> SFT of the
+             inpainting model on healthy scans -> Diffusion-DPO variants (DPO, DPO+MI, DPO+MI+SDPO)
+             -> generator table on held-out (val+test) positives vs their twins, each learned generator
+                with and without paste-back, per modality
+             -> base CLIP (contrastive pre-training on the pre-training pool), one per seed
              -> generator + CLIP pairs from the DPO+MI+SDPO variant, judged with the base CLIP
-             -> fine-tunes of the base: DHN-NCE, CLIP-DPO (generated negatives), CLIP-DPO (twin
-                negatives = oracle upper bound), CLIP-DPO + attention entropy, two-stage OT
-             -> zero-shot segmentation of the test subjects (M2IB -> k-means -> [SAM]) per checkpoint
-             -> results/phantom_study/results.md (+ figures, metrics CSV/JSON)
+             -> fine-tunes of each seed's base: DHN-NCE, CLIP-DPO (generated negatives), CLIP-DPO (twin
+                negatives = oracle), CLIP-DPO (harmonic-fill negatives = no-generator control),
+                CLIP-DPO + attention entropy, two-stage OT
+             -> zero-shot segmentation of the test subjects (M2IB -> k-means -> [SAM]) per checkpoint and
+                prompt (report | one word | irrelevant), the oracle-box ceiling when SAM runs
+             -> results/phantom_study/results.json (the contract, negdpo.study_tables) + results.md
 
-Every stage writes into ``work_dir/<stage>/`` and leaves a ``stage.json`` stamp holding its settings;
-a rerun skips stamped stages whose settings are unchanged (training stages also resume from their last
-Accelerate checkpoint), so an interrupted study continues where it stopped. Same seed -> same numbers.
+Every stage writes into ``work_dir/<stage>/`` and leaves a ``stage.json`` stamp holding its settings
+(the preset's name included, so no cached stage is shared between presets); a rerun skips stamped
+stages whose settings are unchanged (training stages also resume from their last Accelerate
+checkpoint), so an interrupted study continues where it stopped. Same seed -> same numbers.
 """
 
 from __future__ import annotations
@@ -31,20 +35,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from negdpo.core.config import resolve_device
-from negdpo.core.stats import fmt_ci, subject_ci
+from negdpo.study_eval import held_out_positives, score_generator  # noqa: F401  (re-exported)
+from negdpo.study_tables import CLIP_LABELS, CLIP_VARIANTS, GEN_LABELS  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("negdpo.study")
 
 GEN_VARIANTS = ("sft", "dpo", "dpo_mi", "dpo_mi_sdpo")
-CLIP_VARIANTS = ("base", "dhn_nce", "dpo_gen", "dpo_twin", "dpo_entropy", "stages")
-CLIP_LABELS = {"base": "base (contrastive pre-training)", "dhn_nce": "DHN-NCE (baseline)",
-               "dpo_gen": "CLIP-DPO, generated negatives", "dpo_twin": "CLIP-DPO, twin negatives (oracle)",
-               "dpo_entropy": "CLIP-DPO + attention entropy", "stages": "two-stage OT"}
-GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
-              "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
 
 
 @dataclass
@@ -61,6 +59,8 @@ class StudyConfig:
     phantoms_n: int = 40
     phantoms_size: int = 64
     phantoms_slices: int = 2
+    phantoms_pretrain_n: int = 0  # subjects of the disjoint pre-training pool (0: the base CLIP pre-trains on train)
+    phantoms_lesion_area: list[float] | None = None  # [lo, hi] share of the image; None = the original radius law
     # which variants to run (a reduced study runs a subset; the tables show what ran)
     gen_variants: list[str] = field(default_factory=lambda: list(GEN_VARIANTS))
     clip_variants: list[str] = field(default_factory=lambda: list(CLIP_VARIANTS))
@@ -77,6 +77,7 @@ class StudyConfig:
     gen_fidelity_weight: float = 0.01
     gen_sdpo_mu: float = 0.9
     gen_sample_steps: int = 20
+    gen_seam_px: float = 2.0  # soft seam of the paste-back rows (generator.sample.paste_back_blend)
     gen_extra: dict = field(default_factory=dict)
     # pairs
     pairs_k: int = 2
@@ -90,11 +91,14 @@ class StudyConfig:
     clip_batch: int = 8
     clip_pretrain_lr: float = 5e-4
     clip_finetune_lr: float = 5e-5
+    clip_seeds: int = 1  # every CLIP variant (base included) is trained with seeds seed, seed+1, ...
     clip_extra: dict = field(default_factory=dict)
     # segmentation
     eval_saliency: str = "m2ib"
     eval_sam: str = "none"
     eval_extra: dict = field(default_factory=dict)
+    prompt_word: str = "tumor"  # the one-word prompt of the prompt-sensitivity rows
+    prompt_irrelevant: str = "a photo of a cat sitting on a chair"
     bootstrap: int = 2000
 
     def __post_init__(self) -> None:
@@ -103,9 +107,13 @@ class StudyConfig:
 
         check_positive(self, "phantoms_n", "phantoms_size", "phantoms_slices", "gen_sft_steps", "gen_dpo_steps",
                        "gen_batch", "gen_sample_steps", "pairs_k", "pairs_steps", "clip_pretrain_steps",
-                       "clip_finetune_steps", "clip_batch", "bootstrap")
+                       "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds")
         check_finite_positive(self, "gen_lr", "gen_beta", "gen_autoencoder_lr", "clip_pretrain_lr", "clip_finetune_lr")
         check(self.gen_autoencoder_steps >= 0, "gen_autoencoder_steps", self.gen_autoencoder_steps, "must be >= 0")
+        check(self.phantoms_pretrain_n >= 0, "phantoms_pretrain_n", self.phantoms_pretrain_n, "must be >= 0")
+        area = self.phantoms_lesion_area
+        check(area is None or (len(area) == 2 and 0 < area[0] <= area[1] < 0.5), "phantoms_lesion_area", area,
+              "[lo, hi] with 0 < lo <= hi < 0.5, or null")
         bad = sorted(set(self.gen_variants) - set(GEN_VARIANTS))
         check(not bad, "gen_variants", self.gen_variants, f"unknown {bad}; choose from {list(GEN_VARIANTS)}")
         bad = sorted(set(self.clip_variants) - set(CLIP_VARIANTS))
@@ -176,63 +184,13 @@ def train_generator(cfg: StudyConfig, phantoms: Path, out: Path, **overrides) ->
     return {"adapter": str(out), "summary": {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}}
 
 
-def _residual_lesion(image: np.ndarray, mask: np.ndarray) -> float:
-    """1 - the contrast judge: how much the fill stands out from a harmonic interpolation of its surroundings."""
-    from negdpo.preference.pairs.judges import ContrastJudge, JudgeItem
-
-    item = JudgeItem(source=image, mask=mask, prompt="", healthy_text="")
-    return 1.0 - float(ContrastJudge()(item, [image])[0])
-
-
-def held_out_positives(phantoms: Path) -> list:
-    from negdpo.core.scans import ScanFolder
-
-    folder = ScanFolder(phantoms)
-    return [s for split in ("val", "test") if split in folder.splits() for s in folder.load_split(split) if s.positive]
-
-
-def score_generator(cfg: StudyConfig, variant: str, adapter: str | None, scans: list, out: Path) -> dict:
-    """Repaint held-out positives (no paste-back, so preservation is measured) and score vs twins."""
-    from scipy import ndimage
-
-    from negdpo.core.config import derive_seed
-    from negdpo.core.figures import write_grid
-    from negdpo.core.imageio import to_gray
-    from negdpo.preference.pairs.judges import harmonic_fill
-
-    masks = [ndimage.binary_dilation(s.mask, iterations=2) for s in scans]  # repaint region; outside = ~mask
-    if variant == "identity":
-        outputs = [s.image for s in scans]
-    elif variant == "harmonic":
-        outputs = [harmonic_fill(to_gray(s.image), m) for s, m in zip(scans, masks)]
-    else:
-        from negdpo.generator.sample import inpaint, load_generator
-
-        pipe = load_generator(cfg.gen_model, adapter=adapter, device=resolve_device(cfg.device))
-        seeds = [derive_seed("study-gen", s.name, base=cfg.seed) for s in scans]
-        outputs = inpaint(pipe, [s.image for s in scans], masks, [s.prompt or "" for s in scans], seeds,
-                          steps=cfg.gen_sample_steps, paste_back=False)
-    from negdpo.generator.evaluate import repair_metrics
-
-    rows = []
-    for s, m, o in zip(scans, masks, outputs):
-        o = to_gray(np.asarray(o, np.float32))
-        metrics = repair_metrics(o, to_gray(s.image), to_gray(s.twin), s.mask, m, residual=_residual_lesion)
-        rows.append({"variant": variant, "file": s.name, "subject_id": s.name.rsplit("_", 1)[0], **metrics})
-    _write_csv(out / "per_image.csv", rows)
-    grid = [[to_gray(s.image), s.mask.astype(np.float32), to_gray(np.asarray(o, np.float32)), to_gray(s.twin)]
-            for s, o in list(zip(scans, outputs))[:6]]
-    write_grid(out / "samples.png", grid, column_labels=["positive", "repaint mask", "output", "healthy twin"])
-    return {"rows": rows, "grid": str(out / "samples.png")}
-
-
 # -- CLIP stages ------------------------------------------------------------------------------------
-def train_clip(cfg: StudyConfig, out: Path, model: str, data: str, loss: str, steps: int, lr: float,
+def train_clip(cfg: StudyConfig, out: Path, model: str, data: str, loss: str, steps: int, lr: float, seed: int,
                **overrides) -> dict:
     from negdpo.preference.clip.train import ClipTrainConfig, train
 
     base = dict(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(out), run_name=out.name,
-                loss=loss, seed=cfg.seed, max_train_steps=steps, learning_rate=lr, train_batch_size=cfg.clip_batch,
+                loss=loss, seed=seed, max_train_steps=steps, learning_rate=lr, train_batch_size=cfg.clip_batch,
                 report_to="tensorboard", resume_from_checkpoint="latest", progress_bar=True, validation_steps=0,
                 checkpointing_steps=0)
     base.update(overrides)
@@ -253,50 +211,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-
-
-def _by_subject(rows: list[dict], key: str) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for r in rows:
-        v = r.get(key)
-        if v is None or v == "":
-            continue
-        out.setdefault(str(r["subject_id"]), []).append(float(v))
-    return out
-
-
-def generator_table(gen_rows: dict[str, list[dict]], cfg: StudyConfig) -> tuple[str, dict]:
-    cols = [("inside_err", "inside-mask error vs twin ↓"), ("outside_mi", "outside MI (nats) ↑"),
-            ("outside_psnr", "outside PSNR (dB) ↑"), ("residual_lesion", "residual-lesion score ↓")]
-    lines = ["| generator | n img | " + " | ".join(c[1] for c in cols) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
-    stats: dict[str, dict] = {}
-    for variant, rows in gen_rows.items():
-        stats[variant] = {k: subject_ci(_by_subject(rows, k), cfg.bootstrap, cfg.seed) for k, _ in cols}
-        cells = [fmt_ci(stats[variant][k], 2 if k == "outside_psnr" else 3) for k, _ in cols]
-        lines.append(f"| {GEN_LABELS.get(variant, variant)} | {len(rows)} | " + " | ".join(cells) + " |")
-    ceiling = next(iter(gen_rows.values()))
-    mi_twin = subject_ci(_by_subject(ceiling, "twin_outside_mi"), cfg.bootstrap, cfg.seed)
-    lines.append("")
-    lines.append(f"Outside-mask MI of the healthy twin itself against the source (the ceiling): {fmt_ci(mi_twin)}.")
-    return "\n".join(lines), stats
-
-
-def segmentation_table(eval_rows: list[dict], cfg: StudyConfig) -> tuple[str, dict]:
-    cols = [("dice", "Dice"), ("iou", "IoU"), ("nsd", "NSD (2 px)"), ("control_dice", "Dice, irrelevant prompt")]
-    lines = ["| CLIP checkpoint | n img | " + " | ".join(c[1] for c in cols) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
-    stats: dict[str, dict] = {}
-    for ckpt in CLIP_VARIANTS:
-        rows = [r for r in eval_rows if r.get("checkpoint") == ckpt and int(r.get("positive", 1))]
-        if not rows:
-            continue
-        for r in rows:
-            r.setdefault("subject_id", str(r["image"]).rsplit("_", 1)[0])
-        stats[ckpt] = {k: subject_ci(_by_subject(rows, k), cfg.bootstrap, cfg.seed) for k, _ in cols}
-        cells = [fmt_ci(stats[ckpt][k]) for k, _ in cols]
-        lines.append(f"| {CLIP_LABELS[ckpt]} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), stats
 
 
 def plot_curves(logs: dict[str, Path], out: Path, keys: tuple[str, ...], title: str) -> Path | None:
@@ -334,8 +248,11 @@ def plot_curves(logs: dict[str, Path], out: Path, keys: tuple[str, ...], title: 
 
 # -- the study --------------------------------------------------------------------------------------
 def run_study(cfg: StudyConfig) -> dict:
+    from negdpo import study_eval as E
+    from negdpo import study_tables as T
     from negdpo.core.config import code_version, seed_everything
     from negdpo.core.phantoms import ensure_phantoms
+    from negdpo.core.stats import subject_ci
 
     gen_variants = [v for v in GEN_VARIANTS if v in cfg.gen_variants or v == "sft"]  # SFT = every DPO's reference
     clip_variants = [v for v in CLIP_VARIANTS if v in cfg.clip_variants or v == "base"]  # base = every fine-tune's start
@@ -348,9 +265,17 @@ def run_study(cfg: StudyConfig) -> dict:
 
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    ph_settings = {"n": cfg.phantoms_n, "size": cfg.phantoms_size, "slices": cfg.phantoms_slices, "seed": cfg.seed}
-    phantoms = Path(run_stage(work, "phantoms", ph_settings, lambda d: {"path": str(ensure_phantoms(
-        d / "data", n=cfg.phantoms_n, size=cfg.phantoms_size, seed=cfg.seed, slices=cfg.phantoms_slices))})["path"])
+    device = resolve_device(cfg.device)
+
+    def stage(name: str, settings: dict, fn: Callable[[Path], dict]) -> dict:
+        return run_stage(work, name, {"preset": cfg.preset, **settings}, fn)  # no stage is shared between presets
+
+    area = tuple(cfg.phantoms_lesion_area) if cfg.phantoms_lesion_area else None
+    ph_settings = {"n": cfg.phantoms_n, "size": cfg.phantoms_size, "slices": cfg.phantoms_slices, "seed": cfg.seed,
+                   "pretrain_n": cfg.phantoms_pretrain_n, "lesion_area": area}
+    phantoms = Path(stage("phantoms", ph_settings, lambda d: {"path": str(ensure_phantoms(
+        d / "data", n=cfg.phantoms_n, size=cfg.phantoms_size, seed=cfg.seed, slices=cfg.phantoms_slices,
+        pretrain_n=cfg.phantoms_pretrain_n, lesion_area=area))})["path"])
 
     # 1. generator: (autoencoder adaptation), SFT, then DPO variants with the SFT adapter as reference
     gen_model = cfg.gen_model
@@ -363,15 +288,14 @@ def run_study(cfg: StudyConfig) -> dict:
 
             return {"model": adapt_autoencoder(cfg.gen_model, str(phantoms), str(d / "model"),
                                                steps=cfg.gen_autoencoder_steps, lr=cfg.gen_autoencoder_lr,
-                                               seed=cfg.seed, device=resolve_device(cfg.device))}
+                                               seed=cfg.seed, device=device)}
 
-        gen_model = run_stage(work, "gen_autoencoder", ae_set, adapt)["model"]
+        gen_model = stage("gen_autoencoder", ae_set, adapt)["model"]
     cfg = replace(cfg, gen_model=gen_model)
     common = {"phantoms": ph_settings, "model": _stamp_of(work, "gen_autoencoder") or cfg.gen_model,
               "seed": cfg.seed, "lr": cfg.gen_lr, "batch": cfg.gen_batch, "extra": cfg.gen_extra}
     adapters: dict[str, str] = {}
-    sft_set = common | {"steps": cfg.gen_sft_steps}
-    adapters["sft"] = run_stage(work, "gen_sft", sft_set, lambda d: train_generator(
+    adapters["sft"] = stage("gen_sft", common | {"steps": cfg.gen_sft_steps}, lambda d: train_generator(
         cfg, phantoms, d, train_method="sft", max_train_steps=cfg.gen_sft_steps, mi_weight=0.0,
         fidelity_weight=0.0, sdpo=False))["adapter"]
     dpo_variants = {"dpo": dict(mi_weight=0.0, fidelity_weight=0.0, sdpo=False),
@@ -380,144 +304,145 @@ def run_study(cfg: StudyConfig) -> dict:
     for name, extra in dpo_variants.items():
         if name not in gen_variants and name != cfg.pairs_adapter:
             continue
-        settings = common | sft_set | {"variant": name, "steps": cfg.gen_dpo_steps, "beta": cfg.gen_beta,
-                                       "mu": cfg.gen_sdpo_mu, **extra}
-        adapters[name] = run_stage(work, f"gen_{name}", settings, lambda d, extra=extra: train_generator(
+        settings = common | {"reference": _stamp_of(work, "gen_sft"), "variant": name, "steps": cfg.gen_dpo_steps,
+                             "beta": cfg.gen_beta, "mu": cfg.gen_sdpo_mu, **extra}
+        adapters[name] = stage(f"gen_{name}", settings, lambda d, extra=extra: train_generator(
             cfg, phantoms, d, train_method="dpo", max_train_steps=cfg.gen_dpo_steps,
             reference_adapter=adapters["sft"], **extra))["adapter"]
 
-    # 2. generator table on held-out positives
-    scans = held_out_positives(phantoms)
-    gen_rows: dict[str, list[dict]] = {}
+    # 2. generator table on held-out positives (learned generators with and without paste-back)
+    scans = E.held_out_positives(phantoms)
+    gen_rows: list[dict] = []
     for variant in ("identity", "harmonic", *gen_variants):
-        settings = {"variant": variant, "adapter_stamp": _stamp_of(work, f"gen_{variant}"),
-                    "steps": cfg.gen_sample_steps, "phantoms": ph_settings}
-        res = run_stage(work, f"geneval_{variant}", settings, lambda d, v=variant: score_generator(
-            cfg, v, adapters.get(v), scans, d))
-        gen_rows[variant] = res["rows"]
+        settings = {"variant": variant, "adapter_stamp": _stamp_of(work, f"gen_{variant}"), "phantoms": ph_settings,
+                    "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px, "seed": cfg.seed}
+        res = stage(f"geneval_{variant}", settings, lambda d, v=variant: E.score_generator(
+            v, scans, d, model=cfg.gen_model, adapter=adapters.get(v), device=device, steps=cfg.gen_sample_steps,
+            seed=cfg.seed, seam_px=cfg.gen_seam_px))
+        gen_rows += res["rows"]
         if variant in GEN_VARIANTS:
             shutil.copy(res["grid"], out / "figures" / f"generator_{variant}.png")
 
-    # 3. base CLIP: contrastive pre-training on phantom image/prompt pairs
-    clip_common = {"phantoms": ph_settings, "model": cfg.clip_model, "seed": cfg.seed, "batch": cfg.clip_batch,
-                   "extra": cfg.clip_extra}
-    base_set = clip_common | {"steps": cfg.clip_pretrain_steps, "lr": cfg.clip_pretrain_lr}
-    ckpts: dict[str, str] = {}
-    ckpts["base"] = run_stage(work, "clip_base", base_set, lambda d: train_clip(
-        cfg, d, cfg.clip_model, str(phantoms), "clip", cfg.clip_pretrain_steps, cfg.clip_pretrain_lr,
-        retention_weight=1.0, retention_dedup=True, freeze_logit_scale=False, tsne=False))["checkpoint"]
-    base_model = f"local-dir:{ckpts['base']}"
+    # 3. base CLIPs (one per seed): contrastive pre-training on the pre-training pool
+    seeds = [cfg.seed + k for k in range(cfg.clip_seeds)]
+    pretrain_split = "pretrain" if cfg.phantoms_pretrain_n > 0 else "train"
+    base_set = {"phantoms": ph_settings, "model": cfg.clip_model, "batch": cfg.clip_batch, "extra": cfg.clip_extra,
+                "steps": cfg.clip_pretrain_steps, "lr": cfg.clip_pretrain_lr, "split": pretrain_split}
+    ckpts: dict[tuple[str, int], str] = {}
+    for sd in seeds:
+        ckpts["base", sd] = stage(f"clip_base_s{sd}", base_set | {"seed": sd}, lambda d, sd=sd: train_clip(
+            cfg, d, cfg.clip_model, str(phantoms), "clip", cfg.clip_pretrain_steps, cfg.clip_pretrain_lr, sd,
+            retention_weight=1.0, retention_dedup=True, freeze_logit_scale=False, tsne=False,
+            train_split=pretrain_split))["checkpoint"]
 
-    # 4. preference pairs from the chosen generator variant, judged with the base CLIP
+    # 4. preference pairs from the chosen generator variant, judged with the first seed's base CLIP
+    judge = f"local-dir:{ckpts['base', seeds[0]]}"
     pairs_set = {"adapter_stamp": _stamp_of(work, f"gen_{cfg.pairs_adapter}"), "k": cfg.pairs_k, "extra": cfg.pairs_extra,
-                 "steps": cfg.pairs_steps, "phantoms": ph_settings, "clip": _stamp_of(work, "clip_base")}
+                 "steps": cfg.pairs_steps, "phantoms": ph_settings, "clip": _stamp_of(work, f"clip_base_s{seeds[0]}")}
 
     def build_pairs(d: Path) -> dict:
         from negdpo.preference.pairs.build import BuildConfig, run_build
 
         summary = run_build(BuildConfig(data=str(phantoms), out=str(d / "pairs"), generator=cfg.gen_model,
                                         adapter=adapters[cfg.pairs_adapter], k=cfg.pairs_k, steps=cfg.pairs_steps,
-                                        seed=cfg.seed, clip=base_model, device=cfg.device,
-                                        **cfg.pairs_extra))
+                                        seed=cfg.seed, clip=judge, device=cfg.device, **cfg.pairs_extra))
         keep = ("rows", "dropped", "seconds", "judge", "scans_per_s", "report")
         return {"path": str(d / "pairs"), "summary": json.loads(json.dumps(
             {k: summary.get(k) for k in keep}, default=str))}
 
-    pairs = run_stage(work, "pairs", pairs_set, build_pairs)
+    pairs = stage("pairs", pairs_set, build_pairs)
+    harmonic = None
+    if "dpo_harmonic" in clip_variants:  # the no-generator control: harmonic fills as the rejected images
+        harmonic = stage("harmonic_pairs", {"phantoms": ph_settings, "dilation": E.GEN_REPAINT_DILATION},
+                         lambda d: {"path": str(E.write_harmonic_set(phantoms, d / "data"))})["path"]
 
-    # 5. fine-tunes of the base
+    # 5. fine-tunes of each seed's base
     finetunes = {"dhn_nce": (str(phantoms), "dhn_nce", {"tsne": False}),
                  "dpo_gen": (pairs["path"], "dpo", {"tsne": True}),
                  "dpo_twin": (str(phantoms), "dpo", {"tsne": True}),
+                 "dpo_harmonic": (harmonic, "dpo", {"tsne": False}),
                  "dpo_entropy": (pairs["path"], "dpo+entropy", {"tsne": False}),
                  "stages": (pairs["path"], "stages", {"tsne": True})}
     for name, (data, loss, extra) in finetunes.items():
         if name not in clip_variants:
             continue
-        settings = clip_common | base_set | {"variant": name, "loss": loss, "data": Path(data).name,
-                                             "pairs": pairs_set if data == pairs["path"] else None,
-                                             "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr}
-        ckpts[name] = run_stage(work, f"clip_{name}", settings, lambda d, a=(data, loss, extra): train_clip(
-            cfg, d, base_model, a[0], a[1], cfg.clip_finetune_steps, cfg.clip_finetune_lr, **a[2]))["checkpoint"]
+        for sd in seeds:
+            settings = {"base": _stamp_of(work, f"clip_base_s{sd}"), "seed": sd, "variant": name, "loss": loss,
+                        "data": Path(data).name, "pairs": pairs_set if data == pairs["path"] else None,
+                        "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr, "batch": cfg.clip_batch,
+                        "extra": cfg.clip_extra}
+            ckpts[name, sd] = stage(f"clip_{name}_s{sd}", settings, lambda d, a=(data, loss, extra), sd=sd: train_clip(
+                cfg, d, f"local-dir:{ckpts['base', sd]}", a[0], a[1], cfg.clip_finetune_steps, cfg.clip_finetune_lr,
+                sd, **a[2]))["checkpoint"]
 
-    # 6. zero-shot segmentation of the test subjects
-    eval_set = {"clips": {k: _stamp_of(work, f"clip_{k}") for k in ckpts}, "saliency": cfg.eval_saliency,
-                "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings}
+    # 6. zero-shot segmentation of the test subjects: report + irrelevant prompt, then the one-word prompt
+    clips = {f"{v}.s{sd}": f"local-dir:{p}" for (v, sd), p in ckpts.items()}
+    eval_set = {"clips": {f"{v}.s{sd}": _stamp_of(work, f"clip_{v}_s{sd}") for v, sd in ckpts},
+                "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings,
+                "irrelevant": cfg.prompt_irrelevant}
 
-    def run_eval(d: Path) -> dict:
+    def run_eval(d: Path, word: bool) -> dict:
         from negdpo.segmentation.evaluate import evaluate
 
         options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
-                   "device": cfg.device, "bootstrap": 200, "overwrite_output_dir": True} | cfg.eval_extra
-        res = evaluate(str(phantoms), {k: f"local-dir:{v}" for k, v in ckpts.items()}, str(d / "eval"),
-                       overwrite_output_dir=True, **options)  # the stage owns d: a rerun replaces its evaluation
+                   "device": cfg.device, "bootstrap": 200, "control_prompt": cfg.prompt_irrelevant} | cfg.eval_extra
+        if word:
+            options |= {"prompt_template": cfg.prompt_word, "control_prompt": None, "save_images": False}
+        options.pop("overwrite_output_dir", None)
+        res = evaluate(str(phantoms), clips, str(d / "eval"), overwrite_output_dir=True,
+                       **options)  # the stage owns d: a rerun replaces its evaluation
         return {"rows": json.loads(json.dumps(res.rows, default=float)), "report": str(d / "eval" / "report.md")}
 
-    seg = run_stage(work, "evaluate", eval_set, run_eval)
+    seg = stage("evaluate", eval_set, lambda d: run_eval(d, False))
+    seg_word = stage("evaluate_word", eval_set | {"word": cfg.prompt_word}, lambda d: run_eval(d, True))
+    oracle = None
+    if cfg.eval_sam != "none":
+        sam_ckpt = cfg.eval_extra.get("sam_checkpoint")
+        oracle = stage("oracle_box", {"sam": cfg.eval_sam, "checkpoint": sam_ckpt, "phantoms": ph_settings},
+                       lambda d: {"rows": E.oracle_box(phantoms, "test", cfg.eval_sam, sam_ckpt, device)})
 
-    # 7. figures and results.md
+    # 7. the results contract, figures, results.md
     plot_curves({v: Path(adapters[v]) / "metrics.jsonl" for v in gen_variants},
                 out / "figures" / "generator_curves.png", ("loss", "implicit_acc"),
-                            "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
-    plot_curves({v: Path(ckpts[v]).parent / "metrics.jsonl" for v in clip_variants},
-                             out / "figures" / "clip_curves.png", ("loss", "rewards/accuracies"), "CLIP training")
+                "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
+    plot_curves({v: Path(ckpts[v, seeds[0]]).parent / "metrics.jsonl" for v in clip_variants},
+                out / "figures" / "clip_curves.png", ("loss", "rewards/accuracies"), f"CLIP training (seed {seeds[0]})")
     for name in ("dpo_gen", "dpo_twin", "stages"):
-        if name in ckpts:
-            for tsne in Path(ckpts[name]).parent.glob("tsne*.png"):
+        if (name, seeds[0]) in ckpts:
+            for tsne in Path(ckpts[name, seeds[0]]).parent.glob("tsne*.png"):
                 shutil.copy(tsne, out / "figures" / f"tsne_{name}.png")
-    gen_md, gen_stats = generator_table(gen_rows, cfg)
-    seg_md, seg_stats = segmentation_table(seg["rows"], cfg)
-    _write_csv(out / "generator_metrics.csv", [r for rows in gen_rows.values() for r in rows])
-    _write_csv(out / "segmentation_metrics.csv", seg["rows"])
-    results = {"generator": gen_stats, "segmentation": seg_stats, "config": asdict(cfg),
-               "code_version": code_version(), "pairs": pairs["summary"]}
+    long_rows = E.long_segmentation_rows(seg["rows"], seg_word["rows"], E.lesion_groups(phantoms))
+    oracle_stat = subject_ci(_group_by(oracle["rows"] if oracle else [], "dice"), cfg.bootstrap, cfg.seed)
+    results = {"preset": cfg.preset, "code_version": code_version(),
+               "n_test_positive": len({r["image"] for r in long_rows}),
+               "oracle_box_dice": T.num(oracle_stat[0]), "oracle_box_dice_ci": [T.num(oracle_stat[1]),
+                                                                                 T.num(oracle_stat[2])],
+               "segmentation": T.segmentation_rows(long_rows, cfg.bootstrap, cfg.seed),
+               "comparisons": T.comparisons(long_rows, cfg.bootstrap, cfg.seed),
+               "generator": T.generator_rows(gen_rows, cfg.bootstrap, cfg.seed),
+               "twin_outside_mi": T.twin_outside_mi(gen_rows, cfg.bootstrap, cfg.seed),
+               "realism_auc": {},  # the independent real-vs-generated judge does not exist yet
+               "seeds": seeds, "clip_pretrain_split": pretrain_split, "pairs": pairs["summary"],
+               "config": asdict(cfg)}
+    _write_csv(out / "generator_metrics.csv", gen_rows)
+    _write_csv(out / "segmentation_metrics.csv", long_rows)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(render_markdown(cfg, gen_md, seg_md, out, pairs, time.perf_counter() - t_start))
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    (out / "results.md").write_text(T.render_markdown(results, figures, time.perf_counter() - t_start))
     print(f"[study] results: {out / 'results.md'}", flush=True)
     return results
+
+
+def _group_by(rows: list[dict], key: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        out.setdefault(str(r["subject_id"]), []).append(float(r[key]))
+    return out
 
 
 def _stamp_of(work: Path, stage: str) -> str | None:
     stamp = work / stage / "stage.json"
     return json.loads(stamp.read_text())["key"] if stamp.exists() else None
-
-
-def render_markdown(cfg: StudyConfig, gen_md: str, seg_md: str, out: Path, pairs: dict, seconds: float) -> str:
-    from negdpo.core.config import code_version
-
-    figs = sorted(p.name for p in (out / "figures").glob("*.png"))
-    psum = pairs.get("summary", {})
-    lines = [
-        "# Phantom study", "",
-        f"Preset `{cfg.preset}`, seed {cfg.seed}, code `{code_version()}`. Produced by "
-        f"`negdpo study --config configs/phantom_study.yaml --preset {cfg.preset}` (this run: {seconds:.0f} s "
-        "including cached stages). Every number below is computed by that command; rerunning with the same seed "
-        "reproduces them.", "",
-        f"Phantoms: {cfg.phantoms_n} subjects x {cfg.phantoms_slices} slices at {cfg.phantoms_size} px (MRI-like + "
-        "ultrasound-like, 25% healthy-only subjects, subject-level splits). Intervals are 95% bootstrap CIs over "
-        f"subjects ({cfg.bootstrap} resamples; each subject = mean of its images).", "",
-        "## Generator: tumour removal on held-out positives (val + test subjects)", "",
-        "Each variant repaints the dilated lesion mask of every held-out positive (no paste-back, so the "
-        "outside is the model's own). *Inside-mask error vs twin*: mean |output − healthy twin| inside the "
-        "lesion (what a perfect remover scores 0 on). *Outside MI / PSNR*: weighted Parzen MI and PSNR against "
-        "the source outside the 2-px-dilated mask (anatomy preservation). *Residual-lesion score*: 1 − the "
-        "contrast judge (how much the fill stands out from a harmonic interpolation of its surroundings).", "",
-        gen_md, "",
-        "## Preference pairs", "",
-        f"Built with `negdpo build-pairs` from the `{cfg.pairs_adapter}` generator, K = {cfg.pairs_k} candidates "
-        f"per positive, {cfg.pairs_steps} sampling steps, judged with the base CLIP + phantom judges. "
-        f"Rows per kind and split: `{json.dumps(psum.get('rows'))}`; dropped: `{json.dumps(psum.get('dropped'))}`. "
-        "Quality report: `pairs/report/report.md` under the work dir.", "",
-        "## Zero-shot segmentation of the test subjects", "",
-        f"Saliency `{cfg.eval_saliency}` → k-means → largest component → SAM `{cfg.eval_sam}` "
-        "(`none` = the coarse mask is the prediction). Scans with a lesion only; the irrelevant-prompt column "
-        "runs the same chain with an unrelated prompt (a map that ignores the prompt scores the same there).", "",
-        seg_md, "",
-        "## Figures", "",
-    ]
-    lines += [f"![{f}](figures/{f})" for f in figs]
-    lines += ["", "## Settings", "", "```yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).strip(), "```", ""]
-    return "\n".join(lines)
 
 
 # -- CLI --------------------------------------------------------------------------------------------

@@ -1,27 +1,35 @@
-"""The phantom study, reduced: every stage runs, numbers come from the data, reruns reproduce them."""
+"""The phantom study, reduced: every stage runs, the results.json contract holds, its numbers come from the
+per-image data (recomputed here by hand), reruns reproduce them; the table builders on hand-made rows."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from negdpo.core.stats import subject_ci
+from negdpo.generator.sample import paste_back_blend
 
 from negdpo.study import StudyConfig, load_study_config, run_study
+from negdpo.study_tables import comparisons, generator_rows, segmentation_rows
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "phantom_study.yaml")
+SEG_KEYS = {"variant", "prompt", "dice_mean", "dice_ci", "n_images", "n_seeds", "dice_by_group", "prompt_gap",
+            "prompt_gap_ci"}
 
 
 def _reduced(tmp: Path) -> StudyConfig:
-    cfg = load_study_config(str(ROOT / "configs" / "phantom_study.yaml"), "quick", [])
+    cfg = load_study_config(CONFIG, "quick", [])
     return StudyConfig(**{**cfg.__dict__, "out": str(tmp / "results"), "work_dir": str(tmp / "work"),
-                          "phantoms_n": 8, "gen_autoencoder_steps": min(cfg.gen_autoencoder_steps, 20),
+                          "phantoms_n": 8, "phantoms_pretrain_n": 4, "gen_autoencoder_steps": 20,
                           "gen_sft_steps": 2, "gen_dpo_steps": 2, "gen_sample_steps": 2,
                           "gen_variants": ["sft", "dpo_mi_sdpo"], "pairs_k": 2, "pairs_steps": 2,
-                          "clip_variants": ["base", "dpo_twin", "dpo_gen"], "clip_pretrain_steps": 2,
-                          "clip_finetune_steps": 2, "clip_batch": 2, "bootstrap": 50,
+                          "clip_variants": ["base", "dpo_gen", "dpo_harmonic"], "clip_seeds": 2,
+                          "clip_pretrain_steps": 2, "clip_finetune_steps": 2, "clip_batch": 2, "bootstrap": 50,
+                          "eval_sam": "tiny",
                           "gen_extra": {**cfg.gen_extra, "eval_pairs": 4, "eval_draws": 1},
                           "clip_extra": {**cfg.clip_extra, "tsne": False, "eval_batch_size": 8},
                           "eval_extra": {**cfg.eval_extra, "m2ib_steps": 2, "m2ib_samples": 2}})
@@ -34,21 +42,52 @@ def study(tmp_path_factory):
     return cfg, run_study(cfg)
 
 
-def test_results_written_with_both_tables(study):
+def _meta(cfg: StudyConfig) -> list[dict]:
+    return list(csv.DictReader(open(Path(cfg.work_dir) / "phantoms" / "data" / "meta.csv")))
+
+
+def test_results_contract(study):
     cfg, results = study
+    on_disk = json.loads((Path(cfg.out) / "results.json").read_text())
+    assert on_disk["segmentation"] == results["segmentation"]
+    assert {"preset", "code_version", "n_test_positive", "oracle_box_dice", "segmentation", "comparisons",
+            "generator", "realism_auc"} <= set(on_disk)
+    assert on_disk["preset"] == "quick" and on_disk["realism_auc"] == {}
+    test_pos = [r for r in _meta(cfg) if r["split"] == "test" and r["positive"] == "1"]
+    assert on_disk["n_test_positive"] == len(test_pos) > 0
+    seg = on_disk["segmentation"]
+    assert [(r["variant"], r["prompt"]) for r in seg] == [
+        (v, p) for v in ("base", "dpo_gen", "dpo_harmonic") for p in ("report", "word", "irrelevant")]
+    for r in seg:
+        assert set(r) == SEG_KEYS and r["n_seeds"] == 2 and r["n_images"] == len(test_pos)
+        assert set(r["dice_by_group"]) == {"mri_bright", "mri_dark", "us"}
+        lo, hi = r["dice_ci"]
+        assert lo <= r["dice_mean"] <= hi
+        assert (r["prompt_gap"] is not None) == (r["prompt"] == "report")  # the gap is a report-row column
+    assert [(c["a"], c["b"]) for c in on_disk["comparisons"]] == [("dpo_gen", "base"), ("dpo_harmonic", "dpo_gen")]
+    for c in on_disk["comparisons"]:
+        assert c["metric"] == "dice" and c["verdict"] in ("better", "worse", "inconclusive")
+        assert c["n_pairs"] == 2 * len(test_pos)  # images x seeds, paired
+    gen = {(r["method"], r["paste_back"], r["modality"]) for r in on_disk["generator"]}
+    for method in ("sft", "dpo_mi_sdpo"):
+        assert {(method, p, m) for p in (True, False) for m in ("mri", "us", "all")} <= gen
+    assert ("identity", None, "all") in gen and ("harmonic", None, "all") in gen
+    assert all(r["lesion_free_rate"] is None for r in on_disk["generator"])  # no judge yet: no invented number
+    assert 0.0 <= on_disk["oracle_box_dice"] <= 1.0  # SAM ran, so the oracle-box row is there
     md = (Path(cfg.out) / "results.md").read_text()
-    for text in ("## Generator", "| positive itself (no repair) |", "| harmonic fill (classical) |", "| SFT only |",
-                 "| DPO + MI + SDPO |", "## Zero-shot segmentation", "| base (contrastive pre-training) |",
-                 "| CLIP-DPO, twin negatives (oracle) |", "| CLIP-DPO, generated negatives |", "seed 0"):
+    for text in ("## Zero-shot segmentation", "| CLIP-DPO, harmonic-fill negatives (no generator) | report |",
+                 "## Comparisons", "harmonic-fill vs generated negatives", "| SFT only | yes | mri |",
+                 "| DPO + MI + SDPO | no | us |", "| positive itself (no repair) | — | all |",
+                 "Realism AUC (real-vs-generated judge): not measured", "Oracle box: **", "Smoke preset"):
         assert text in md, text
     assert "| DPO + MI |" not in md  # variants that did not run are not reported
     figs = {p.name for p in (Path(cfg.out) / "figures").glob("*.png")}
     assert {"generator_sft.png", "generator_dpo_mi_sdpo.png", "generator_curves.png", "clip_curves.png"} <= figs
-    assert set(results["segmentation"]) == {"base", "dpo_twin", "dpo_gen"}
 
 
 def test_numbers_come_from_the_data(study):
-    """The no-repair row equals |positive - twin| inside the lesion, recomputed here from the files."""
+    """No-repair error recomputed from the files; paste-back keeps the outside exactly; the contract's
+    prompt gap, group means and comparison are recomputed here from segmentation_metrics.csv."""
     from negdpo.core.imageio import read_mask, read_scan
 
     cfg, results = study
@@ -60,24 +99,124 @@ def test_numbers_come_from_the_data(study):
             if mask.any():
                 err = np.abs(read_scan(img) - read_scan(root / f"{split}_twins" / img.name))[mask].mean()
                 per_subject.setdefault(img.stem.rsplit("_", 1)[0], []).append(float(err))
-    mean, lo, hi = results["generator"]["identity"]["inside_err"]
-    assert mean == pytest.approx(np.mean([np.mean(v) for v in per_subject.values()]), rel=1e-6)
-    assert lo <= mean <= hi
-    # the classical harmonic fill removes most of the lesion: it must beat no repair by a margin
-    assert results["generator"]["harmonic"]["inside_err"][0] < 0.7 * mean
+    gen = {(r["method"], r["paste_back"], r["modality"]): r for r in results["generator"]}
+    identity = gen["identity", None, "all"]
+    assert identity["inside_err"] == pytest.approx(np.mean([np.mean(v) for v in per_subject.values()]), rel=1e-6)
+    assert identity["inside_err_ci"][0] <= identity["inside_err"] <= identity["inside_err_ci"][1]
+    assert gen["harmonic", None, "all"]["inside_err"] < 0.7 * identity["inside_err"]
+    for method in ("sft", "dpo_mi_sdpo"):  # paste-back: the outside is the source exactly (PSNR_IDENTICAL)
+        assert gen[method, True, "all"]["outside_psnr"] == 99.0
+        assert gen[method, False, "all"]["outside_psnr"] < 99.0
+
+    rows = list(csv.DictReader(open(Path(cfg.out) / "segmentation_metrics.csv")))
+    dice = {(r["variant"], r["seed"], r["image"], r["prompt"]): float(r["dice"]) for r in rows}
+    groups = {r["file"]: r["group"] for r in _meta(cfg)}
+    assert all(r["group"] == groups[r["image"]] for r in rows)
+    seg = {(r["variant"], r["prompt"]): r for r in results["segmentation"]}
+    keys = {(s, i) for v, s, i, p in dice if v == "base"}
+    gap = np.mean([dice["base", s, i, "report"] - dice["base", s, i, "irrelevant"] for s, i in keys])
+    assert seg["base", "report"]["prompt_gap"] == pytest.approx(gap, abs=1e-12)
+    for g in ("mri_bright", "mri_dark", "us"):
+        vals = [dice["dpo_gen", s, i, "word"] for s, i in keys if groups[i] == g]
+        assert seg["dpo_gen", "word"]["dice_by_group"][g] == (pytest.approx(np.mean(vals)) if vals else None)
+    diff = np.mean([dice["dpo_gen", s, i, "report"] - dice["base", s, i, "report"] for s, i in keys])
+    comp = next(c for c in results["comparisons"] if (c["a"], c["b"]) == ("dpo_gen", "base"))
+    assert comp["diff_mean"] == pytest.approx(diff, abs=1e-12)
+    # the base CLIPs pre-trained on the pool, never on an evaluation subject
+    stamp = json.loads((Path(cfg.work_dir) / "clip_base_s0" / "stage.json").read_text())
+    assert stamp["settings"]["split"] == "pretrain" and results["clip_pretrain_split"] == "pretrain"
 
 
 def test_rerun_is_cached_and_reproduces(study):
     cfg, results = study
     work = Path(cfg.work_dir)
-    trained = {p: p.stat().st_mtime_ns for p in work.glob("gen_*/stage.json")} | \
-              {p: p.stat().st_mtime_ns for p in work.glob("clip_*/stage.json")}
-    for stage in list(work.glob("geneval_*")) + [work / "evaluate"]:  # recompute every number from the models
-        (stage / "stage.json").unlink()
+    stamps = list(work.glob("*/stage.json"))
+    assert all(json.loads(p.read_text())["settings"]["preset"] == "quick" for p in stamps)  # keys name the preset
+    trained = {p: p.stat().st_mtime_ns for p in stamps if p.parent.name.startswith(("gen_", "clip_"))}
+    assert len([p for p in trained if p.parent.name.startswith("clip_")]) == 6  # 3 variants x 2 seeds
+    for stage in [*work.glob("geneval_*"), work / "evaluate", work / "evaluate_word", work / "oracle_box"]:
+        (stage / "stage.json").unlink()  # recompute every number from the models
     again = run_study(cfg)
     assert {p: p.stat().st_mtime_ns for p in trained} == trained  # training stages came from the cache
-    assert json.dumps(again["generator"], sort_keys=True) == json.dumps(results["generator"], sort_keys=True)
-    assert json.dumps(again["segmentation"], sort_keys=True) == json.dumps(results["segmentation"], sort_keys=True)
+    for key in ("generator", "segmentation", "comparisons", "oracle_box_dice"):
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(results[key], sort_keys=True), key
+
+
+# -- the table builders on hand-made rows ----------------------------------------------------------
+def _seg_rows(base: list[float], other: list[float], ctl: list[float]) -> list[dict]:
+    rows = []
+    for i, (b, o, c) in enumerate(zip(base, other, ctl)):
+        img = {"image": f"mri_{i:04d}_0.png", "subject_id": f"mri_{i:04d}", "seed": 0,
+               "group": "mri_bright" if i % 2 else "us"}
+        rows += [{**img, "variant": "base", "prompt": "report", "dice": b},
+                 {**img, "variant": "base", "prompt": "irrelevant", "dice": c},
+                 {**img, "variant": "dpo_gen", "prompt": "report", "dice": o}]
+    return rows
+
+
+def test_tables_hand_computed_and_verdicts():
+    base = [0.2, 0.3, 0.4, 0.5, 0.6, 0.1]
+    rows = _seg_rows(base, [b + 0.1 + 0.01 * k for k, b in enumerate(base)], [b - 0.05 for b in base])
+    seg = {(r["variant"], r["prompt"]): r for r in segmentation_rows(rows, 200, 0)}
+    assert seg["base", "report"]["dice_mean"] == pytest.approx(np.mean(base))
+    assert seg["base", "report"]["prompt_gap"] == pytest.approx(0.05)  # every image: report - irrelevant = 0.05
+    assert seg["base", "report"]["prompt_gap_ci"] == pytest.approx([0.05, 0.05])
+    assert seg["base", "report"]["dice_by_group"] == {"mri_bright": pytest.approx(np.mean(base[1::2])),
+                                                      "mri_dark": None, "us": pytest.approx(np.mean(base[0::2]))}
+    assert seg["dpo_gen", "report"]["prompt_gap"] is None  # no irrelevant-prompt rows for it
+    (comp,) = comparisons(rows, 500, 0)
+    assert (comp["a"], comp["b"], comp["verdict"]) == ("dpo_gen", "base", "better")
+    assert comp["diff_mean"] == pytest.approx(0.125)  # 0.1 + 0.01 * mean(0..5)
+    worse = _seg_rows(base, [b - 0.1 for b in base], base)
+    assert comparisons(worse, 500, 0)[0]["verdict"] == "worse"
+    mixed = _seg_rows(base, [b + d for b, d in zip(base, (0.1, -0.1, 0.1, -0.1, 0.1, -0.1))], base)
+    assert comparisons(mixed, 500, 0)[0]["verdict"] == "inconclusive"  # the CI contains 0
+
+
+def test_generator_rows_per_modality_and_paste():
+    rows = [{"method": "dpo", "paste_back": p, "file": f"{m}_{i:04d}_0.png", "subject_id": f"{m}_{i:04d}",
+             "modality": m, "inside_err": e + (0.0 if p else 0.5), "outside_psnr": 99.0 if p else 20.0,
+             "outside_mi": 1.0, "residual_lesion": 0.1}
+            for p in (True, False) for m, e in (("mri", 0.1), ("us", 0.3)) for i in range(3)]
+    out = {(r["method"], r["paste_back"], r["modality"]): r for r in generator_rows(rows, 100, 0)}
+    assert len(out) == 6
+    assert out["dpo", True, "mri"]["inside_err"] == pytest.approx(0.1)
+    assert out["dpo", True, "all"]["inside_err"] == pytest.approx(0.2)
+    assert out["dpo", False, "us"]["inside_err"] == pytest.approx(0.8)
+    assert out["dpo", False, "all"]["outside_psnr"] == pytest.approx(20.0)
+    assert out["dpo", True, "all"]["n_images"] == 6 and out["dpo", True, "all"]["lesion_free_rate"] is None
+
+
+def test_paste_back_blend_seam():
+    rng = np.random.default_rng(0)
+    src, gen = rng.random((32, 32)).astype(np.float32), rng.random((32, 32)).astype(np.float32)
+    mask = np.zeros((32, 32), bool)
+    mask[8:24, 8:24] = True
+    out = paste_back_blend(src, gen, mask, seam_px=3.0)
+    assert np.array_equal(out[~mask], src[~mask])  # outside: the source exactly
+    assert np.allclose(out[11:21, 11:21], gen[11:21, 11:21])  # >= 3 px inside: the output
+    w = 1.0 / 3.0  # border pixels (distance 1): one third output
+    assert out[8, 15] == pytest.approx(w * gen[8, 15] + (1 - w) * src[8, 15], abs=1e-6)
+    hard = paste_back_blend(src, gen, mask, seam_px=1.0)
+    assert np.array_equal(hard, np.where(mask, gen, src))
+    rgb = paste_back_blend(np.stack([src] * 3, -1), np.stack([gen] * 3, -1), mask, 3.0)
+    assert np.allclose(rgb[..., 1], out)
+    with pytest.raises(ValueError, match="shapes differ"):
+        paste_back_blend(src, gen[:16], mask)
+
+
+def test_presets_medium_size_and_positives(tmp_path):
+    """medium: >= 128 px, >= 60 test positives (split assignment does not depend on the image size)."""
+    from negdpo.core.phantoms import PhantomConfig, generate
+
+    cfg = load_study_config(CONFIG, "medium", [])
+    assert cfg.phantoms_size >= 128 and cfg.clip_seeds >= 3 and cfg.phantoms_pretrain_n > 0
+    assert cfg.work_dir != load_study_config(CONFIG, "quick", []).work_dir
+    assert set(cfg.clip_variants) == {"base", "dhn_nce", "dpo_gen", "dpo_twin", "dpo_harmonic", "dpo_entropy", "stages"}
+    root = generate(PhantomConfig(out=str(tmp_path / "m"), n=cfg.phantoms_n, size=16, slices=cfg.phantoms_slices,
+                                  seed=cfg.seed, preview=False))
+    rows = list(csv.DictReader(open(root / "meta.csv")))
+    assert sum(r["split"] == "test" and r["positive"] == "1" for r in rows) >= 60
 
 
 def test_subject_ci_hand_computed():
@@ -90,7 +229,9 @@ def test_subject_ci_hand_computed():
 def test_unknown_variant_and_key_are_errors(tmp_path):
     with pytest.raises(ValueError, match=r"gen_variants=\['nope'\]: unknown \['nope'\]"):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_variants=["nope"])
+    with pytest.raises(ValueError, match="phantoms_lesion_area"):
+        StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), phantoms_lesion_area=[0.2, 0.1])
     with pytest.raises(SystemExit):
-        load_study_config(str(ROOT / "configs" / "phantom_study.yaml"), "quick", ["--nope", "1"])
-    cfg = load_study_config(str(ROOT / "configs" / "phantom_study.yaml"), "full", ["--gen_dpo_steps", "7"])
+        load_study_config(CONFIG, "quick", ["--nope", "1"])
+    cfg = load_study_config(CONFIG, "full", ["--gen_dpo_steps", "7"])
     assert cfg.preset == "full" and cfg.gen_dpo_steps == 7 and cfg.phantoms_n == 200

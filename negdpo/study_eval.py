@@ -1,0 +1,165 @@
+"""What the study measures, per image: generator repairs (with and without paste-back), zero-shot
+segmentation per prompt (report | word | irrelevant), the oracle-box ceiling, and the harmonic-fill
+pair set of the no-generator control. :mod:`negdpo.study_tables` turns the rows into the contract.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GEN_REPAINT_DILATION = 2  # px the lesion mask is dilated by to give the repaint region (as in pair building)
+
+
+def subject_of(name: str) -> str:
+    """``mri_0003_1.png`` -> ``mri_0003``."""
+    return Path(name).stem.rsplit("_", 1)[0]
+
+
+def held_out_positives(phantoms: Path) -> list:
+    """Positives of the val and test subjects (the generators never trained on them)."""
+    from negdpo.core.scans import ScanFolder
+
+    folder = ScanFolder(phantoms)
+    return [s for split in ("val", "test") if split in folder.splits() for s in folder.load_split(split) if s.positive]
+
+
+def lesion_groups(phantoms: Path) -> dict[str, str]:
+    """{file: mri_bright | mri_dark | us} from ``meta.csv`` (older sets: from modality and contrast sign)."""
+    out = {}
+    with open(Path(phantoms) / "meta.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            if r["positive"] != "1":
+                continue
+            group = r.get("group")
+            if not group:
+                group = "us" if r["modality"] == "us" else (
+                    "mri_bright" if float(r["lesion_contrast"]) > 0 else "mri_dark")
+            out[r["file"]] = group
+    return out
+
+
+def _residual_lesion(image: np.ndarray, mask: np.ndarray) -> float:
+    """1 - the contrast judge: how much the fill stands out from a harmonic interpolation of its surroundings."""
+    from negdpo.preference.pairs.judges import ContrastJudge, JudgeItem
+
+    item = JudgeItem(source=image, mask=mask, prompt="", healthy_text="")
+    return 1.0 - float(ContrastJudge()(item, [image])[0])
+
+
+def repaint_mask(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=GEN_REPAINT_DILATION)
+
+
+def score_generator(method: str, scans: list, out: Path, *, model: str | None = None, adapter: str | None = None,
+                    device: str = "cpu", steps: int = 20, seed: int = 0, seam_px: float = 2.0) -> dict:
+    """Repair held-out positives and score them against their twins.
+
+    ``identity`` (no repair) and ``harmonic`` (classical fill) change nothing outside the repaint mask by
+    construction (``paste_back`` None). A learned generator samples once without paste-back; the
+    pasted output (:func:`negdpo.generator.sample.paste_back_blend`) is derived from the same sample, so
+    the two rows differ only by the paste.
+    """
+    from negdpo.core.config import derive_seed
+    from negdpo.core.figures import write_grid
+    from negdpo.core.imageio import to_gray
+    from negdpo.generator.evaluate import repair_metrics
+    from negdpo.preference.pairs.judges import harmonic_fill
+
+    masks = [repaint_mask(s.mask) for s in scans]
+    outputs: dict[bool | None, list[np.ndarray]] = {}
+    if method == "identity":
+        outputs[None] = [to_gray(s.image) for s in scans]
+    elif method == "harmonic":
+        outputs[None] = [harmonic_fill(to_gray(s.image), m) for s, m in zip(scans, masks)]
+    else:
+        from negdpo.generator.sample import inpaint, load_generator, paste_back_blend
+
+        pipe = load_generator(model or "tiny", adapter=adapter, device=device)
+        seeds = [derive_seed("study-gen", s.name, base=seed) for s in scans]
+        raw = inpaint(pipe, [s.image for s in scans], masks, [s.prompt or "" for s in scans], seeds,
+                      steps=steps, paste_back=False)
+        outputs[False] = [to_gray(np.asarray(o, np.float32)) for o in raw]
+        outputs[True] = [paste_back_blend(to_gray(s.image), o, m, seam_px)
+                         for s, o, m in zip(scans, outputs[False], masks)]
+    rows = []
+    for paste, outs in outputs.items():
+        for s, m, o in zip(scans, masks, outs):
+            metrics = repair_metrics(o, to_gray(s.image), to_gray(s.twin), s.mask, m, residual=_residual_lesion)
+            rows.append({"method": method, "paste_back": paste, "file": s.name, "subject_id": subject_of(s.name),
+                         "modality": s.name.split("_", 1)[0], **metrics})
+    labels = ["positive", "repaint mask"] + [{None: "output", False: "output (no paste-back)",
+                                              True: "output (paste-back)"}[p] for p in outputs] + ["healthy twin"]
+    grid = [[to_gray(s.image), m.astype(np.float32), *[outs[i] for outs in outputs.values()], to_gray(s.twin)]
+            for i, (s, m) in enumerate(list(zip(scans, masks))[:6])]
+    write_grid(out / "samples.png", grid, column_labels=labels)
+    return {"rows": rows, "grid": str(out / "samples.png")}
+
+
+def write_harmonic_set(phantoms: Path, out: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """A scan folder whose twins are harmonic fills of the positives (the no-generator negatives).
+
+    Positives only (CLIP-DPO pairs need a lesion); images, masks and prompts are the phantoms'.
+    """
+    from negdpo.core.imageio import save_png, to_gray
+    from negdpo.core.scans import ScanFolder
+    from negdpo.preference.pairs.judges import harmonic_fill
+
+    folder = ScanFolder(phantoms)
+    prompts = {}
+    for split in splits:
+        for s in folder.load_split(split):
+            if not s.positive:
+                continue
+            save_png(out / f"{split}_images" / s.name, to_gray(s.image))
+            save_png(out / f"{split}_masks" / s.name, s.mask)
+            save_png(out / f"{split}_twins" / s.name, harmonic_fill(to_gray(s.image), repaint_mask(s.mask)))
+            prompts[s.name] = s.prompt or ""
+    healthy = {k: v for k, v in folder.prompts.items() if " no " in f" {v.lower()}"}  # healthy texts per modality
+    (out / "prompts.json").write_text(json.dumps(prompts | healthy, indent=1, sort_keys=True))
+    return out
+
+
+def long_segmentation_rows(report_rows: list[dict], word_rows: list[dict], groups: dict[str, str]) -> list[dict]:
+    """Per (variant, seed, image, prompt) Dice of positives from the two evaluations.
+
+    ``report_rows``: the evaluation with each scan's report as the prompt and the irrelevant control;
+    ``word_rows``: the evaluation with the one-word prompt. Checkpoint names are ``<variant>.s<seed>``.
+    """
+    out = []
+    for rows, prompt_keys in ((report_rows, (("report", "dice"), ("irrelevant", "control_dice"))),
+                              (word_rows, (("word", "dice"),))):
+        for r in rows:
+            if not int(r.get("positive", 0)):
+                continue
+            variant, seed = str(r["checkpoint"]).rsplit(".s", 1)
+            for prompt, key in prompt_keys:
+                out.append({"variant": variant, "seed": int(seed), "image": r["image"],
+                            "subject_id": subject_of(r["image"]), "group": groups.get(r["image"], ""),
+                            "prompt": prompt, "dice": r.get(key)})
+    return out
+
+
+def oracle_box(phantoms: Path, split: str, sam: str, sam_checkpoint: str | None, device: str) -> list[dict]:
+    """Dice of SAM prompted with each positive's ground-truth box: the ceiling of the box-prompted chain."""
+    from negdpo.core.imageio import to_rgb_uint8
+    from negdpo.core.models import load_sam
+    from negdpo.core.scans import ScanFolder
+    from negdpo.segmentation import metrics as M
+    from negdpo.segmentation.sam_prompt import SamConfig, SamSegmenter
+
+    segmenter = SamSegmenter(load_sam(sam, sam_checkpoint, device), SamConfig(prompt="box", box_mode="union"))
+    rows: list[dict[str, Any]] = []
+    for s in ScanFolder(phantoms).load_split(split):
+        if not s.positive:
+            continue
+        segmenter.set_image(to_rgb_uint8(s.image))
+        pred, _ = segmenter.segment(np.asarray(s.mask, bool), 0)
+        rows.append({"image": s.name, "subject_id": subject_of(s.name), "dice": float(M.dice(pred, s.mask))})
+    return rows

@@ -1,0 +1,249 @@
+"""The study's ``results.json`` contract, built from per-image rows, and ``results.md`` rendered from it.
+
+Inputs are *long* per-image tables written by :mod:`negdpo.study_eval`:
+
+* segmentation: one row per (variant, seed, image, prompt) with ``dice``, ``subject_id`` and ``group``;
+* generator: one row per (method, paste_back, image) with the repair metrics of
+  :func:`negdpo.generator.evaluate.repair_metrics`, ``subject_id`` and ``modality``.
+
+Every interval is a 95% percentile bootstrap (:mod:`negdpo.core.stats`, docs/method.md#statistics):
+means over subjects for single rows, paired (image, seed) differences for the prompt gap and the
+comparisons. The markdown is rendered from the contract alone, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from negdpo.core.stats import Stat, paired_diff_ci, subject_ci, verdict
+
+CLIP_VARIANTS = ("base", "dhn_nce", "dpo_gen", "dpo_twin", "dpo_harmonic", "dpo_entropy", "stages")
+CLIP_LABELS = {"base": "base (contrastive pre-training)", "dhn_nce": "DHN-NCE (baseline)",
+               "dpo_gen": "CLIP-DPO, generated negatives", "dpo_twin": "CLIP-DPO, twin negatives (oracle)",
+               "dpo_harmonic": "CLIP-DPO, harmonic-fill negatives (no generator)",
+               "dpo_entropy": "CLIP-DPO + attention entropy", "stages": "two-stage OT"}
+GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
+              "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
+PROMPTS = ("report", "word", "irrelevant")
+GROUPS = ("mri_bright", "mri_dark", "us")
+GROUP_LABELS = {"mri_bright": "bright MRI", "mri_dark": "dark MRI", "us": "ultrasound"}
+# (a, b, what the difference a - b answers); only pairs whose variants both ran are reported
+COMPARISONS = (("dhn_nce", "base", "DHN-NCE vs base"), ("dpo_gen", "dhn_nce", "CLIP-DPO vs DHN-NCE"),
+               ("dpo_gen", "base", "CLIP-DPO vs base"), ("dpo_twin", "dpo_gen", "oracle (twin) vs generated negatives"),
+               ("dpo_harmonic", "dpo_gen", "harmonic-fill vs generated negatives"),
+               ("dpo_entropy", "dpo_gen", "attention entropy vs none"), ("stages", "dpo_gen", "two-stage OT vs none"))
+MODALITIES = ("mri", "us", "all")
+
+
+def num(x: Any) -> float | None:
+    """A finite float, else None (JSON has no NaN)."""
+    if x is None or x == "":
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _ci(stat: Stat) -> list[float | None]:
+    return [num(stat[1]), num(stat[2])]
+
+
+def _by_subject(rows: Iterable[dict], key: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        v = num(r.get(key))
+        if v is not None:
+            out.setdefault(str(r["subject_id"]), []).append(v)
+    return out
+
+
+def _paired(rows: Iterable[dict]) -> dict[str, float]:
+    """{"image|seed": dice} of finite values."""
+    return {f"{r['image']}|{r['seed']}": float(r["dice"]) for r in rows if num(r.get("dice")) is not None}
+
+
+# -- segmentation ----------------------------------------------------------------------------------
+def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dict]:
+    """One contract row per (variant, prompt) that ran; the prompt gap (report - irrelevant) on report rows."""
+    out = []
+    for variant in CLIP_VARIANTS:
+        mine = [r for r in long_rows if r["variant"] == variant]
+        if not mine:
+            continue
+        for prompt in PROMPTS:
+            rows = [r for r in mine if r["prompt"] == prompt]
+            if not rows:
+                continue
+            stat = subject_ci(_by_subject(rows, "dice"), n_boot, seed)
+            by_group = {}
+            for g in GROUPS:
+                vals = [num(r["dice"]) for r in rows if r.get("group") == g]
+                vals = [v for v in vals if v is not None]
+                by_group[g] = float(np.mean(vals)) if vals else None
+            row = {"variant": variant, "prompt": prompt, "dice_mean": num(stat[0]), "dice_ci": _ci(stat),
+                   "n_images": len({r["image"] for r in rows}), "n_seeds": len({r["seed"] for r in rows}),
+                   "dice_by_group": by_group, "prompt_gap": None, "prompt_gap_ci": None}
+            ctl = [r for r in mine if r["prompt"] == "irrelevant"]
+            if prompt == "report" and ctl:
+                gap = paired_diff_ci(_paired(rows), _paired(ctl), n_boot, seed)
+                row.update(prompt_gap=num(gap[0]), prompt_gap_ci=_ci(gap))
+            out.append(row)
+    return out
+
+
+def comparisons(long_rows: list[dict], n_boot: int, seed: int, prompt: str = "report") -> list[dict]:
+    """Mean paired per-(image, seed) Dice difference a - b, its bootstrap CI and a verdict for a vs b."""
+    per = {v: _paired(r for r in long_rows if r["variant"] == v and r["prompt"] == prompt) for v in CLIP_VARIANTS}
+    out = []
+    for a, b, question in COMPARISONS:
+        if not per[a] or not per[b]:
+            continue
+        stat = paired_diff_ci(per[a], per[b], n_boot, seed)
+        out.append({"a": a, "b": b, "question": question, "metric": "dice", "prompt": prompt,
+                    "n_pairs": len(set(per[a]) & set(per[b])), "diff_mean": num(stat[0]), "ci": _ci(stat),
+                    "verdict": verdict(stat)})
+    return out
+
+
+# -- generator -------------------------------------------------------------------------------------
+def generator_rows(gen_rows: list[dict], n_boot: int, seed: int) -> list[dict]:
+    """One contract row per (method, paste_back, modality) with subject-level CIs; ``all`` pools modalities.
+
+    ``paste_back`` is None for the non-learned rows (no repair, harmonic fill: they change nothing outside
+    the mask by construction). ``lesion_free_rate`` stays None until the independent judges exist.
+    """
+    keys = list(dict.fromkeys((r["method"], r["paste_back"]) for r in gen_rows))
+    out = []
+    for method, paste in keys:
+        for modality in MODALITIES:
+            rows = [r for r in gen_rows if r["method"] == method and r["paste_back"] == paste
+                    and (modality == "all" or r["modality"] == modality)]
+            if not rows:
+                continue
+            err = subject_ci(_by_subject(rows, "inside_err"), n_boot, seed)
+            psnr = subject_ci(_by_subject(rows, "outside_psnr"), n_boot, seed)
+            mi = subject_ci(_by_subject(rows, "outside_mi"), n_boot, seed)
+            res = subject_ci(_by_subject(rows, "residual_lesion"), n_boot, seed)
+            out.append({"method": method, "modality": modality, "paste_back": paste, "n_images": len(rows),
+                        "inside_err": num(err[0]), "inside_err_ci": _ci(err), "outside_psnr": num(psnr[0]),
+                        "outside_psnr_ci": _ci(psnr), "outside_mi": num(mi[0]), "residual_lesion": num(res[0]),
+                        "lesion_free_rate": None})
+    return out
+
+
+def twin_outside_mi(gen_rows: list[dict], n_boot: int, seed: int) -> list[float | None]:
+    """Outside-mask MI of the healthy twin against the source (the ceiling of the outside MI column)."""
+    first = [r for r in gen_rows if r["method"] == gen_rows[0]["method"]] if gen_rows else []
+    stat = subject_ci(_by_subject(first, "twin_outside_mi"), n_boot, seed)
+    return [num(stat[0]), *_ci(stat)]
+
+
+# -- markdown --------------------------------------------------------------------------------------
+def fmt(mean: float | None, ci: list | None = None, digits: int = 3) -> str:
+    if mean is None:
+        return "n/a"
+    if not ci or ci[0] is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def segmentation_md(rows: list[dict]) -> str:
+    lines = ["| CLIP checkpoint | prompt | n img | seeds | Dice | " + " | ".join(GROUP_LABELS[g] for g in GROUPS)
+             + " | prompt gap (report − irrelevant) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        groups = " | ".join(fmt(r["dice_by_group"][g]) for g in GROUPS)
+        gap = fmt(r["prompt_gap"], r["prompt_gap_ci"]) if r["prompt"] == "report" else ""
+        lines.append(f"| {CLIP_LABELS[r['variant']]} | {r['prompt']} | {r['n_images']} | {r['n_seeds']} | "
+                     f"{fmt(r['dice_mean'], r['dice_ci'])} | {groups} | {gap} |")
+    return "\n".join(lines)
+
+
+def comparisons_md(rows: list[dict]) -> str:
+    if not rows:
+        return "No comparison ran (each needs both of its variants)."
+    lines = ["| comparison (a − b) | pairs | mean Dice difference [95% CI] | verdict for a |",
+             "| --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['question']} (`{r['a']}` − `{r['b']}`) | {r['n_pairs']} | "
+                     f"{fmt(r['diff_mean'], r['ci'])} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def generator_md(rows: list[dict]) -> str:
+    lines = ["| generator | paste-back | modality | n img | inside-mask error vs twin ↓ | outside PSNR (dB) ↑ | "
+             "outside MI (nats) ↑ | residual-lesion score ↓ | lesion-free rate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        paste = {None: "—", True: "yes", False: "no"}[r["paste_back"]]
+        lines.append(f"| {GEN_LABELS.get(r['method'], r['method'])} | {paste} | {r['modality']} | {r['n_images']} | "
+                     f"{fmt(r['inside_err'], r['inside_err_ci'])} | {fmt(r['outside_psnr'], r['outside_psnr_ci'], 2)} | "
+                     f"{fmt(r['outside_mi'])} | {fmt(r['residual_lesion'])} | {fmt(r['lesion_free_rate'])} |")
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
+    """``results.md`` from the contract (``results.json``) alone."""
+    import json
+
+    import yaml
+
+    cfg = results["config"]
+    psum = results.get("pairs") or {}
+    seeds = results.get("seeds", [cfg["seed"]])
+    twin_mi = results.get("twin_outside_mi") or [None, None, None]
+    oracle = (f"**{fmt(results['oracle_box_dice'], results.get('oracle_box_dice_ci'))}** (ground-truth box → SAM "
+              f"`{cfg['eval_sam']}`; the ceiling of the box-prompted chain)" if results.get("oracle_box_dice") is not None
+              else "not measured (the study ran without SAM: `eval_sam: none`)")
+    area = cfg.get("phantoms_lesion_area")
+    lines = [
+        "# Phantom study", "",
+        f"Preset `{results['preset']}`, seed {cfg['seed']}, CLIP seeds {seeds}, code `{results['code_version']}`. "
+        f"Produced by `negdpo study --config configs/phantom_study.yaml --preset {results['preset']}` (this run: "
+        f"{seconds:.0f} s including cached stages). Every number below is computed by that command from "
+        "`results.json`; rerunning with the same seed reproduces them."
+        + (" **Smoke preset: not for claims.**" if results["preset"] == "quick" else ""), "",
+        f"Phantoms: {cfg['phantoms_n']} subjects x {cfg['phantoms_slices']} slices at {cfg['phantoms_size']} px "
+        "(MRI-like + ultrasound-like, 25% healthy-only subjects, subject-level splits), lesion areas "
+        + (f"{area[0]:.0%}–{area[1]:.0%} of the image" if area else "from the original radius law")
+        + f"; pre-training pool: {cfg.get('phantoms_pretrain_n', 0)} further subjects (the base CLIP pre-trains on "
+        f"split `{results.get('clip_pretrain_split', 'train')}`). Intervals are 95% percentile-bootstrap CIs "
+        f"({cfg['bootstrap']} resamples): over subjects for single rows (each subject = the mean of its images and "
+        "seeds), over (image, seed) pairs for paired differences.", "",
+        "## Zero-shot segmentation of the test subjects", "",
+        f"{results['n_test_positive']} test positives. Saliency `{cfg['eval_saliency']}` → k-means → largest "
+        f"component → SAM `{cfg['eval_sam']}` (`none` = the coarse mask is the prediction). Prompts: `report` = the "
+        f"scan's own report, `word` = \"{cfg.get('prompt_word')}\", `irrelevant` = \"{cfg.get('prompt_irrelevant')}\". "
+        "The prompt gap (report − irrelevant, paired per image and seed) is what a prompt-specific saliency shows; "
+        "a map that ignores the prompt has a gap of 0.", "",
+        segmentation_md(results["segmentation"]), "",
+        f"Oracle box: {oracle}.", "",
+        "## Comparisons (paired, report prompt)", "",
+        "Mean per-(image, seed) Dice difference a − b with a 95% bootstrap CI; *better* / *worse* when the CI "
+        "excludes 0, else *inconclusive*.", "",
+        comparisons_md(results["comparisons"]), "",
+        "## Generator: tumour removal on held-out positives (val + test subjects)", "",
+        "Each generator repaints the 2-px-dilated lesion mask of every held-out positive. *Paste-back* keeps the "
+        f"source exactly outside that mask (soft seam of {cfg.get('gen_seam_px')} px inside it); the no-paste rows "
+        "show the model's own outside. *Inside-mask error vs twin*: mean |output − healthy twin| inside the lesion "
+        "(0 = a perfect remover). *Outside PSNR / MI*: against the source outside the repaint mask (99 dB = "
+        "identical). *Residual-lesion score*: 1 − the contrast judge of pair building (not independent of it). "
+        "*Lesion-free rate* needs the independent residual-lesion judge, which does not exist yet: n/a.", "",
+        generator_md(results["generator"]), "",
+        f"Outside-mask MI of the healthy twin itself against the source (the ceiling): {fmt(twin_mi[0], twin_mi[1:])}.",
+        "",
+        "Realism AUC (real-vs-generated judge): " + (
+            ", ".join(f"`{k}` {v:.3f}" for k, v in results["realism_auc"].items()) if results.get("realism_auc")
+            else "not measured — the independent real-vs-generated judge does not exist yet.") + "", "",
+        "## Preference pairs", "",
+        f"Built with `negdpo build-pairs` from the `{cfg['pairs_adapter']}` generator, K = {cfg['pairs_k']} "
+        f"candidates per positive, {cfg['pairs_steps']} sampling steps, judged with the first seed's base CLIP + "
+        f"phantom judges. Rows per kind and split: `{json.dumps(psum.get('rows'))}`; dropped: "
+        f"`{json.dumps(psum.get('dropped'))}`. Quality report: `pairs/report/report.md` under the work dir.", "",
+        "## Figures", "",
+    ]
+    lines += [f"![{f}](figures/{f})" for f in figures]
+    lines += ["", "## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
