@@ -216,3 +216,15 @@ def test_contrastive_dedup_captions():
     x = v.clone().requires_grad_(True)
     clip_contrastive_loss(x, tt, 3.0, ids).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_dhn_nce_computes_half_precision_features_in_float32():
+    g = torch.Generator().manual_seed(2)
+    v, tt = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    for mode in ("paper", "parity"):
+        ref = dhn_nce_loss(v, tt, mode=mode)
+        half = dhn_nce_loss(v.to(torch.bfloat16), tt.to(torch.bfloat16), mode=mode)
+        assert half.dtype == torch.float32
+        assert half.item() == pytest.approx(dhn_nce_loss(v.to(torch.bfloat16).float(), tt.to(torch.bfloat16).float(),
+                                                         mode=mode).item(), abs=1e-6)
+        assert half.item() == pytest.approx(ref.item(), abs=0.05)
