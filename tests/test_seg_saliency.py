@@ -128,6 +128,9 @@ def test_surgery_and_registry(ctx):
         return [np.zeros(s.image.shape[:2], np.float32) for s in scans]
 
     assert get("constant_test") is constant
+    for name in ("m2ib", "surgery"):
+        with pytest.raises(ValueError, match=f"^{name} needs a CLIP model$"):
+            get(name)(SaliencyContext(), scans, ["x", "x"])
     with pytest.raises(KeyError, match="unknown saliency method"):
         get("nope")
 

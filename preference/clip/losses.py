@@ -26,8 +26,8 @@ def dhn_nce_loss(image_features: torch.Tensor, text_features: torch.Tensor, temp
     w_ij = N_i softmax_{j in neg(i)}(beta S_ij) over the N_i negatives of row i and the positive weighted by
     ``alpha`` in the denominator. ``text_ids`` (B,): rows with the same id carry the same caption (phantom
     batches repeat the healthy text); such rows are not negatives of each other in either direction (by
-    default every j != i is a negative). A row with no negative and ``alpha`` = 0 has no contrast and is
-    left out of the mean (0 if no row is left).
+    default every j != i is a negative). A batch of a single caption (or a single row) has no negative at
+    all: the loss is then the constant 2 log(alpha) (0 for ``alpha`` = 0).
     ``mode="parity"``: the public ``hnl.py`` behaviour, including its column-wise normaliser, beta only in
     the numerator, the mean over all B^2 entries and N = ``batch_size`` - 1 (``batch_size`` defaults to the
     actual batch; the public training script passed the configured batch size); ``text_ids`` is ignored
@@ -45,6 +45,8 @@ def dhn_nce_loss(image_features: torch.Tensor, text_features: torch.Tensor, temp
         else:
             ids = text_ids.to(sim.device)
             same = ids[:, None] == ids[None, :]
+        if bool(same.all()):  # one caption (or one row): no negative, a constant without gradient
+            return (0.0 * sim).sum() + (2.0 * math.log(alpha) if alpha > 0 else 0.0)
         return _dhn_direction(sim, alpha, beta1, same) + _dhn_direction(sim.T, alpha, beta2, same)
     if mode == "parity":
         big_n = (n if batch_size is None else batch_size) - 1
@@ -53,23 +55,19 @@ def dhn_nce_loss(image_features: torch.Tensor, text_features: torch.Tensor, temp
 
 
 def _dhn_direction(sim: torch.Tensor, alpha: float, beta: float, same: torch.Tensor) -> torch.Tensor:
-    """Mean paper-mode row loss; ``same`` (B, B) bool marks the pairs that are not negatives (diagonal included)."""
+    """Mean paper-mode row loss; ``same`` (B, B) bool marks the pairs that are not negatives (diagonal included).
+
+    Every row must have a negative (the caller handles a batch of one caption).
+    """
     pos = sim.diagonal()
     n_neg = (~same).sum(dim=1)
-    has_neg = n_neg > 0
-    # rows without a negative get dummy entries (finite, discarded below) so no NaN reaches the gradient
-    excluded = same & has_neg[:, None]
     # log w_ij = log N_i + log_softmax_{j in neg(i)}(beta * S_ij); log of the weighted negative sum:
-    log_w = torch.log(n_neg.clamp_min(1).to(sim.dtype))[:, None] + torch.log_softmax(
-        (beta * sim).masked_fill(excluded, float("-inf")), dim=1)
-    log_neg = torch.logsumexp((sim + log_w).masked_fill(excluded, float("-inf")), dim=1)
-    log_neg = torch.where(has_neg, log_neg, float("-inf") if alpha > 0 else 0.0)
-    terms = [log_neg]
+    log_w = torch.log(n_neg.to(sim.dtype))[:, None] + torch.log_softmax(
+        (beta * sim).masked_fill(same, float("-inf")), dim=1)
+    terms = [torch.logsumexp((sim + log_w).masked_fill(same, float("-inf")), dim=1)]
     if alpha > 0:
         terms.append(math.log(alpha) + pos)
-    rows = torch.logsumexp(torch.stack(terms), dim=0) - pos
-    keep = has_neg | (alpha > 0)
-    return rows[keep].mean() if bool(keep.any()) else (0.0 * sim).sum()
+    return (torch.logsumexp(torch.stack(terms), dim=0) - pos).mean()
 
 
 def _dhn_parity(sim: torch.Tensor, alpha: float, beta1: float, beta2: float, big_n: int) -> torch.Tensor:
