@@ -23,7 +23,7 @@ import torch
 from negdpo.core.config import check, check_choice, check_positive
 from negdpo.core.training import TrainConfig
 
-from .data import Sample, collate, load_samples
+from .data import Sample, collate, load_samples, resolve_target_dir
 from .inference import load_trainable, save_prompt_generator
 from .matching import LossWeights, set_loss
 from .model import GeneratorConfig, PromptSAM
@@ -186,6 +186,7 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
     accelerator, out = run.accelerator, run.out
     with accelerator.main_process_first():
         data = resolve_data(cfg, out)
+    resolve_target_dir(data, cfg.train_split, cfg.targets, cfg.targets_checkpoint)  # fail before SAM loads
     device = accelerator.device
     sam = load_sam(cfg.sam, cfg.sam_checkpoint, device) if sam is None else sam.to(device).eval()
     model = PromptSAM(sam, cfg.generator_config()).to(device)
@@ -287,7 +288,8 @@ def _run(argv: list[str]) -> int:
         print(f"\ndone in {summary['wall_s']} s ({summary['steps']} steps, {summary['train_images']} images, "
               f"{summary['targets']} targets)")
         if a:
-            print(f"  training images: loss {b['loss']:.4f} -> {a['loss']:.4f}, Dice {b['dice']:.4f} -> {a['dice']:.4f}")
+            print(f"  training images: loss {b['loss']:.4f} -> {a['loss']:.4f}; Dice of SAM's masks {b['dice']:.4f} -> "
+                  f"{a['dice']:.4f}, of the generator's own masks {b['aux_dice']:.4f} -> {a['aux_dice']:.4f}")
         print(f"  generator: {summary['checkpoint']} (negdpo evaluate --segmenter prompt-generator:{summary['checkpoint']})")
     return 0
 
