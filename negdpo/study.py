@@ -267,8 +267,12 @@ def run_study(cfg: StudyConfig) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
 
+    stage_seconds: dict[str, float] = {}  # as first computed (a cached stage reports its original run time)
+
     def stage(name: str, settings: dict, fn: Callable[[Path], dict]) -> dict:
-        return run_stage(work, name, {"preset": cfg.preset, **settings}, fn)  # no stage is shared between presets
+        result = run_stage(work, name, {"preset": cfg.preset, **settings}, fn)  # no stage is shared between presets
+        stage_seconds[name] = json.loads((work / name / "stage.json").read_text())["seconds"]
+        return result
 
     area = tuple(cfg.phantoms_lesion_area) if cfg.phantoms_lesion_area else None
     ph_settings = {"n": cfg.phantoms_n, "size": cfg.phantoms_size, "slices": cfg.phantoms_slices, "seed": cfg.seed,
@@ -423,7 +427,7 @@ def run_study(cfg: StudyConfig) -> dict:
                "twin_outside_mi": T.twin_outside_mi(gen_rows, cfg.bootstrap, cfg.seed),
                "realism_auc": {},  # the independent real-vs-generated judge does not exist yet
                "seeds": seeds, "clip_pretrain_split": pretrain_split, "pairs": pairs["summary"],
-               "config": asdict(cfg)}
+               "stage_seconds": stage_seconds, "config": asdict(cfg)}
     _write_csv(out / "generator_metrics.csv", gen_rows)
     _write_csv(out / "segmentation_metrics.csv", long_rows)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -245,5 +245,12 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "## Figures", "",
     ]
     lines += [f"![{f}](figures/{f})" for f in figures]
+    stage_s = results.get("stage_seconds") or {}
+    if stage_s:
+        lines += ["", "## Run time per stage", "",
+                  f"Seconds each stage took when it was computed (cached stages keep their first time); total "
+                  f"{sum(stage_s.values()) / 60:.1f} min from an empty work dir.", "",
+                  "| stage | seconds |", "| --- | --- |"]
+        lines += [f"| {name} | {sec:.0f} |" for name, sec in stage_s.items()]
     lines += ["", "## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)

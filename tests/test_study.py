@@ -81,6 +81,8 @@ def test_results_contract(study):
                  "Realism AUC (real-vs-generated judge): not measured", "Oracle box: not measured", "Smoke preset"):
         assert text in md, text
     assert "| DPO + MI |" not in md  # variants that did not run are not reported
+    assert {"phantoms", "clip_base_s1", "clip_dpo_harmonic_s0", "harmonic_pairs", "evaluate", "evaluate_word"} <= set(
+        on_disk["stage_seconds"]) and "## Run time per stage" in md
     figs = {p.name for p in (Path(cfg.out) / "figures").glob("*.png")}
     assert {"generator_sft.png", "generator_dpo_mi_sdpo.png", "generator_curves.png", "clip_curves.png"} <= figs
 
