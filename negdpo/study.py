@@ -373,6 +373,7 @@ def run_study(cfg: StudyConfig) -> dict:
         for sd in seeds:
             settings = {"base": _stamp_of(work, f"clip_base_s{sd}"), "seed": sd, "variant": name, "loss": loss,
                         "data": Path(data).name, "pairs": pairs_set if data == pairs["path"] else None,
+                        "harmonic": _stamp_of(work, "harmonic_pairs") if data == harmonic else None,
                         "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr, "batch": cfg.clip_batch,
                         "extra": cfg.clip_extra}
             ckpts[name, sd] = stage(f"clip_{name}_s{sd}", settings, lambda d, a=(data, loss, extra), sd=sd: train_clip(
