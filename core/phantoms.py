@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,19 +248,41 @@ def lesion_group(modality: str, lesion: Lesion | None) -> str:
     return "us"
 
 
-def _describe(modality: str, lesion: Lesion | None, size: int) -> str:
-    if modality == "mri":
-        if lesion is None:
-            return "A T1-weighted axial brain MRI with no tumour."
-        side = "left" if lesion.cx < size / 2 else "right"  # radiological convention not modelled
-        region = "frontal" if lesion.cy < size * 0.4 else ("parietal" if lesion.cy < size * 0.6 else "occipital")
-        kind = "bright" if lesion.contrast > 0 else "dark"
-        ring = "ring-enhancing " if lesion.ring else ""
-        return f"A T1-weighted axial brain MRI showing a {_size_word(lesion, size)} {kind} {ring}tumour in the {side} {region} lobe."
+# Report templates; the first of each list is the wording of the train/val/test scans, the pre-training
+# pool draws among all of them (varied wording, as in web-scale image/report pairs).
+REPORTS = {
+    ("mri", True): ("A T1-weighted axial brain MRI showing a {size} {kind} {ring}tumour in the {side} {region} lobe.",
+                    "Axial T1 brain MRI: {size} {kind} {ring}lesion in the {side} {region} lobe.",
+                    "{Kind} {ring}tumour, {size}, {side} {region} lobe, on an axial brain MRI.",
+                    "Brain MRI with a {size} {kind} {ring}mass in the {region} lobe, {side} side."),
+    ("mri", False): ("A T1-weighted axial brain MRI with no tumour.", "Normal axial brain MRI: no tumour.",
+                     "Axial T1 brain MRI, no tumour seen."),
+    ("us", True): ("A breast ultrasound image showing a {size} hypoechoic mass with {margin} margins.",
+                   "Breast ultrasound: {size} hypoechoic lesion with {margin} margins.",
+                   "A dark, {size} breast mass with {margin} borders on ultrasound.",
+                   "Hypoechoic {size} mass, {margin} margins, breast ultrasound."),
+    ("us", False): ("A breast ultrasound image with no mass.", "Normal breast ultrasound: no mass.",
+                    "Breast ultrasound, no mass seen."),
+}
+
+
+def _describe(modality: str, lesion: Lesion | None, size: int, variant: int = 0) -> str:
+    """The scan's report: template ``variant`` (mod the number of templates) of ``REPORTS``."""
+    templates = REPORTS[modality, lesion is not None]
+    template = templates[variant % len(templates)]
     if lesion is None:
-        return "A breast ultrasound image with no mass."
-    margin = "irregular" if max(a for a, _ in lesion.harmonics) > 0.08 else "smooth"
-    return f"A breast ultrasound image showing a {_size_word(lesion, size)} hypoechoic mass with {margin} margins."
+        return template
+    if modality == "mri":
+        kind = "bright" if lesion.contrast > 0 else "dark"
+        words = {"size": _size_word(lesion, size), "kind": kind, "Kind": kind.capitalize(),
+                 "ring": "ring-enhancing " if lesion.ring else "",
+                 "side": "left" if lesion.cx < size / 2 else "right",  # radiological convention not modelled
+                 "region": "frontal" if lesion.cy < size * 0.4 else ("parietal" if lesion.cy < size * 0.6
+                                                                      else "occipital")}
+    else:
+        words = {"size": _size_word(lesion, size),
+                 "margin": "irregular" if max(a for a, _ in lesion.harmonics) > 0.08 else "smooth"}
+    return template.format(**words)
 
 
 def _size_word(lesion: Lesion, size: int) -> str:
@@ -360,7 +383,8 @@ def _write_subject(cfg: PhantomConfig, out: Path, modality: str, subject_id: str
         save_png(out / f"{split}_twins" / name, r.twin)
         if not positive and split == "train":
             save_png(out / "negatives" / name, r.twin)
-        prompts[name] = _describe(modality, r.lesion, cfg.size)
+        variant = zlib.crc32(f"{cfg.seed}/{name}".encode()) if split == "pretrain" else 0  # no draw from rng
+        prompts[name] = _describe(modality, r.lesion, cfg.size, variant)
         les = r.lesion
         rows.append({"file": name, "subject_id": subject_id, "split": split, "modality": modality,
                      "positive": int(positive), "lesion_area": int(r.mask.sum()),

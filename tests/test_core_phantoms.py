@@ -145,6 +145,16 @@ def test_pretrain_pool_is_disjoint_and_changes_no_eval_byte(tmp_path):
     assert len(list((pooled / "pretrain_images").glob("*.png"))) == 10
     assert {r["split"] for r in rows} == {r["split"] for r in csv.DictReader(open(plain / "meta.csv"))} | {"pretrain"}
     assert not {p.name for p in (pooled / "negatives").iterdir()} & {r["file"] for r in rows if r["split"] == "pretrain"}
+    # the pool's reports vary in wording (and still say what the image holds); the eval reports do not change
+    prompts, before = (json.loads((d / "prompts.json").read_text()) for d in (pooled, plain))
+    assert {k: v for k, v in prompts.items() if "_p" not in k} == before
+    pool = [r for r in rows if r["split"] == "pretrain"]
+    for r in pool:
+        text = prompts[r["file"]].lower()
+        assert (("no tumour" in text) or ("no mass" in text)) == (r["positive"] == "0")
+        if r["group"].startswith("mri_"):
+            assert r["group"].split("_")[1] in text  # bright / dark
+    assert len({prompts[r["file"]].split(" ")[0] for r in pool}) >= 2
     folder = ScanFolder(pooled)
     assert folder.splits() == ScanFolder(plain).splits()  # readers of the three splits see what they saw before
     assert all(s.twin is not None for s in folder.load_split("pretrain"))
