@@ -228,6 +228,9 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                         **({"out": str(out)} if out is not None else {})})
     # every input is checked before a model loads
     _check_names(cfg.clips)
+    from .prompt_generator.evaluation import generator_dir
+
+    prompt_free = generator_dir(cfg.segmenter) is not None  # a bad --segmenter / DIR fails here
     method = get(cfg.saliency)
     scan_list, skipped = load_scans(cfg, scans)
     _check_scan_names(scan_list)
@@ -236,7 +239,7 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
     folder = (output_dir(out_dir, "evaluate", overwrite_output_dir, owned=OWNED, settings=_settings(cfg))
               if out_dir is not None else contextlib.nullcontext())
     with folder:
-        if cfg.segmenter != "sam":  # a trained prompt generator: no CLIP, saliency or prompt
+        if prompt_free:  # a trained prompt generator: no CLIP, saliency or prompt
             from .prompt_generator.evaluation import run_prompt_free
 
             return run_prompt_free(cfg, scan_list, skipped, out_dir)

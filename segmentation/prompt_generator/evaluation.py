@@ -24,12 +24,14 @@ PREFIX = "prompt-generator:"
 NAME = "prompt-generator"
 
 
-def generator_dir(segmenter: str) -> str | None:
-    """The folder of ``prompt-generator:DIR``; None for ``sam`` (the zero-shot chain); otherwise an error."""
+def generator_dir(segmenter: str) -> Path | None:
+    """The saved generator of ``prompt-generator:DIR``; None for ``sam`` (the zero-shot chain); else an error."""
+    from .inference import find_saved
+
     if segmenter == "sam":
         return None
     if segmenter.startswith(PREFIX) and segmenter[len(PREFIX):]:
-        return segmenter[len(PREFIX):]
+        return find_saved(segmenter[len(PREFIX):])
     raise ValueError(f"segmenter '{segmenter}': use sam or prompt-generator:DIR")
 
 
@@ -67,7 +69,7 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
             save_png(paths["coarse"], coarse)
             save_png(paths["masks"], pred)
             write_overlay(paths["overlays"], scan.image, prob, coarse, pred, gt, row["dice"],
-                          title=f"{scan.name} | prompt generator {Path(folder).name}")
+                          title=f"{scan.name} | prompt generator {folder}")
             for key, kind in (("saliency_path", "saliency"), ("mask_path", "masks"), ("overlay_path", "overlays")):
                 row[key] = paths[kind].relative_to(out_dir).as_posix()
         rows.append(row)
