@@ -50,6 +50,7 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
     folder = generator_dir(cfg.segmenter)
     model, meta = load_prompt_generator(folder, cfg.sam_checkpoint, device)
     segmenter = PromptGeneratorSegmenter(model, float(meta.get("score_threshold", 0.5)))
+    label = folder.parent.name if folder.name == "final" else folder.name  # the training run's folder name
     rows: list[dict[str, Any]] = []
     for scan in scan_list:
         pred, info = segmenter.segment(scan.image)
@@ -69,7 +70,7 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
             save_png(paths["coarse"], coarse)
             save_png(paths["masks"], pred)
             write_overlay(paths["overlays"], scan.image, prob, coarse, pred, gt, row["dice"],
-                          title=f"{scan.name} | prompt generator {folder}")
+                          title=f"{scan.name} | prompt generator {label}")
             for key, kind in (("saliency_path", "saliency"), ("mask_path", "masks"), ("overlay_path", "overlays")):
                 row[key] = paths[kind].relative_to(out_dir).as_posix()
         rows.append(row)
