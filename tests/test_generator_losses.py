@@ -12,6 +12,7 @@ from negdpo.generator.losses import (
     beta_from_diffusers,
     diffusion_dpo_loss,
     fidelity_loss,
+    noise_coefs,
     per_sample_error,
     scale_gradient,
     sdpo_lambda,
@@ -126,6 +127,7 @@ def test_sdpo_lambda_rules():
     assert lam.item() == pytest.approx(0.25, rel=1e-5)
     assert sdpo_lambda(a, t, 0.5 * a, t, mu=0.2).item() == 1.0  # (0.8)/(0.5) = 1.6, clipped to 1
     assert sdpo_lambda(a, t, a, t, mu=1.5).item() == 0.0  # negative ratio clipped to 0
+    assert sdpo_lambda(t, t, t, t, mu=0.5).item() == 1.0  # both errors zero (0/0): keep the loser's gradient
 
 
 def _autograd_lambda(pw, tw, pl, tl, mu, weight, gamma):
@@ -158,6 +160,7 @@ def test_sdpo_lambda_equals_autograd_lambda_with_mask_weight(gamma):
         assert ours == pytest.approx(_autograd_lambda(pw, tw, pl, tl, mu, weight, gamma), rel=1e-4, abs=1e-6)
     assert sdpo_lambda(pw, tw, pl, tl, 0.3).item() == pytest.approx(
         _autograd_lambda(pw, tw, pl, tl, 0.3, None, 0.0), rel=1e-4)
+    assert sdpo_lambda(pw, tw, pl, tl, 0.3, weight).item() == sdpo_lambda(pw, tw, pl, tl, 0.3, weight, 0.0).item()
 
 
 def test_per_sample_error_hand_values():
@@ -175,6 +178,19 @@ def test_per_sample_error_hand_values():
     torch.testing.assert_close(per_sample_error(pred, target, w, -1.0), per_sample_error(pred, target, w))
     empty = torch.zeros(2, 1, 2, 2)  # no lesion: the inside term is 0 (clamped denominator), no NaN
     torch.testing.assert_close(per_sample_error(pred, target, empty, 1.0), d2.flatten(1).mean(1))
+
+
+def test_noise_coefs_and_prediction_type_checks():
+    abar = torch.tensor([0.99, 0.64, 0.25, 0.01])
+    a, s = noise_coefs(abar, torch.tensor([1, 3, 2]))
+    torch.testing.assert_close(a, torch.tensor([0.8, 0.1, 0.5]))
+    torch.testing.assert_close(s, torch.tensor([0.6, 0.99**0.5, 0.75**0.5]))
+    x = torch.zeros(1, 1, 2, 2)
+    msg = r"^unsupported prediction_type 'sample' \(epsilon or v_prediction\)$"
+    with pytest.raises(ValueError, match=msg):
+        training_target(x, x, a[:1], s[:1], "sample")
+    with pytest.raises(ValueError, match=msg):
+        x0_from_prediction(x, x, a[:1], s[:1], "sample")
 
 
 @pytest.mark.parametrize("ptype", ["epsilon", "v_prediction"])
@@ -290,6 +306,10 @@ def test_fidelity_hinge_sign_and_hand_values():
     torch.testing.assert_close(fidelity_loss(x, src, w, None, closer), (l1 / 2).mean())  # drifted: penalised
     gate = torch.tensor([0.0, 2.0])
     torch.testing.assert_close(fidelity_loss(x, src, w, gate, closer), torch.tensor((0 + 2 * 1.5) / 2))
+    # three channels, per-sample gate: a per-channel reduction or gate would not even broadcast
+    x3, src3 = torch.cat([x, x[:, :1]], 1), torch.zeros(2, 3, 2, 2)
+    l1_3 = torch.tensor([(1 + 3) * 3 / 6, (2 + 4 + 2) / 3])
+    torch.testing.assert_close(fidelity_loss(x3, src3, w, gate), (l1_3 * gate).mean())
     xr = x.clone().requires_grad_(True)
     s2 = src.clone().requires_grad_(True)
     fidelity_loss(xr, s2, w, None, closer).backward()
