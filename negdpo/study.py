@@ -423,7 +423,8 @@ def run_study(cfg: StudyConfig) -> dict:
                "oracle_box_dice": T.num(oracle_stat[0]), "oracle_box_dice_ci": [T.num(oracle_stat[1]),
                                                                                  T.num(oracle_stat[2])],
                "segmentation": T.segmentation_rows(long_rows, cfg.bootstrap, cfg.seed),
-               "comparisons": T.comparisons(long_rows, cfg.bootstrap, cfg.seed),
+               "comparisons": (T.comparisons(long_rows, cfg.bootstrap, cfg.seed, "dice")
+                               + T.comparisons(long_rows, cfg.bootstrap, cfg.seed, "prompt_gap")),
                "generator": T.generator_rows(gen_rows, cfg.bootstrap, cfg.seed),
                "twin_outside_mi": T.twin_outside_mi(gen_rows, cfg.bootstrap, cfg.seed),
                "realism_auc": {},  # the independent real-vs-generated judge does not exist yet

@@ -94,15 +94,31 @@ def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dic
     return out
 
 
-def comparisons(long_rows: list[dict], n_boot: int, seed: int, prompt: str = "report") -> list[dict]:
-    """Mean paired per-(image, seed) Dice difference a - b, its bootstrap CI and a verdict for a vs b."""
-    per = {v: _paired(r for r in long_rows if r["variant"] == v and r["prompt"] == prompt) for v in CLIP_VARIANTS}
+def _per_key(long_rows: list[dict], variant: str, metric: str) -> dict[str, float]:
+    """{"image|seed": value}: the report-prompt Dice, or the prompt gap (report - irrelevant Dice)."""
+    mine = [r for r in long_rows if r["variant"] == variant]
+    report = _paired(r for r in mine if r["prompt"] == "report")
+    if metric == "dice":
+        return report
+    ctl = _paired(r for r in mine if r["prompt"] == "irrelevant")
+    return {k: report[k] - ctl[k] for k in report.keys() & ctl.keys()}
+
+
+def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "dice") -> list[dict]:
+    """Mean paired per-(image, seed) difference a - b of ``metric`` with its bootstrap CI and a verdict for a.
+
+    ``dice``: Dice with the report prompt; ``prompt_gap``: report − irrelevant-prompt Dice (does a make the
+    saliency more prompt-specific than b?).
+    """
+    if metric not in ("dice", "prompt_gap"):
+        raise ValueError(f"metric '{metric}': dice or prompt_gap")
+    per = {v: _per_key(long_rows, v, metric) for v in CLIP_VARIANTS}
     out = []
     for a, b, question in COMPARISONS:
         if not per[a] or not per[b]:
             continue
         stat = paired_diff_ci(per[a], per[b], n_boot, seed)
-        out.append({"a": a, "b": b, "question": question, "metric": "dice", "prompt": prompt,
+        out.append({"a": a, "b": b, "question": question, "metric": metric, "prompt": "report",
                     "n_pairs": len(set(per[a]) & set(per[b])), "diff_mean": num(stat[0]), "ci": _ci(stat),
                     "verdict": verdict(stat)})
     return out
@@ -164,10 +180,11 @@ def segmentation_md(rows: list[dict]) -> str:
 def comparisons_md(rows: list[dict]) -> str:
     if not rows:
         return "No comparison ran (each needs both of its variants)."
-    lines = ["| comparison (a − b) | pairs | mean Dice difference [95% CI] | verdict for a |",
-             "| --- | --- | --- | --- |"]
+    lines = ["| comparison (a − b) | metric | pairs | mean difference [95% CI] | verdict for a |",
+             "| --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['question']} (`{r['a']}` − `{r['b']}`) | {r['n_pairs']} | "
+        metric = {"dice": "Dice", "prompt_gap": "prompt gap"}[r["metric"]]
+        lines.append(f"| {r['question']} (`{r['a']}` − `{r['b']}`) | {metric} | {r['n_pairs']} | "
                      f"{fmt(r['diff_mean'], r['ci'])} | {r['verdict']} |")
     return "\n".join(lines)
 
@@ -220,9 +237,10 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "a map that ignores the prompt has a gap of 0.", "",
         segmentation_md(results["segmentation"]), "",
         f"Oracle box: {oracle}.", "",
-        "## Comparisons (paired, report prompt)", "",
-        "Mean per-(image, seed) Dice difference a − b with a 95% bootstrap CI; *better* / *worse* when the CI "
-        "excludes 0, else *inconclusive*.", "",
+        "## Comparisons (paired)", "",
+        "Mean per-(image, seed) difference a − b with a 95% bootstrap CI; *better* / *worse* when the CI "
+        "excludes 0, else *inconclusive*. *Dice*: with the report prompt; *prompt gap*: report − irrelevant-prompt "
+        "Dice (a larger gap = a saliency that follows the prompt more).", "",
         comparisons_md(results["comparisons"]), "",
         "## Generator: tumour removal on held-out positives (val + test subjects)", "",
         "Each generator repaints the 2-px-dilated lesion mask of every held-out positive. *Paste-back* keeps the "

@@ -64,9 +64,10 @@ def test_results_contract(study):
         lo, hi = r["dice_ci"]
         assert lo <= r["dice_mean"] <= hi
         assert (r["prompt_gap"] is not None) == (r["prompt"] == "report")  # the gap is a report-row column
-    assert [(c["a"], c["b"]) for c in on_disk["comparisons"]] == [("dpo_gen", "base"), ("dpo_harmonic", "dpo_gen")]
+    assert [(c["metric"], c["a"], c["b"]) for c in on_disk["comparisons"]] == [
+        (m, a, b) for m in ("dice", "prompt_gap") for a, b in (("dpo_gen", "base"), ("dpo_harmonic", "dpo_gen"))]
     for c in on_disk["comparisons"]:
-        assert c["metric"] == "dice" and c["verdict"] in ("better", "worse", "inconclusive")
+        assert c["verdict"] in ("better", "worse", "inconclusive")
         assert c["n_pairs"] == 2 * len(test_pos)  # images x seeds, paired
     gen = {(r["method"], r["paste_back"], r["modality"]) for r in on_disk["generator"]}
     for method in ("sft", "dpo_mi_sdpo"):
@@ -122,8 +123,12 @@ def test_numbers_come_from_the_data(study):
         vals = [dice["dpo_gen", s, i, "word"] for s, i in keys if groups[i] == g]
         assert seg["dpo_gen", "word"]["dice_by_group"][g] == (pytest.approx(np.mean(vals)) if vals else None)
     diff = np.mean([dice["dpo_gen", s, i, "report"] - dice["base", s, i, "report"] for s, i in keys])
-    comp = next(c for c in results["comparisons"] if (c["a"], c["b"]) == ("dpo_gen", "base"))
-    assert comp["diff_mean"] == pytest.approx(diff, abs=1e-12)
+    comp = {(c["metric"], c["a"], c["b"]): c for c in results["comparisons"]}
+    assert comp["dice", "dpo_gen", "base"]["diff_mean"] == pytest.approx(diff, abs=1e-12)
+    gaps = {v: {(sd, i): dice[v, sd, i, "report"] - dice[v, sd, i, "irrelevant"] for sd, i in keys}
+            for v in ("dpo_gen", "base")}
+    assert comp["prompt_gap", "dpo_gen", "base"]["diff_mean"] == pytest.approx(
+        np.mean([gaps["dpo_gen"][k] - gaps["base"][k] for k in keys]), abs=1e-12)
     # the base CLIPs pre-trained on the pool, never on an evaluation subject
     stamp = json.loads((Path(cfg.work_dir) / "clip_base_s0" / "stage.json").read_text())
     assert stamp["settings"]["split"] == "pretrain" and results["clip_pretrain_split"] == "pretrain"
@@ -169,6 +174,14 @@ def test_tables_hand_computed_and_verdicts():
     (comp,) = comparisons(rows, 500, 0)
     assert (comp["a"], comp["b"], comp["verdict"]) == ("dpo_gen", "base", "better")
     assert comp["diff_mean"] == pytest.approx(0.125)  # 0.1 + 0.01 * mean(0..5)
+    assert comparisons(rows, 500, 0, "prompt_gap") == []  # dpo_gen has no irrelevant-prompt rows here
+    ctl = [{**r, "variant": "dpo_gen", "dice": r["dice"] - 0.02 * (k % 2)}
+           for k, r in enumerate(r for r in rows if r["variant"] == "base" and r["prompt"] == "irrelevant")]
+    (gap,) = comparisons(rows + ctl, 500, 0, "prompt_gap")
+    # image k: (dpo_gen report - its control) - (base report - base control) = 0.1 + 0.01 k + 0.02 (k % 2)
+    assert gap["metric"] == "prompt_gap" and gap["diff_mean"] == pytest.approx(0.125 + 0.01)
+    with pytest.raises(ValueError, match="metric"):
+        comparisons(rows, 10, 0, "iou")
     worse = _seg_rows(base, [b - 0.1 for b in base], base)
     assert comparisons(worse, 500, 0)[0]["verdict"] == "worse"
     mixed = _seg_rows(base, [b + d for b, d in zip(base, (0.1, -0.1, 0.1, -0.1, 0.1, -0.1))], base)
