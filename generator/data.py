@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from negdpo.core.fill import classical_fill
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -59,17 +60,6 @@ def _mask(mask: np.ndarray, size: int) -> np.ndarray:
     if m.shape != (size, size):
         m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
     return m
-
-
-def classical_fill(image: np.ndarray, mask: np.ndarray, dilate: int = 2) -> np.ndarray:
-    """Healthy-fill bootstrap: OpenCV Telea inpainting inside the dilated mask (float [0,1] in and out)."""
-    import cv2
-    from scipy import ndimage
-
-    m = ndimage.binary_dilation(mask, iterations=dilate) if dilate else mask
-    u8 = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    out = cv2.inpaint(u8, m.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
-    return out.astype(np.float32) / 255.0
 
 
 def _difficulty(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray) -> float:
