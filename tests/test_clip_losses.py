@@ -52,7 +52,7 @@ def test_dhn_nce_properties():
     # paper, alpha=1, beta=0 = 2 x symmetric InfoNCE at scale 1/tau
     assert dhn_nce_loss(V2, T2, alpha=1.0, beta1=0, beta2=0).item() == pytest.approx(
         2 * clip_contrastive_loss(V2, T2, 1 / 0.6).item(), abs=1e-12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^dhn_nce_loss: unknown mode 'nope' \(use 'paper' or 'parity'\)$"):
         dhn_nce_loss(V2, T2, mode="nope")
 
 
@@ -133,13 +133,14 @@ def test_dpo_loss_types_hand_values():
     for name, expect in cases.items():
         got, m = clip_dpo_loss(pc, pr, rc, rr, beta, name, label_smoothing=eps, reduce=False)
         assert torch.allclose(got, expect, atol=1e-12), name
-    _, m = clip_dpo_loss(pc, pr, rc, rr, beta)
+    default, m = clip_dpo_loss(pc, pr, rc, rr, beta, reduce=False)  # no label smoothing by default
+    assert torch.allclose(default, -ls(beta * h), atol=1e-12)
     assert m["rewards/chosen"].item() == pytest.approx(beta * 0.75)
     assert m["rewards/rejected"].item() == pytest.approx(beta * 1.0)
     assert m["rewards/margins"].item() == pytest.approx(beta * -0.25)
     assert m["rewards/accuracies"].item() == 0.5
     assert m["preference/accuracy"].item() == 0.5 and m["preference/margin"].item() == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="unknown loss_type"):
+    with pytest.raises(ValueError, match=r"^clip_dpo_loss: unknown loss_type 'kto' \(sigmoid, robust, ipo, hinge\)$"):
         clip_dpo_loss(pc, pr, rc, rr, beta, "kto")
 
 

@@ -166,6 +166,11 @@ def test_m2ib_beta_per_image_and_per_modality(ctx, tiny_clip):
         np.testing.assert_allclose(got, explicit, atol=1e-4)
     one = get("m2ib")(SaliencyContext(clip=tiny_clip, options={**FAST_AUTO_BETA, "beta": 1.0}), scans[:1], ["a tumour"])
     assert not np.allclose(one[0], auto[0], atol=1e-3)  # beta 1 vs the brain MRI default 2 differ
+    # other methods' options are ignored; an RGB scan gives a map at its (H, W)
+    rgb = SimpleNamespace(name="us_0009_0.png", image=np.repeat(scans[1].image[..., None], 3, axis=2), mask=None)
+    opts = {**FAST_AUTO_BETA, "surgery_start": 2, "oracle_sigma": 0.5}
+    (m,) = get("m2ib")(SaliencyContext(clip=tiny_clip, options=opts), [rgb], ["a tumour"])
+    assert m.shape == (48, 64)
 
 
 def _m2ib_reference(model, image, text_feat, seed, beta, steps, samples, lr=1.0, init=5.0):
