@@ -306,6 +306,7 @@ def test_fidelity_hinge_sign_and_hand_values():
     torch.testing.assert_close(fidelity_loss(x, src, w, None, closer), (l1 / 2).mean())  # drifted: penalised
     gate = torch.tensor([0.0, 2.0])
     torch.testing.assert_close(fidelity_loss(x, src, w, gate, closer), torch.tensor((0 + 2 * 1.5) / 2))
+    torch.testing.assert_close(fidelity_loss(x + 1.5, src + 1.5, w), l1.mean())  # a distance: shift invariant
     # three channels, per-sample gate: a per-channel reduction or gate would not even broadcast
     x3, src3 = torch.cat([x, x[:, :1]], 1), torch.zeros(2, 3, 2, 2)
     l1_3 = torch.tensor([(1 + 3) * 3 / 6, (2 + 4 + 2) / 3])
@@ -330,7 +331,9 @@ def test_mi_helpers_hand_values():
     assert outside_weight(mask, 1).sum().item() == 36 - 9 - 4
     pw = parzen_weights(torch.tensor([[0.0, 0.5, 1.0, 1.7]]), num_bins=5)
     torch.testing.assert_close(pw.sum(-1), torch.ones(1, 4))
-    assert pw.argmax(-1).tolist() == [[0, 2, 4, 4]]  # 1.7 is clamped to 1
+    assert pw.argmax(-1).tolist() == [[0, 2, 4, 4]]
+    torch.testing.assert_close(pw[0, 3], pw[0, 2])  # 1.7 is clamped to 1
+    assert parzen_weights(torch.rand(1, 3)).shape == (1, 3, 23)  # MONAI's default bin count
     sigma = 0.5 * 0.25
     k = torch.exp(-((torch.linspace(0, 1, 5) - 0.5) ** 2) / (2 * sigma**2))
     torch.testing.assert_close(pw[0, 1], k / k.sum())
