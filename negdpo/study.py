@@ -24,7 +24,6 @@ checkpoint), so an interrupted study continues where it stopped. Same seed -> sa
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -33,8 +32,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import numpy as np
 
 from negdpo.core.config import resolve_device
 from negdpo.study_eval import held_out_positives, score_generator  # noqa: F401  (re-exported)
@@ -200,52 +197,6 @@ def train_clip(cfg: StudyConfig, out: Path, model: str, data: str, loss: str, st
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}}
 
 
-# -- report -----------------------------------------------------------------------------------------
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not rows:
-        path.write_text("")
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot_curves(logs: dict[str, Path], out: Path, keys: tuple[str, ...], title: str) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = {}
-    for name, path in logs.items():
-        if path.exists():
-            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            series[name] = recs
-    if not series:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.4))
-    axes = np.atleast_1d(axes)
-    colors = {name: f"C{i}" for i, name in enumerate(series)}  # one colour per run in every panel
-    for ax, key in zip(axes, keys):
-        for name, recs in series.items():
-            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts), label=name, color=colors[name], lw=1.2)
-        if key == "loss" and all(v > 0 for recs in series.values() for r in recs if (v := r.get(key)) is not None):
-            ax.set_yscale("log")  # SFT (MSE) and DPO losses differ by orders of magnitude
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 # -- the study --------------------------------------------------------------------------------------
 def run_study(cfg: StudyConfig) -> dict:
     from negdpo import study_eval as E
@@ -407,10 +358,10 @@ def run_study(cfg: StudyConfig) -> dict:
                        lambda d: {"rows": E.oracle_box(phantoms, "test", cfg.eval_sam, sam_ckpt, device)})
 
     # 7. the results contract, figures, results.md
-    plot_curves({v: Path(adapters[v]) / "metrics.jsonl" for v in gen_variants},
+    T.plot_curves({v: Path(adapters[v]) / "metrics.jsonl" for v in gen_variants},
                 out / "figures" / "generator_curves.png", ("loss", "implicit_acc"),
                 "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
-    plot_curves({v: Path(ckpts[v, seeds[0]]).parent / "metrics.jsonl" for v in clip_variants},
+    T.plot_curves({v: Path(ckpts[v, seeds[0]]).parent / "metrics.jsonl" for v in clip_variants},
                 out / "figures" / "clip_curves.png", ("loss", "rewards/accuracies"), f"CLIP training (seed {seeds[0]})")
     for name in ("dpo_gen", "dpo_twin", "stages"):
         if (name, seeds[0]) in ckpts:
@@ -430,8 +381,8 @@ def run_study(cfg: StudyConfig) -> dict:
                "realism_auc": {},  # the independent real-vs-generated judge does not exist yet
                "seeds": seeds, "clip_pretrain_split": pretrain_split, "pairs": pairs["summary"],
                "stage_seconds": stage_seconds, "config": asdict(cfg)}
-    _write_csv(out / "generator_metrics.csv", gen_rows)
-    _write_csv(out / "segmentation_metrics.csv", long_rows)
+    T.write_csv(out / "generator_metrics.csv", gen_rows)
+    T.write_csv(out / "segmentation_metrics.csv", long_rows)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     (out / "results.md").write_text(T.render_markdown(results, figures, time.perf_counter() - t_start))

@@ -1,4 +1,5 @@
-"""The study's ``results.json`` contract, built from per-image rows, and ``results.md`` rendered from it.
+"""The study's ``results.json`` contract, built from per-image rows, ``results.md`` rendered from it, the
+per-image CSVs and the training-curve figure.
 
 Inputs are *long* per-image tables written by :mod:`negdpo.study_eval`:
 
@@ -13,8 +14,11 @@ comparisons. The markdown is rendered from the contract alone, so the two never 
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -203,8 +207,6 @@ def generator_md(rows: list[dict]) -> str:
 
 def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
     """``results.md`` from the contract (``results.json``) alone."""
-    import json
-
     import yaml
 
     cfg = results["config"]
@@ -272,3 +274,49 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         lines += [f"| {name} | {sec:.0f} |" for name, sec in stage_s.items()]
     lines += ["", "## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+# -- CSV and figures -----------------------------------------------------------------------------------------
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        path.write_text("")
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_curves(logs: dict[str, Path], out: Path, keys: tuple[str, ...], title: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for name, path in logs.items():
+        if path.exists():
+            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            series[name] = recs
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.4))
+    axes = np.atleast_1d(axes)
+    colors = {name: f"C{i}" for i, name in enumerate(series)}  # one colour per run in every panel
+    for ax, key in zip(axes, keys):
+        for name, recs in series.items():
+            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), label=name, color=colors[name], lw=1.2)
+        if key == "loss" and all(v > 0 for recs in series.values() for r in recs if (v := r.get(key)) is not None):
+            ax.set_yscale("log")  # SFT (MSE) and DPO losses differ by orders of magnitude
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
