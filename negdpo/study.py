@@ -119,6 +119,9 @@ class StudyConfig:
               f"one of {list(GEN_VARIANTS[1:])}")
         for key, cls in _extra_targets().items():
             setattr(self, key, check_mapping(cls, getattr(self, key), key))
+        owned = sorted(set(self.eval_extra) & {"control_prompt", "prompt_template", "prompts", "split", "clips"})
+        check(not owned, "eval_extra", self.eval_extra, f"{owned} are set by the study (prompts: prompt_word, "
+              "prompt_irrelevant; the scans' reports are the report prompt)")
 
 
 def _extra_targets() -> dict[str, type]:

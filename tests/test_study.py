@@ -279,6 +279,8 @@ def test_unknown_variant_and_key_are_errors(tmp_path):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_variants=["nope"])
     with pytest.raises(ValueError, match="phantoms_lesion_area"):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), phantoms_lesion_area=[0.2, 0.1])
+    with pytest.raises(ValueError, match=r"\['control_prompt'\] are set by the study"):
+        StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), eval_extra={"control_prompt": "a dog"})
     with pytest.raises(SystemExit):
         load_study_config(CONFIG, "quick", ["--nope", "1"])
     cfg = load_study_config(CONFIG, "full", ["--gen_dpo_steps", "7"])
