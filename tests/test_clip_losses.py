@@ -140,6 +140,8 @@ def test_dpo_loss_types_hand_values():
     assert m["rewards/margins"].item() == pytest.approx(beta * -0.25)
     assert m["rewards/accuracies"].item() == 0.5
     assert m["preference/accuracy"].item() == 0.5 and m["preference/margin"].item() == pytest.approx(0.0)
+    _, tie = clip_dpo_loss(t([1.0, 2.0]), t([1.0, 0.0]), t([0.0, 0.0]), t([0.0, 0.0]), beta)
+    assert tie["preference/accuracy"].item() == 0.5 and tie["rewards/accuracies"].item() == 0.5  # ties count wrong
     with pytest.raises(ValueError, match=r"^clip_dpo_loss: unknown loss_type 'kto' \(sigmoid, robust, ipo, hinge\)$"):
         clip_dpo_loss(pc, pr, rc, rr, beta, "kto")
 

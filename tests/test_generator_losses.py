@@ -337,10 +337,13 @@ def test_mi_helpers_hand_values():
     sigma = 0.5 * 0.25
     k = torch.exp(-((torch.linspace(0, 1, 5) - 0.5) ** 2) / (2 * sigma**2))
     torch.testing.assert_close(pw[0, 1], k / k.sum())
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(ValueError, match=r"^weighted_mi: shapes differ \(1, 4\) vs \(1, 5\)$"):
         weighted_mi(torch.rand(1, 4), torch.rand(1, 5))
-    with pytest.raises(ValueError, match="zero total weight"):
+    with pytest.raises(ValueError, match=r"^weighted_mi: a sample has zero total weight \(mask covers the whole image\?\)$"):
         weighted_mi(torch.rand(2, 4), torch.rand(2, 4), torch.tensor([[1.0] * 4, [0.0] * 4]))
+    a, b = torch.rand(1, 6), torch.rand(1, 6)
+    small = torch.tensor([[0.1, 0.2, 0.0, 0.05, 0.1, 0.3]])  # total 0.75 < 1: still a valid weighting
+    torch.testing.assert_close(weighted_mi(a, b, small), weighted_mi(a, b, 4 * small))
 
 
 def test_channelwise_mi_is_the_mean_of_per_channel_mi():
