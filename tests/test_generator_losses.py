@@ -326,6 +326,7 @@ def test_mi_helpers_hand_values():
     assert outside_weight(mask, 0).sum().item() == 35
     w1 = outside_weight(mask, 1)
     assert w1.sum().item() == 36 - 9 and w1[0, 0, 1:4, 2:5].sum() == 0
+    assert torch.equal(outside_weight(mask), w1)  # default: 1 px of dilation
     assert outside_weight(mask, 2).sum().item() == 36 - 25
     mask[0, 0, 5, 0] = 1  # a corner pixel: its 3x3 dilation is clipped by the border to 2x2
     assert outside_weight(mask, 1).sum().item() == 36 - 9 - 4
