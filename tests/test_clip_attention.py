@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 from negdpo.preference.clip.attention import (
+    AttentionRecord,
+    _attn_probs,
     attention_entropy,
     attention_mask_pull,
     capture_attention,
@@ -197,3 +199,67 @@ def test_lesion_infonce_hand_value():
     tau = 0.5
     expect = -math.log(math.exp(2) / (math.exp(2) + math.exp(0) + math.exp(-2)))
     assert lesion_infonce(anchors, pos, bg, tau).item() == pytest.approx(expect, abs=1e-12)
+
+
+def test_vision_trunk_unwraps_peft_style_wrappers(model):
+    trunk = vision_trunk(model)
+    assert vision_trunk(model.visual) is trunk and vision_trunk(trunk) is trunk
+
+    class Inner(torch.nn.Module):  # PEFT: PeftModel.base_model (LoraModel).model = the open_clip model
+        def __init__(self, m):
+            super().__init__()
+            self.model = m
+
+    class Outer(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.base_model = Inner(m)
+
+    assert vision_trunk(Outer(model)) is trunk
+    msg = (r"^Linear: expected an open_clip model with a timm ViT vision tower \(visual\.trunk\.blocks\); "
+           r"attention capture supports timm ViTs only$")
+    with pytest.raises(TypeError, match=msg):
+        vision_trunk(torch.nn.Linear(2, 2))
+
+
+def test_attention_probabilities_with_masks(model):
+    """Boolean masks (True = attend) and additive float masks, against softmax written out."""
+    attn = vision_trunk(model).blocks[-1].attn
+    torch.manual_seed(1)
+    x = torch.randn(1, 5, attn.qkv.in_features)
+    free = _attn_probs(attn, x, None)
+    b, n, _ = x.shape
+    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5
+    torch.testing.assert_close(free, logits.softmax(-1))
+    keep = torch.ones(5, 5, dtype=torch.bool)
+    keep[:, 3:] = False
+    masked = _attn_probs(attn, x, keep)
+    assert masked[..., 3:].abs().max() == 0
+    torch.testing.assert_close(masked[..., :3], logits[..., :3].softmax(-1))
+    bias = torch.zeros(5, 5)
+    bias[:, 0] = 2.0
+    torch.testing.assert_close(_attn_probs(attn, x, bias), (logits + bias).softmax(-1))
+
+
+def test_capture_defaults(model):
+    trunk = vision_trunk(model)
+    assert AttentionRecord().num_prefix_tokens == 1
+    with torch.no_grad(), capture_attention(model) as rec:  # default: the last block
+        model.encode_image(torch.randn(1, 3, 224, 224))
+    assert sorted(rec) == [len(trunk.blocks) - 1] and rec.num_prefix_tokens == 1
+
+    class Bare(torch.nn.Module):  # a trunk that does not say how many prefix tokens it has: CLS only
+        def __init__(self, blocks):
+            super().__init__()
+            self.blocks = blocks
+
+        def forward(self, x):
+            for blk in self.blocks:
+                x = blk(x)
+            return x
+
+    bare = Bare(copy.deepcopy(trunk.blocks[:2]))
+    with torch.no_grad(), capture_attention(bare, (0,)) as rec:
+        bare(torch.randn(1, 5, trunk.blocks[0].attn.qkv.in_features))
+    assert rec.num_prefix_tokens == 1 and sorted(rec) == [0] and rec[0].shape[-1] == 5
