@@ -100,13 +100,13 @@ def test_sam_checkpoint_loaded_with_weights_only(tmp_path):
 
 def test_phantom_captions_fit_the_tiny_text_encoder(tiny_sd_path):
     """Every phantom caption encodes within 77 tokens (no truncation warnings): whole words are tokens."""
-    from negdpo.core.phantoms import _describe
+    from negdpo.core.phantoms import MODALITIES, _describe
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
     lesion = type("L", (), {"cx": 10.0, "cy": 50.0, "contrast": -0.3, "ring": True, "radius": 20.0,
                             "harmonics": [(0.2, 0.0)]})()
-    captions = [_describe(m, les, 64) for m in ("mri", "ultrasound") for les in (None, lesion)]
+    captions = [_describe(m, les, 64) for m in MODALITIES for les in (None, lesion)]
     longest = max(captions, key=len)
     assert len(longest) > 90  # char-level BPE (the v1 preset) needed > 77 tokens for this one
     for text in captions:
