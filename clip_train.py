@@ -2,7 +2,7 @@
 
 import sys
 
-from negdpo.preference.clip.train import main
+from negdpo.preference.clip.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -6,7 +6,7 @@ the tiny inpainting preset is trained with Diffusion-DPO + LoRA, and outputs lan
 
 import sys
 
-from negdpo.generator.train import main
+from negdpo.generator.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -39,3 +39,16 @@ def test_cli_help_is_fast_and_lists_commands(tmp_path):
     code = "import sys, negdpo.cli; negdpo.cli.main(['--help']); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().endswith("False")  # dispatching imports nothing heavy
+
+
+def test_trainer_help_and_setting_errors_import_no_torch(tmp_path):
+    """``gen_train.py --help`` / ``clip_train.py --help`` and a bad setting answer before torch is imported."""
+    code = ("import sys\n"
+            "from negdpo.generator.cli import main as g\nfrom negdpo.preference.clip.cli import main as c\n"
+            "for m in (g, c):\n"
+            "    try:\n        m(['--help'])\n    except SystemExit:\n        pass\n"
+            "rc = g(['--max_train_steps', '0'])\n"
+            "print(rc, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "2 False", out.stderr[-2000:]
+    assert "gen_train: error: max_train_steps=0: must be an integer >= 1" in out.stderr

@@ -1,0 +1,90 @@
+"""The generator trainer's run config (no torch import: ``gen_train.py --help`` and config errors are fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from negdpo.core.config import check, check_choice, check_finite_positive, check_positive, check_probability
+from negdpo.core.training import TrainConfig
+
+
+@dataclass
+class GenTrainConfig(TrainConfig):
+    """Run config (YAML via --config, flags override). ``beta`` uses the convention WITH the 1/2."""
+
+    # data and model
+    pretrained_model_name_or_path: str = field(
+        default="tiny", metadata={"help": "tiny | tiny-txt2img | hub id | diffusers folder",
+                                  "aliases": ["--pretrained_model"]})
+    dataset_name: str = field(default="data/phantoms", metadata={
+        "help": "scan folder or pair dataset from build-pairs (save_to_disk/parquet)", "aliases": ["--data"]})
+    make_phantoms: bool = field(default=False, metadata={"help": "generate phantoms into dataset_name if absent"})
+    phantoms_n: int = 24
+    phantoms_size: int = 64
+    train_split: str = "train"
+    val_split: str = field(default="val", metadata={"help": "held-out split(s), comma-separated (e.g. val,test)"})
+    chosen_source: str = field(default="auto", metadata={"help": "scan folders: auto | twin | classical"})
+    max_train_pairs: int | None = None
+    resolution: int = field(default=0, metadata={"help": "training resolution in px (0 = the UNet's native size)"})
+    run_name: str = "demo"
+    # method
+    train_method: str = field(default="dpo", metadata={"help": "dpo | sft"})
+    beta: float = field(default=5000.0, metadata={"help": "DPO beta, convention WITH the 1/2 (= 2 x diffusers' beta_dpo)"})
+    beta_dpo: float | None = field(default=None, metadata={"help": "diffusers' scale (no 1/2); sets beta = 2 x beta_dpo"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid | hinge | ipo"})
+    mask_weighted_error: bool = True
+    mask_dilate_latent: int = 1
+    outside_gamma: float = 0.0
+    sdpo: bool = True
+    sdpo_mu: float = 0.9
+    mi_weight: float = 0.0
+    mi_bins: int = 23
+    mi_t_max: int = 500
+    mi_dilate_latent: int = 1
+    fidelity_weight: float = 0.0
+    proportion_empty_prompts: float = 0.0
+    hflip_prob: float = 0.5
+    curriculum_stages: int = 1
+    curriculum_every: int = 0
+    sft_include_healthy: bool = True
+    # reference
+    reference: str = field(default="disable_adapters", metadata={"help": "disable_adapters | adapter | model"})
+    reference_adapter: str | None = field(default=None, metadata={"help": "SFT adapter folder used as reference"})
+    reference_mode: str = field(default="fuse", metadata={"help": "fuse (into base) | adapter (named)"})
+    reference_model: str | None = field(default=None, metadata={"help": "explicit frozen reference (reference=model)"})
+    # LoRA
+    rank: int = field(default=8, metadata={"help": "LoRA rank", "aliases": ["--lora_rank"]})
+    lora_alpha: float | None = None
+    lora_targets: str = "to_q,to_k,to_v,to_out.0"
+    lora_init: str = "gaussian"
+    # memory / speed
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    # validation
+    num_validation_images: int = 4
+    validation_inference_steps: int = 10
+    eval_pairs: int = 16
+    eval_draws: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta_dpo is not None:
+            check_finite_positive(self, "beta_dpo")
+            self.beta = 2.0 * self.beta_dpo
+        check_finite_positive(self, "beta", "sdpo_mu")
+        check_choice(self, "train_method", ("dpo", "sft"))
+        check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))
+        check_choice(self, "chosen_source", ("auto", "twin", "classical"))
+        check_choice(self, "reference", ("disable_adapters", "adapter", "model"))
+        check_choice(self, "reference_mode", ("fuse", "adapter"))
+        check_positive(self, "rank", "mi_bins", "curriculum_stages", "validation_inference_steps", "eval_draws",
+                       "phantoms_n")
+        check_probability(self, "proportion_empty_prompts", "hflip_prob")
+        for key in ("mi_weight", "fidelity_weight", "outside_gamma", "eval_pairs", "num_validation_images",
+                    "resolution", "mask_dilate_latent", "mi_dilate_latent", "curriculum_every"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        check(self.sdpo_mu < 1.0 or not self.sdpo, "sdpo_mu", self.sdpo_mu, "must be in (0, 1)")
+        check(self.reference != "model" or bool(self.reference_model), "reference_model", self.reference_model,
+              "reference=model needs --reference_model")
+        check(bool(self.lora_targets.strip()), "lora_targets", self.lora_targets, "must name at least one module")
