@@ -126,8 +126,8 @@ class StudyConfig:
 
 def _extra_targets() -> dict[str, type]:
     """The config class each ``*_extra`` section overrides."""
-    from negdpo.generator.train import GenTrainConfig
-    from negdpo.preference.clip.train import ClipTrainConfig
+    from negdpo.generator.config import GenTrainConfig
+    from negdpo.preference.clip.config import ClipTrainConfig
     from negdpo.preference.pairs.config import BuildConfig
     from negdpo.segmentation.evaluate import EvalConfig
 
