@@ -69,10 +69,13 @@ def test_empty_conventions():
 
 
 def test_input_checks_and_nonbool():
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(ValueError, match=r"^mask shapes differ: pred \(64, 64\) vs gt \(10, 64\)$"):
         M.dice(GT, GT[:10])
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"^masks must be 2-D, got pred \(1, 64, 64\) and gt \(1, 64, 64\)$"):
         M.dice(GT[None], GT[None])
+    for p, g in ((GT, GT[None]), (GT[None], GT)):  # either one not 2-D
+        with pytest.raises(ValueError, match="^masks must be 2-D"):
+            M.iou(p, g)
     assert M.dice(GT.astype(np.uint8), GT * 255) == 1.0  # any non-zero = foreground (0/1 and 0/255 alike)
 
 
@@ -101,7 +104,7 @@ def test_all_metrics_columns_and_mode_check():
     assert row == pytest.approx({"dice": 0.85, "iou": 17 / 23, "nsd": 0.550743, "nsd_parity": 0.966632,
                                  "hd95": 3.0}, abs=2e-6)
     assert M.all_metrics(pred, GT, tolerance=3)["nsd_parity"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="unknown NSD mode"):
+    with pytest.raises(ValueError, match=r"^unknown NSD mode 'slab' \(use 'boundary' or 'parity'\)$"):
         M.nsd(pred, GT, mode="slab")
     assert math.isnan(M.parity_round(math.nan)) and M.parity_round(0.12345) == 0.1235
     empty = np.zeros((64, 64), bool)
