@@ -263,3 +263,36 @@ def test_capture_defaults(model):
     with torch.no_grad(), capture_attention(bare, (0,)) as rec:
         bare(torch.randn(1, 5, trunk.blocks[0].attn.qkv.in_features))
     assert rec.num_prefix_tokens == 1 and sorted(rec) == [0] and rec[0].shape[-1] == 5
+
+
+def test_hook_reads_input_and_mask_however_passed(model):
+    """The hook sees x and attn_mask passed positionally or by keyword (timm blocks pass them either way)."""
+    trunk = vision_trunk(model)
+    attn = trunk.blocks[0].attn
+    torch.manual_seed(2)
+    x = torch.randn(1, 5, attn.qkv.in_features)
+    keep = torch.ones(5, 5, dtype=torch.bool)
+    keep[:, 4] = False
+    expect = _attn_probs(attn, x, keep)
+    for args, kwargs in (((x, keep), {}), ((x,), {"attn_mask": keep}), ((), {"x": x, "attn_mask": keep})):
+        with torch.no_grad(), capture_attention(model, (0,)) as rec:
+            attn(*args, **kwargs)
+        torch.testing.assert_close(rec[0], expect)
+    with torch.no_grad(), capture_attention(model, (0,)) as rec:
+        attn(x)
+    torch.testing.assert_close(rec[0], _attn_probs(attn, x, None))
+    broken = copy.deepcopy(model)
+    vision_trunk(broken).blocks[1].attn = torch.nn.Identity()
+    with pytest.raises(TypeError, match="^block 1: Identity has no fused qkv projection$"), \
+            capture_attention(broken, (0, 1)):
+        pass
+    assert not vision_trunk(broken).blocks[0].attn._forward_hooks  # the hook already placed is removed
+
+
+def test_mask_pull_over_stacked_blocks_and_partial_coverage():
+    probs = _cls_rows([[[0.2, 0.4, 0.2, 0.2], [0.1, 0.3, 0.3, 0.3]],
+                       [[0.0, 0.5, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]]])  # (blocks 2, B 1, heads 2, 4, 4)
+    pm = torch.tensor([[0.5, 0.0, 0.0]], dtype=torch.float64)  # half a patch of lesion (total 0.5 < 1)
+    ce = [-math.log(0.5), -math.log(1 / 3), -math.log(0.5), -math.log(1 / 3)]
+    assert attention_mask_pull(probs, pm).item() == pytest.approx(sum(ce) / 4, abs=1e-9)
+    torch.testing.assert_close(cls_patch_attention(probs), cls_patch_attention(probs, 1))
