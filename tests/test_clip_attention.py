@@ -16,6 +16,7 @@ from negdpo.preference.clip.attention import (
     vision_trunk,
 )
 from negdpo.preference.clip.ot import (
+    _split,
     curriculum_weight,
     lesion_infonce,
     sinkhorn_cost,
@@ -175,6 +176,7 @@ def test_two_stage_loss_and_curriculum():
     assert curriculum_weight(20, 100) == 0.0 and curriculum_weight(80, 100) == 1.0  # clipped outside [.3, .7]
     assert curriculum_weight(40, 100) == pytest.approx(0.25)
     assert curriculum_weight(5, 0) == 1.0
+    assert curriculum_weight(0, 1) == 0.0 and curriculum_weight(1, 1) == 1.0
     assert curriculum_weight(49, 100, 0.5, 0.5) == 0.0 and curriculum_weight(50, 100, 0.5, 0.5) == 1.0
     g = torch.Generator().manual_seed(0)
     tok_pos = torch.randn(3, 16, 8, generator=g, requires_grad=True)
@@ -193,12 +195,72 @@ def test_two_stage_loss_and_curriculum():
 
 
 def test_lesion_infonce_hand_value():
-    anchors = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
-    pos = torch.tensor([2.0, 0.0], dtype=torch.float64)  # cos 1
-    bg = torch.tensor([[0.0, 3.0], [-1.0, 0.0]], dtype=torch.float64)  # cos 0 and -1
+    anchors = torch.tensor([[3.0, 0.0], [0.0, 0.5]], dtype=torch.float64)  # unit directions e1, e2
+    pos = torch.tensor([2.0, 0.0], dtype=torch.float64)  # cos 1 with e1, 0 with e2
+    bg = torch.tensor([[0.0, 3.0], [-1.0, 0.0]], dtype=torch.float64)  # e1: cos 0, -1; e2: cos 1, 0
     tau = 0.5
-    expect = -math.log(math.exp(2) / (math.exp(2) + math.exp(0) + math.exp(-2)))
+
+    def nll(p, negs):
+        return -math.log(math.exp(p / tau) / (math.exp(p / tau) + sum(math.exp(c / tau) for c in negs)))
+
+    expect = (nll(1, [0, -1]) + nll(0, [1, 0])) / 2
     assert lesion_infonce(anchors, pos, bg, tau).item() == pytest.approx(expect, abs=1e-12)
+    tau = 0.1  # the default temperature
+    assert lesion_infonce(anchors, pos, bg).item() == pytest.approx((nll(1, [0, -1]) + nll(0, [1, 0])) / 2, abs=1e-9)
+
+
+def _sinkhorn_reference(x, y, reg, iters=3000):
+    """Entropic OT <P, C> with uniform marginals and cosine cost, log-domain Sinkhorn written with numpy."""
+    import numpy as np
+    from scipy.special import logsumexp
+
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    yn = y / np.linalg.norm(y, axis=1, keepdims=True)
+    c = 1 - xn @ yn.T
+    la, lb = np.full(len(x), -np.log(len(x))), np.full(len(y), -np.log(len(y)))
+    f, g = np.zeros(len(x)), np.zeros(len(y))
+    for _ in range(iters):
+        f = reg * (la - logsumexp((g[None] - c) / reg, axis=1))
+        g = reg * (lb - logsumexp((f[:, None] - c) / reg, axis=0))
+    p = np.exp((f[:, None] + g[None] - c) / reg)
+    return float((p * c).sum())
+
+
+def test_sinkhorn_against_a_plain_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64) * 3
+    y = torch.randn(9, 4, generator=g, dtype=torch.float64) + 0.5
+    ref = _sinkhorn_reference(x.numpy(), y.numpy(), 0.5)
+    assert sinkhorn_cost(x, y, reg=0.5).item() == pytest.approx(ref, rel=1e-5)
+    assert sinkhorn_cost(x, y).item() == pytest.approx(_sinkhorn_reference(x.numpy(), y.numpy(), 0.05), rel=2e-3)
+    w9 = torch.full((9,), 1 / 9, dtype=torch.float64)
+    assert sinkhorn_cost(x, y, 0.5, wy=w9).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_split_lesion_and_background():
+    tokens = torch.arange(5, dtype=torch.float64)[:, None].repeat(1, 2)
+    lesion, bg = _split(tokens, torch.tensor([0.0, 0.5, 1.0, 0.2, 0.0]), 0.5)
+    assert lesion[:, 0].tolist() == [1, 2] and bg[:, 0].tolist() == [0, 4]  # >= threshold; exactly 0 = background
+    lesion, bg = _split(tokens, torch.tensor([0.0, 0.1, 0.3, 0.2, 0.0]), 0.5)  # tiny lesion: the fullest patch
+    assert lesion[:, 0].tolist() == [2] and bg[:, 0].tolist() == [0, 4]
+
+
+def test_stage_losses_against_their_parts():
+    g = torch.Generator().manual_seed(4)
+    ta, tb, tn = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    ma = torch.tensor([0.0, 1.0, 0.6, 0.0, 0.0, 0.3], dtype=torch.float64)  # lesion 1, 2; background 0, 3, 4
+    mb = torch.tensor([0.9, 0.0, 0.0, 0.5, 0.0, 0.0], dtype=torch.float64)  # lesion 0, 3; background 1, 2, 4, 5
+    la, lb = ta[[1, 2]], tb[[0, 3]]
+    bg = torch.cat([ta[[0, 3, 4]], tb[[1, 2, 4, 5]]])
+    nce = (lesion_infonce(la, lb.mean(0), bg, 0.1) + lesion_infonce(lb, la.mean(0), bg, 0.1)) / 2
+    ot_cost = sinkhorn_cost(la, lb, 0.05)
+    loss, logs = stage1_loss(ta, ma, tb, mb, ot_weight=0.7)
+    assert loss.item() == pytest.approx((0.7 * ot_cost + nce).item(), rel=1e-9)
+    assert logs == pytest.approx({"stages/ot": ot_cost.item(), "stages/nce1": nce.item()})
+    loss2, logs2 = stage2_loss(ta, ma, tn)
+    expect2 = lesion_infonce(la, la.mean(0), torch.cat([tn, ta[[0, 3, 4]]]), 0.1)
+    assert loss2.item() == pytest.approx(expect2.item(), rel=1e-9) and logs2 == {"stages/nce2": pytest.approx(
+        expect2.item())}
 
 
 def test_vision_trunk_unwraps_peft_style_wrappers(model):
