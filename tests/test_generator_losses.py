@@ -375,3 +375,7 @@ def test_histogram_mi_against_sklearn():
     lb2 = (b[:, left] * (bins - 1)).round().long().flatten()
     assert histogram_mi(a, b, w, bins=bins) == pytest.approx(mutual_info_score(la2, lb2), rel=1e-9)
     assert histogram_mi(a, torch.full_like(a, 0.3), bins=bins) == pytest.approx(0.0, abs=1e-12)
+    assert histogram_mi(a, b) == histogram_mi(a, b, bins=32)  # the default bin count
+    # values outside [0, 1] are clamped, for either image
+    assert histogram_mi(a + 0.5, b, bins=bins) == pytest.approx(histogram_mi((a + 0.5).clamp(0, 1), b, bins=bins))
+    assert histogram_mi(a, b + 0.5, bins=bins) == pytest.approx(histogram_mi(a, (b + 0.5).clamp(0, 1), bins=bins))
