@@ -44,8 +44,10 @@ def phantom_like(n: int, size: int) -> list:
 
 
 def measure(clip: str, sam: str, device: str, images: int, batch: int, size: int,
-            parts: tuple[str, ...] = ("m2ib", "sam", "chain")) -> dict[str, float]:
-    """images/s of M2IB one at a time vs batched, the SAM encoder, and the whole chain."""
+            parts: tuple[str, ...] = ("m2ib", "sam", "chain"), options: dict | None = None) -> dict[str, float]:
+    """images/s of M2IB one at a time vs batched, the SAM encoder, and the whole chain.
+
+    ``options``: saliency options (M2IB: ``steps``, ``samples``, ...; default M2IBConfig's)."""
     from negdpo.core.imageio import to_rgb_uint8
     from negdpo.core.models import load_clip, load_sam
     from negdpo.segmentation.postprocess import coarse_mask
@@ -54,7 +56,7 @@ def measure(clip: str, sam: str, device: str, images: int, batch: int, size: int
 
     scans = phantom_like(images, size)
     prompts = ["a scan showing a tumour"] * images
-    ctx = SaliencyContext(clip=load_clip(clip, device), device=device)
+    ctx = SaliencyContext(clip=load_clip(clip, device), device=device, options=dict(options or {}))
     m2ib = get("m2ib")
     m2ib(ctx, scans[:1], prompts[:1])  # warm-up
 

@@ -75,14 +75,16 @@ def stage_build_pair(work: Path, device: str) -> dict:
                       steps=2, size=SIZE, clip="biomedclip-random", kinds="generator", splits="train", limit=2,
                       chunk_size=2, device=device, progress=False)
     summary = run_build(cfg, report=False, overwrite_output_dir=True)
-    return {**_scalars(summary), "counts": summary.get("counts"), "failed": summary.get("failed")}
+    return {**_scalars(summary), "rows": summary.get("rows"), "failed": summary.get("failed"),
+            "seconds": summary.get("seconds")}
 
 
 def stage_clip_dpo(work: Path, device: str) -> dict:
     from negdpo.preference.clip.train import ClipTrainConfig, train
 
-    cfg = ClipTrainConfig(model="biomedclip-random", data=str(work / "phantoms"), output_dir=str(work / "clip"),
-                          loss="dpo", train_batch_size=2, eval_batch_size=2, max_train_steps=2, tsne=False,
+    cfg = ClipTrainConfig(pretrained_model_name_or_path="biomedclip-random", dataset_name=str(work / "phantoms"),
+                          output_dir=str(work / "clip"), overwrite_output_dir=True, loss="dpo", val_split="test",
+                          train_batch_size=2, eval_batch_size=2, max_train_steps=2, tsne=False,
                           save_final=False, report_to="none", progress_bar=False, logging_steps=1)
     return _scalars(train(cfg))
 
@@ -105,18 +107,21 @@ def _child(name: str, work: str, device: str, threads: int, queue) -> None:
     import torch  # noqa: F401  (import cost outside the stage's timing)
 
     t0 = time.perf_counter()
+    cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # user + system CPU seconds (the stage's own below)
     try:
         info, ok = STAGES[name](Path(work), device), True
     except Exception as err:  # reported, the other stages still run
         info, ok = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}, False
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss / 2**20
     cuda_peak = None
     if device.startswith("cuda"):
         import torch
 
         cuda_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     queue.put({"stage": name, "ok": ok, "wall_s": round(wall, 1), "startup_s": round(t0 - t_import, 1),
+               "cpu_s": round(usage.ru_utime + usage.ru_stime - cpu0, 1),
                "peak_rss_gib": round(peak, 2), "cuda_peak_gib": cuda_peak, "info": info})
 
 
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp folder)")
     p.add_argument("--out", default=None)
+    p.add_argument("--append", action="store_true", help="replace only the stages run now in an existing --out JSON")
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="negdpo_real_smoke_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -157,9 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": a.device, "threads": a.threads, "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "torch": torch.__version__, "load_avg_start": load0, "load_avg_end": os.getloadavg(),
            "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "size_px": SIZE}
-    report = {"env": env, "total_wall_s": round(total, 1), "ok": all(r["ok"] for r in rows), "stages": rows}
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"real_size_smoke_{a.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.append and out.is_file():  # a rerun of some stages: keep the others, with the environment of each run
+        old = json.loads(out.read_text())
+        rerun = {r["stage"] for r in rows if r["stage"] in a.stages.split(",")}  # presets: cache hit, keep the build
+        rows = [r for r in old["stages"] if r["stage"] not in rerun] + [r for r in rows if r["stage"] in rerun]
+        rows.sort(key=lambda r: list(STAGES).index(r["stage"]))
+        env = {**env, "earlier_runs": old["env"].get("earlier_runs", []) + [old["env"]],
+               "rerun_stages": sorted(rerun)}
+        total = sum(r.get("wall_s", 0) + r.get("startup_s", 0) for r in rows)
+    report = {"env": env, "total_wall_s": round(total, 1), "ok": all(r["ok"] for r in rows), "stages": rows}
     out.write_text(json.dumps(report, indent=1))
     print(f"total {total:.0f} s -> {out}")
     return 0 if report["ok"] else 1

@@ -54,10 +54,11 @@ SETTINGS = {
                  m2ib=dict(images=2, batch=2, size=64), clip=dict(batch=2, steps=2, warmup=1),
                  gen=dict(size=64, steps=3, images=1, variants="baseline,no_sdpa,channels_last,bf16,xformers"),
                  chain=dict(images=1, batch=1, size=64)),
-    "cpu": dict(dpo=dict(batch=1, resolution=256, steps=1, warmup=1, dtype="float32"),
-                m2ib=dict(images=2, batch=2, size=256), clip=dict(batch=2, steps=2, warmup=1),
-                gen=dict(size=512, steps=3, images=1, variants="baseline,no_sdpa,channels_last,bf16,xformers"),
-                chain=dict(images=1, batch=1, size=256)),
+    "cpu": dict(dpo=dict(batch=1, resolution=256, steps=1, warmup=0, dtype="float32", min_free_gib=20),
+                m2ib=dict(images=2, batch=2, size=256, options={"steps": 3, "samples": 4}),
+                clip=dict(batch=2, steps=1, warmup=1),
+                gen=dict(size=512, steps=2, images=1, variants="baseline,no_sdpa,channels_last,bf16,xformers"),
+                chain=dict(images=1, batch=1, size=256, options={"steps": 3, "samples": 4})),
     "cuda": dict(dpo=dict(batch=4, resolution=512, steps=10, warmup=3, dtype="bfloat16"),
                  m2ib=dict(images=32, batch=16, size=256), clip=dict(batch=64, steps=10, warmup=3),
                  gen=dict(size=512, steps=20, images=4,
@@ -69,14 +70,20 @@ SETTINGS = {
 def _dpo(real: bool, device: str, s: dict, full: bool) -> dict:
     import torch
 
+    if full and real and device == "cpu":  # 2 UNets + grads + AdamW states: ~5 x 3.4 GB in fp32
+        import psutil
+
+        free = psutil.virtual_memory().available / 2**30
+        if free < s.get("min_free_gib", 20):
+            raise MemoryError(f"full fine-tune + 2nd UNet needs ~18 GiB; {free:.1f} GiB available: not run")
     dtype = getattr(torch, s["dtype"])
     return bench_module("gen_train").bench(real, s["batch"], dtype, False, "model" if full else "disable_adapters", s["steps"], s["warmup"],
                  device, full_ft=full, resolution=s["resolution"])
 
 
 def _m2ib(real: bool, device: str, s: dict) -> dict:
-    return bench_module("evaluate").measure("biomedclip-random" if real else "tiny", "tiny", device, s["images"], s["batch"], s["size"],
-                   parts=("m2ib",))
+    return bench_module("evaluate").measure("biomedclip-random" if real else "tiny", "tiny", device, s["images"],
+                                            s["batch"], s["size"], parts=("m2ib",), options=s.get("options"))
 
 
 def _clip(real: bool, device: str, s: dict, variants: str) -> dict:
@@ -94,8 +101,8 @@ def _gen(real: bool, device: str, s: dict, variant: str) -> dict:
 
 def _chain(real: bool, device: str, s: dict) -> dict:
     return bench_module("evaluate").measure("biomedclip-random" if real else "tiny",
-                                            "sam-vit-h-random" if real else "tiny", device,
-                   s["images"], s["batch"], s["size"], parts=("chain",))
+                                            "sam-vit-h-random" if real else "tiny", device, s["images"],
+                                            s["batch"], s["size"], parts=("chain",), options=s.get("options"))
 
 
 FUNCS = {"dpo": _dpo, "m2ib": _m2ib, "clip": _clip, "gen": _gen, "chain": _chain}
@@ -110,7 +117,9 @@ def _child(fn: str, args: tuple, threads: int, queue) -> None:
         out = {"ok": True, "result": FUNCS[fn](*args)}
     except Exception as err:
         out = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-1500:]}
-    out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_gib"] = round(usage.ru_maxrss / 2**20, 2)
+    out["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # the process's CPU seconds (all threads)
     queue.put(out)
 
 
@@ -158,7 +167,7 @@ def run(real: bool, device: str, sections: list[str], isolate: bool, threads: in
         r = call("m2ib", (real, device, s["m2ib"]), isolate, threads)
         res = r.get("result", {})
         batched = next((v for k, v in res.items() if k.startswith("m2ib_batched")), None)
-        rep["m2ib"] = {**r, "speedup_batched": _ratio(batched, res.get("m2ib_one_at_a_time"))}
+        rep["m2ib"] = {**r, "settings": s["m2ib"], "speedup_batched": _ratio(batched, res.get("m2ib_one_at_a_time"))}
         log(f"m2ib: batched x{rep['m2ib']['speedup_batched']}")
     if "clip_step" in sections:
         r = call("clip", (real, device, s["clip"], "dhn_nce,dpo_cached_ref,dpo_on_the_fly"), isolate, threads)
@@ -175,7 +184,7 @@ def run(real: bool, device: str, sections: list[str], isolate: bool, threads: in
         log("generation: " + ", ".join(f"{k} x{v['vs_baseline']}" for k, v in rows.items()))
     if "zero_shot" in sections:
         rep["zero_shot"] = {**call("chain", (real, device, s["chain"]), isolate, threads),
-                            "sam": "sam-vit-h-random" if real else "tiny"}
+                            "sam": "sam-vit-h-random" if real else "tiny", "settings": s["chain"]}
         log(f"zero_shot: {rep['zero_shot'].get('result')}")
     return rep
 
@@ -238,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-variants", default=None, help="comma list of generation options (default per mode)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per measurement (0 = leave)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>.json)")
+    p.add_argument("--append", action="store_true", help="keep the other sections of an existing --out JSON")
     a = p.parse_args(argv)
     import torch
 
@@ -254,11 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     env = {"machine": name, "device": a.device, "mode": mode, "real": a.real, "torch": torch.__version__,
            "settings": settings, "load_avg_start": load0, "load_avg_end": os.getloadavg(),
            "wall_s": round(time.perf_counter() - t0, 1)}
-    md = table(rep)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_") if a.device.startswith("cuda") \
         else f"cpu_{'real' if a.real else 'tiny'}"
     out = Path(a.out or BENCH / "results" / f"{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.append and out.is_file():
+        old = json.loads(out.read_text())
+        rep = {**old["results"], **rep}
+        env = {**env, "earlier_runs": old["env"].get("earlier_runs", []) + [old["env"]]}
+    md = table(rep)
     out.write_text(json.dumps({"env": env, "results": rep, "table": md}, indent=1))
     print(f"\n{name}, {mode}\n{md}\nwrote {out}")
     return 0
