@@ -203,6 +203,8 @@ def test_dhn_nce_rows_without_negatives():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     one = dhn_nce_loss(x[:1], x[:1].detach())  # a batch of one has no negative either
     assert one.item() == 0.0
+    e = torch.eye(3, dtype=torch.float64)  # orthogonal features: zero similarities stay finite
+    assert dhn_nce_loss(e, e, text_ids=torch.zeros(3, dtype=torch.long)).item() == 0.0
 
 
 def test_contrastive_dedup_captions():
