@@ -209,7 +209,7 @@ def train(cfg: GenTrainConfig) -> dict:
             with accelerator.accumulate(unet):
                 loss, metrics, _ = compute_loss(comp, unet, reference, batch, cfg)
                 if not guard.loss_ok(accelerator, loss):
-                    raise stop_nonfinite(run, global_step, f"loss became {float(loss)} (micro-step {micro})",
+                    raise stop_nonfinite(run, global_step, f"loss became {float(loss.detach())} (micro-step {micro})",
                                          cfg.checkpoints_total_limit)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

@@ -299,7 +299,7 @@ def _train(cfg: ClipTrainConfig) -> dict:
         with accelerator.accumulate(model):
             loss, logs = compute_loss(cfg, parts, model, ref, batch, scale, step, autocast)
             if not guard.loss_ok(accelerator, loss):
-                raise stop_nonfinite(run, step, f"loss became {float(loss)}", cfg.checkpoints_total_limit)
+                raise stop_nonfinite(run, step, f"loss became {float(loss.detach())}", cfg.checkpoints_total_limit)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm)
