@@ -195,18 +195,23 @@ def test_two_stage_loss_and_curriculum():
 
 
 def test_lesion_infonce_hand_value():
-    anchors = torch.tensor([[3.0, 0.0], [0.0, 0.5]], dtype=torch.float64)  # unit directions e1, e2
-    pos = torch.tensor([2.0, 0.0], dtype=torch.float64)  # cos 1 with e1, 0 with e2
-    bg = torch.tensor([[0.0, 3.0], [-1.0, 0.0]], dtype=torch.float64)  # e1: cos 0, -1; e2: cos 1, 0
-    tau = 0.5
+    import numpy as np
 
-    def nll(p, negs):
-        return -math.log(math.exp(p / tau) / (math.exp(p / tau) + sum(math.exp(c / tau) for c in negs)))
+    anchors = np.array([[3.0, 4.0], [1.0, 0.0]])  # rows (not columns) are normalised: [.6 .8], [1 0]
+    pos = np.array([2.0, 1.0])
+    bg = np.array([[0.0, 3.0], [-1.0, 2.0], [2.0, -0.5]])
 
-    expect = (nll(1, [0, -1]) + nll(0, [1, 0])) / 2
-    assert lesion_infonce(anchors, pos, bg, tau).item() == pytest.approx(expect, abs=1e-12)
-    tau = 0.1  # the default temperature
-    assert lesion_infonce(anchors, pos, bg).item() == pytest.approx((nll(1, [0, -1]) + nll(0, [1, 0])) / 2, abs=1e-9)
+    def unit(v):
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    def reference(tau):
+        a, p, n = unit(anchors), unit(pos), unit(bg)
+        logits = np.concatenate([(a @ p)[:, None], a @ n.T], axis=1) / tau
+        return float(np.mean(-(logits[:, 0] - np.log(np.exp(logits).sum(1)))))
+
+    t = torch.from_numpy
+    assert lesion_infonce(t(anchors), t(pos), t(bg), 0.5).item() == pytest.approx(reference(0.5), abs=1e-12)
+    assert lesion_infonce(t(anchors), t(pos), t(bg)).item() == pytest.approx(reference(0.1), abs=1e-9)  # default
 
 
 def _sinkhorn_reference(x, y, reg, iters=3000):
@@ -358,3 +363,31 @@ def test_mask_pull_over_stacked_blocks_and_partial_coverage():
     ce = [-math.log(0.5), -math.log(1 / 3), -math.log(0.5), -math.log(1 / 3)]
     assert attention_mask_pull(probs, pm).item() == pytest.approx(sum(ce) / 4, abs=1e-9)
     torch.testing.assert_close(cls_patch_attention(probs), cls_patch_attention(probs, 1))
+
+
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_two_stage_branches_and_logs(b):
+    """Stage 1 over pairs (i, i+1 mod B) only for w < 1 and B > 1; stage 2 for w > 0, or alone (weight 1) when B = 1."""
+    g = torch.Generator().manual_seed(5)
+    tok_pos, tok_neg = torch.randn(b, 16, 8, generator=g), torch.randn(b, 16, 8, generator=g)
+    masks = torch.zeros(b, 16)
+    masks[:, 5:8] = 1.0
+    masks[:, 9] = 0.7
+    s1 = [stage1_loss(tok_pos[i], masks[i], tok_pos[(i + 1) % b], masks[(i + 1) % b]) for i in range(b)]
+    s2 = [stage2_loss(tok_pos[i], masks[i], tok_neg[i]) for i in range(b)]
+    l1 = torch.stack([x[0] for x in s1]).mean()
+    l2 = torch.stack([x[0] for x in s2]).mean()
+    for w in (0.0, 0.4, 1.0):
+        loss, logs = two_stage_loss(tok_pos, masks, tok_neg, w)
+        expect = {"stages/weight2": w}
+        if b == 1:
+            value = l2
+        else:
+            value = (1 - w) * l1 * (w < 1) + w * l2
+        if w < 1 and b > 1:
+            expect["stages/ot"] = sum(m["stages/ot"] for _, m in s1) / b
+            expect["stages/nce1"] = sum(m["stages/nce1"] for _, m in s1) / b
+        if w > 0 or b == 1:
+            expect["stages/nce2"] = sum(m["stages/nce2"] for _, m in s2) / b
+        assert loss.item() == pytest.approx(float(value), rel=1e-6)
+        assert logs == pytest.approx(expect, rel=1e-6)
