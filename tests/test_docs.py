@@ -24,7 +24,7 @@ OUTSIDE = [
     re.compile("research " + r"note \d", re.IGNORECASE),
 ]
 CITE = re.compile(r"docs/method\.md#([A-Za-z0-9_-]+)")
-LEAD_PENDING = "README.md"  # the lead rewrites its two design-notes references (see the xfail test below)
+LEAD_PENDING = "README.md"  # checked on its own below
 
 
 def repo_files() -> list[Path]:
@@ -64,7 +64,6 @@ def test_no_references_outside_the_repository():
     assert not bad, "references to files outside the repository:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="README.md is the lead's to fix; drop this marker once it passes")
 def test_readme_has_no_references_outside_the_repository():
     assert not outside_refs(ROOT / LEAD_PENDING)
 
