@@ -125,7 +125,8 @@ def prepare_output_dir(path: str | Path, owner: str, overwrite: bool = False, re
             elif not mine:
                 origin, fix = f"the output of `negdpo {marker.get('owner')}`", f"add {flag} to replace it"
             else:
-                origin, fix = f"an earlier `negdpo {owner}` run with other settings", f"add {flag} to replace it"
+                origin = f"an earlier `negdpo {owner}` run" + (" with other settings" if fp is not None else "")
+                fix = f"add {flag} to replace it"
             fixes = f"choose an empty folder or {fix}"
             if resume and not mine:
                 fixes = f"resume needs a folder written by `negdpo {owner}`; " + fixes
