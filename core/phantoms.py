@@ -29,6 +29,8 @@ the real models were pre-trained on. Adding them changes no byte of the train/va
 ``generate`` owns these entries: a folder holding another phantom set is refused unless
 ``overwrite=True``, which removes them first (a rerun with the same settings replaces them; other
 files are left alone), so no image of an earlier, larger set stays behind (``negdpo.core.outdir``).
+
+Formulas and sources: docs/method.md#phantoms.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ a folder (``a.png`` + ``a.jpg``) are ambiguous and never paired. Problems (missi
 mismatch of mask or twin, unreadable image/mask/twin, duplicate stem) raise a ``ScanFolderError``
 naming the file, or with ``on_error="skip"`` are skipped and counted in ``ScanFolder.skipped``. A
 malformed ``prompts.json`` always raises (its name and the problem in the message).
+
+Formulas and sources: docs/method.md#scan-folder.
 """
 
 from __future__ import annotations

@@ -288,6 +288,29 @@ def stop_nonfinite(run: Run, step: int, what: str, limit: int | None) -> NonFini
                           f"Lower --learning_rate (or --beta), or use fp32/bf16, then --resume_from_checkpoint {ckpt}")
 
 
+def update(run: Run, loss: Any, params: Any, optimizer: Any, scheduler: Any, guard: NonFiniteGuard,
+           cfg: TrainConfig, step: int) -> float | None:
+    """One micro-step inside ``accelerator.accumulate``: stop on a non-finite loss, backward, and at a sync step
+    clip (returning the norm before clipping) and skip an update whose gradient norm is inf/NaN — stopping after
+    ``guard.patience`` such steps in a row. Every trainer calls this; the stops raise :class:`NonFiniteError`."""
+    acc = run.accelerator
+    if not guard.loss_ok(acc, loss):
+        raise stop_nonfinite(run, step, f"loss became {float(loss.detach())}", cfg.checkpoints_total_limit)
+    acc.backward(loss)
+    grad_norm = None
+    if acc.sync_gradients:
+        grad_norm = float(clip_gradients(acc, params, cfg.max_grad_norm))
+        if not guard.grads_ok(grad_norm):
+            optimizer.zero_grad(set_to_none=True)  # inf/NaN gradients would poison the weights
+            if guard.exhausted:
+                raise stop_nonfinite(run, step, f"gradient norm non-finite on {guard.bad_grads} consecutive steps",
+                                     cfg.checkpoints_total_limit)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def clip_gradients(accelerator: Any, params: Any, max_norm: float) -> Any:
     """Clip to ``max_norm`` (0 = no clipping) and return the total norm before clipping."""
     return accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))

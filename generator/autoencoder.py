@@ -14,6 +14,8 @@ folder (original components + adapted VAE, safetensors) usable anywhere a model 
 
 The folder is written to a temporary sibling and renamed when complete; rerunning with the same settings
 returns the existing folder (``negdpo_autoencoder.json`` records settings and the held-out PSNR before/after).
+
+Formulas and sources: docs/method.md#autoencoder-adaptation.
 """
 
 from __future__ import annotations

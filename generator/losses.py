@@ -7,6 +7,8 @@ Beta convention (stated once, used everywhere): **the Salesforce / SDXL conventi
 with per-sample *mean* squared errors, so beta is in the thousands (5000 is the usual value). The
 diffusers SD-1.5 script's ``beta_dpo`` drops the 1/2: its 2500 equals our 5000 (``beta_from_diffusers``).
 The implicit reward is r(x) = -(beta/2) (e_theta(x) - e_ref(x)); z = r(w) - r(l) is the margin.
+
+Formulas and sources: docs/method.md#diffusion-dpo, docs/method.md#sdpo, docs/method.md#fidelity.
 """
 
 from __future__ import annotations

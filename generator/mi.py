@@ -11,6 +11,8 @@ Here every pixel carries a weight ``w_i`` (1 = outside the dilated lesion, 0 = i
 so pixels with w = 0 have exactly zero influence on the value and exactly zero gradient, and w = 1
 reproduces MONAI's estimate. Inputs are clamped to [0, 1] (fixed normalisation, never per-batch min/max)
 and everything runs in fp32 (fp16 underflows in the joint histogram, MONAI#7622).
+
+Formulas and sources: docs/method.md#masked-mi.
 """
 
 from __future__ import annotations

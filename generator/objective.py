@@ -61,7 +61,8 @@ def compute_loss(comp: Components, unet: torch.nn.Module, reference: Reference |
     err_w, err_l = model_err[:b], model_err[b:]
     metrics: dict[str, torch.Tensor] = {}
     if cfg.sdpo:
-        lam = sdpo_lambda(pred[:b], target[:b], pred[b:], target[b:], cfg.sdpo_mu, None if weight is None else weight[:b])
+        lam = sdpo_lambda(pred[:b], target[:b], pred[b:], target[b:], cfg.sdpo_mu,
+                          None if weight is None else weight[:b], outside_gamma=cfg.outside_gamma)
         err_l = scale_gradient(err_l, lam)
         metrics["sdpo_lambda"] = lam.detach()
     loss, dpo_metrics = diffusion_dpo_loss(err_w, err_l, ref_err[:b], ref_err[b:], cfg.beta, cfg.loss_type)

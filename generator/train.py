@@ -111,7 +111,6 @@ def train(cfg: GenTrainConfig) -> dict:
     from negdpo.core.training import (
         MetricsLog,
         NonFiniteGuard,
-        clip_gradients,
         fault_point,
         finish_run,
         make_optimizer,
@@ -119,7 +118,7 @@ def train(cfg: GenTrainConfig) -> dict:
         resume_step,
         save_checkpoint,
         start_run,
-        stop_nonfinite,
+        update,
     )
     from tqdm.auto import tqdm
 
@@ -208,21 +207,9 @@ def train(cfg: GenTrainConfig) -> dict:
             batch = draw_batch(bank, cfg, pool, gen)
             with accelerator.accumulate(unet):
                 loss, metrics, _ = compute_loss(comp, unet, reference, batch, cfg)
-                if not guard.loss_ok(accelerator, loss):
-                    raise stop_nonfinite(run, global_step, f"loss became {float(loss.detach())} (micro-step {micro})",
-                                         cfg.checkpoints_total_limit)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm)
-                    metrics["grad_norm"] = torch.as_tensor(grad_norm).detach().float()
-                    if not guard.grads_ok(grad_norm):  # skip the update: inf/NaN gradients would poison the weights
-                        optimizer.zero_grad(set_to_none=True)
-                        if guard.exhausted:
-                            raise stop_nonfinite(run, global_step, f"gradient norm non-finite on "
-                                                 f"{guard.bad_grads} consecutive steps", cfg.checkpoints_total_limit)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = update(run, loss, params, optimizer, lr_scheduler, guard, cfg, global_step)
+                if grad_norm is not None:
+                    metrics["grad_norm"] = grad_norm
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
         global_step += 1

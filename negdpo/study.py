@@ -290,7 +290,7 @@ def run_study(cfg: StudyConfig) -> dict:
     for sd in seeds:
         ckpts["base", sd] = stage(f"clip_base_s{sd}", base_set | {"seed": sd}, lambda d, sd=sd: train_clip(
             cfg, d, cfg.clip_model, str(phantoms), "clip", cfg.clip_pretrain_steps, cfg.clip_pretrain_lr, sd,
-            retention_weight=1.0, retention_dedup=True, freeze_logit_scale=False, tsne=False,
+            retention_weight=1.0, dedup_captions=True, freeze_logit_scale=False, tsne=False,
             train_split=pretrain_split))["checkpoint"]
 
     # 4. preference pairs from the chosen generator variant, judged with the first seed's base CLIP

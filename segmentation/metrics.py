@@ -24,6 +24,8 @@ surface-distance algorithm):
 
 HD95 is MONAI's ``compute_hausdorff_distance(percentile=95)`` (boundary pixels, Euclidean, max of the
 two directed 95th percentiles), in pixels.
+
+Formulas and sources: docs/method.md#metrics.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@
   the public code. An empty mask gives no box.
 * ``sample_points``: ``n`` positive pixels without replacement (all of them if fewer), optional
   negatives from the background, from a seeded ``numpy.random.Generator`` (the public code is unseeded).
+
+Formulas and sources: docs/method.md#post-processing.
 """
 
 from __future__ import annotations

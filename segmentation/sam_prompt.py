@@ -11,6 +11,8 @@ prompt), ``both`` (the point set attached to every box). ``multimask``: SAM retu
 united. Then, as in the public code, the K-largest-component filter with K = the number of external
 contours of the coarse mask. An empty coarse mask gives an empty prediction (no SAM call) and is
 flagged ``empty_coarse``; the public code crashes there.
+
+Formulas and sources: docs/method.md#sam-prompts.
 """
 
 from __future__ import annotations

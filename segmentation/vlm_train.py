@@ -26,8 +26,8 @@ import torch
 from negdpo.core.config import check, check_positive
 from negdpo.core.training import (
     MetricsLog,
+    NonFiniteGuard,
     TrainConfig,
-    clip_gradients,
     epoch_batches,
     finish_run,
     make_optimizer,
@@ -36,6 +36,7 @@ from negdpo.core.training import (
     save_checkpoint,
     start_run,
     step_seed,
+    update,
 )
 
 from .saliency.vlsam import DEFAULT_QUESTION, chat_inputs
@@ -171,7 +172,9 @@ def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
         train = load_examples(processor, data, cfg.split, cfg.question)
         held = load_examples(processor, data, cfg.eval_split, cfg.question) if cfg.eval_split else []
         model.train()
-        optimizer = make_optimizer(model.parameters(), cfg)
+        params = [q for q in model.parameters() if q.requires_grad]
+        guard = NonFiniteGuard(cfg.max_nonfinite_grad_steps)
+        optimizer = make_optimizer(params, cfg)
         scheduler = make_scheduler(optimizer, cfg, acc.num_processes)
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         start = resume_step(run, cfg)
@@ -183,16 +186,10 @@ def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
             idx = epoch_batches(len(train), cfg.train_batch_size, step, cfg.seed, acc.num_processes, acc.process_index)
             batch = {k: v.to(acc.device) for k, v in collate([train[i] for i in idx], pad_id).items()}
             loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at step {step + 1}; lower --learning_rate")
-            acc.backward(loss)
-            grad_norm = clip_gradients(acc, model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = update(run, loss, params, optimizer, scheduler, guard, cfg, step)
             losses.append(float(loss.detach()))
             if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_train_steps:
-                metrics.log(step + 1, {"loss": losses[-1], "grad_norm": float(grad_norm),
+                metrics.log(step + 1, {"loss": losses[-1], "grad_norm": float(grad_norm or 0.0),
                                        "lr": scheduler.get_last_lr()[0]})
             if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0:
                 save_checkpoint(run, step + 1, cfg.checkpoints_total_limit)

@@ -37,7 +37,7 @@ def test_step0_loss_is_log2(phantom_dir, finetune):
 
 
 def test_retention_learns_logit_scale_only_when_unfrozen(phantom_dir):
-    cfg = ClipTrainConfig(loss="clip", retention_weight=1.0, freeze_logit_scale=False, retention_dedup=True)
+    cfg = ClipTrainConfig(loss="clip", retention_weight=1.0, freeze_logit_scale=False, dedup_captions=True)
     model, batch, scale = _batch(cfg, phantom_dir)
     for frozen in (False, True):
         model.logit_scale.requires_grad_(not frozen)

@@ -5,6 +5,8 @@ open_clip ``TimmModel`` vision tower. The hook recomputes softmax(q k^T * scale)
 with the module's own ``qkv`` / ``q_norm`` / ``k_norm`` weights (differentiable), so the forward itself is
 never altered: fused (SDPA) and eager paths give identical outputs, nothing is patched on the class or
 the instance, and leaving the context removes the hooks. Costs one extra q/k projection per chosen block.
+
+Formulas and sources: docs/method.md#attention-entropy.
 """
 
 from __future__ import annotations

@@ -36,8 +36,10 @@ class ClipTrainConfig(TrainConfig):
     freeze_logit_scale: bool = True
     disable_dropout: bool = True
     retention_weight: float = 0.1
-    retention_dedup: bool = field(default=True, metadata={"help": "identical captions in a batch are one "
+    dedup_captions: bool = field(default=True, metadata={"aliases": ["--retention_dedup"], "help": "identical captions in a batch are one "
                                                                  "caption in the contrastive terms, not negatives"})
+    gather_with_grad: bool = field(default=False, metadata={
+        "help": "contrastive terms (dhn_nce, clip) see the negatives of every process (open_clip's flag)"})
     # DHN-NCE
     dhn_temperature: float = 0.6
     dhn_alpha: float = 0.0

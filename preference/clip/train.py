@@ -24,6 +24,7 @@ from . import model as cm
 from .attention import attention_entropy, attention_mask_pull, capture_attention
 from .config import LOSS_PARTS, ClipTrainConfig  # noqa: F401  (the trainer's config lives beside it)
 from .data import ClipPairDataset, load_pairs, make_collate
+from .distributed import gather_ids, gather_with_grad
 from .losses import clip_contrastive_loss, clip_dpo_pair_loss, dhn_nce_loss
 from .ot import curriculum_weight, two_stage_loss
 
@@ -107,28 +108,32 @@ def compute_loss(cfg: ClipTrainConfig, parts: set[str], model, ref: cm.Reference
         total = total + loss
         logs["loss/dpo"] = float(loss.detach())
         logs |= {k: float(v) for k, v in m.items()}
-    img, txt = feats["img"].float(), feats["txt"].float()
-    if "dhn_nce" in parts:  # image-caption pairs: (x+, y+) and (x-, y-)
-        loss = dhn_nce_loss(img.reshape(2 * b, -1), txt.reshape(2 * b, -1), cfg.dhn_temperature, cfg.dhn_alpha,
-                            cfg.dhn_beta1, cfg.dhn_beta2, cfg.dhn_mode)
+    img, txt = feats["img"].float().reshape(2 * b, -1), feats["txt"].float().reshape(2 * b, -1)
+    if {"dhn_nce", "clip"} & parts:  # image-caption pairs (x+_0, y+_0), (x-_0, y-_0), ... (interleaved rows)
+        texts = batch["texts"]
+        if cfg.gather_with_grad:  # negatives from every process (open_clip's --gather-with-grad)
+            img, txt = gather_with_grad(img), gather_with_grad(txt)
+        ids = gather_ids(texts) if cfg.gather_with_grad else torch.unique(texts, dim=0, return_inverse=True)[1]
+        ids = ids if cfg.dedup_captions else None  # identical captions are one caption, not negatives
+    if "dhn_nce" in parts:
+        loss = dhn_nce_loss(img, txt, cfg.dhn_temperature, cfg.dhn_alpha, cfg.dhn_beta1, cfg.dhn_beta2, cfg.dhn_mode,
+                            text_ids=ids)
         total = total + loss
         logs["loss/dhn_nce"] = float(loss.detach())
     if "clip" in parts and cfg.retention_weight > 0:
-        # image rows (x+_0, x-_0, x+_1, ...) line up with the interleaved caption rows (y+_0, y-_0, ...)
-        ids = torch.unique(batch["texts"], dim=0, return_inverse=True)[1] if cfg.retention_dedup else None
         ls = cm.unwrap(model).logit_scale
         kappa = ls.exp().clamp(max=100.0) if ls.requires_grad else scale  # learnt when not frozen (open_clip)
-        loss = clip_contrastive_loss(img.reshape(2 * b, -1), txt.reshape(2 * b, -1), kappa, ids)
+        loss = clip_contrastive_loss(img, txt, kappa, ids)
         total = total + cfg.retention_weight * loss
         logs["loss/retention"] = float(loss.detach())
     if capture is not None:
         probs = rec.stacked().float()  # (blocks, 2B, heads, N, N)
-        ent = attention_entropy(probs)
+        ent = attention_entropy(probs, rec.num_prefix_tokens)
         loss = cfg.entropy_weight * ent.mean()
         logs["attention/entropy"] = float(ent.detach().mean())
         if cfg.entropy_mask_weight > 0:
             pm = torch.cat([batch["patch_mask"], torch.zeros_like(batch["patch_mask"])]).to(probs)
-            pull = attention_mask_pull(probs, pm)[:b].mean()
+            pull = attention_mask_pull(probs, pm, rec.num_prefix_tokens)[:b].mean()
             loss = loss + cfg.entropy_mask_weight * pull
             logs["attention/mask_ce"] = float(pull.detach())
         total = total + loss
@@ -156,7 +161,7 @@ def evaluate(model, ref: cm.Reference | None, dataset: ClipPairDataset, collate,
         pos, neg, texts = batch["pos"].to(device), batch["neg"].to(device), batch["texts"].to(device)
         with capture_attention(cm.unwrap(model), (-1,)) as rec:
             s, f = cm.pair_sims(cm.unwrap(model), pos, neg, texts, scale, with_tokens=collect_tokens)
-        ents.append(attention_entropy(rec.stacked()).cpu())
+        ents.append(attention_entropy(rec.stacked(), rec.num_prefix_tokens).cpu())
         sims.append(s.float().cpu())
         imgs.append(f["img"].cpu())
         txts.append(f["txt"].cpu())
@@ -225,7 +230,6 @@ def _train(cfg: ClipTrainConfig) -> dict:
     from negdpo.core.training import (
         MetricsLog,
         NonFiniteGuard,
-        clip_gradients,
         fault_point,
         finish_run,
         make_optimizer,
@@ -234,7 +238,7 @@ def _train(cfg: ClipTrainConfig) -> dict:
         save_checkpoint,
         start_run,
         step_seed,
-        stop_nonfinite,
+        update,
     )
     from tqdm.auto import tqdm
 
@@ -298,20 +302,9 @@ def _train(cfg: ClipTrainConfig) -> dict:
         torch.manual_seed(step_seed(cfg.seed, step, micro, accelerator.process_index))  # dropout etc.
         with accelerator.accumulate(model):
             loss, logs = compute_loss(cfg, parts, model, ref, batch, scale, step, autocast)
-            if not guard.loss_ok(accelerator, loss):
-                raise stop_nonfinite(run, step, f"loss became {float(loss.detach())}", cfg.checkpoints_total_limit)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm)
-                logs["grad_norm"] = float(grad_norm)
-                if not guard.grads_ok(grad_norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    if guard.exhausted:
-                        raise stop_nonfinite(run, step, f"gradient norm non-finite on {guard.bad_grads} consecutive "
-                                             "steps", cfg.checkpoints_total_limit)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = update(run, loss, params, optimizer, scheduler, guard, cfg, step)
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm
         n_samples += batch["pos"].shape[0]
         micro += 1
         if not accelerator.sync_gradients:

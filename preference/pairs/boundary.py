@@ -11,6 +11,8 @@ pasted back only inside the pixel mask, so everything outside is the source exac
 The classifier is any ``logit_fn(x) -> (B,)`` on images in [0, 1] (B, 3, H, W), differentiable:
 the CLIP zero-shot lesion logit (:func:`negdpo.preference.pairs.judges.clip_lesion_logit`) or a logistic probe on
 the CLIP image embedding (:func:`fit_probe`). Recorded as its own ``gen_model`` (``latent_boundary:...``).
+
+Formulas and sources: docs/method.md#latent-boundary-negatives.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Every judge has a ``name`` and maps the candidates of one positive to scores in 
 :class:`CompositeJudge` takes a spec like ``"clip_lesion=1,contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"``
 and returns the weighted mean of the judges available for an item, plus every judge's own score;
 its ``spec`` string is recorded in each row (``label_source``).
+
+Formulas and sources: docs/method.md#judges.
 """
 
 from __future__ import annotations

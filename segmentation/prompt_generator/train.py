@@ -169,7 +169,6 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
     from negdpo.core.training import (
         MetricsLog,
         NonFiniteGuard,
-        clip_gradients,
         epoch_batches,
         finish_run,
         make_optimizer,
@@ -177,7 +176,7 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
         resume_step,
         save_checkpoint,
         start_run,
-        stop_nonfinite,
+        update,
     )
     from tqdm.auto import tqdm
 
@@ -237,20 +236,9 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
                 with accelerator.autocast():
                     outputs = forward(model, batch)
                 loss, m = set_loss(outputs, batch["targets"], weights, base.cfg.num_classes)
-                if not guard.loss_ok(accelerator, loss):
-                    raise stop_nonfinite(run, step, f"loss became {float(loss)}", cfg.checkpoints_total_limit)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm)
-                    m["grad_norm"] = float(grad_norm)
-                    if not guard.grads_ok(grad_norm):
-                        optimizer.zero_grad(set_to_none=True)
-                        if guard.exhausted:
-                            raise stop_nonfinite(run, step, f"gradient norm non-finite on {guard.bad_grads} "
-                                                 "consecutive steps", cfg.checkpoints_total_limit)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = update(run, loss, params, optimizer, scheduler, guard, cfg, step)
+                if grad_norm is not None:
+                    m["grad_norm"] = grad_norm
             for k, v in m.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.gradient_accumulation_steps
         step += 1

@@ -6,6 +6,8 @@ Read-out of a patch-grid score (both M2IB and CLIP Surgery):
   ``align="crop"`` pastes the crop into the shortest-edge-resized frame (outside = 0) and resizes that
   to (W, H) bilinearly; ``align="stretch"`` (parity) resizes the crop map itself to (W, H) with
   OpenCV nearest neighbour, as the public implementation does.
+
+Formulas and sources: docs/method.md#m2ib.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ each alpha's gradient exactly that of a one-image run, Adam is elementwise, and 
 noise from its own generator seeded with ``derive_seed(seed, image name)`` -- so an image's map does
 not depend on which images share its batch (up to float rounding of batched matmuls).
 ``vvar`` of the public code has no effect there and is not an option here.
+
+Formulas and sources: docs/method.md#m2ib.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Not a method -- a control that isolates the post-processing and SAM stages (a good saliency map
 should give a high Dice after k-means; a scan without lesion gives an all-zero map).
 Option ``oracle_sigma``: blur sigma as a fraction of min(H, W) (default 0.02).
+
+Formulas and sources: docs/method.md#clip-surgery.
 """
 
 from __future__ import annotations
