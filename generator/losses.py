@@ -60,6 +60,8 @@ def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref
         "implicit_acc_strict": (zd > 0).float().mean(),  # TRL / Salesforce rule
         "rewards/chosen": reward_w.detach().mean(),
         "rewards/rejected": reward_l.detach().mean(),
+        "rewards/margins": zd.mean(),  # TRL's names for the same quantities
+        "rewards/accuracies": (zd > 0).float().mean(),
         "sigma_neg_margin": torch.sigmoid(-zd).mean(),
         "winner_degradation": (model_err_w - ref_err_w).detach().mean(),  # > 0: chosen got worse than ref
         "model_err": 0.5 * (model_err_w.detach().mean() + model_err_l.detach().mean()),

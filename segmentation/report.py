@@ -32,16 +32,14 @@ LABELS = {"dice": "Dice", "iou": "IoU", "nsd": "NSD (2-D)", "nsd_parity": "NSD (
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean (NaN-free input; (nan, nan) if empty)."""
+    """Percentile bootstrap CI of the mean (:func:`negdpo.core.stats.bootstrap_ci`); (nan, nan) if empty."""
+    from negdpo.core import stats
+
     values = np.asarray(values, np.float64)
-    if values.size == 0:
-        return math.nan, math.nan
-    if values.size == 1 or n_boot <= 0:
+    if values.size > 1 and n_boot <= 0:
         return float(values.mean()), float(values.mean())
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+    _, lo, hi = stats.bootstrap_ci(values, n_boot, seed, level)
+    return lo, hi
 
 
 def describe(values: list[float], n_boot: int) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def test_loss_types_and_metrics_against_hand_formulas():
     assert zs == pytest.approx([-0.6, 0.2, 0.0], abs=1e-9)
     expect = {"loss": sig.item(), "margin": sum(zs) / 3, "margin_std": float(z.std(unbiased=False)),
               "implicit_acc": 1.5 / 3, "implicit_acc_strict": 1 / 3, "rewards/chosen": rew_w.mean().item(),
-              "rewards/rejected": rew_l.mean().item(), "sigma_neg_margin": torch.sigmoid(-z).mean().item(),
+              "rewards/rejected": rew_l.mean().item(), "rewards/margins": sum(zs) / 3, "rewards/accuracies": 1 / 3,
+              "sigma_neg_margin": torch.sigmoid(-z).mean().item(),
               "winner_degradation": (ew - rw).mean().item(), "model_err": ((ew + el) / 2).mean().item(),
               "ref_err": ((rw + rl) / 2).mean().item()}
     assert set(m) == set(expect)
