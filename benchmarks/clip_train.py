@@ -74,7 +74,7 @@ def bench(model, batch: dict, loss: str, cached: bool, steps: int, warmup: int, 
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    out = {"samples_per_s": round(steps * batch["pos"].shape[0] / dt, 2), "step_s": round(dt / steps, 4)}
+    out = {"samples_per_s": float(f"{steps * batch['pos'].shape[0] / dt:.4g}"), "step_s": round(dt / steps, 4)}
     if device.type == "cuda":
         out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:
