@@ -255,7 +255,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from negdpo.core.console import setup_logging
+
+    setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
     out = adapt_autoencoder(args.model, args.data, args.out, args.steps, args.batch_size, args.lr, args.seed,
                             args.device, kl_weight=args.kl_weight, hflip=not args.no_hflip, vflip=args.vflip,
                             size=args.size, overwrite=args.overwrite)

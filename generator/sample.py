@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     from negdpo.core.scans import ScanFolder
 
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from negdpo.core.console import setup_logging
+
+    setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
     folder = ScanFolder(args.data, on_error="skip")
     scans = [s for s in folder.load_split(args.split) if s.positive]
     if args.limit is not None:

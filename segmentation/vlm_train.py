@@ -206,8 +206,9 @@ def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from negdpo.core.config import ConfigError, parse_config
+    from negdpo.core.console import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
     try:
         cfg = parse_config(VlmTrainConfig, argv)
         result = train_vlm(cfg)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 
 from .config import BuildConfig  # no torch: --help and setting errors stay fast
@@ -75,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"negdpo build-pairs: error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from negdpo.core.console import setup_logging
+
+    setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
     from .build import run_build
     from .shards import CorruptShardError
 
