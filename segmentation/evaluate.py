@@ -252,7 +252,7 @@ def _run(cfg: EvalConfig, method: Any, scan_list: list, skipped: list, prompts: 
     from negdpo.core.imageio import save_png, to_rgb_uint8
     from negdpo.core.models import load_clip, load_sam
 
-    from .report import summarise, write_overlay, write_report
+    from .report import summarise, write_overlay
     from .saliency import SaliencyContext
 
     t_start = time.perf_counter()
@@ -343,12 +343,7 @@ def _run(cfg: EvalConfig, method: Any, scan_list: list, skipped: list, prompts: 
     summary.update(config=asdict(cfg), device=device, code_version=code_version(), timing=timing,
                    skipped=[{"file": f, "reason": why} for f, why in skipped],
                    layout="per-checkpoint subfolders" if multi else "flat")
-    if out_dir is not None:
-        write_csv(out_dir / "metrics.csv", rows)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
-        write_report(out_dir, summary, rows)
-    return EvalResult(rows=rows, summary=summary, out=out_dir)
+    return write_outputs(out_dir, cfg, summary, rows)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -371,3 +366,16 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def write_outputs(out_dir: Path | None, cfg: EvalConfig, summary: dict[str, Any], rows: list[dict[str, Any]]
+                  ) -> EvalResult:
+    """``metrics.csv``, ``config.json``, ``summary.json`` and the report of one evaluation (any segmenter)."""
+    from .report import write_report
+
+    if out_dir is not None:
+        write_csv(out_dir / "metrics.csv", rows)
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+        write_report(out_dir, summary, rows)
+    return EvalResult(rows=rows, summary=summary, out=out_dir)

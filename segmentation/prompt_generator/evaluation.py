@@ -9,7 +9,6 @@ give the masks. The outputs are those of the zero-shot chain (``metrics.csv``, `
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -41,8 +40,8 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
     from negdpo.core.imageio import save_png
 
     from .. import metrics as M
-    from ..evaluate import EvalResult, _jsonable, image_path, write_csv
-    from ..report import summarise, write_overlay, write_report
+    from ..evaluate import image_path, write_outputs
+    from ..report import summarise, write_overlay
     from .inference import PromptGeneratorSegmenter, load_prompt_generator
 
     t_start = time.perf_counter()
@@ -78,9 +77,4 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
     summary.update(config=asdict(cfg), device=device, code_version=code_version(),
                    timing={"total_s": time.perf_counter() - t_start}, layout="flat", generator=meta,
                    skipped=[{"file": f, "reason": why} for f, why in skipped])
-    if out_dir is not None:
-        write_csv(out_dir / "metrics.csv", rows)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
-        write_report(out_dir, summary, rows)
-    return EvalResult(rows=rows, summary=summary, out=out_dir)
+    return write_outputs(out_dir, cfg, summary, rows)
