@@ -49,7 +49,7 @@ def bench(model, batch: dict, loss: str, cached: bool, steps: int, warmup: int, 
     cfg = ClipTrainConfig(loss=loss, max_train_steps=steps + warmup)
     parts = cfg.parts()
     m = model.train()
-    ref = None if cached or "dpo" not in parts else cm.Reference(m, use_adapter_disable=False)
+    ref = None if cached or "dpo" not in parts else cm.CLIPReference(m, use_adapter_disable=False)
     if ref is not None and ref.copy is not None:
         ref.copy.to(device)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)

@@ -19,10 +19,10 @@ from .losses import (
     x0_from_prediction,
 )
 from .mi import mi_hinge, outside_weight
-from .pipeline import Components, Reference, unet_input
+from .pipeline import Components, UNetReference, unet_input
 
 
-def compute_loss(comp: Components, unet: torch.nn.Module, reference: Reference | None, batch: dict,
+def compute_loss(comp: Components, unet: torch.nn.Module, reference: UNetReference | None, batch: dict,
                  cfg: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One micro-batch: (total loss, metrics, aux). aux holds the stacked t/noise and predictions."""
     sched = comp.noise_scheduler
@@ -88,7 +88,7 @@ def compute_loss(comp: Components, unet: torch.nn.Module, reference: Reference |
 
 
 @torch.no_grad()
-def implicit_accuracy(comp: Components, unet: torch.nn.Module, reference: Reference, bank: Any,
+def implicit_accuracy(comp: Components, unet: torch.nn.Module, reference: UNetReference, bank: Any,
                       cfg: Any, draws: int = 4, seed: int = 1234) -> dict[str, float]:
     """Held-out implicit accuracy (strict z > 0 and ties-half) over fixed (t, eps) draws per pair."""
     import dataclasses

@@ -1,6 +1,6 @@
 """Generator components for training: load, attach LoRA, toggle the reference, build UNet inputs.
 
-Reference modes (``Reference``):
+Reference modes (``UNetReference``):
   * ``disable_adapters`` (default): the same UNet with its LoRA adapters disabled, under no_grad.
     With B = 0 init the policy equals the reference exactly at step 0 (loss = log 2).
   * ``adapter``: a named reference adapter (e.g. an SFT LoRA) stays loaded; reference = {ref},
@@ -107,7 +107,7 @@ def add_lora(unet: torch.nn.Module, rank: int = 8, alpha: float | None = None,
     return params
 
 
-class Reference:
+class UNetReference:
     """Computes reference predictions in one of the modes of the module docstring."""
 
     def __init__(self, unet: torch.nn.Module, mode: str = "disable_adapters", ref_unet: torch.nn.Module | None = None):

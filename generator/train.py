@@ -124,7 +124,7 @@ def train(cfg: GenTrainConfig) -> dict:
 
     from .lora_io import load_lora_into, model_card, save_lora
     from .objective import compute_loss, implicit_accuracy
-    from .pipeline import Reference, add_lora, load_components
+    from .pipeline import UNetReference, add_lora, load_components
     from .validation import validation_grid
 
     t_start = time.time()
@@ -155,7 +155,7 @@ def train(cfg: GenTrainConfig) -> dict:
         ref_unet = None
         if mode == "model":
             ref_unet = load_components(cfg.reference_model).unet.to(device, dtype=weight_dtype).eval()
-        reference = Reference(unet, mode, ref_unet)
+        reference = UNetReference(unet, mode, ref_unet)
         reference.policy_setup()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from .data import Pair
-from .pipeline import Components, Reference
+from .pipeline import Components, UNetReference
 
 
-def validation_grid(comp: Components, unet: torch.nn.Module, reference: Reference | None, pairs: list[Pair],
+def validation_grid(comp: Components, unet: torch.nn.Module, reference: UNetReference | None, pairs: list[Pair],
                     cfg: Any, path: Path) -> np.ndarray:
     """Rows: source | mask | policy output | reference output | chosen (target fill). Saved as PNG."""
     from negdpo.core.figures import write_grid

@@ -30,7 +30,7 @@ def test_pairs_from_phantoms(phantom_dir):
 def test_step0_loss_is_log2(phantom_dir, finetune):
     cfg = ClipTrainConfig(loss="dpo", finetune=finetune)
     model, batch, scale = _batch(cfg, phantom_dir)
-    ref = cm.Reference(model, use_adapter_disable=finetune == "lora")
+    ref = cm.CLIPReference(model, use_adapter_disable=finetune == "lora")
     loss, logs = compute_loss(cfg, {"dpo"}, model, ref, batch, scale, 0, nullcontext)
     assert loss.item() == torch.tensor(math.log(2), dtype=torch.float32).item()  # log 2 exactly (fp32)
     assert logs["rewards/accuracies"] == 0.0 and logs["rewards/margins"] == 0.0
@@ -53,7 +53,7 @@ def test_train_mode_dropout_breaks_log2(phantom_dir):
     cfg = ClipTrainConfig(loss="dpo", disable_dropout=False)
     model, batch, scale = _batch(cfg, phantom_dir)
     torch.manual_seed(0)
-    ref = cm.Reference(model, use_adapter_disable=False)
+    ref = cm.CLIPReference(model, use_adapter_disable=False)
     loss, _ = compute_loss(cfg, {"dpo"}, model.train(), ref, batch, scale, 0,
                            nullcontext)
     assert abs(loss.item() - math.log(2)) > 1e-6

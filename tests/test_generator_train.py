@@ -12,7 +12,7 @@ from negdpo.generator.data import load_pairs
 from negdpo.generator.lora_io import save_lora
 from negdpo.generator.losses import LOG2
 from negdpo.generator.objective import compute_loss
-from negdpo.generator.pipeline import POLICY_ADAPTER, Reference, add_lora, load_components
+from negdpo.generator.pipeline import POLICY_ADAPTER, UNetReference, add_lora, load_components
 from negdpo.generator.train import GenTrainConfig, PairBank, draw_batch, train
 
 
@@ -35,7 +35,7 @@ def test_step0_log2_zero_lora_a_grad_and_shared_noise(tiny_sd_path, pairs):
     comp = load_components(tiny_sd_path)
     add_lora(comp.unet, rank=4)
     cfg = GenTrainConfig(train_batch_size=2, mi_weight=1.0, fidelity_weight=1.0, sdpo=True)
-    loss, metrics, aux = compute_loss(comp, comp.unet, Reference(comp.unet), _batch(comp, pairs, cfg), cfg)
+    loss, metrics, aux = compute_loss(comp, comp.unet, UNetReference(comp.unet), _batch(comp, pairs, cfg), cfg)
     assert loss.item() == torch.tensor(LOG2, dtype=torch.float32).item()  # exactly log 2 (+ 0 MI + 0 fidelity)
     assert metrics["mi/hinge"].item() == 0.0 and metrics["fidelity"].item() == 0.0
     assert metrics["implicit_acc"].item() == 0.5
@@ -90,7 +90,7 @@ def test_adapter_reload_and_sft_reference(tiny_sd_path, pairs, tmp_path):
     for mode in ("fuse", "adapter"):
         c2 = load_components(tiny_sd_path, reference_adapter=str(tmp_path), reference_mode=mode)
         add_lora(c2.unet, rank=4)
-        ref = Reference(c2.unet, "disable_adapters" if mode == "fuse" else "adapter")
+        ref = UNetReference(c2.unet, "disable_adapters" if mode == "fuse" else "adapter")
         ref.policy_setup()
         loss, _, aux = compute_loss(c2, c2.unet, ref, _batch(c2, pairs, cfg), cfg)
         assert loss.item() == torch.tensor(LOG2, dtype=torch.float32).item(), mode
@@ -161,7 +161,7 @@ def heldout_accuracy(model, adapter_dir, data, cfg, draws=8, t_range=EVAL_T, see
     if adapter_dir is not None:
         load_lora_into(comp.unet, Path(adapter_dir))
     comp.unet.eval()
-    ref = Reference(comp.unet)
+    ref = UNetReference(comp.unet)
     pairs = load_pairs(data, "val", 64) + load_pairs(data, "test", 64)
     bank = PairBank(comp, pairs, torch.device("cpu"), cache=True)
     ecfg = dataclasses.replace(cfg, sdpo=False, mi_weight=0.0, fidelity_weight=0.0)

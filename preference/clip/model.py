@@ -82,7 +82,7 @@ def apply_lora(model: nn.Module, towers: str, rank: int = 8, alpha: int = 16, dr
     return get_peft_model(model, cfg)
 
 
-class Reference:
+class CLIPReference:
     """Frozen reference similarities: a separate frozen copy, or the PEFT model with adapters disabled."""
 
     def __init__(self, policy: nn.Module, use_adapter_disable: bool) -> None:

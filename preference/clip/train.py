@@ -71,7 +71,7 @@ def _ref_is_cacheable(preprocess) -> bool:
 
 
 @torch.no_grad()
-def cache_reference(ref: cm.Reference, dataset: ClipPairDataset, collate, scale: float, batch_size: int,
+def cache_reference(ref: cm.CLIPReference, dataset: ClipPairDataset, collate, scale: float, batch_size: int,
                     device: torch.device) -> None:
     """TRL-style precompute: unshuffled pass through the reference, stored as ``ref_sims`` on the pairs."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -82,7 +82,7 @@ def cache_reference(ref: cm.Reference, dataset: ClipPairDataset, collate, scale:
 
 
 # --------------------------------------------------------------------------------------------------- steps
-def compute_loss(cfg: ClipTrainConfig, parts: set[str], model, ref: cm.Reference | None, batch: dict,
+def compute_loss(cfg: ClipTrainConfig, parts: set[str], model, ref: cm.CLIPReference | None, batch: dict,
                  scale: float, step: int, autocast=nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and metrics for one batch."""
     blocks = [int(b) for b in cfg.entropy_blocks.split(",")]
@@ -150,7 +150,7 @@ def compute_loss(cfg: ClipTrainConfig, parts: set[str], model, ref: cm.Reference
 
 
 @torch.no_grad()
-def evaluate(model, ref: cm.Reference | None, dataset: ClipPairDataset, collate, scale: float, cfg: ClipTrainConfig,
+def evaluate(model, ref: cm.CLIPReference | None, dataset: ClipPairDataset, collate, scale: float, cfg: ClipTrainConfig,
              device: torch.device, collect_tokens: bool = False) -> tuple[dict[str, float], dict]:
     """Held-out preference accuracy / margins (absolute and vs reference), R@1, attention entropy."""
     was_training = model.training
@@ -262,7 +262,7 @@ def _train(cfg: ClipTrainConfig) -> dict:
     model.to(device)
 
     # the reference also scores validation (implicit rewards), so it exists for every loss
-    ref = cm.Reference(model, use_adapter_disable=cfg.finetune == "lora")
+    ref = cm.CLIPReference(model, use_adapter_disable=cfg.finetune == "lora")
     if ref.copy is not None:
         ref.copy.to(device)
     ref_mode = cfg.ref_mode

@@ -38,7 +38,7 @@ class BoundaryConfig:
     init_std: float = 0.05  # seeded random start (x RMS(z_pos)), so K candidates differ
 
 
-def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> torch.Tensor:
+def dilated_latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> torch.Tensor:
     """(B, 1, H, W) bool pixel mask -> (B, 1, h, w) float latent mask (any overlap, then dilated)."""
     m = F.adaptive_max_pool2d(mask.float(), latent_hw)
     if dilate > 0:
@@ -75,7 +75,7 @@ class LatentBoundary:
         m_px = F.interpolate(m_px, size=(self.size, self.size), mode="nearest").to(dev, dtype)
         with torch.no_grad():
             z0 = self.vae.encode(x * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
-        m_lat = latent_mask(m_px > 0, tuple(z0.shape[-2:]), cfg.dilate).to(dtype)
+        m_lat = dilated_latent_mask(m_px > 0, tuple(z0.shape[-2:]), cfg.dilate).to(dtype)
         area = m_lat.sum((1, 2, 3), keepdim=True).clamp_min(1) * z0.shape[1]
         z_rms = ((z0 * m_lat) ** 2).sum((1, 2, 3), keepdim=True).div(area).sqrt().clamp_min(1e-3)
         noise = torch.stack([torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(int(s)))
