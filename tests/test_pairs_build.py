@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pairs_common import KINDS, build_reference, make_builder, rows
 
 datasets = pytest.importorskip("datasets")
 
 FAST = dict(generator="tiny", k=2, steps=2, clip="tiny", batch_items=2, chunk_size=2, progress=False)
-NO_CLIP = "contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"
-KINDS = ("generator", "clip_t2i", "clip_i2t")
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +30,13 @@ def built(phantom_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def builder(phantom_dir, tmp_path_factory):
     """One loaded Builder (test split, no CLIP judge) reused by the rank tests."""
-    from negdpo.preference.pairs.build import BuildConfig, Builder
-
-    cfg = BuildConfig(data=str(phantom_dir), out=str(tmp_path_factory.mktemp("unused")), splits="test",
-                      judges=NO_CLIP, **FAST)
-    return Builder(cfg, device="cpu")
+    return make_builder(phantom_dir, tmp_path_factory.mktemp("unused"), FAST)
 
 
 @pytest.fixture(scope="module")
 def reference(builder, tmp_path_factory):
     """Uninterrupted single-process build of the builder's config."""
-    out = tmp_path_factory.mktemp("ref")
-    builder.use_out(out).run_worker(0, 1)
-    builder.merge()
-    return out
-
-
-def _rows(out: Path, kind: str = "generator") -> dict[str, dict]:
-    dsd = datasets.load_from_disk(str(out / kind))
-    return {r["pair_id"]: r for ds in dsd.values() for r in ds.data.table.to_pylist()}  # raw: bytes, exact floats
+    return build_reference(builder, tmp_path_factory.mktemp("ref"))
 
 
 def test_schema_and_dtypes(built):
@@ -107,7 +94,7 @@ def test_subject_level_split(built, phantom_dir):
     meta = {r["file"]: r for r in csv.DictReader(open(phantom_dir / "meta.csv"))}
     where: dict[str, set] = {}
     for kind in ("generator", "clip_i2t"):
-        for pid, r in _rows(out, kind).items():
+        for pid, r in rows(out, kind).items():
             where.setdefault(r["subject_id"], set()).add(r["split"])
             assert split_matches(meta[Path(r["file"]).name]["split"], r["split"]), pid
     assert where and all(len(v) == 1 for v in where.values())
@@ -181,11 +168,11 @@ def test_one_vs_two_ranks_identical(builder, reference, tmp_path):
     builder.run_worker(1, 2, plan=plan)  # ranks in any order
     builder.run_worker(0, 2, plan=plan)
     builder.merge()
-    a, b = _rows(reference), _rows(two)
+    a, b = rows(reference), rows(two)
     assert a and a.keys() == b.keys()
     for pid in a:
         assert a[pid] == b[pid], pid
-    assert _rows(reference, "clip_i2t") == _rows(two, "clip_i2t")
+    assert rows(reference, "clip_i2t") == rows(two, "clip_i2t")
 
 
 def test_corrupt_image_reported_and_skipped(phantom_dir, tmp_path, builder):
@@ -203,7 +190,7 @@ def test_corrupt_image_reported_and_skipped(phantom_dir, tmp_path, builder):
     res = b.run_worker(0, 1)
     b.merge()
     assert [f for f, _ in res.skipped] and any(positives[0] in why for _, why in res.skipped)
-    ids = {pid.split("#")[0] for pid in _rows(tmp_path / "out")}
+    ids = {pid.split("#")[0] for pid in rows(tmp_path / "out")}
     assert f"val/{Path(positives[0]).stem}" not in ids
     assert {f"val/{Path(p).stem}" for p in positives[1:]} <= ids
     again = b.run_worker(0, 1)  # not marked done: reported again, the others are not redone

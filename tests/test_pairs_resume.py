@@ -12,44 +12,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pairs_common import KINDS, NO_CLIP, build_reference, make_builder, rows
 
 datasets = pytest.importorskip("datasets")
 
 # one scan per shard and per generator call: many shards to kill between (and the CLI runs' settings)
 FAST = dict(generator="tiny", k=2, steps=2, clip="tiny", batch_items=1, chunk_size=1, progress=False)
-NO_CLIP = "contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"
-KINDS = ("generator", "clip_t2i", "clip_i2t")
 CLI = "negdpo.preference.pairs.build_cli"
 
 
 @pytest.fixture(scope="module")
 def builder(phantom_dir, tmp_path_factory):
     """One loaded Builder (test split, no CLIP judge) reused by the resume tests."""
-    from negdpo.preference.pairs.build import BuildConfig, Builder
-
-    cfg = BuildConfig(data=str(phantom_dir), out=str(tmp_path_factory.mktemp("unused")), splits="test",
-                      judges=NO_CLIP, **FAST)
-    return Builder(cfg, device="cpu")
+    return make_builder(phantom_dir, tmp_path_factory.mktemp("unused"), FAST)
 
 
 @pytest.fixture(scope="module")
 def reference(builder, tmp_path_factory):
     """Uninterrupted single-process build of the builder's config."""
-    out = tmp_path_factory.mktemp("ref")
-    builder.use_out(out).run_worker(0, 1)
-    builder.merge()
-    return out
-
-
-def _rows(out: Path, kind: str = "generator") -> dict[str, dict]:
-    dsd = datasets.load_from_disk(str(out / kind))
-    return {r["pair_id"]: r for ds in dsd.values() for r in ds.data.table.to_pylist()}
+    return build_reference(builder, tmp_path_factory.mktemp("ref"))
 
 
 def _same_rows(a: Path, b: Path) -> None:
     """Every row of every kind equal (``code_version`` aside: other helpers commit while tests run)."""
     for kind in KINDS:
-        ra, rb = _rows(a, kind), _rows(b, kind)
+        ra, rb = rows(a, kind), rows(b, kind)
         assert ra and ra.keys() == rb.keys(), kind
         for pid in ra:
             assert ra[pid] | {"code_version": ""} == rb[pid] | {"code_version": ""}, pid
