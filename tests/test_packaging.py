@@ -52,3 +52,15 @@ def test_trainer_help_and_setting_errors_import_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "2 False", out.stderr[-2000:]
     assert "gen_train: error: max_train_steps=0: must be an integer >= 1" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["gen_train.py", "clip_train.py", "seg_train.py"])
+def test_entry_scripts_run_from_the_checkout(script):
+    """``accelerate launch gen_train.py`` puts the checkout first on sys.path, where the orchestration folder
+    ``negdpo/`` is found before the installed mapping: the sub-packages must still import (from the checkout)."""
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage" in out.stdout.lower()
+    code = "import negdpo.core, negdpo.configs, negdpo.preference.pairs; print(negdpo.core.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and Path(out.stdout.strip()).parent == ROOT / "core", out.stderr[-2000:]
