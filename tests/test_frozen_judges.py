@@ -187,3 +187,11 @@ def test_add_lesion_free_subject_level_rate():
     add_lesion_free(rows, gen, n_boot=100, seed=0)
     assert [r["lesion_free_rate"] for r in rows] == [0.75, 0.5, 1.0, None]  # subjects a: 1/2, b: 1 -> (0.5 + 1) / 2
     assert rows[0]["lesion_free_rate_ci"][0] <= 0.75 <= rows[0]["lesion_free_rate_ci"][1]
+
+
+def test_lesion_free_rate_falls_with_lesion_strength(detector, phantoms):
+    held = phantoms["held"]
+    masks = [s.mask for s in held]
+    rates = [detector.lesion_free_rate([s.twin + a * (s.image - s.twin) for s in held], masks)
+             for a in (0.0, 0.5, 1.0)]  # twin -> half-contrast lesion -> the positive
+    assert rates[0] >= rates[1] >= rates[2] and rates[0] - rates[2] >= 0.7
