@@ -35,6 +35,7 @@ from pathlib import Path
 
 from negdpo.core.config import resolve_device
 from negdpo.study_eval import held_out_positives, score_generator  # noqa: F401  (re-exported)
+from negdpo.study_stages import PG_ROWS
 from negdpo.study_tables import CLIP_LABELS, CLIP_VARIANTS, GEN_LABELS  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("negdpo.study")
@@ -97,6 +98,17 @@ class StudyConfig:
     prompt_word: str = "tumor"  # the one-word prompt of the prompt-sensitivity rows
     prompt_irrelevant: str = "a photo of a cat sitting on a chair"
     bootstrap: int = 2000
+    # stage 2 (negdpo.segmentation.prompt_generator, prompt-free, on the first seed's chains) and VL-SAM rows
+    pg_steps: int = 0  # prompt-generator training steps per row (0 = no pg_* rows)
+    pg_lr: float = 1e-2
+    pg_batch: int = 2
+    pg_rows: list[str] = field(default_factory=lambda: list(PG_ROWS))
+    pg_best_variant: str = "dpo_gen"  # the fine-tuned chain of pg_pseudo_best, fixed in advance (no peek at test)
+    pg_extra: dict = field(default_factory=dict)  # SegTrainConfig overrides
+    vlm_steps: int = 0  # report-generation steps of the tiny VLM on the pre-training pool (0 = no vlsam row)
+    vlm_lr: float = 2e-3
+    vlm_batch: int = 8
+    vlm_extra: dict = field(default_factory=dict)  # VlmTrainConfig overrides
 
     def __post_init__(self) -> None:
         """Types, ranges, variant names and every ``*_extra`` key are checked before any stage runs."""
@@ -104,8 +116,15 @@ class StudyConfig:
 
         check_positive(self, "phantoms_n", "phantoms_size", "phantoms_slices", "gen_sft_steps", "gen_dpo_steps",
                        "gen_batch", "gen_sample_steps", "pairs_k", "pairs_steps", "clip_pretrain_steps",
-                       "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds")
-        check_finite_positive(self, "gen_lr", "gen_beta", "gen_autoencoder_lr", "clip_pretrain_lr", "clip_finetune_lr")
+                       "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds", "pg_batch", "vlm_batch")
+        check_finite_positive(self, "gen_lr", "gen_beta", "gen_autoencoder_lr", "clip_pretrain_lr", "clip_finetune_lr",
+                              "pg_lr", "vlm_lr")
+        for key in ("pg_steps", "vlm_steps"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0 (0 = off)")
+        bad = sorted(set(self.pg_rows) - set(PG_ROWS))
+        check(not bad, "pg_rows", self.pg_rows, f"unknown {bad}; choose from {list(PG_ROWS)}")
+        check(self.pg_best_variant in CLIP_VARIANTS[1:], "pg_best_variant", self.pg_best_variant,
+              f"one of the fine-tuned variants {list(CLIP_VARIANTS[1:])}")
         check(self.gen_autoencoder_steps >= 0, "gen_autoencoder_steps", self.gen_autoencoder_steps, "must be >= 0")
         check(self.phantoms_pretrain_n >= 0, "phantoms_pretrain_n", self.phantoms_pretrain_n, "must be >= 0")
         area = self.phantoms_lesion_area
@@ -130,9 +149,11 @@ def _extra_targets() -> dict[str, type]:
     from negdpo.preference.clip.config import ClipTrainConfig
     from negdpo.preference.pairs.config import BuildConfig
     from negdpo.segmentation.evaluate import EvalConfig
+    from negdpo.segmentation.prompt_generator.train import SegTrainConfig
+    from negdpo.segmentation.vlm_train import VlmTrainConfig
 
     return {"gen_extra": GenTrainConfig, "pairs_extra": BuildConfig, "clip_extra": ClipTrainConfig,
-            "eval_extra": EvalConfig}
+            "eval_extra": EvalConfig, "pg_extra": SegTrainConfig, "vlm_extra": VlmTrainConfig}
 
 
 # -- stage bookkeeping -----------------------------------------------------------------------------
@@ -340,14 +361,16 @@ def run_study(cfg: StudyConfig) -> dict:
                 "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings,
                 "irrelevant": cfg.prompt_irrelevant}
 
+    eval_options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
+                    "device": cfg.device, "bootstrap": 200, "control_prompt": cfg.prompt_irrelevant} | cfg.eval_extra
+    eval_options.pop("overwrite_output_dir", None)
+
     def run_eval(d: Path, word: bool) -> dict:
         from negdpo.segmentation.evaluate import evaluate
 
-        options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
-                   "device": cfg.device, "bootstrap": 200, "control_prompt": cfg.prompt_irrelevant} | cfg.eval_extra
+        options = dict(eval_options)
         if word:
             options |= {"prompt_template": cfg.prompt_word, "control_prompt": None, "save_images": False}
-        options.pop("overwrite_output_dir", None)
         res = evaluate(str(phantoms), clips, str(d / "eval"), overwrite_output_dir=True,
                        **options)  # the stage owns d: a rerun replaces its evaluation
         return {"rows": json.loads(json.dumps(res.rows, default=float)), "report": str(d / "eval" / "report.md")}
@@ -371,14 +394,22 @@ def run_study(cfg: StudyConfig) -> dict:
             for tsne in Path(ckpts[name, seeds[0]]).parent.glob("tsne*.png"):
                 shutil.copy(tsne, out / "figures" / f"tsne_{name}.png")
     long_rows = E.long_segmentation_rows(seg["rows"], seg_word["rows"], E.lesion_groups(phantoms))
+    # 6b. stage 2 (prompt generator on pseudo-labels / ground truth) and VL-SAM, on the first seed's chains
+    from negdpo.study_stages import run_stage2_rows
+
+    extra_rows, stage2 = run_stage2_rows(cfg, stage, work, phantoms, ckpts, seeds[0], eval_options, ph_settings,
+                                         pretrain_split)
+    long_rows += extra_rows
+    extra_cmp = T.stage2_comparisons(cfg.pg_best_variant)
     oracle_stat = subject_ci(_group_by(oracle["rows"] if oracle else [], "dice"), cfg.bootstrap, cfg.seed)
     results = {"preset": cfg.preset, "code_version": code_version(),
                "n_test_positive": len({r["image"] for r in long_rows}),
                "oracle_box_dice": T.num(oracle_stat[0]), "oracle_box_dice_ci": [T.num(oracle_stat[1]),
                                                                                  T.num(oracle_stat[2])],
                "segmentation": T.segmentation_rows(long_rows, cfg.bootstrap, cfg.seed),
-               "comparisons": (T.comparisons(long_rows, cfg.bootstrap, cfg.seed, "dice")
-                               + T.comparisons(long_rows, cfg.bootstrap, cfg.seed, "prompt_gap")),
+               "comparisons": (T.comparisons(long_rows, cfg.bootstrap, cfg.seed, "dice", extra_cmp)
+                               + T.comparisons(long_rows, cfg.bootstrap, cfg.seed, "prompt_gap", extra_cmp)),
+               "stage2": stage2,
                "generator": T.generator_rows(gen_rows, cfg.bootstrap, cfg.seed),
                "twin_outside_mi": T.twin_outside_mi(gen_rows, cfg.bootstrap, cfg.seed),
                "realism_auc": {},  # the independent real-vs-generated judge does not exist yet

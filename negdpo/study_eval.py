@@ -126,15 +126,18 @@ def write_harmonic_set(phantoms: Path, out: Path, splits: tuple[str, ...] = ("tr
     return out
 
 
-def long_segmentation_rows(report_rows: list[dict], word_rows: list[dict], groups: dict[str, str]) -> list[dict]:
+def long_segmentation_rows(report_rows: list[dict], word_rows: list[dict], groups: dict[str, str],
+                           prompt_free: bool = False) -> list[dict]:
     """Per (variant, seed, image, prompt) Dice of positives from the two evaluations.
 
     ``report_rows``: the evaluation with each scan's report as the prompt and the irrelevant control;
     ``word_rows``: the evaluation with the one-word prompt. Checkpoint names are ``<variant>.s<seed>``.
+    ``prompt_free``: rows of a segmenter without a prompt (the prompt generator): one ``report`` row per
+    image, no control (its NaN control column is not a Dice).
     """
     out = []
-    for rows, prompt_keys in ((report_rows, (("report", "dice"), ("irrelevant", "control_dice"))),
-                              (word_rows, (("word", "dice"),))):
+    report_keys = (("report", "dice"),) if prompt_free else (("report", "dice"), ("irrelevant", "control_dice"))
+    for rows, prompt_keys in ((report_rows, report_keys), (word_rows, (("word", "dice"),))):
         for r in rows:
             if not int(r.get("positive", 0)):
                 continue

@@ -30,6 +30,13 @@ CLIP_LABELS = {"base": "base (contrastive pre-training)", "dhn_nce": "DHN-NCE (b
                "dpo_gen": "CLIP-DPO, generated negatives", "dpo_twin": "CLIP-DPO, twin negatives (oracle)",
                "dpo_harmonic": "CLIP-DPO, harmonic-fill negatives (no generator)",
                "dpo_entropy": "CLIP-DPO + attention entropy", "stages": "two-stage OT"}
+# rows beyond the CLIP variants (negdpo.study_stages): stage 2 (prompt-free, no prompt: report rows only) and VL-SAM
+STAGE2_VARIANTS = ("pg_pseudo_base", "pg_pseudo_best", "pg_supervised", "vlsam")
+ROW_LABELS = {**CLIP_LABELS, "pg_pseudo_base": "stage 2: prompt generator on the base chain's pseudo-labels",
+              "pg_pseudo_best": "stage 2: prompt generator on a fine-tuned chain's pseudo-labels",
+              "pg_supervised": "prompt generator on ground truth (supervised ceiling)",
+              "vlsam": "VL-SAM (tiny VLM trained on the pool)"}
+VARIANTS = (*CLIP_VARIANTS, *STAGE2_VARIANTS)
 GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
               "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
 PROMPTS = ("report", "word", "irrelevant")
@@ -41,6 +48,14 @@ COMPARISONS = (("dhn_nce", "base", "DHN-NCE vs base"), ("dpo_gen", "dhn_nce", "C
                ("dpo_harmonic", "dpo_gen", "harmonic-fill vs generated negatives"),
                ("dpo_entropy", "dpo_gen", "attention entropy vs none"), ("stages", "dpo_gen", "two-stage OT vs none"))
 MODALITIES = ("mri", "us", "all")
+
+
+def stage2_comparisons(best: str) -> tuple[tuple[str, str, str], ...]:
+    """Stage 2 vs the stage 1 it learned from, the supervised ceiling vs the zero-shot base, VL-SAM vs M2IB."""
+    return (("pg_pseudo_base", "base", "stage 2 vs stage 1 (base chain)"),
+            ("pg_pseudo_best", best, f"stage 2 vs stage 1 ({best} chain)"),
+            ("pg_supervised", "base", "supervised ceiling vs zero-shot base"),
+            ("vlsam", "base", "VL-SAM vs M2IB (base CLIP)"))
 
 
 def num(x: Any) -> float | None:
@@ -73,7 +88,7 @@ def _paired(rows: Iterable[dict]) -> dict[str, float]:
 def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dict]:
     """One contract row per (variant, prompt) that ran; the prompt gap (report - irrelevant) on report rows."""
     out = []
-    for variant in CLIP_VARIANTS:
+    for variant in VARIANTS:
         mine = [r for r in long_rows if r["variant"] == variant]
         if not mine:
             continue
@@ -108,18 +123,21 @@ def _per_key(long_rows: list[dict], variant: str, metric: str) -> dict[str, floa
     return {k: report[k] - ctl[k] for k in report.keys() & ctl.keys()}
 
 
-def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "dice") -> list[dict]:
+def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "dice",
+                extra: tuple[tuple[str, str, str], ...] = ()) -> list[dict]:
     """Mean paired per-(image, seed) difference a - b of ``metric`` with its bootstrap CI and a verdict for a.
 
     ``dice``: Dice with the report prompt; ``prompt_gap``: report − irrelevant-prompt Dice (does a make the
-    saliency more prompt-specific than b?).
+    saliency more prompt-specific than b?). ``extra``: (a, b, question) beyond ``COMPARISONS`` (e.g.
+    :func:`stage2_comparisons`). Pairs are (image, seed): a row trained from one seed's chain pairs with
+    that seed's rows of b only.
     """
     if metric not in ("dice", "prompt_gap"):
         raise ValueError(f"metric '{metric}': dice or prompt_gap")
-    per = {v: _per_key(long_rows, v, metric) for v in CLIP_VARIANTS}
+    per = {v: _per_key(long_rows, v, metric) for v in VARIANTS}
     out = []
-    for a, b, question in COMPARISONS:
-        if not per[a] or not per[b]:
+    for a, b, question in (*COMPARISONS, *extra):
+        if not per.get(a) or not per.get(b):
             continue
         stat = paired_diff_ci(per[a], per[b], n_boot, seed)
         out.append({"a": a, "b": b, "question": question, "metric": metric, "prompt": "report",
@@ -171,12 +189,13 @@ def fmt(mean: float | None, ci: list | None = None, digits: int = 3) -> str:
 
 
 def segmentation_md(rows: list[dict]) -> str:
-    lines = ["| CLIP checkpoint | prompt | n img | seeds | Dice | " + " | ".join(GROUP_LABELS[g] for g in GROUPS)
+    lines = ["| checkpoint / segmenter | prompt | n img | seeds | Dice | " + " | ".join(GROUP_LABELS[g] for g in GROUPS)
              + " | prompt gap (report − irrelevant) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         groups = " | ".join(fmt(r["dice_by_group"][g]) for g in GROUPS)
         gap = fmt(r["prompt_gap"], r["prompt_gap_ci"]) if r["prompt"] == "report" else ""
-        lines.append(f"| {CLIP_LABELS[r['variant']]} | {r['prompt']} | {r['n_images']} | {r['n_seeds']} | "
+        gap = "— (prompt-free)" if r["variant"].startswith("pg_") else gap
+        lines.append(f"| {ROW_LABELS[r['variant']]} | {r['prompt']} | {r['n_images']} | {r['n_seeds']} | "
                      f"{fmt(r['dice_mean'], r['dice_ci'])} | {groups} | {gap} |")
     return "\n".join(lines)
 
@@ -202,6 +221,39 @@ def generator_md(rows: list[dict]) -> str:
         lines.append(f"| {GEN_LABELS.get(r['method'], r['method'])} | {paste} | {r['modality']} | {r['n_images']} | "
                      f"{fmt(r['inside_err'], r['inside_err_ci'])} | {fmt(r['outside_psnr'], r['outside_psnr_ci'], 2)} | "
                      f"{fmt(r['outside_mi'])} | {fmt(r['residual_lesion'])} | {fmt(r['lesion_free_rate'])} |")
+    return "\n".join(lines)
+
+
+def stage2_md(info: dict | None) -> str:
+    """What the stage-2 and VL-SAM rows are, and what they cost (from ``results["stage2"]``)."""
+    if not info or (not info.get("pg") and not info.get("vlsam")):
+        return "Stage 2 (prompt generator) and VL-SAM rows: not run (`pg_steps: 0`, `vlm_steps: 0`)."
+    lines = []
+    if info.get("pg"):
+        lines.append(
+            f"**Stage 2** (`pg_*` rows, CLIP seed {info['seed']}): the MaskSAM-style prompt generator is trained on the "
+            "train split and segments the test split **prompt-free** (no CLIP, no saliency, no prompt), so these rows "
+            "have the `report` prompt only and no prompt gap. `pg_pseudo_*` train on the masks of a zero-shot chain run "
+            "on the train images whose report says tumour (report as the prompt; healthy reports -> empty masks: the "
+            "image-level label comes from the report, the lesion's extent never from ground truth); `pg_supervised` "
+            f"trains on the ground-truth masks (the ceiling). `pg_pseudo_best` uses the `{info['pg_best_variant']}` "
+            "chain, fixed in the config (`pg_best_variant`) before any test number was seen.")
+        for variant, pl in (info.get("pseudo_labels") or {}).items():
+            lines.append(f"- pseudo-labels of the `{variant}` chain: {pl.get('n_pseudo')} of {pl.get('n_images')} "
+                         f"train images, Dice vs ground truth {fmt(pl.get('pseudo_dice_vs_gt'))}")
+        for row, r in info["pg"].items():
+            lines.append(f"- `{row}`: " + (r if isinstance(r, str) else
+                         f"{r.get('train_images')} images, {r.get('n_targets')} targets, trained in "
+                         f"{r.get('train_seconds')} s"))
+    vl = info.get("vlsam")
+    if vl:
+        vlm = vl.get("vlm") or {}
+        lines.append(
+            f"\n**VL-SAM** (`vlsam`): the tiny Qwen2-VL preset taught to write the reports of split "
+            f"`{vlm.get('split')}` ({vlm.get('steps')} steps, loss {fmt(vlm.get('loss_first'))} -> "
+            f"{fmt(vlm.get('loss_last'))}); its regularised attention flow for the prompt's object word is the "
+            f"saliency (without SAM: the same post-processing as the CLIP rows; with SAM: points from the map's peaks). "
+            f"{fmt(vl.get('seconds_per_map'))} s per map ({vl.get('maps')} maps).")
     return "\n".join(lines)
 
 
@@ -239,6 +291,7 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "a map that ignores the prompt has a gap of 0.", "",
         segmentation_md(results["segmentation"]), "",
         f"Oracle box: {oracle}.", "",
+        stage2_md(results.get("stage2")), "",
         "## Comparisons (paired)", "",
         "Mean per-(image, seed) difference a − b with a 95% bootstrap CI; *better* / *worse* when the CI "
         "excludes 0, else *inconclusive*. *Dice*: with the report prompt; *prompt gap*: report − irrelevant-prompt "
