@@ -14,7 +14,7 @@ Both are a standardised logistic regression (scikit-learn, deterministic) on han
 the fitted numbers are stored as arrays (``.npz``, no pickle) plus a JSON header. The pair-building judges
 (:mod:`negdpo.preference.pairs.judges`) are a different thing and are not used here.
 
-Formulas: docs/method.md#frozen-judges.
+Formulas: docs/method.md#generator-metrics.
 """
 
 from __future__ import annotations
@@ -172,6 +172,11 @@ class _Linear:
                    float(arrays["intercept"][0])), header
 
 
+def _subject(name: str) -> str:
+    """``mri_0003_1.png`` -> ``mri_0003`` (as ``negdpo.study_eval.subject_of``)."""
+    return Path(name).stem.rsplit("_", 1)[0]
+
+
 def _place_mask(mask: np.ndarray, image: np.ndarray, rng: np.random.Generator, tries: int = 30
                 ) -> np.ndarray | None:
     """``mask`` shifted to a random place of ``image``'s foreground (>= 90% of it on pixels > 0.05)."""
@@ -245,18 +250,26 @@ class LesionDetector:
         """Share of images judged lesion-free (P(lesion) < threshold)."""
         return float(np.mean(self.predict_proba(images, masks) < threshold))
 
-    def accuracy_on(self, scans: Sequence, threshold: float = 0.5) -> dict[str, float]:
+    def accuracy_on(self, scans: Sequence, threshold: float = 0.5, n_boot: int = 2000, seed: int = 0) -> dict:
         """Accuracy on real positives (should be called lesion) vs their twins (lesion-free), same regions.
 
-        Also ``sensitivity`` (positives called lesion) and ``specificity`` (twins called lesion-free).
+        Also ``sensitivity`` (positives called lesion), ``specificity`` (twins called lesion-free) and a
+        95% bootstrap CI of the accuracy over subjects (``negdpo.core.stats.subject_ci``).
         """
+        from negdpo.core.stats import subject_ci
+
         pos = [s for s in scans if s.positive and s.twin is not None]
         if not pos:
             raise ValueError("accuracy_on needs positives with healthy twins")
         p_pos = self.predict_proba([s.image for s in pos], [s.mask for s in pos])
         p_twin = self.predict_proba([s.twin for s in pos], [s.mask for s in pos])
         sens, spec = float(np.mean(p_pos >= threshold)), float(np.mean(p_twin < threshold))
-        return {"accuracy": (sens + spec) / 2, "sensitivity": sens, "specificity": spec, "n_positive": len(pos)}
+        per: dict[str, list[float]] = {}
+        for s, a, b in zip(pos, p_pos >= threshold, p_twin < threshold):
+            per.setdefault(_subject(s.name), []).append((float(a) + float(b)) / 2)
+        _, lo, hi = subject_ci(per, n_boot, seed)
+        return {"accuracy": (sens + spec) / 2, "accuracy_ci": [lo, hi], "sensitivity": sens, "specificity": spec,
+                "n_positive": len(pos)}
 
     def save(self, directory: str | Path) -> Path:
         if self.model is None:
@@ -367,9 +380,6 @@ def fit_realism_judge(real_imgs: Sequence[np.ndarray], fake_imgs: Sequence[np.nd
 
 
 # -- study helpers ----------------------------------------------------------------------------------------
-def _subject(name: str) -> str:
-    return Path(name).stem.rsplit("_", 1)[0]
-
 
 def lesion_columns(detector: LesionDetector, scans: Sequence, outputs: Sequence[np.ndarray],
                    threshold: float = 0.5) -> list[dict[str, float]]:

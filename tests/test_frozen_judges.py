@@ -101,6 +101,8 @@ def test_detector_separates_test_positives_from_twins(detector, phantoms):
     acc = detector.accuracy_on(phantoms["test"])
     assert acc["n_positive"] == len(phantoms["test"]) >= 10
     assert acc["accuracy"] >= 0.9 and acc["sensitivity"] >= 0.8 and acc["specificity"] >= 0.8
+    assert acc["accuracy"] == pytest.approx((acc["sensitivity"] + acc["specificity"]) / 2)
+    assert acc["accuracy_ci"][0] <= acc["accuracy"] <= acc["accuracy_ci"][1]
 
 
 def test_harmonic_fill_judged_lesion_free_much_more_often(detector, phantoms):
