@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import metrics as M
-from .postprocess import coarse_mask
+from .postprocess import coarse_mask, foreground_mask
 from .sam_prompt import SamConfig, SamSegmenter
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class EvalConfig:
     m2ib_steps: int = 10
     m2ib_lr: float = 1.0
     m2ib_samples: int = 10
+    m2ib_target: Literal["prompt", "contrast"] = "prompt"  # contrast: prompt - healthy report (saliency.m2ib)
     surgery_start: int | None = None
     oracle_sigma: float = 0.02
     vlm: str = "tiny"
@@ -80,6 +81,7 @@ class EvalConfig:
     vlsam_negative: int = 3
     post: Literal["kmeans", "threshold", "otsu"] = "kmeans"
     threshold: float = 0.3
+    post_foreground: bool = False  # restrict the coarse mask to the scan's anatomy (postprocess.foreground_mask)
     num_components: int = 1
     ties: Literal["exact", "parity"] = "exact"
     kmeans_parity: bool = False
@@ -190,8 +192,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def _saliency_options(cfg: EvalConfig) -> dict[str, Any]:
     return {"layer": cfg.m2ib_layer, "beta": cfg.m2ib_beta, "steps": cfg.m2ib_steps, "lr": cfg.m2ib_lr,
-            "samples": cfg.m2ib_samples, "surgery_start": cfg.surgery_start, "oracle_sigma": cfg.oracle_sigma,
-            "vlm": cfg.vlm}
+            "samples": cfg.m2ib_samples, "target": cfg.m2ib_target, "surgery_start": cfg.surgery_start,
+            "oracle_sigma": cfg.oracle_sigma, "vlm": cfg.vlm}
 
 
 def _settings(cfg: EvalConfig) -> dict[str, Any]:
@@ -270,8 +272,9 @@ def _run(cfg: EvalConfig, method: Any, scan_list: list, skipped: list, prompts: 
                                       options=_saliency_options(cfg)) for name, b in bundles.items()}
     control = cfg.control_prompt if cfg.saliency != "oracle" else None  # the oracle ignores prompts
 
-    def to_coarse(sal: np.ndarray) -> np.ndarray:
-        return coarse_mask(sal, cfg.post, cfg.threshold, cfg.num_components, cfg.ties, cfg.kmeans_parity)
+    def to_coarse(sal: np.ndarray, image: np.ndarray) -> np.ndarray:
+        region = foreground_mask(image) if cfg.post_foreground else None
+        return coarse_mask(sal, cfg.post, cfg.threshold, cfg.num_components, cfg.ties, cfg.kmeans_parity, region)
 
     rows: list[dict[str, Any]] = []
     timing = {"saliency_s": 0.0, "sam_s": 0.0, "metrics_s": 0.0}
@@ -282,8 +285,10 @@ def _run(cfg: EvalConfig, method: Any, scan_list: list, skipped: list, prompts: 
         for name, ctx in contexts.items():
             sal = method(ctx, batch, batch_prompts)
             ctl = method(ctx, batch, [control] * len(batch)) if control else [None] * len(batch)
-            per_ckpt[name] = {"sal": sal, "ctl": ctl, "coarse": [to_coarse(s) for s in sal],
-                              "ctl_coarse": [to_coarse(s) if s is not None else None for s in ctl]}
+            per_ckpt[name] = {"sal": sal, "ctl": ctl,
+                              "coarse": [to_coarse(s, sc.image) for s, sc in zip(sal, batch)],
+                              "ctl_coarse": [to_coarse(s, sc.image) if s is not None else None
+                                             for s, sc in zip(ctl, batch)]}
         timing["saliency_s"] += time.perf_counter() - t0
         for i, scan in enumerate(batch):
             point_seed = derive_seed("points", scan.name, base=cfg.seed)

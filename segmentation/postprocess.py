@@ -12,6 +12,11 @@
 * ``boxes_from_mask``: OpenCV external contours; ``"union"`` = one box around all of them, ``"per_component"``
   = one per contour; XYXY with exclusive right/bottom (``x + w``), x1/y1 clipped to W-1/H-1 as in
   the public code. An empty mask gives no box.
+* ``foreground_mask`` (optional, ``region`` of ``coarse_mask``): the scan's anatomy -- Otsu's threshold of the
+  Gaussian-smoothed image, the largest 8-connected component, its convex hull filled (the brain outline and
+  the ultrasound fan are convex; the hull also takes in dark lesions and hypoechoic masses at the border,
+  which a plain hole fill would miss). With a region, k-means is fitted on the map's values inside it only
+  and the coarse mask is restricted to it, so bright skull/background edges cannot win the cluster.
 * ``sample_points``: ``n`` positive pixels without replacement (all of them if fewer), optional
   negatives from the background, from a seeded ``numpy.random.Generator`` (the public code is unseeded).
 
@@ -32,12 +37,48 @@ def _u8(saliency: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(saliency, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
-def kmeans_mask(saliency: np.ndarray, parity: bool = False, random_state: int = 10) -> np.ndarray:
-    """Two-cluster k-means foreground of a [0, 1] map (constant map -> empty mask)."""
+def foreground_mask(image: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """The scan's anatomy (bool, H x W): Otsu on the smoothed 8-bit image -> largest component -> filled convex hull.
+
+    A constant image gives an all-True mask (nothing to separate)."""
+    img = np.asarray(image, np.float64)
+    if img.ndim == 3:
+        img = img.mean(-1)
+    if img.max() > 1.0:
+        img = img / 255.0
+    u8 = _u8(cv2.GaussianBlur(img, (0, 0), sigma) if sigma > 0 else img)
+    if u8.min() == u8.max():
+        return np.ones(u8.shape, bool)
+    t, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    largest = keep_largest(u8 > t, 1)
+    hull = cv2.convexHull(np.stack(np.nonzero(largest)[::-1], axis=1).astype(np.int32))
+    out = np.zeros(u8.shape, np.uint8)
+    cv2.fillPoly(out, [hull.reshape(-1, 2)], 1)
+    return out.astype(bool) | largest
+
+
+def kmeans_mask(saliency: np.ndarray, parity: bool = False, random_state: int = 10,
+                region: np.ndarray | None = None) -> np.ndarray:
+    """Two-cluster k-means foreground of a [0, 1] map (constant map -> empty mask).
+
+    ``region`` (bool, same shape): fit on the map's values inside it only; the result lies inside it."""
     from sklearn.cluster import KMeans
 
     sal = np.asarray(saliency, np.float64)
     h, w = sal.shape
+    if region is not None:
+        region = np.asarray(region, bool)
+        if parity:
+            raise ValueError("kmeans parity reproduces the public code, which has no region: use one or the other")
+        if not region.any():
+            return np.zeros((h, w), bool)
+        levels, counts = np.unique(_u8(sal[region]), return_counts=True)
+        if len(levels) < 2:
+            return np.zeros((h, w), bool)
+        km = KMeans(n_clusters=2, random_state=random_state, n_init=10)
+        km.fit(levels.reshape(-1, 1) / 255.0, sample_weight=counts)
+        fg_levels = levels[km.labels_ == int(np.argmax(km.cluster_centers_[:, 0]))]
+        return np.isin(_u8(sal), fg_levels) & region
     if parity:
         sal = cv2.resize(_u8(sal), (256, 256), interpolation=cv2.INTER_NEAREST).astype(np.float64) / 255.0
     if np.ptp(sal) == 0:
@@ -138,14 +179,18 @@ def sample_points(mask: np.ndarray, n: int, rng: np.random.Generator,
 
 
 def coarse_mask(saliency: np.ndarray, method: PostMethod = "kmeans", threshold: float = 0.3, k: int = 1,
-                ties: Literal["exact", "parity"] = "exact", parity: bool = False) -> np.ndarray:
-    """Saliency -> binary mask (method) -> K-largest-component filter."""
+                ties: Literal["exact", "parity"] = "exact", parity: bool = False,
+                region: np.ndarray | None = None) -> np.ndarray:
+    """Saliency -> binary mask (method) -> K-largest-component filter; ``region`` (e.g. ``foreground_mask``)
+    restricts the mask (and the k-means fit) to it."""
     if method == "kmeans":
-        fg = kmeans_mask(saliency, parity=parity)
+        fg = kmeans_mask(saliency, parity=parity, region=region)
     elif method == "threshold":
         fg = threshold_mask(saliency, threshold)
     elif method == "otsu":
-        fg = otsu_mask(saliency)
+        fg = otsu_mask(saliency) if region is None else otsu_mask(np.where(region, saliency, 0.0))
     else:
         raise ValueError(f"unknown post-processing '{method}' (use kmeans, threshold or otsu)")
+    if region is not None:
+        fg = fg & np.asarray(region, bool)
     return keep_largest(fg, k, ties)

@@ -8,6 +8,10 @@ small and randomly initialised, so it loads through exactly the code path real w
 The vision trunk is timm's registered ``test_vit`` (so the folder loads with plain open_clip, no
 import side effects); its position embedding is built for 160 px and interpolated to the 14 x 14
 patch grid at 224 px (``dynamic_img_size``), whereas BiomedCLIP's is fixed at 14 x 14.
+
+``tiny-wide`` is the same family, wider (for grounding text in the patch grid, docs/saliency_levers.md):
+vision width 128 with 4 heads (timm model ``negdpo_tiny_wide_vit``, registered when this module is
+imported, position embedding fixed at 14 x 14), joint embedding 64, BERT width 128 with 4 heads.
 """
 
 from __future__ import annotations
@@ -30,6 +34,36 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_CONTEXT = 64
 
 
+TINY_WIDE_VIT = "negdpo_tiny_wide_vit"
+TINY_WIDE_EMBED = 64
+TINY_WIDE_BERT = dict(vocab_size=0, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=256, max_position_embeddings=TINY_CONTEXT, hidden_dropout_prob=0.1,
+                      attention_probs_dropout_prob=0.1)
+
+
+def _register_tiny_wide_vit() -> None:
+    """timm ``negdpo_tiny_wide_vit``: ViT patch 16 at 224 px, width 128, depth 6, 4 heads, MLP ratio 3, CLS."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    if TINY_WIDE_VIT in timm.list_models(TINY_WIDE_VIT):
+        return
+
+    def negdpo_tiny_wide_vit(pretrained: bool = False, **kwargs):
+        from timm.models import PretrainedCfg
+
+        args = dict(img_size=224, patch_size=16, embed_dim=128, depth=6, num_heads=4, mlp_ratio=3,
+                    pretrained_cfg=PretrainedCfg(architecture=TINY_WIDE_VIT, input_size=(3, 224, 224)))
+        return _create_vision_transformer(TINY_WIDE_VIT, pretrained=pretrained, **dict(args, **kwargs))
+
+    negdpo_tiny_wide_vit.__module__ = __name__
+    register_model(negdpo_tiny_wide_vit)
+
+
+_register_tiny_wide_vit()
+
+
 TINY_BERT = dict(vocab_size=0, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                  max_position_embeddings=TINY_CONTEXT, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
@@ -44,25 +78,37 @@ def tiny_clip_model(bert_dir: Path):
     return open_clip.CustomTextCLIP(**biomedclip_model_cfg(bert_dir, 32, "test_vit", TINY_CONTEXT))
 
 
-def _build_tiny_clip(folder: Path, final: Path) -> None:
+def _build_small_clip(folder: Path, final: Path, bert: dict, embed: int, vit: str) -> None:
+    import open_clip
     from safetensors.torch import save_file
 
     from .presets import _write_bert, biomedclip_model_cfg
 
-    _write_bert(folder, TINY_BERT, TINY_CONTEXT, None)
-    model = tiny_clip_model(folder)  # built from the temp folder's BERT config
+    _write_bert(folder, bert, TINY_CONTEXT, None)
+    torch.manual_seed(0)
+    model = open_clip.CustomTextCLIP(**biomedclip_model_cfg(folder, embed, vit, TINY_CONTEXT))  # temp folder's BERT
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
     preprocess_cfg = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic",
                       "resize_mode": "shortest"}
     (folder / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": biomedclip_model_cfg(final, 32, "test_vit", TINY_CONTEXT), "preprocess_cfg": preprocess_cfg},
+        {"model_cfg": biomedclip_model_cfg(final, embed, vit, TINY_CONTEXT), "preprocess_cfg": preprocess_cfg},
         indent=2))
 
 
+def _build_tiny_clip(folder: Path, final: Path) -> None:
+    _build_small_clip(folder, final, TINY_BERT, 32, "test_vit")
+
+
+def _build_tiny_wide_clip(folder: Path, final: Path) -> None:
+    _build_small_clip(folder, final, TINY_WIDE_BERT, TINY_WIDE_EMBED, TINY_WIDE_VIT)
+
+
 def resolve_clip(name: str) -> str:
-    """Map ``tiny`` / ``biomedclip-random`` / ``hf-hub:<id>`` / ``local-dir:<path>`` / a folder to an open_clip name."""
+    """Map ``tiny`` / ``tiny-wide`` / ``biomedclip-random`` / ``hf-hub:<id>`` / ``local-dir:<path>`` / a folder to an open_clip name."""
     if name == "tiny":
         return f"local-dir:{build_once('tiny-clip', _build_tiny_clip)}"
+    if name == "tiny-wide":
+        return f"local-dir:{build_once('tiny-wide-clip', _build_tiny_wide_clip)}"
     if name == "biomedclip-random":
         from .presets import write_biomedclip
 
@@ -81,7 +127,7 @@ def resolve_clip(name: str) -> str:
             "or use the offline preset `tiny`."))
         return name
     raise ModelNotAvailableError(
-        f"unknown CLIP model '{name}': use 'tiny', 'biomedclip-random', 'hf-hub:<org>/<repo>' or 'local-dir:<folder>'")
+        f"unknown CLIP model '{name}': use 'tiny', 'tiny-wide', 'biomedclip-random', 'hf-hub:<org>/<repo>' or 'local-dir:<folder>'")
 
 
 def _own_text_tower(model_name: str) -> dict:

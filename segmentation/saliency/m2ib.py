@@ -16,6 +16,14 @@ noise from its own generator seeded with ``derive_seed(seed, image name)`` -- so
 not depend on which images share its batch (up to float rounding of batched matmuls).
 ``vvar`` of the public code has no effect there and is not an option here.
 
+Target (``target``): ``"prompt"`` (MedCLIP-SAMv2) is the prompt's embedding. ``"contrast"`` (a departure
+from MedCLIP-SAMv2, off by default) is the unit prompt embedding minus the unit embedding of the healthy
+report of the scan's modality (``HEALTHY_BY_MODALITY``): the bottleneck then keeps what makes the image
+match *this report rather than a normal scan of the same kind*, not what makes it match the modality --
+a small CLIP's prompt embeddings are dominated by their shared modality direction, which gives the same
+map for any prompt. An irrelevant prompt minus the healthy report points nowhere in particular, so the
+paired prompt gap shows whether the map became prompt-specific.
+
 Formulas and sources: docs/method.md#m2ib.
 """
 
@@ -47,6 +55,11 @@ from .common import (
 #: breast ultrasound; any other modality gets ``DEFAULT_BETA``. An explicit ``beta`` overrides it.
 BETA_BY_MODALITY = {"mri": 2.0, "brain": 2.0, "us": 1.0, "breast": 1.0}
 DEFAULT_BETA = 1.0
+#: The healthy report of each modality (the phantoms' first healthy template) for ``target="contrast"``.
+HEALTHY_BY_MODALITY = {"mri": "A T1-weighted axial brain MRI with no tumour.",
+                       "brain": "A T1-weighted axial brain MRI with no tumour.",
+                       "us": "A breast ultrasound image with no mass.",
+                       "breast": "A breast ultrasound image with no mass."}
 
 
 def modality_beta(name: str) -> float:
@@ -65,6 +78,7 @@ class M2IBConfig:
     lr: float = 1.0
     samples: int = 10
     init: float = 5.0
+    target: str = "prompt"  # "prompt" | "contrast" (module doc)
 
 
 def capacity(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -144,13 +158,34 @@ def _optimise(visual, images: torch.Tensor, text_feats: torch.Tensor, seeds: Seq
     return cap_last, x
 
 
+def healthy_prompt(name: str) -> str:
+    """The healthy report of a scan's modality (file-name prefix), for ``target="contrast"``."""
+    try:
+        return HEALTHY_BY_MODALITY[name.split("_", 1)[0].lower()]
+    except KeyError:
+        raise ValueError(f"M2IB target 'contrast' needs a known modality prefix ({', '.join(HEALTHY_BY_MODALITY)}) "
+                         f"in the scan name; got '{name}'") from None
+
+
+def target_features(model, tokenizer, prompts: Sequence[str], names: Sequence[str], target: str,
+                    device) -> torch.Tensor:
+    """M2IB's text target per image: the prompt embedding, or (``contrast``) unit prompt - unit healthy report."""
+    tf = text_features(model, tokenizer, prompts, device)
+    if target == "prompt":
+        return tf
+    if target != "contrast":
+        raise ValueError(f"unknown M2IB target '{target}' (use 'prompt' or 'contrast')")
+    hf = text_features(model, tokenizer, [healthy_prompt(n) for n in names], device)
+    return F.normalize(tf.float(), dim=-1) - F.normalize(hf.float(), dim=-1)
+
+
 def image_seeds(names: Sequence[str], seed: int) -> list[int]:
     return [derive_seed("m2ib", name, base=seed) for name in names]
 
 
 @register("m2ib")
 def m2ib(ctx: SaliencyContext, scans: Sequence, prompts: Sequence[str]) -> list[np.ndarray]:
-    """Options (``ctx.options``): layer, beta (None = per modality), steps, lr, samples (``M2IBConfig``)."""
+    """Options (``ctx.options``): layer, beta (None = per modality), steps, lr, samples, target (``M2IBConfig``)."""
     if ctx.clip is None:
         raise ValueError("m2ib needs a CLIP model")
     model, preprocess, tokenizer = ctx.clip
@@ -159,6 +194,6 @@ def m2ib(ctx: SaliencyContext, scans: Sequence, prompts: Sequence[str]) -> list[
     images = preprocess_batch([s.image for s in scans], preprocess, ctx.device)
     betas = [modality_beta(s.name) if cfg.beta is None else cfg.beta for s in scans]
     with eval_mode(model):
-        tf = text_features(model, tokenizer, prompts, ctx.device)
+        tf = target_features(model, tokenizer, prompts, [s.name for s in scans], cfg.target, ctx.device)
         grids = m2ib_grids(model, images, tf, image_seeds([s.name for s in scans], ctx.seed), cfg, betas)
     return grids_to_frames(grids, [s.image.shape[:2] for s in scans], input_size(model.visual), ctx.align)
