@@ -150,8 +150,9 @@ class _Linear:
         return cls(tuple(columns), mean, scale, lr.coef_[0].astype(np.float64), float(lr.intercept_[0]))
 
     def proba(self, x: np.ndarray) -> np.ndarray:
-        z = ((x - self.mean) / self.scale) @ self.coef + self.intercept
-        return 1.0 / (1.0 + np.exp(-z))
+        from scipy.special import expit
+
+        return expit(((x - self.mean) / self.scale) @ self.coef + self.intercept)
 
     def save(self, directory: Path, name: str, header: dict) -> None:
         directory.mkdir(parents=True, exist_ok=True)
