@@ -74,6 +74,7 @@ class EvalConfig:
     m2ib_lr: float = 1.0
     m2ib_samples: int = 10
     m2ib_target: Literal["prompt", "contrast"] = "prompt"  # contrast: prompt - healthy report (saliency.m2ib)
+    m2ib_readout: Literal["capacity", "lambda"] = "capacity"  # lambda: kept share, not capacity (saliency.m2ib)
     surgery_start: int | None = None
     oracle_sigma: float = 0.02
     vlm: str = "tiny"
@@ -192,8 +193,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def _saliency_options(cfg: EvalConfig) -> dict[str, Any]:
     return {"layer": cfg.m2ib_layer, "beta": cfg.m2ib_beta, "steps": cfg.m2ib_steps, "lr": cfg.m2ib_lr,
-            "samples": cfg.m2ib_samples, "target": cfg.m2ib_target, "surgery_start": cfg.surgery_start,
-            "oracle_sigma": cfg.oracle_sigma, "vlm": cfg.vlm}
+            "samples": cfg.m2ib_samples, "target": cfg.m2ib_target, "readout": cfg.m2ib_readout,
+            "surgery_start": cfg.surgery_start, "oracle_sigma": cfg.oracle_sigma, "vlm": cfg.vlm}
 
 
 def _settings(cfg: EvalConfig) -> dict[str, Any]:

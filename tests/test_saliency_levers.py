@@ -105,3 +105,23 @@ def test_tiny_wide_preset_shape_and_saliency_grid():
     assert emb.shape == (1, 64)
     grids = m2ib_grids(model, torch.randn(1, 3, 224, 224), emb, [0], M2IBConfig(steps=1, samples=1, beta=1.0))
     assert grids.shape == (1, 14, 14) and torch.isfinite(grids).all()
+
+
+def test_lambda_readout_is_the_kept_share_of_the_last_forward(tiny_clip):
+    """readout="lambda": sigmoid(alpha) of the last forward, channel mean. After one step that forward used the
+    initial alpha, so the map is sigmoid(init) everywhere; after more steps it moves and stays in (0, 1)."""
+    import math
+
+    from negdpo.segmentation.saliency.m2ib import M2IBConfig, m2ib_grids
+
+    model, _, tok = tiny_clip
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tf = model.encode_text(tok(["a tumour", "a mass"]))
+    one = m2ib_grids(model, images, tf, [1, 2], M2IBConfig(steps=1, samples=1, beta=1.0, init=2.0, readout="lambda"))
+    torch.testing.assert_close(one, torch.full((2, 14, 14), 1 / (1 + math.exp(-2.0))))
+    more = m2ib_grids(model, images, tf, [1, 2], M2IBConfig(steps=3, samples=1, beta=1.0, init=2.0, readout="lambda"))
+    assert more.std() > 0 and ((more > 0) & (more < 1)).all()
+    with pytest.raises(ValueError, match="readout"):
+        m2ib_grids(model, images, tf, [1, 2], M2IBConfig(steps=1, samples=1, readout="other"))

@@ -6,8 +6,11 @@ alpha (T x D) per image, initialised to ``init`` (5.0). With lambda = sigmoid(al
     capacity C = -1/2 (1 + ln s2 - mu^2 - s2), mu = lambda * x, s2 = (1 - lambda)^2 (KL to N(0,1));
     loss_b = beta * mean_{t,c} C - mean_samples cos(f_text_b, f_img(z)), cosine eps 1e-6 on the
     unnormalised projections. Adam(lr=1.0, betas (0.9, 0.999), eps 1e-8), ``steps`` (10) updates.
-Read-out: capacity of the last forward (lambda after steps-1 updates), summed over channels, CLS
-dropped, patch grid -> bilinear to the crop -> min-max -> scan frame (see ``common``).
+Read-out (``readout``): ``"capacity"`` (MedCLIP-SAMv2) -- capacity of the last forward (lambda after steps-1 updates), summed over channels, CLS
+dropped, patch grid -> bilinear to the crop -> min-max -> scan frame (see ``common``). The capacity
+holds (lambda x)^2, so a token's score grows with its activation norm whatever the prompt; ``"lambda"``
+(a departure, off by default) reads the kept share sigmoid(alpha) averaged over channels instead, which
+does not scale with the token's norm (dark lesions have low-norm tokens).
 
 Batching: the tokens up to the bottleneck are computed once without gradients; only the later blocks
 run in the loop, for all images x samples at once. The summed (not averaged) per-image losses make
@@ -79,6 +82,7 @@ class M2IBConfig:
     samples: int = 10
     init: float = 5.0
     target: str = "prompt"  # "prompt" | "contrast" (module doc)
+    readout: str = "capacity"  # "capacity" (MedCLIP-SAMv2) | "lambda": mean kept share sigmoid(alpha) per token
 
 
 def capacity(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -120,19 +124,24 @@ def m2ib_grids(model, images: torch.Tensor, text_feats: torch.Tensor, seeds: Seq
         p.requires_grad_(False)
     with eval_mode(model):
         try:
-            cap_last, x = _optimise(visual, images, text_feats, seeds, cfg, layer, beta)
+            cap_last, x, alpha = _optimise(visual, images, text_feats, seeds, cfg, layer, beta)
         finally:
             for p in params:
                 p.requires_grad_(True)
+    b = images.shape[0]
+    if cfg.readout == "lambda":  # the alpha of the last forward, as the capacity read-out uses
+        return torch.sigmoid(alpha[:, prefix:]).mean(-1).reshape(b, gh, gw)
+    if cfg.readout != "capacity":
+        raise ValueError(f"unknown M2IB readout '{cfg.readout}' (use 'capacity' or 'lambda')")
     if cap_last is None:  # steps == 0: capacity at init
         cap_last = capacity(x, torch.full_like(x, cfg.init))
-    b = images.shape[0]
     return cap_last[:, prefix:].sum(-1).reshape(b, gh, gw)
 
 
 def _optimise(visual, images: torch.Tensor, text_feats: torch.Tensor, seeds: Sequence[int], cfg: M2IBConfig,
-              layer: int, beta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The bottleneck optimisation; returns (capacity of the last forward or None, the tokens at ``layer``)."""
+              layer: int, beta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The bottleneck optimisation; returns (capacity of the last forward or None, the tokens at ``layer``,
+    the alpha of the last forward)."""
     device = images.device
     with torch.no_grad():
         x = tokens_through(visual, images, layer)  # (B, T, D), computed once
@@ -142,7 +151,7 @@ def _optimise(visual, images: torch.Tensor, text_feats: torch.Tensor, seeds: Seq
     opt = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     gens = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
     tf = text_feats.detach().float()[:, None, :]
-    cap_last = None
+    cap_last, alpha_last = None, alpha.detach().clone()
     for _ in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         eps = torch.stack([torch.randn((s, t, d), generator=g, device=device) for g in gens])
@@ -153,9 +162,9 @@ def _optimise(visual, images: torch.Tensor, text_feats: torch.Tensor, seeds: Seq
         cap = capacity(x, alpha)  # noise-free: the same for every sample
         loss = (beta * cap.mean(dim=(1, 2)) - cos.mean(dim=1)).sum()
         loss.backward()
-        cap_last = cap.detach()
+        cap_last, alpha_last = cap.detach(), alpha.detach().clone()
         opt.step()
-    return cap_last, x
+    return cap_last, x, alpha_last
 
 
 def healthy_prompt(name: str) -> str:
