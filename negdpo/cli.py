@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("negdpo.generator.sample", "turn positives + masks into negatives with a (LoRA) generator"),
     "build-pairs": ("negdpo.preference.pairs.build_cli", "generate, judge and write preference-pair datasets"),
     "evaluate": ("negdpo.segmentation.cli", "zero-shot segmentation evaluation of CLIP checkpoints"),
+    "pretrain-sam": ("negdpo.segmentation.sam_pretrain", "pre-train the tiny SAM as a promptable segmenter on a pre-training pool"),
     "train-vlm": ("negdpo.segmentation.vlm_train", "train a (tiny) vision-language model as a report writer for VL-SAM"),
     "study": ("negdpo.study", "the phantom study: the whole chain end to end"),
 }
