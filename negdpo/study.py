@@ -109,6 +109,12 @@ class StudyConfig:
     vlm_lr: float = 2e-3
     vlm_batch: int = 8
     vlm_extra: dict = field(default_factory=dict)  # VlmTrainConfig overrides
+    # frozen judges of the generator table (negdpo.generator.frozen_judges), fitted on the pool only
+    judges: bool = True  # needs phantoms_pretrain_n > 0
+    judge_pool_max: int = 48  # pool positives each generator repairs to fit the realism judge (0 = no realism AUC)
+    # the tiny SAM pre-trained on the pool (negdpo.segmentation.sam_pretrain); 0 = off (random tiny SAM)
+    sam_pretrain_steps: int = 0
+    sam_pretrain_extra: dict = field(default_factory=dict)  # SamPretrainConfig overrides (architecture, prompts, lr)
 
     def __post_init__(self) -> None:
         """Types, ranges, variant names and every ``*_extra`` key are checked before any stage runs."""
@@ -119,7 +125,7 @@ class StudyConfig:
                        "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds", "pg_batch", "vlm_batch")
         check_finite_positive(self, "gen_lr", "gen_beta", "gen_autoencoder_lr", "clip_pretrain_lr", "clip_finetune_lr",
                               "pg_lr", "vlm_lr")
-        for key in ("pg_steps", "vlm_steps"):
+        for key in ("pg_steps", "vlm_steps", "judge_pool_max", "sam_pretrain_steps"):
             check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0 (0 = off)")
         bad = sorted(set(self.pg_rows) - set(PG_ROWS))
         check(not bad, "pg_rows", self.pg_rows, f"unknown {bad}; choose from {list(PG_ROWS)}")
@@ -150,10 +156,12 @@ def _extra_targets() -> dict[str, type]:
     from negdpo.preference.pairs.config import BuildConfig
     from negdpo.segmentation.evaluate import EvalConfig
     from negdpo.segmentation.prompt_generator.train import SegTrainConfig
+    from negdpo.segmentation.sam_pretrain import SamPretrainConfig
     from negdpo.segmentation.vlm_train import VlmTrainConfig
 
     return {"gen_extra": GenTrainConfig, "pairs_extra": BuildConfig, "clip_extra": ClipTrainConfig,
-            "eval_extra": EvalConfig, "pg_extra": SegTrainConfig, "vlm_extra": VlmTrainConfig}
+            "eval_extra": EvalConfig, "pg_extra": SegTrainConfig, "vlm_extra": VlmTrainConfig,
+            "sam_pretrain_extra": SamPretrainConfig}
 
 
 # -- stage bookkeeping -----------------------------------------------------------------------------
@@ -291,14 +299,24 @@ def run_study(cfg: StudyConfig) -> dict:
 
     # 2. generator table on held-out positives (learned generators with and without paste-back)
     scans = E.held_out_positives(phantoms)
+    detector, pool, judges = None, [], None  # the frozen judges: fitted on the pre-training pool only
+    if cfg.judges and cfg.phantoms_pretrain_n > 0:
+        from negdpo.generator.frozen_judges import LesionDetector
+
+        judges = stage("frozen_judges", {"phantoms": ph_settings, "seed": cfg.seed},
+                       lambda d: E.fit_lesion_detector(phantoms, d, cfg.seed))
+        detector, pool = LesionDetector.load(judges["path"]), E.pool_positives(phantoms, cfg.judge_pool_max)
     gen_rows: list[dict] = []
+    realism: list[dict] = []
     for variant in ("identity", "harmonic", *gen_variants):
         settings = {"variant": variant, "adapter_stamp": _stamp_of(work, f"gen_{variant}"), "phantoms": ph_settings,
-                    "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px, "seed": cfg.seed}
+                    "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px, "seed": cfg.seed,
+                    "judges": judges and _stamp_of(work, "frozen_judges"), "pool": [s.name for s in pool]}
         res = stage(f"geneval_{variant}", settings, lambda d, v=variant: E.score_generator(
             v, scans, d, model=cfg.gen_model, adapter=adapters.get(v), device=device, steps=cfg.gen_sample_steps,
-            seed=cfg.seed, seam_px=cfg.gen_seam_px))
+            seed=cfg.seed, seam_px=cfg.gen_seam_px, detector=detector, pool_scans=pool, n_boot=cfg.bootstrap))
         gen_rows += res["rows"]
+        realism += res.get("realism", [])
         if variant in GEN_VARIANTS:
             shutil.copy(res["grid"], out / "figures" / f"generator_{variant}.png")
 
@@ -355,15 +373,28 @@ def run_study(cfg: StudyConfig) -> dict:
                 cfg, d, f"local-dir:{ckpts['base', sd]}", a[0], a[1], cfg.clip_finetune_steps, cfg.clip_finetune_lr,
                 sd, **a[2]))["checkpoint"]
 
+    # 5b. the tiny SAM pre-trained as a promptable segmenter on the pool: the SAM of the chain (eval_sam: tiny),
+    # of the oracle-box row and of the prompt-generator rows
+    sam_ckpt, sam_info = cfg.eval_extra.get("sam_checkpoint"), None
+    if cfg.sam_pretrain_steps > 0:
+        from negdpo.study_stages import pretrain_sam_on_pool
+
+        sam_info = stage("sam_pretrain", {"phantoms": ph_settings, "steps": cfg.sam_pretrain_steps, "seed": cfg.seed,
+                                          "extra": cfg.sam_pretrain_extra}, lambda d: pretrain_sam_on_pool(
+            phantoms, d, steps=cfg.sam_pretrain_steps, seed=cfg.seed, extra=cfg.sam_pretrain_extra))
+        sam_ckpt = sam_info["checkpoint"]
+
     # 6. zero-shot segmentation of the test subjects: report + irrelevant prompt, then the one-word prompt
     clips = {f"{v}.s{sd}": f"local-dir:{p}" for (v, sd), p in ckpts.items()}
     eval_set = {"clips": {f"{v}.s{sd}": _stamp_of(work, f"clip_{v}_s{sd}") for v, sd in ckpts},
                 "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings,
-                "irrelevant": cfg.prompt_irrelevant}
+                "irrelevant": cfg.prompt_irrelevant, "sam_stamp": _stamp_of(work, "sam_pretrain")}
 
     eval_options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
                     "device": cfg.device, "bootstrap": 200, "control_prompt": cfg.prompt_irrelevant} | cfg.eval_extra
     eval_options.pop("overwrite_output_dir", None)
+    if sam_ckpt:
+        eval_options["sam_checkpoint"] = sam_ckpt
 
     def run_eval(d: Path, word: bool) -> dict:
         from negdpo.segmentation.evaluate import evaluate
@@ -378,10 +409,11 @@ def run_study(cfg: StudyConfig) -> dict:
     seg = stage("evaluate", eval_set, lambda d: run_eval(d, False))
     seg_word = stage("evaluate_word", eval_set | {"word": cfg.prompt_word}, lambda d: run_eval(d, True))
     oracle = None
-    if cfg.eval_sam != "none":
-        sam_ckpt = cfg.eval_extra.get("sam_checkpoint")
-        oracle = stage("oracle_box", {"sam": cfg.eval_sam, "checkpoint": sam_ckpt, "phantoms": ph_settings},
-                       lambda d: {"rows": E.oracle_box(phantoms, "test", cfg.eval_sam, sam_ckpt, device)})
+    oracle_sam = cfg.eval_sam if cfg.eval_sam != "none" else ("tiny" if cfg.sam_pretrain_steps > 0 else None)
+    if oracle_sam:
+        oracle = stage("oracle_box", {"sam": oracle_sam, "checkpoint": sam_ckpt, "phantoms": ph_settings,
+                                      "sam_stamp": _stamp_of(work, "sam_pretrain")},
+                       lambda d: {"rows": E.oracle_box(phantoms, "test", oracle_sam, sam_ckpt, device)})
 
     # 7. the results contract, figures, results.md
     T.plot_curves({v: Path(adapters[v]) / "metrics.jsonl" for v in gen_variants},
@@ -409,10 +441,12 @@ def run_study(cfg: StudyConfig) -> dict:
                "segmentation": T.segmentation_rows(long_rows, cfg.bootstrap, cfg.seed),
                "comparisons": (T.comparisons(long_rows, cfg.bootstrap, cfg.seed, "dice", extra_cmp)
                                + T.comparisons(long_rows, cfg.bootstrap, cfg.seed, "prompt_gap", extra_cmp)),
-               "stage2": stage2,
-               "generator": T.generator_rows(gen_rows, cfg.bootstrap, cfg.seed),
+               "stage2": stage2, "sam_pretrain": sam_info, "oracle_sam": oracle_sam,
+               "generator": T.generator_rows(gen_rows, cfg.bootstrap, cfg.seed, judged=judges is not None),
                "twin_outside_mi": T.twin_outside_mi(gen_rows, cfg.bootstrap, cfg.seed),
-               "realism_auc": {},  # the independent real-vs-generated judge does not exist yet
+               "realism_auc": {r["method"] + ("_no_paste" if r["paste_back"] is False else ""): r["auc"]
+                               for r in realism}, "realism": realism,
+               "lesion_detector": judges and {k: judges[k] for k in ("info", "held_out_accuracy")},
                "seeds": seeds, "clip_pretrain_split": pretrain_split, "pairs": pairs["summary"],
                "stage_seconds": stage_seconds, "config": asdict(cfg)}
     T.write_csv(out / "generator_metrics.csv", gen_rows)

@@ -57,49 +57,92 @@ def repaint_mask(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(mask, iterations=GEN_REPAINT_DILATION)
 
 
+def _repairs(method: str, scans: list, masks: list, *, model: str | None, adapter: str | None, device: str,
+             steps: int, seed: int, seam_px: float) -> dict[bool | None, list[np.ndarray]]:
+    """{paste_back: outputs} of one method on ``scans`` (None: the non-learned methods)."""
+    from negdpo.core.config import derive_seed
+    from negdpo.core.imageio import to_gray
+    from negdpo.preference.pairs.judges import harmonic_fill
+
+    if method == "identity":
+        return {None: [to_gray(s.image) for s in scans]}
+    if method == "harmonic":
+        return {None: [harmonic_fill(to_gray(s.image), m) for s, m in zip(scans, masks)]}
+    from negdpo.generator.sample import inpaint, load_generator, paste_back_blend
+
+    pipe = load_generator(model or "tiny", adapter=adapter, device=device)
+    seeds = [derive_seed("study-gen", s.name, base=seed) for s in scans]
+    raw = inpaint(pipe, [s.image for s in scans], masks, [s.prompt or "" for s in scans], seeds,
+                  steps=steps, paste_back=False)
+    nopaste = [to_gray(np.asarray(o, np.float32)) for o in raw]
+    return {False: nopaste, True: [paste_back_blend(to_gray(s.image), o, m, seam_px)
+                                   for s, o, m in zip(scans, nopaste, masks)]}
+
+
 def score_generator(method: str, scans: list, out: Path, *, model: str | None = None, adapter: str | None = None,
-                    device: str = "cpu", steps: int = 20, seed: int = 0, seam_px: float = 2.0) -> dict:
+                    device: str = "cpu", steps: int = 20, seed: int = 0, seam_px: float = 2.0,
+                    detector: Any = None, pool_scans: list | None = None, n_boot: int = 1000) -> dict:
     """Repair held-out positives and score them against their twins.
 
     ``identity`` (no repair) and ``harmonic`` (classical fill) change nothing outside the repaint mask by
     construction (``paste_back`` None). A learned generator samples once without paste-back; the
     pasted output (:func:`negdpo.generator.sample.paste_back_blend`) is derived from the same sample, so
     the two rows differ only by the paste.
+
+    Frozen judges (:mod:`negdpo.generator.frozen_judges`, fitted on the pre-training pool only):
+    ``detector`` adds ``lesion_prob`` / ``lesion_free`` to every row; ``pool_scans`` (pool positives) are
+    repaired the same way to fit the real-vs-generated judge per paste setting, whose AUC on the held-out
+    repairs vs their twins is returned under ``realism``.
     """
-    from negdpo.core.config import derive_seed
     from negdpo.core.figures import write_grid
     from negdpo.core.imageio import to_gray
     from negdpo.generator.evaluate import repair_metrics
-    from negdpo.preference.pairs.judges import harmonic_fill
 
+    opts = dict(model=model, adapter=adapter, device=device, steps=steps, seed=seed, seam_px=seam_px)
     masks = [repaint_mask(s.mask) for s in scans]
-    outputs: dict[bool | None, list[np.ndarray]] = {}
-    if method == "identity":
-        outputs[None] = [to_gray(s.image) for s in scans]
-    elif method == "harmonic":
-        outputs[None] = [harmonic_fill(to_gray(s.image), m) for s, m in zip(scans, masks)]
-    else:
-        from negdpo.generator.sample import inpaint, load_generator, paste_back_blend
+    outputs = _repairs(method, scans, masks, **opts)
+    judged: dict = {"lesion": {}, "realism": []}
+    if detector is not None:
+        from negdpo.generator.frozen_judges import score_with_judges
 
-        pipe = load_generator(model or "tiny", adapter=adapter, device=device)
-        seeds = [derive_seed("study-gen", s.name, base=seed) for s in scans]
-        raw = inpaint(pipe, [s.image for s in scans], masks, [s.prompt or "" for s in scans], seeds,
-                      steps=steps, paste_back=False)
-        outputs[False] = [to_gray(np.asarray(o, np.float32)) for o in raw]
-        outputs[True] = [paste_back_blend(to_gray(s.image), o, m, seam_px)
-                         for s, o, m in zip(scans, outputs[False], masks)]
+        pool_outputs = (_repairs(method, pool_scans, [repaint_mask(s.mask) for s in pool_scans], **opts)
+                        if pool_scans else None)
+        judged = score_with_judges(detector, method, scans, outputs, pool_scans or None, pool_outputs, seed, n_boot)
     rows = []
     for paste, outs in outputs.items():
-        for s, m, o in zip(scans, masks, outs):
+        lesion = judged["lesion"].get(paste) or [{}] * len(scans)
+        for s, m, o, extra in zip(scans, masks, outs, lesion):
             metrics = repair_metrics(o, to_gray(s.image), to_gray(s.twin), s.mask, m, residual=_residual_lesion)
             rows.append({"method": method, "paste_back": paste, "file": s.name, "subject_id": subject_of(s.name),
-                         "modality": s.name.split("_", 1)[0], **metrics})
+                         "modality": s.name.split("_", 1)[0], **metrics, **extra})
     labels = ["positive", "repaint mask"] + [{None: "output", False: "output (no paste-back)",
                                               True: "output (paste-back)"}[p] for p in outputs] + ["healthy twin"]
     grid = [[to_gray(s.image), m.astype(np.float32), *[outs[i] for outs in outputs.values()], to_gray(s.twin)]
             for i, (s, m) in enumerate(list(zip(scans, masks))[:6])]
     write_grid(out / "samples.png", grid, column_labels=labels)
-    return {"rows": rows, "grid": str(out / "samples.png")}
+    return {"rows": rows, "grid": str(out / "samples.png"), "realism": json.loads(json.dumps(judged["realism"]))}
+
+
+def fit_lesion_detector(phantoms: Path, out: Path, seed: int) -> dict:
+    """The frozen residual-lesion detector, fitted on the pre-training pool only, and its accuracy on the
+    held-out (val + test) real positives vs their twins, overall and per lesion group."""
+    from negdpo.core.scans import ScanFolder
+    from negdpo.generator.frozen_judges import LesionDetector, detector_report
+
+    pool = ScanFolder(phantoms).load_split("pretrain")
+    detector = LesionDetector(seed=seed).fit(pool)
+    detector.save(out / "lesion_detector")
+    report = detector_report(detector, held_out_positives(phantoms), lesion_groups(phantoms))
+    return {"path": str(out / "lesion_detector"), "info": detector.info, "held_out_accuracy": report}
+
+
+def pool_positives(phantoms: Path, limit: int) -> list:
+    """Up to ``limit`` positives of the pre-training pool (every ``k``-th, so both modalities stay in)."""
+    from negdpo.core.scans import ScanFolder
+
+    pos = [s for s in ScanFolder(phantoms).load_split("pretrain") if s.positive]
+    step = max(1, -(-len(pos) // limit)) if limit > 0 else 1
+    return pos[::step][:limit] if limit > 0 else []
 
 
 def write_harmonic_set(phantoms: Path, out: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:

@@ -189,3 +189,14 @@ def run_stage2_rows(cfg: Any, stage: Any, work: Path, phantoms: Path, ckpts: dic
         info["vlsam"] = {"vlm": vlm, **{k: v for k, v in res.items() if not k.endswith("rows")}}
         rows += long_segmentation_rows(res["rows"], res["word_rows"], groups)
     return rows, info
+
+
+def pretrain_sam_on_pool(phantoms: Path, out: Path, *, steps: int, seed: int, extra: dict[str, Any]) -> dict:
+    """The tiny SAM pre-trained as a promptable segmenter on the ``pretrain`` split only
+    (:func:`negdpo.segmentation.sam_pretrain.pretrain_sam`; it refuses any other split)."""
+    from negdpo.segmentation.sam_pretrain import SamPretrainConfig, pretrain_sam
+
+    base = dict(data=str(phantoms), split="pretrain", output_dir=str(out / "run"), run_name="sam_pretrain",
+                max_train_steps=steps, seed=seed, report_to="none", checkpointing_steps=0, overwrite_output_dir=True)
+    res = pretrain_sam(SamPretrainConfig(**{**base, **extra}))
+    return {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}

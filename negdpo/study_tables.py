@@ -147,11 +147,12 @@ def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "di
 
 
 # -- generator -------------------------------------------------------------------------------------
-def generator_rows(gen_rows: list[dict], n_boot: int, seed: int) -> list[dict]:
+def generator_rows(gen_rows: list[dict], n_boot: int, seed: int, judged: bool = False) -> list[dict]:
     """One contract row per (method, paste_back, modality) with subject-level CIs; ``all`` pools modalities.
 
     ``paste_back`` is None for the non-learned rows (no repair, harmonic fill: they change nothing outside
-    the mask by construction). ``lesion_free_rate`` stays None until the independent judges exist.
+    the mask by construction). ``judged``: the rows carry the frozen residual-lesion detector's
+    ``lesion_free`` (else ``lesion_free_rate`` stays None: no invented number).
     """
     keys = list(dict.fromkeys((r["method"], r["paste_back"]) for r in gen_rows))
     out = []
@@ -168,7 +169,14 @@ def generator_rows(gen_rows: list[dict], n_boot: int, seed: int) -> list[dict]:
             out.append({"method": method, "modality": modality, "paste_back": paste, "n_images": len(rows),
                         "inside_err": num(err[0]), "inside_err_ci": _ci(err), "outside_psnr": num(psnr[0]),
                         "outside_psnr_ci": _ci(psnr), "outside_mi": num(mi[0]), "residual_lesion": num(res[0]),
-                        "lesion_free_rate": None})
+                        "lesion_free_rate": None, "lesion_free_rate_ci": None})
+    if judged:
+        from negdpo.generator.frozen_judges import add_lesion_free
+
+        add_lesion_free(out, gen_rows, n_boot, seed)
+        for r in out:
+            r["lesion_free_rate"] = num(r["lesion_free_rate"])
+            r["lesion_free_rate_ci"] = [num(v) for v in r["lesion_free_rate_ci"]] if r["lesion_free_rate_ci"] else None
     return out
 
 
@@ -220,7 +228,8 @@ def generator_md(rows: list[dict]) -> str:
         paste = {None: "—", True: "yes", False: "no"}[r["paste_back"]]
         lines.append(f"| {GEN_LABELS.get(r['method'], r['method'])} | {paste} | {r['modality']} | {r['n_images']} | "
                      f"{fmt(r['inside_err'], r['inside_err_ci'])} | {fmt(r['outside_psnr'], r['outside_psnr_ci'], 2)} | "
-                     f"{fmt(r['outside_mi'])} | {fmt(r['residual_lesion'])} | {fmt(r['lesion_free_rate'])} |")
+                     f"{fmt(r['outside_mi'])} | {fmt(r['residual_lesion'])} | "
+                     f"{fmt(r['lesion_free_rate'], r.get('lesion_free_rate_ci'))} |")
     return "\n".join(lines)
 
 
@@ -257,6 +266,35 @@ def stage2_md(info: dict | None) -> str:
     return "\n".join(lines)
 
 
+def lesion_free_md(detector: dict | None) -> str:
+    """The lesion-free column's note: which judge, trained on what, and how accurate it is on real scans."""
+    if not detector:
+        return "*Lesion-free rate*: not measured (no frozen residual-lesion detector: `judges: false` or no pool)."
+    acc = detector.get("held_out_accuracy") or {}
+    groups = ", ".join(f"{GROUP_LABELS.get(g, g)} {fmt(a.get('accuracy'))}" for g, a in acc.items() if g != "all")
+    a = acc.get("all") or {}
+    return ("*Lesion-free rate*: share of repairs the frozen residual-lesion detector (logistic regression on region "
+            "features, fitted on the pre-training pool only, never used for pairs or training) calls lesion-free, "
+            f"with its subject-bootstrap CI. Its accuracy on the held-out real positives vs their twins: "
+            f"{fmt(a.get('accuracy'))} (sensitivity {fmt(a.get('sensitivity'))}, specificity "
+            f"{fmt(a.get('specificity'))}; {groups}).")
+
+
+def realism_md(rows: list[dict]) -> str:
+    """Realism AUC per generator and paste setting (0.5 = indistinguishable from the real twins)."""
+    if not rows:
+        return "Realism AUC (real-vs-generated judge): not measured (`judges: false`, no pool, or `judge_pool_max: 0`)."
+    lines = ["Realism AUC of a real-vs-generated classifier fitted per generator on its repairs of pool positives vs "
+             "their twins, scored on the held-out repairs vs their twins (0.5 = indistinguishable, 1 = always told "
+             "apart; subject-bootstrap CI):", "", "| generator | paste-back | pool / held-out images | AUC |",
+             "| --- | --- | --- | --- |"]
+    for r in rows:
+        paste = {None: "—", True: "yes", False: "no"}[r["paste_back"]]
+        lines.append(f"| {GEN_LABELS.get(r['method'], r['method'])} | {paste} | {r['n_pool']} / {r['n_held_out']} | "
+                     f"{fmt(num(r['auc']), [num(v) for v in r['auc_ci']])} |")
+    return "\n".join(lines)
+
+
 def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
     """``results.md`` from the contract (``results.json``) alone."""
     import yaml
@@ -266,8 +304,15 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
     seeds = results.get("seeds", [cfg["seed"]])
     twin_mi = results.get("twin_outside_mi") or [None, None, None]
     oracle = (f"**{fmt(results['oracle_box_dice'], results.get('oracle_box_dice_ci'))}** (ground-truth box → SAM "
-              f"`{cfg['eval_sam']}`; the ceiling of the box-prompted chain)" if results.get("oracle_box_dice") is not None
+              f"`{results.get('oracle_sam') or cfg['eval_sam']}`; the ceiling of the box-prompted chain)"
+              if results.get("oracle_box_dice") is not None
               else "not measured (the study ran without SAM: `eval_sam: none`)")
+    sam = results.get("sam_pretrain")
+    if sam:
+        oracle += (f". The tiny SAM was pre-trained as a promptable segmenter on the pre-training pool only "
+                   f"({sam.get('steps')} steps, {sam.get('train_images')} pool images; held-out pool lesions: box "
+                   f"Dice {fmt(num(sam.get('val_box_dice')))}, point Dice {fmt(num(sam.get('val_point_dice')))}); it is "
+                   "the SAM of the chain, of this row and of the prompt-generator rows")
     area = cfg.get("phantoms_lesion_area")
     lines = [
         "# Phantom study", "",
@@ -303,13 +348,11 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "show the model's own outside. *Inside-mask error vs twin*: mean |output − healthy twin| inside the lesion "
         "(0 = a perfect remover). *Outside PSNR / MI*: against the source outside the repaint mask (99 dB = "
         "identical). *Residual-lesion score*: 1 − the contrast judge of pair building (not independent of it). "
-        "*Lesion-free rate* needs the independent residual-lesion judge, which does not exist yet: n/a.", "",
+        + lesion_free_md(results.get("lesion_detector")), "",
         generator_md(results["generator"]), "",
         f"Outside-mask MI of the healthy twin itself against the source (the ceiling): {fmt(twin_mi[0], twin_mi[1:])}.",
         "",
-        "Realism AUC (real-vs-generated judge): " + (
-            ", ".join(f"`{k}` {v:.3f}" for k, v in results["realism_auc"].items()) if results.get("realism_auc")
-            else "not measured — the independent real-vs-generated judge does not exist yet.") + "", "",
+        realism_md(results.get("realism") or []), "",
         "## Preference pairs", "",
         f"Built with `negdpo build-pairs` from the `{cfg['pairs_adapter']}` generator, K = {cfg['pairs_k']} "
         f"candidates per positive, {cfg['pairs_steps']} sampling steps, judged with the first seed's base CLIP + "

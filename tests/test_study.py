@@ -13,10 +13,12 @@ from negdpo.core.stats import subject_ci
 from negdpo.generator.sample import paste_back_blend
 
 from negdpo.study import StudyConfig, load_study_config, run_study
-from negdpo.study_tables import comparisons, generator_rows, segmentation_rows
+from negdpo.study_tables import comparisons, generator_rows, segmentation_rows, stage2_comparisons
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "phantom_study.yaml")
+MICRO_SAM = {"img_size": 64, "patch_size": 8, "encoder_embed_dim": 16, "encoder_depth": 1, "encoder_num_heads": 2,
+             "prompt_embed_dim": 32, "decoder_mlp_dim": 64, "decoder_num_heads": 2, "iou_head_hidden_dim": 32}
 SEG_KEYS = {"variant", "prompt", "dice_mean", "dice_ci", "n_images", "n_seeds", "dice_by_group", "prompt_gap",
             "prompt_gap_ci"}
 
@@ -29,7 +31,9 @@ def _reduced(tmp: Path) -> StudyConfig:
                           "gen_variants": ["sft", "dpo_mi_sdpo"], "pairs_k": 2, "pairs_steps": 2,
                           "clip_variants": ["base", "dpo_gen", "dpo_harmonic"], "clip_seeds": 2,
                           "clip_pretrain_steps": 2, "clip_finetune_steps": 2, "clip_batch": 2, "bootstrap": 50,
-                          "eval_sam": "none",
+                          "eval_sam": "tiny", "pg_steps": 1, "vlm_steps": 2, "judge_pool_max": 4,
+                          "sam_pretrain_steps": 2, "sam_pretrain_extra": {**MICRO_SAM, "train_batch_size": 2,
+                                                                          "val_fraction": 0.3, "lr_warmup_steps": 0},
                           "gen_extra": {**cfg.gen_extra, "eval_pairs": 4, "eval_draws": 1},
                           "clip_extra": {**cfg.clip_extra, "tsne": False, "eval_batch_size": 8},
                           "eval_extra": {**cfg.eval_extra, "m2ib_steps": 2, "m2ib_samples": 2}})
@@ -52,34 +56,50 @@ def test_results_contract(study):
     assert on_disk["segmentation"] == results["segmentation"]
     assert {"preset", "code_version", "n_test_positive", "oracle_box_dice", "segmentation", "comparisons",
             "generator", "realism_auc"} <= set(on_disk)
-    assert on_disk["preset"] == "quick" and on_disk["realism_auc"] == {}
+    assert on_disk["preset"] == "quick"
     test_pos = [r for r in _meta(cfg) if r["split"] == "test" and r["positive"] == "1"]
     assert on_disk["n_test_positive"] == len(test_pos) > 0
     seg = on_disk["segmentation"]
     assert [(r["variant"], r["prompt"]) for r in seg] == [
-        (v, p) for v in ("base", "dpo_gen", "dpo_harmonic") for p in ("report", "word", "irrelevant")]
+        (v, p) for v in ("base", "dpo_gen", "dpo_harmonic") for p in ("report", "word", "irrelevant")] + [
+        ("pg_pseudo_base", "report"), ("pg_pseudo_best", "report"), ("pg_supervised", "report"),
+        ("vlsam", "report"), ("vlsam", "word"), ("vlsam", "irrelevant")]  # prompt-free pg rows: report only
     for r in seg:
-        assert set(r) == SEG_KEYS and r["n_seeds"] == 2 and r["n_images"] == len(test_pos)
+        assert set(r) == SEG_KEYS and r["n_images"] == len(test_pos)
+        assert r["n_seeds"] == (1 if r["variant"].startswith(("pg_", "vlsam")) else 2)  # stage 2: seed 0's chains
         assert set(r["dice_by_group"]) == {"mri_bright", "mri_dark", "us"}
         lo, hi = r["dice_ci"]
         assert lo <= r["dice_mean"] <= hi
-        assert (r["prompt_gap"] is not None) == (r["prompt"] == "report")  # the gap is a report-row column
+        has_gap = r["prompt"] == "report" and not r["variant"].startswith("pg_")  # prompt-free rows: no gap
+        assert (r["prompt_gap"] is not None) == has_gap  # the gap is a report-row column
+    clip_pairs = (("dpo_gen", "base"), ("dpo_harmonic", "dpo_gen"))
     assert [(c["metric"], c["a"], c["b"]) for c in on_disk["comparisons"]] == [
-        (m, a, b) for m in ("dice", "prompt_gap") for a, b in (("dpo_gen", "base"), ("dpo_harmonic", "dpo_gen"))]
+        ("dice", a, b) for a, b in (*clip_pairs, ("pg_pseudo_base", "base"), ("pg_pseudo_best", "dpo_gen"),
+                                    ("pg_supervised", "base"), ("vlsam", "base"))] + [
+        ("prompt_gap", a, b) for a, b in (*clip_pairs, ("vlsam", "base"))]  # prompt-free rows have no gap
     for c in on_disk["comparisons"]:
         assert c["verdict"] in ("better", "worse", "inconclusive")
-        assert c["n_pairs"] == 2 * len(test_pos)  # images x seeds, paired
+        stage2 = c["a"].startswith(("pg_", "vlsam"))  # pairs with seed 0's rows of b only
+        assert c["n_pairs"] == (1 if stage2 else 2) * len(test_pos)  # images x seeds, paired
     gen = {(r["method"], r["paste_back"], r["modality"]) for r in on_disk["generator"]}
     for method in ("sft", "dpo_mi_sdpo"):
         assert {(method, p, m) for p in (True, False) for m in ("mri", "us", "all")} <= gen
     assert ("identity", None, "all") in gen and ("harmonic", None, "all") in gen
-    assert all(r["lesion_free_rate"] is None for r in on_disk["generator"])  # no judge yet: no invented number
-    assert on_disk["oracle_box_dice"] is None  # no SAM in this run: no oracle-box number
+    for r in on_disk["generator"]:  # the frozen residual-lesion detector fills the column, with a CI
+        lo, hi = r["lesion_free_rate_ci"]
+        assert 0.0 <= lo <= r["lesion_free_rate"] <= hi <= 1.0
+    assert set(on_disk["realism_auc"]) == {"identity", "harmonic", "sft", "sft_no_paste", "dpo_mi_sdpo",
+                                           "dpo_mi_sdpo_no_paste"}
+    assert all(0.0 <= v <= 1.0 for v in on_disk["realism_auc"].values())
+    lo, hi = on_disk["oracle_box_dice_ci"]  # the pre-trained tiny SAM prompted with ground-truth boxes
+    assert 0.0 <= lo <= on_disk["oracle_box_dice"] <= hi <= 1.0
     md = (Path(cfg.out) / "results.md").read_text()
     for text in ("## Zero-shot segmentation", "| CLIP-DPO, harmonic-fill negatives (no generator) | report |",
                  "## Comparisons", "harmonic-fill vs generated negatives", "| SFT only | yes | mri |",
                  "| DPO + MI + SDPO | no | us |", "| positive itself (no repair) | — | all |",
-                 "Realism AUC (real-vs-generated judge): not measured", "Oracle box: not measured", "Smoke preset"):
+                 "Realism AUC of a real-vs-generated classifier", "Oracle box: **", "Smoke preset",
+                 "| VL-SAM (tiny VLM trained on the pool) | report |", "— (prompt-free)", "**Stage 2**",
+                 "stage 2 vs stage 1 (dpo_gen chain) (`pg_pseudo_best` − `dpo_gen`)", "*Lesion-free rate*: share"):
         assert text in md, text
     assert "| DPO + MI |" not in md  # variants that did not run are not reported
     assert {"phantoms", "clip_base_s1", "clip_dpo_harmonic_s0", "harmonic_pairs", "evaluate", "evaluate_word"} <= set(
@@ -182,6 +202,14 @@ def test_tables_hand_computed_and_verdicts():
     assert gap["metric"] == "prompt_gap" and gap["diff_mean"] == pytest.approx(0.125 + 0.01)
     with pytest.raises(ValueError, match="metric"):
         comparisons(rows, 10, 0, "iou")
+    # a stage-2 row trained from seed 0's chain pairs with seed 0's rows of b only (not with other seeds')
+    seed1 = [{**r, "seed": 1, "dice": r["dice"] + 1.0} for r in rows if r["variant"] == "base"]
+    pg = [{**r, "variant": "pg_supervised", "dice": r["dice"] + 0.2} for r in rows
+          if r["variant"] == "base" and r["prompt"] == "report"]
+    (sup,) = [c for c in comparisons(rows + seed1 + pg, 500, 0, "dice", stage2_comparisons("dpo_gen"))
+              if c["a"] == "pg_supervised"]
+    assert (sup["b"], sup["n_pairs"], sup["verdict"]) == ("base", len(base), "better")
+    assert sup["diff_mean"] == pytest.approx(0.2)
     worse = _seg_rows(base, [b - 0.1 for b in base], base)
     assert comparisons(worse, 500, 0)[0]["verdict"] == "worse"
     mixed = _seg_rows(base, [b + d for b, d in zip(base, (0.1, -0.1, 0.1, -0.1, 0.1, -0.1))], base)
@@ -285,3 +313,91 @@ def test_unknown_variant_and_key_are_errors(tmp_path):
         load_study_config(CONFIG, "quick", ["--nope", "1"])
     cfg = load_study_config(CONFIG, "full", ["--gen_dpo_steps", "7"])
     assert cfg.preset == "full" and cfg.gen_dpo_steps == 7 and cfg.phantoms_n == 200
+
+
+# -- stage 2, VL-SAM and the frozen judges (rows of the reduced study above) ------------------------------------
+def _png(path: Path) -> np.ndarray:
+    from negdpo.core.imageio import read_mask
+
+    return read_mask(path)
+
+
+def test_stage2_trains_on_pseudo_labels_and_supervised_on_ground_truth(study):
+    """pg_pseudo_* learn from the masks of their own zero-shot chain (report-positive train images; empty masks
+    for healthy reports), never from ground truth; pg_supervised learns from the ground-truth masks."""
+    from negdpo.segmentation.prompt_generator.inference import CONFIG_FILE
+
+    cfg, results = study
+    work, root = Path(cfg.work_dir), Path(cfg.work_dir) / "phantoms" / "data"
+    train = {r["file"]: r["positive"] == "1" for r in _meta(cfg) if r["split"] == "train"}
+    for row, source in (("pg_pseudo_base", "base"), ("pg_pseudo_best", "dpo_gen")):
+        pseudo = work / f"pseudo_{source}_s0"
+        stamp = json.loads((work / row / "stage.json").read_text())
+        assert stamp["result"]["targets"] == str(pseudo / "labels")
+        assert stamp["settings"]["targets"] == json.loads((pseudo / "stage.json").read_text())["key"]
+        assert json.loads((pseudo / "stage.json").read_text())["settings"]["clip"] == json.loads(
+            (work / f"clip_{source}_s0" / "stage.json").read_text())["key"]  # the pseudo-labels of that chain
+        meta = json.loads((Path(stamp["result"]["checkpoint"]) / CONFIG_FILE).read_text())
+        assert meta["targets"] == str(pseudo / "labels")
+        labels = {p.name for p in (pseudo / "labels").glob("*.png")}
+        assert labels == set(train)  # one target mask per train image
+        differs = 0
+        for name, positive in train.items():
+            label = _png(pseudo / "labels" / name)
+            if positive:  # the chain's own output mask
+                assert np.array_equal(label, _png(pseudo / "eval" / "masks" / name))
+            else:
+                assert not label.any()
+            differs += not np.array_equal(label, _png(root / "train_masks" / name))
+        assert differs > 0  # not the ground truth
+        evaluated = {r["image"] for r in csv.DictReader(open(pseudo / "eval" / "metrics.csv"))}
+        assert evaluated == {n for n, pos in train.items() if pos}  # the chain ran on report-positive images only
+    sup = json.loads((work / "pg_supervised" / "stage.json").read_text())
+    assert sup["result"]["targets"] == "gt" and sup["settings"]["targets"] == "gt"
+    assert json.loads((Path(sup["result"]["checkpoint"]) / CONFIG_FILE).read_text())["targets"] == "gt"
+    assert results["stage2"]["pg_best_variant"] == "dpo_gen"
+    assert results["stage2"]["vlsam"]["maps"] == 3 * len([r for r in _meta(cfg) if r["split"] == "test"])
+    assert results["stage2"]["vlsam"]["seconds_per_map"] > 0
+
+
+def test_pretraining_stages_see_the_pool_only(study):
+    """Base CLIPs, the VLM and both frozen judges train on the pre-training pool, disjoint from every eval split."""
+    cfg, results = study
+    work, meta = Path(cfg.work_dir), _meta(cfg)
+    split_of_subject = {r["subject_id"]: r["split"] for r in meta}
+    pool_files = {r["file"] for r in meta if r["split"] == "pretrain"}
+    assert pool_files and all(split_of_subject[r["subject_id"]] == "pretrain" for r in meta if r["file"] in pool_files)
+    for name in ("clip_base_s0", "clip_base_s1", "vlm_pretrain"):
+        assert json.loads((work / name / "stage.json").read_text())["settings"]["split"] == "pretrain", name
+    assert results["stage2"]["vlsam"]["vlm"]["split"] == "pretrain"
+    assert results["lesion_detector"]["info"]["train_split"] == "pretrain"
+    for stamp in work.glob("geneval_*/stage.json"):  # the realism judge: repairs of pool positives only
+        pool = json.loads(stamp.read_text())["settings"]["pool"]
+        assert len(pool) == cfg.judge_pool_max and set(pool) <= pool_files
+    assert {r["n_pool"] for r in results["realism"]} == {cfg.judge_pool_max}
+    sam = json.loads((work / "sam_pretrain" / "stage.json").read_text())["result"]
+    assert sam["val_images"] > 0 and sam["train_images"] > 0
+    ckpt = sam["checkpoint"]  # the pre-trained SAM is the SAM of the chain, the oracle box and the pg rows
+    assert json.loads((work / "evaluate" / "eval" / "config.json").read_text())["sam_checkpoint"] == ckpt
+    assert json.loads((work / "oracle_box" / "stage.json").read_text())["settings"]["checkpoint"] == ckpt
+    for row in ("pg_pseudo_base", "pg_supervised"):
+        from negdpo.segmentation.prompt_generator.inference import CONFIG_FILE
+
+        final = Path(json.loads((work / row / "stage.json").read_text())["result"]["checkpoint"])
+        assert json.loads((final / CONFIG_FILE).read_text())["generator"]["sam_checkpoint"] == ckpt
+
+
+def test_disabling_the_keys_removes_the_rows(study, tmp_path):
+    """pg_steps: 0 and vlm_steps: 0 -> no stage-2 / VL-SAM rows or comparisons (the rest comes from the cache)."""
+    from dataclasses import replace
+
+    cfg, results = study
+    off = run_study(replace(cfg, out=str(tmp_path / "off"), pg_steps=0, vlm_steps=0))
+    assert {r["variant"] for r in off["segmentation"]} == {"base", "dpo_gen", "dpo_harmonic"}
+    assert all(not c["a"].startswith(("pg_", "vlsam")) for c in off["comparisons"])
+    assert off["stage2"]["pg"] == {} and "vlsam" not in off["stage2"]
+    clip_rows = [r for r in results["segmentation"] if r["variant"] in ("base", "dpo_gen", "dpo_harmonic")]
+    assert json.dumps(off["segmentation"], sort_keys=True) == json.dumps(clip_rows, sort_keys=True)
+    assert "not run (`pg_steps: 0`, `vlm_steps: 0`)" in (tmp_path / "off" / "results.md").read_text()
+    only_sup = run_study(replace(cfg, out=str(tmp_path / "sup"), pg_rows=["pg_supervised"], vlm_steps=0))
+    assert [r["variant"] for r in only_sup["segmentation"]][-1:] == ["pg_supervised"]
