@@ -199,4 +199,5 @@ def pretrain_sam_on_pool(phantoms: Path, out: Path, *, steps: int, seed: int, ex
     base = dict(data=str(phantoms), split="pretrain", output_dir=str(out / "run"), run_name="sam_pretrain",
                 max_train_steps=steps, seed=seed, report_to="none", checkpointing_steps=0, overwrite_output_dir=True)
     res = pretrain_sam(SamPretrainConfig(**{**base, **extra}))
-    return {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in res.items()
+            if isinstance(v, (int, float, str, bool))}  # JSON has no NaN (no held-out pool lesion: no val Dice)
