@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
     from negdpo.study_eval import lesion_groups
 
     torch.set_num_threads(args.threads)
-    opts = {"sam": "none", "control_prompt": DEFAULT_CONTROL, "save_images": False, "bootstrap": 10,
+    opts = {"saliency": "m2ib", "sam": "none", "control_prompt": DEFAULT_CONTROL, "save_images": False, "bootstrap": 10,
             "device": args.device, **json.loads(args.opts)}
     t0 = time.perf_counter()
     from negdpo.core.scans import ScanFolder
 
     scans = [s for s in ScanFolder(args.phantoms).load_split("test") if s.positive]  # positives only
-    res = evaluate(None, {"probe": args.ckpt}, None, scans=scans, saliency="m2ib", **opts)
+    res = evaluate(None, {"probe": args.ckpt}, None, scans=scans, **opts)
     out = {"label": args.label, "ckpt": args.ckpt, "opts": opts, "eval_s": round(time.perf_counter() - t0, 1),
            **summarise_rows(res.rows, lesion_groups(Path(args.phantoms)))}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
