@@ -12,8 +12,10 @@
 * ``boxes_from_mask``: OpenCV external contours; ``"union"`` = one box around all of them, ``"per_component"``
   = one per contour; XYXY with exclusive right/bottom (``x + w``), x1/y1 clipped to W-1/H-1 as in
   the public code. An empty mask gives no box.
-* ``foreground_mask`` (optional, ``region`` of ``coarse_mask``): the scan's anatomy -- Otsu's threshold of the
-  Gaussian-smoothed image, the largest 8-connected component, its convex hull filled (the brain outline and
+* ``foreground_mask`` (optional, ``region`` of ``coarse_mask``): the scan's anatomy -- half Otsu's threshold of
+  the Gaussian-smoothed image (Otsu's own splits bright tissue from dark tissue and cut lesions at the
+  anatomy's edge: on the medium phantoms it kept as little as 22% of an ultrasound mass, half of it 67%),
+  the largest 8-connected component, its convex hull filled (the brain outline and
   the ultrasound fan are convex; the hull also takes in dark lesions and hypoechoic masses at the border,
   which a plain hole fill would miss). With a region, k-means is fitted on the map's values inside it only
   and the coarse mask is restricted to it, so bright skull/background edges cannot win the cluster.
@@ -37,10 +39,9 @@ def _u8(saliency: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(saliency, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
-def foreground_mask(image: np.ndarray, sigma: float = 2.0) -> np.ndarray:
-    """The scan's anatomy (bool, H x W): Otsu on the smoothed 8-bit image -> largest component -> filled convex hull.
-
-    A constant image gives an all-True mask (nothing to separate)."""
+def foreground_mask(image: np.ndarray, sigma: float = 2.0, otsu_fraction: float = 0.5) -> np.ndarray:
+    """The scan's anatomy (bool, H x W): smoothed 8-bit image > ``otsu_fraction`` x Otsu's threshold -> largest
+    component -> filled convex hull. A constant image gives an all-True mask (nothing to separate)."""
     img = np.asarray(image, np.float64)
     if img.ndim == 3:
         img = img.mean(-1)
@@ -50,7 +51,7 @@ def foreground_mask(image: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     if u8.min() == u8.max():
         return np.ones(u8.shape, bool)
     t, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    largest = keep_largest(u8 > t, 1)
+    largest = keep_largest(u8 > t * otsu_fraction, 1)
     hull = cv2.convexHull(np.stack(np.nonzero(largest)[::-1], axis=1).astype(np.int32))
     out = np.zeros(u8.shape, np.uint8)
     cv2.fillPoly(out, [hull.reshape(-1, 2)], 1)

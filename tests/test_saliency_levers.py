@@ -23,7 +23,9 @@ def test_foreground_mask_is_the_anatomy_with_its_dark_lesion():
     img[lesion] = 0.03
     fg = foreground_mask(img)
     iou = (fg & body).sum() / (fg | body).sum()
-    assert iou > 0.93
+    assert iou > 0.9
+    assert not (fg & ~_disk(h, w, 48, 48, 36 + 3)).any()  # smoothing widens the edge by at most ~sigma px
+    assert body[4:-4, 4:-4].sum() and fg[body].mean() > 0.99
     assert fg[lesion].mean() > 0.95
     assert not fg[:8, :8].any() and not fg[-8:, -8:].any()
     assert foreground_mask(np.full((10, 12), 0.4)).all()  # constant image: nothing to separate
