@@ -56,7 +56,7 @@ class SamPretrainConfig(TrainConfig):
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 50
     train_batch_size: int = field(default=4, metadata={"help": "images per step"})
-    max_train_steps: int = 600
+    max_train_steps: int = 700
     report_to: str = "none"
     logging_steps: int = 25
     # data
@@ -69,7 +69,7 @@ class SamPretrainConfig(TrainConfig):
     val_fraction: float = field(default=0.1, metadata={"help": "share of the pool's subjects held out for val Dice"})
     # prompts and targets
     prompts_per_image: int = 8
-    lesion_share: float = field(default=0.5, metadata={"help": "chance that a prompt of a positive targets its lesion"})
+    lesion_share: float = field(default=0.7, metadata={"help": "chance that a prompt of a positive targets its lesion"})
     box_share: float = field(default=0.5, metadata={"help": "chance that an image's prompts are boxes (else points)"})
     box_jitter: float = field(default=0.1, metadata={"help": "box corner noise, std as a share of the box side"})
     max_points: int = 3
