@@ -254,6 +254,10 @@ def test_presets_medium_size_and_positives(tmp_path):
 
     cfg = load_study_config(CONFIG, "medium", [])
     assert cfg.phantoms_size >= 128 and cfg.clip_seeds >= 3 and cfg.phantoms_pretrain_n > 0
+    # every row the issues add: pre-trained SAM in the chain, frozen judges, the three stage-2 rows, VL-SAM
+    assert cfg.sam_pretrain_steps > 0 and cfg.eval_sam == "tiny" and cfg.judges and cfg.judge_pool_max > 0
+    assert cfg.pg_steps > 0 and set(cfg.pg_rows) == {"pg_pseudo_base", "pg_pseudo_best", "pg_supervised"}
+    assert cfg.vlm_steps > 0 and cfg.pg_best_variant in cfg.clip_variants
     assert cfg.work_dir != load_study_config(CONFIG, "quick", []).work_dir
     assert set(cfg.clip_variants) == {"base", "dhn_nce", "dpo_gen", "dpo_twin", "dpo_harmonic", "dpo_entropy", "stages"}
     root = generate(PhantomConfig(out=str(tmp_path / "m"), n=cfg.phantoms_n, size=16, slices=cfg.phantoms_slices,
