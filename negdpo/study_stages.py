@@ -56,8 +56,7 @@ def pseudo_labels(phantoms: Path, clip: str, out: Path, options: dict[str, Any],
     labels = image_labels(phantoms, split)
     scans = ScanFolder(phantoms).load_split(split)
     positives = [s for s in scans if labels.get(s.name)]
-    opts = {**options, "split": split, "control_prompt": None, "prompt_template": None, "save_images": True,
-            "bootstrap": 10}
+    opts = {**options, "split": split, "control_prompt": None, "prompt_template": None, "save_images": True}
     t0 = time.perf_counter()
     res = evaluate(str(phantoms), {"stage1": clip}, str(out / "eval"), scans=positives, overwrite_output_dir=True,
                    **opts)
@@ -93,7 +92,7 @@ def train_and_eval_pg(phantoms: Path, targets: str, out: Path, name: str, *, ste
     t0 = time.perf_counter()
     res = evaluate(str(phantoms), {name: "tiny"}, str(out / "eval"), overwrite_output_dir=True, split="test",
                    segmenter=f"prompt-generator:{summary['checkpoint']}", sam_checkpoint=sam_checkpoint,
-                   device=device, seed=seed, save_images=False, bootstrap=10,
+                   device=device, seed=seed, save_images=False, bootstrap=eval_options.get("bootstrap", 200),
                    tolerance=eval_options.get("tolerance", 2.0))
     return {"rows": _json_rows(res.rows, name), "checkpoint": summary["checkpoint"], "targets": targets or "gt",
             "train_images": summary.get("train_images"), "n_targets": summary.get("targets"),

@@ -95,6 +95,7 @@ def bar_plot(path: Path, summary: dict[str, Any]) -> None:
         stats = [summary["checkpoints"][n][key] for n in names]
         means = np.array([s["mean"] if s["n"] else 0.0 for s in stats])
         err = np.array([[m - s["ci95"][0], s["ci95"][1] - m] if s["n"] else [0, 0] for m, s in zip(means, stats)]).T
+        err = np.clip(err, 0.0, None)  # a few-resample CI can miss the mean; matplotlib refuses negative bars
         bars = ax.bar(x + off, means, width=width, yerr=err, capsize=4, label=label, color=color)
         ax.bar_label(bars, labels=[f"{m:.3f}" if s["n"] else "–" for m, s in zip(means, stats)], fontsize=7,
                      padding=2)

@@ -405,3 +405,15 @@ def test_disabling_the_keys_removes_the_rows(study, tmp_path):
     assert "not run (`pg_steps: 0`, `vlm_steps: 0`)" in (tmp_path / "off" / "results.md").read_text()
     only_sup = run_study(replace(cfg, out=str(tmp_path / "sup"), pg_rows=["pg_supervised"], vlm_steps=0))
     assert [r["variant"] for r in only_sup["segmentation"]][-1:] == ["pg_supervised"]
+
+
+def test_dice_bar_when_a_few_resample_ci_misses_the_mean(tmp_path):
+    """Measured at medium size: 10 resamples gave mean 0.0911 with CI [0.0548, 0.0873]; the plot must not fail."""
+    from negdpo.segmentation.report import bar_plot
+
+    nan = float("nan")
+    summary = {"checkpoints": {"prompt-generator": {
+        "dice": {"n": 60, "mean": 0.0911, "std": 0.13, "ci95": [0.0548, 0.0873]},
+        "control_dice": {"n": 0, "mean": nan, "std": nan, "ci95": [nan, nan]}, "n_positive": 60}}}
+    bar_plot(tmp_path / "dice_bar.png", summary)
+    assert (tmp_path / "dice_bar.png").stat().st_size > 0
