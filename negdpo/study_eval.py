@@ -137,12 +137,13 @@ def fit_lesion_detector(phantoms: Path, out: Path, seed: int) -> dict:
 
 
 def pool_positives(phantoms: Path, limit: int) -> list:
-    """Up to ``limit`` positives of the pre-training pool (every ``k``-th, so both modalities stay in)."""
+    """``min(limit, n)`` positives of the pre-training pool, evenly spaced in file order (both modalities stay in)."""
     from negdpo.core.scans import ScanFolder
 
     pos = [s for s in ScanFolder(phantoms).load_split("pretrain") if s.positive]
-    step = max(1, -(-len(pos) // limit)) if limit > 0 else 1
-    return pos[::step][:limit] if limit > 0 else []
+    if limit <= 0 or not pos:
+        return []
+    return [pos[i] for i in np.unique(np.linspace(0, len(pos) - 1, min(limit, len(pos))).round().astype(int))]
 
 
 def write_harmonic_set(phantoms: Path, out: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
