@@ -70,7 +70,7 @@ class SamPretrainConfig(TrainConfig):
     # prompts and targets
     prompts_per_image: int = 8
     lesion_share: float = field(default=0.7, metadata={"help": "chance that a prompt of a positive targets its lesion"})
-    box_share: float = field(default=0.5, metadata={"help": "chance that an image's prompts are boxes (else points)"})
+    box_share: float = field(default=0.7, metadata={"help": "chance that an image's prompts are boxes (else points)"})
     box_jitter: float = field(default=0.1, metadata={"help": "box corner noise, std as a share of the box side"})
     max_points: int = 3
     negative_point_prob: float = 0.3
