@@ -27,16 +27,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from negdpo.core.config import resolve_device
 from negdpo.study_eval import held_out_positives, score_generator  # noqa: F401  (re-exported)
 from negdpo.study_stages import PG_ROWS
 from negdpo.study_tables import CLIP_LABELS, CLIP_VARIANTS, GEN_LABELS  # noqa: F401  (re-exported)
+from negdpo.study_training import clip_job, prefetch_parallel, train_clip, train_generator  # noqa: F401
 
 logger = logging.getLogger("negdpo.study")
 
@@ -53,6 +56,7 @@ class StudyConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0 = torch default; 1 is much faster on a shared 2-core CPU)
+    workers: int = 1  # processes for independent CLIP stages (base per seed, fine-tunes); same numbers, less wall time
     # phantoms
     phantoms_n: int = 40
     phantoms_size: int = 64
@@ -95,6 +99,8 @@ class StudyConfig:
     eval_saliency: str = "m2ib"
     eval_sam: str = "none"
     eval_extra: dict = field(default_factory=dict)
+    eval_reference_saliency: str = ""  # e.g. m2ib: the base CLIPs also through this saliency (row base_reference)
+    eval_reference_extra: dict = field(default_factory=dict)  # EvalConfig overrides of that reference evaluation
     prompt_word: str = "tumor"  # the one-word prompt of the prompt-sensitivity rows
     prompt_irrelevant: str = "a photo of a cat sitting on a chair"
     bootstrap: int = 2000
@@ -120,7 +126,7 @@ class StudyConfig:
         """Types, ranges, variant names and every ``*_extra`` key are checked before any stage runs."""
         from negdpo.core.config import check, check_finite_positive, check_mapping, check_positive
 
-        check_positive(self, "phantoms_n", "phantoms_size", "phantoms_slices", "gen_sft_steps", "gen_dpo_steps",
+        check_positive(self, "workers", "phantoms_n", "phantoms_size", "phantoms_slices", "gen_sft_steps", "gen_dpo_steps",
                        "gen_batch", "gen_sample_steps", "pairs_k", "pairs_steps", "clip_pretrain_steps",
                        "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds", "pg_batch", "vlm_batch")
         check_finite_positive(self, "gen_lr", "gen_beta", "gen_autoencoder_lr", "clip_pretrain_lr", "clip_finetune_lr",
@@ -160,7 +166,7 @@ def _extra_targets() -> dict[str, type]:
     from negdpo.segmentation.vlm_train import VlmTrainConfig
 
     return {"gen_extra": GenTrainConfig, "pairs_extra": BuildConfig, "clip_extra": ClipTrainConfig,
-            "eval_extra": EvalConfig, "pg_extra": SegTrainConfig, "vlm_extra": VlmTrainConfig,
+            "eval_extra": EvalConfig, "eval_reference_extra": EvalConfig, "pg_extra": SegTrainConfig, "vlm_extra": VlmTrainConfig,
             "sam_pretrain_extra": SamPretrainConfig}
 
 
@@ -169,64 +175,38 @@ def _stamp_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def cached_result(work: Path, name: str, settings: dict) -> dict | None:
+    """The stage's stored result if ``stage.json`` says it ran with these settings, else None."""
+    stamp = work / name / "stage.json"
+    if stamp.exists():
+        info = json.loads(stamp.read_text())
+        if info.get("key") == _stamp_key(settings):
+            return info["result"]
+    return None
+
+
 def run_stage(work: Path, name: str, settings: dict, fn: Callable[[Path], dict]) -> dict:
     """Run ``fn(stage_dir)`` unless ``stage.json`` says it already ran with the same settings."""
     stage_dir = work / name
     stamp = stage_dir / "stage.json"
     key = _stamp_key(settings)
+    cached = cached_result(work, name, settings)
+    if cached is not None:
+        logger.info("stage %s: cached", name)
+        return cached
     if stamp.exists():
-        info = json.loads(stamp.read_text())
-        if info.get("key") == key:
-            logger.info("stage %s: cached", name)
-            return info["result"]
         logger.info("stage %s: settings changed, rerunning from scratch", name)
         shutil.rmtree(stage_dir)  # never resume another setting's checkpoints
     stage_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = fn(stage_dir)
-    info = {"key": key, "settings": settings, "result": result, "seconds": round(time.perf_counter() - t0, 1)}
+    info = {"key": key, "settings": settings, "result": result, "seconds": round(time.perf_counter() - t0, 1),
+            "pid": os.getpid()}
     tmp = stamp.with_name(".stage.json.tmp")
     tmp.write_text(json.dumps(info, indent=1, default=str))
     tmp.replace(stamp)
     print(f"[study] {name}: done in {info['seconds']:.0f}s", flush=True)
     return result
-
-
-# -- generator stages -------------------------------------------------------------------------------
-def _gen_config(cfg: StudyConfig, phantoms: Path, out: Path, **overrides):
-    from negdpo.generator.train import GenTrainConfig
-
-    base = dict(pretrained_model_name_or_path=cfg.gen_model, dataset_name=str(phantoms), run_name=out.name,
-                output_dir=str(out),
-                seed=cfg.seed, beta=cfg.gen_beta, learning_rate=cfg.gen_lr, train_batch_size=cfg.gen_batch,
-                sdpo_mu=cfg.gen_sdpo_mu, cache_latents=True, report_to="tensorboard", checkpointing_steps=0,
-                validation_steps=0, resume_from_checkpoint="latest")
-    base.update(cfg.gen_extra)
-    base.update(overrides)
-    return GenTrainConfig(**base)
-
-
-def train_generator(cfg: StudyConfig, phantoms: Path, out: Path, **overrides) -> dict:
-    from negdpo.generator.train import train
-
-    summary = train(_gen_config(cfg, phantoms, out, **overrides))
-    return {"adapter": str(out), "summary": {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}}
-
-
-# -- CLIP stages ------------------------------------------------------------------------------------
-def train_clip(cfg: StudyConfig, out: Path, model: str, data: str, loss: str, steps: int, lr: float, seed: int,
-               **overrides) -> dict:
-    from negdpo.preference.clip.train import ClipTrainConfig, train
-
-    base = dict(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(out), run_name=out.name,
-                loss=loss, seed=seed, max_train_steps=steps, learning_rate=lr, train_batch_size=cfg.clip_batch,
-                report_to="tensorboard", resume_from_checkpoint="latest", progress_bar=True, validation_steps=0,
-                checkpointing_steps=0)
-    base.update(overrides)
-    base.update(cfg.clip_extra)  # the user's extras win (e.g. tsne: false for a quick run)
-    summary = train(ClipTrainConfig(**base))
-    return {"checkpoint": str(summary.get("checkpoint", out / "final")),
-            "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}}
 
 
 # -- the study --------------------------------------------------------------------------------------
@@ -256,6 +236,11 @@ def run_study(cfg: StudyConfig) -> dict:
         result = run_stage(work, name, {"preset": cfg.preset, **settings}, fn)  # no stage is shared between presets
         stage_seconds[name] = json.loads((work / name / "stage.json").read_text())["seconds"]
         return result
+
+    def stages(jobs: list[tuple[str, dict, Callable[[Path], dict]]]) -> list[dict]:
+        """Independent stages: run in ``cfg.workers`` processes first (if > 1), then read in order."""
+        prefetch_parallel(work, [(n, {"preset": cfg.preset, **st}, f) for n, st, f in jobs], cfg.workers, cfg.threads)
+        return [stage(*job) for job in jobs]
 
     area = tuple(cfg.phantoms_lesion_area) if cfg.phantoms_lesion_area else None
     ph_settings = {"n": cfg.phantoms_n, "size": cfg.phantoms_size, "slices": cfg.phantoms_slices, "seed": cfg.seed,
@@ -326,11 +311,12 @@ def run_study(cfg: StudyConfig) -> dict:
     base_set = {"phantoms": ph_settings, "model": cfg.clip_model, "batch": cfg.clip_batch, "extra": cfg.clip_extra,
                 "steps": cfg.clip_pretrain_steps, "lr": cfg.clip_pretrain_lr, "split": pretrain_split}
     ckpts: dict[tuple[str, int], str] = {}
-    for sd in seeds:
-        ckpts["base", sd] = stage(f"clip_base_s{sd}", base_set | {"seed": sd}, lambda d, sd=sd: train_clip(
-            cfg, d, cfg.clip_model, str(phantoms), "clip", cfg.clip_pretrain_steps, cfg.clip_pretrain_lr, sd,
-            retention_weight=1.0, dedup_captions=True, freeze_logit_scale=False, tsne=False,
-            train_split=pretrain_split))["checkpoint"]
+    base_jobs = [(f"clip_base_s{sd}", base_set | {"seed": sd}, partial(
+        clip_job, cfg, cfg.clip_model, str(phantoms), "clip", cfg.clip_pretrain_steps, cfg.clip_pretrain_lr, sd,
+        dict(retention_weight=1.0, dedup_captions=True, freeze_logit_scale=False, tsne=False,
+             train_split=pretrain_split))) for sd in seeds]
+    for sd, job in zip(seeds, stages(base_jobs)):
+        ckpts["base", sd] = job["checkpoint"]
 
     # 4. preference pairs from the chosen generator variant, judged with the first seed's base CLIP
     judge = f"local-dir:{ckpts['base', seeds[0]]}"
@@ -360,6 +346,7 @@ def run_study(cfg: StudyConfig) -> dict:
                  "dpo_harmonic": (harmonic, "dpo", {"tsne": False}),
                  "dpo_entropy": (pairs["path"], "dpo+entropy", {"tsne": False}),
                  "stages": (pairs["path"], "stages", {"tsne": True})}
+    ft_jobs, ft_keys = [], []
     for name, (data, loss, extra) in finetunes.items():
         if name not in clip_variants:
             continue
@@ -369,9 +356,12 @@ def run_study(cfg: StudyConfig) -> dict:
                         "harmonic": _stamp_of(work, "harmonic_pairs") if data == harmonic else None,
                         "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr, "batch": cfg.clip_batch,
                         "extra": cfg.clip_extra}
-            ckpts[name, sd] = stage(f"clip_{name}_s{sd}", settings, lambda d, a=(data, loss, extra), sd=sd: train_clip(
-                cfg, d, f"local-dir:{ckpts['base', sd]}", a[0], a[1], cfg.clip_finetune_steps, cfg.clip_finetune_lr,
-                sd, **a[2]))["checkpoint"]
+            ft_jobs.append((f"clip_{name}_s{sd}", settings, partial(
+                clip_job, cfg, f"local-dir:{ckpts['base', sd]}", data, loss, cfg.clip_finetune_steps,
+                cfg.clip_finetune_lr, sd, extra)))
+            ft_keys.append((name, sd))
+    for key, job in zip(ft_keys, stages(ft_jobs)):
+        ckpts[key] = job["checkpoint"]
 
     # 5b. the tiny SAM pre-trained as a promptable segmenter on the pool: the SAM of the chain (eval_sam: tiny),
     # of the oracle-box row and of the prompt-generator rows
@@ -396,9 +386,9 @@ def run_study(cfg: StudyConfig) -> dict:
     if sam_ckpt:
         eval_options["sam_checkpoint"] = sam_ckpt
 
-    def run_eval(d: Path, word: bool) -> dict:
-        from negdpo.segmentation.evaluate import evaluate
+    from negdpo.segmentation.evaluate import evaluate
 
+    def run_eval(d: Path, word: bool) -> dict:
         options = dict(eval_options)
         if word:
             options |= {"prompt_template": cfg.prompt_word, "control_prompt": None, "save_images": False}
@@ -408,6 +398,13 @@ def run_study(cfg: StudyConfig) -> dict:
 
     seg = stage("evaluate", eval_set, lambda d: run_eval(d, False))
     seg_word = stage("evaluate_word", eval_set | {"word": cfg.prompt_word}, lambda d: run_eval(d, True))
+    ref_rows: list[dict] = []
+    if cfg.eval_reference_saliency:  # the same base chain through another saliency (MedCLIP-SAMv2's M2IB, say)
+        ref = {"saliency": cfg.eval_reference_saliency} | cfg.eval_reference_extra
+        ref_clips = {f"base_reference.s{sd}": clips[f"base.s{sd}"] for sd in seeds}
+        ref_rows = stage("evaluate_reference", eval_set | {"reference": ref}, lambda d: {"rows": json.loads(json.dumps(
+            evaluate(str(phantoms), ref_clips, str(d / "eval"), overwrite_output_dir=True, **(eval_options | ref)).rows,
+            default=float))})["rows"]
     oracle = None
     oracle_sam = cfg.eval_sam if cfg.eval_sam != "none" else ("tiny" if cfg.sam_pretrain_steps > 0 else None)
     if oracle_sam:
@@ -425,7 +422,7 @@ def run_study(cfg: StudyConfig) -> dict:
         if (name, seeds[0]) in ckpts:
             for tsne in Path(ckpts[name, seeds[0]]).parent.glob("tsne*.png"):
                 shutil.copy(tsne, out / "figures" / f"tsne_{name}.png")
-    long_rows = E.long_segmentation_rows(seg["rows"], seg_word["rows"], E.lesion_groups(phantoms))
+    long_rows = E.long_segmentation_rows(seg["rows"] + ref_rows, seg_word["rows"], E.lesion_groups(phantoms))
     # 6b. stage 2 (prompt generator on pseudo-labels / ground truth) and VL-SAM, on the first seed's chains
     from negdpo.study_stages import run_stage2_rows
 

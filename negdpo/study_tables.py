@@ -36,7 +36,8 @@ ROW_LABELS = {**CLIP_LABELS, "pg_pseudo_base": "stage 2: prompt generator on the
               "pg_pseudo_best": "stage 2: prompt generator on a fine-tuned chain's pseudo-labels",
               "pg_supervised": "prompt generator on ground truth (supervised ceiling)",
               "vlsam": "VL-SAM (tiny VLM trained on the pool)"}
-VARIANTS = (*CLIP_VARIANTS, *STAGE2_VARIANTS)
+ROW_LABELS["base_reference"] = "base, reference saliency (eval_reference_saliency)"
+VARIANTS = (*CLIP_VARIANTS, "base_reference", *STAGE2_VARIANTS)
 GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
               "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
 PROMPTS = ("report", "word", "irrelevant")
@@ -51,11 +52,13 @@ MODALITIES = ("mri", "us", "all")
 
 
 def stage2_comparisons(best: str) -> tuple[tuple[str, str, str], ...]:
-    """Stage 2 vs the stage 1 it learned from, the supervised ceiling vs the zero-shot base, VL-SAM vs M2IB."""
+    """Stage 2 vs the stage 1 it learned from, the supervised ceiling vs the zero-shot base, VL-SAM and the
+    reference saliency vs the study's CLIP saliency (each on the base CLIP)."""
     return (("pg_pseudo_base", "base", "stage 2 vs stage 1 (base chain)"),
             ("pg_pseudo_best", best, f"stage 2 vs stage 1 ({best} chain)"),
             ("pg_supervised", "base", "supervised ceiling vs zero-shot base"),
-            ("vlsam", "base", "VL-SAM vs M2IB (base CLIP)"))
+            ("vlsam", "base", "VL-SAM vs the CLIP saliency (base CLIP)"),
+            ("base_reference", "base", "reference saliency vs the study's (base CLIP)"))
 
 
 def num(x: Any) -> float | None:

@@ -31,7 +31,7 @@ def _reduced(tmp: Path) -> StudyConfig:
                           "gen_variants": ["sft", "dpo_mi_sdpo"], "pairs_k": 2, "pairs_steps": 2,
                           "clip_variants": ["base", "dpo_gen", "dpo_harmonic"], "clip_seeds": 2,
                           "clip_pretrain_steps": 2, "clip_finetune_steps": 2, "clip_batch": 2, "bootstrap": 50,
-                          "eval_sam": "tiny", "pg_steps": 1, "vlm_steps": 2, "judge_pool_max": 4,
+                          "eval_sam": "tiny", "eval_reference_saliency": "surgery", "pg_steps": 1, "vlm_steps": 2, "judge_pool_max": 4,
                           "sam_pretrain_steps": 2, "sam_pretrain_extra": {**MICRO_SAM, "train_batch_size": 2,
                                                                           "val_fraction": 0.3, "lr_warmup_steps": 0},
                           "gen_extra": {**cfg.gen_extra, "eval_pairs": 4, "eval_draws": 1},
@@ -62,6 +62,7 @@ def test_results_contract(study):
     seg = on_disk["segmentation"]
     assert [(r["variant"], r["prompt"]) for r in seg] == [
         (v, p) for v in ("base", "dpo_gen", "dpo_harmonic") for p in ("report", "word", "irrelevant")] + [
+        ("base_reference", "report"), ("base_reference", "irrelevant"),  # the base CLIPs through another saliency
         ("pg_pseudo_base", "report"), ("pg_pseudo_best", "report"), ("pg_supervised", "report"),
         ("vlsam", "report"), ("vlsam", "word"), ("vlsam", "irrelevant")]  # prompt-free pg rows: report only
     for r in seg:
@@ -75,8 +76,8 @@ def test_results_contract(study):
     clip_pairs = (("dpo_gen", "base"), ("dpo_harmonic", "dpo_gen"))
     assert [(c["metric"], c["a"], c["b"]) for c in on_disk["comparisons"]] == [
         ("dice", a, b) for a, b in (*clip_pairs, ("pg_pseudo_base", "base"), ("pg_pseudo_best", "dpo_gen"),
-                                    ("pg_supervised", "base"), ("vlsam", "base"))] + [
-        ("prompt_gap", a, b) for a, b in (*clip_pairs, ("vlsam", "base"))]  # prompt-free rows have no gap
+                                    ("pg_supervised", "base"), ("vlsam", "base"), ("base_reference", "base"))] + [
+        ("prompt_gap", a, b) for a, b in (*clip_pairs, ("vlsam", "base"), ("base_reference", "base"))]  # prompt-free rows have no gap
     for c in on_disk["comparisons"]:
         assert c["verdict"] in ("better", "worse", "inconclusive")
         stage2 = c["a"].startswith(("pg_", "vlsam"))  # pairs with seed 0's rows of b only
@@ -392,13 +393,14 @@ def test_pretraining_stages_see_the_pool_only(study):
 
 
 def test_disabling_the_keys_removes_the_rows(study, tmp_path):
-    """pg_steps: 0 and vlm_steps: 0 -> no stage-2 / VL-SAM rows or comparisons (the rest comes from the cache)."""
+    """pg_steps: 0, vlm_steps: 0 and no reference saliency -> no stage-2 / VL-SAM / reference rows or comparisons
+    (the rest comes from the cache)."""
     from dataclasses import replace
 
     cfg, results = study
-    off = run_study(replace(cfg, out=str(tmp_path / "off"), pg_steps=0, vlm_steps=0))
+    off = run_study(replace(cfg, out=str(tmp_path / "off"), pg_steps=0, vlm_steps=0, eval_reference_saliency=""))
     assert {r["variant"] for r in off["segmentation"]} == {"base", "dpo_gen", "dpo_harmonic"}
-    assert all(not c["a"].startswith(("pg_", "vlsam")) for c in off["comparisons"])
+    assert all(not c["a"].startswith(("pg_", "vlsam", "base_reference")) for c in off["comparisons"])
     assert off["stage2"]["pg"] == {} and "vlsam" not in off["stage2"]
     clip_rows = [r for r in results["segmentation"] if r["variant"] in ("base", "dpo_gen", "dpo_harmonic")]
     assert json.dumps(off["segmentation"], sort_keys=True) == json.dumps(clip_rows, sort_keys=True)
@@ -417,3 +419,22 @@ def test_dice_bar_when_a_few_resample_ci_misses_the_mean(tmp_path):
         "control_dice": {"n": 0, "mean": nan, "std": nan, "ci95": [nan, nan]}, "n_positive": 60}}}
     bar_plot(tmp_path / "dice_bar.png", summary)
     assert (tmp_path / "dice_bar.png").stat().st_size > 0
+
+
+def test_parallel_clip_stages_give_the_same_numbers(study):
+    """``workers: 2`` trains the base CLIPs and the fine-tunes in spawned processes; every number is unchanged."""
+    import os
+    import shutil
+    from dataclasses import replace
+
+    cfg, results = study
+    work = Path(cfg.work_dir)
+    for d in work.glob("clip_*"):
+        shutil.rmtree(d)
+    for stage in (work / "evaluate", work / "evaluate_word"):
+        (stage / "stage.json").unlink()
+    again = run_study(replace(cfg, workers=2))
+    pids = {json.loads(p.read_text())["pid"] for p in work.glob("clip_*/stage.json")}
+    assert pids and os.getpid() not in pids  # trained in the worker processes
+    for key in ("segmentation", "comparisons"):
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(results[key], sort_keys=True), key
