@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--m2ib-steps", type=int, default=d.m2ib_steps)
     g.add_argument("--m2ib-lr", type=float, default=d.m2ib_lr)
     g.add_argument("--m2ib-samples", type=int, default=d.m2ib_samples)
+    g.add_argument("--m2ib-target", choices=["prompt", "contrast"], default=d.m2ib_target,
+                   help="contrast: the prompt's embedding minus the healthy report's of its modality (not in "
+                        "MedCLIP-SAMv2; docs/saliency_levers.md)")
+    g.add_argument("--m2ib-readout", choices=["capacity", "lambda"], default=d.m2ib_readout,
+                   help="capacity (MedCLIP-SAMv2) | lambda: the kept share of each token")
     g.add_argument("--surgery-start", type=int, default=None, help="first v-v block (default n_blocks//2)")
     g.add_argument("--oracle-sigma", type=float, default=d.oracle_sigma)
     g.add_argument("--vlm", default=d.vlm, help="vlsam: tiny | a Qwen2-VL hub id | a folder (e.g. from vlm_train)")
@@ -76,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=d.threshold)
     g.add_argument("--num-components", type=int, default=d.num_components, help="K largest components (0 = all)")
     g.add_argument("--ties", choices=["exact", "parity"], default=d.ties)
+    g.add_argument("--post-foreground", action="store_true",
+                   help="keep the coarse mask inside the scan's anatomy (Otsu foreground, filled hull)")
     g.add_argument("--kmeans-parity", action="store_true", help="8-bit, 256x256 nearest resampling as public")
     g = p.add_argument_group("SAM")
     g.add_argument("--segmenter", default=d.segmenter,

@@ -127,3 +127,14 @@ def test_lambda_readout_is_the_kept_share_of_the_last_forward(tiny_clip):
     assert more.std() > 0 and ((more > 0) & (more < 1)).all()
     with pytest.raises(ValueError, match="readout"):
         m2ib_grids(model, images, tf, [1, 2], M2IBConfig(steps=1, samples=1, readout="other"))
+
+
+def test_evaluate_cli_exposes_the_levers():
+    """The three lever keys reach EvalConfig from `negdpo evaluate` flags; the defaults stay MedCLIP-SAMv2's."""
+    from negdpo.segmentation.cli import _options, build_parser
+
+    on = _options(build_parser().parse_args(["--data", "d", "--out", "o", "--m2ib-target", "contrast",
+                                             "--m2ib-readout", "lambda", "--post-foreground"]))
+    assert (on["m2ib_target"], on["m2ib_readout"], on["post_foreground"]) == ("contrast", "lambda", True)
+    off = _options(build_parser().parse_args(["--data", "d", "--out", "o"]))
+    assert (off["m2ib_target"], off["m2ib_readout"], off["post_foreground"]) == ("prompt", "capacity", False)
