@@ -14,7 +14,7 @@ Both are a standardised logistic regression (scikit-learn, deterministic) on han
 the fitted numbers are stored as arrays (``.npz``, no pickle) plus a JSON header. The pair-building judges
 (:mod:`negdpo.preference.pairs.judges`) are a different thing and are not used here.
 
-Formulas: docs/method.md#generator-metrics.
+Formulas: docs/method.md#frozen-judges.
 """
 
 from __future__ import annotations
