@@ -37,7 +37,7 @@ from pathlib import Path
 
 from negdpo.core.config import resolve_device
 from negdpo.study_eval import held_out_positives, score_generator  # noqa: F401  (re-exported)
-from negdpo.study_stages import PG_ROWS
+from negdpo.study_stages import PG_ROWS, json_rows
 from negdpo.study_tables import CLIP_LABELS, CLIP_VARIANTS, GEN_LABELS  # noqa: F401  (re-exported)
 from negdpo.study_training import clip_job, prefetch_parallel, train_clip, train_generator  # noqa: F401
 
@@ -232,14 +232,17 @@ def run_study(cfg: StudyConfig) -> dict:
 
     stage_seconds: dict[str, float] = {}  # as first computed (a cached stage reports its original run time)
 
+    def stamped(settings: dict) -> dict:
+        return {"preset": cfg.preset, **settings}  # no stage is shared between presets
+
     def stage(name: str, settings: dict, fn: Callable[[Path], dict]) -> dict:
-        result = run_stage(work, name, {"preset": cfg.preset, **settings}, fn)  # no stage is shared between presets
+        result = run_stage(work, name, stamped(settings), fn)
         stage_seconds[name] = json.loads((work / name / "stage.json").read_text())["seconds"]
         return result
 
     def stages(jobs: list[tuple[str, dict, Callable[[Path], dict]]]) -> list[dict]:
         """Independent stages: run in ``cfg.workers`` processes first (if > 1), then read in order."""
-        prefetch_parallel(work, [(n, {"preset": cfg.preset, **st}, f) for n, st, f in jobs], cfg.workers, cfg.threads)
+        prefetch_parallel(work, [(n, stamped(st), f) for n, st, f in jobs], cfg.workers, cfg.threads)
         return [stage(*job) for job in jobs]
 
     area = tuple(cfg.phantoms_lesion_area) if cfg.phantoms_lesion_area else None
@@ -394,7 +397,7 @@ def run_study(cfg: StudyConfig) -> dict:
             options |= {"prompt_template": cfg.prompt_word, "control_prompt": None, "save_images": False}
         res = evaluate(str(phantoms), clips, str(d / "eval"), overwrite_output_dir=True,
                        **options)  # the stage owns d: a rerun replaces its evaluation
-        return {"rows": json.loads(json.dumps(res.rows, default=float)), "report": str(d / "eval" / "report.md")}
+        return {"rows": json_rows(res.rows), "report": str(d / "eval" / "report.md")}
 
     seg = stage("evaluate", eval_set, lambda d: run_eval(d, False))
     seg_word = stage("evaluate_word", eval_set | {"word": cfg.prompt_word}, lambda d: run_eval(d, True))
@@ -402,9 +405,8 @@ def run_study(cfg: StudyConfig) -> dict:
     if cfg.eval_reference_saliency:  # the same base chain through another saliency (MedCLIP-SAMv2's M2IB, say)
         ref = {"saliency": cfg.eval_reference_saliency} | cfg.eval_reference_extra
         ref_clips = {f"base_reference.s{sd}": clips[f"base.s{sd}"] for sd in seeds}
-        ref_rows = stage("evaluate_reference", eval_set | {"reference": ref}, lambda d: {"rows": json.loads(json.dumps(
-            evaluate(str(phantoms), ref_clips, str(d / "eval"), overwrite_output_dir=True, **(eval_options | ref)).rows,
-            default=float))})["rows"]
+        ref_rows = stage("evaluate_reference", eval_set | {"reference": ref}, lambda d: {"rows": json_rows(evaluate(
+            str(phantoms), ref_clips, str(d / "eval"), overwrite_output_dir=True, **(eval_options | ref)).rows)})["rows"]
     oracle = None
     oracle_sam = cfg.eval_sam if cfg.eval_sam != "none" else ("tiny" if cfg.sam_pretrain_steps > 0 else None)
     if oracle_sam:

@@ -21,7 +21,7 @@ PG_ROWS = ("pg_pseudo_base", "pg_pseudo_best", "pg_supervised")
 STAGE2_VARIANTS = (*PG_ROWS, "vlsam")
 
 
-def _json_rows(rows: list[dict], name: str | None = None) -> list[dict]:
+def json_rows(rows: list[dict], name: str | None = None) -> list[dict]:
     """Rows as plain JSON (NaN -> float kept by ``default=float``), the checkpoint renamed to ``name``."""
     out = json.loads(json.dumps(rows, default=float))
     if name is not None:
@@ -94,7 +94,7 @@ def train_and_eval_pg(phantoms: Path, targets: str, out: Path, name: str, *, ste
                    segmenter=f"prompt-generator:{summary['checkpoint']}", sam_checkpoint=sam_checkpoint,
                    device=device, seed=seed, save_images=False, bootstrap=eval_options.get("bootstrap", 200),
                    tolerance=eval_options.get("tolerance", 2.0))
-    return {"rows": _json_rows(res.rows, name), "checkpoint": summary["checkpoint"], "targets": targets or "gt",
+    return {"rows": json_rows(res.rows, name), "checkpoint": summary["checkpoint"], "targets": targets or "gt",
             "train_images": summary.get("train_images"), "n_targets": summary.get("targets"),
             "train_seconds": summary.get("wall_s"), "eval_seconds": round(time.perf_counter() - t0, 1)}
 
@@ -129,7 +129,7 @@ def eval_vlsam(phantoms: Path, vlm: str, out: Path, name: str, *, options: dict[
                        ("word", {"prompt_template": word, "control_prompt": None})):
         res = evaluate(str(phantoms), {name: "tiny"}, str(out / f"eval_{key}"), overwrite_output_dir=True,
                        **{**opts, **extra})
-        out_rows[key] = _json_rows(res.rows)
+        out_rows[key] = json_rows(res.rows)
         seconds += float(res.summary.get("timing", {}).get("saliency_s", 0.0))
         maps += len(res.rows) * (2 if extra["control_prompt"] else 1)
     return {"rows": out_rows["report"], "word_rows": out_rows["word"], "maps": maps,

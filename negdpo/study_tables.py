@@ -35,8 +35,8 @@ STAGE2_VARIANTS = ("pg_pseudo_base", "pg_pseudo_best", "pg_supervised", "vlsam")
 ROW_LABELS = {**CLIP_LABELS, "pg_pseudo_base": "stage 2: prompt generator on the base chain's pseudo-labels",
               "pg_pseudo_best": "stage 2: prompt generator on a fine-tuned chain's pseudo-labels",
               "pg_supervised": "prompt generator on ground truth (supervised ceiling)",
-              "vlsam": "VL-SAM (tiny VLM trained on the pool)"}
-ROW_LABELS["base_reference"] = "base, reference saliency (eval_reference_saliency)"
+              "vlsam": "VL-SAM (tiny VLM trained on the pool)",
+              "base_reference": "base, reference saliency (eval_reference_saliency)"}
 VARIANTS = (*CLIP_VARIANTS, "base_reference", *STAGE2_VARIANTS)
 GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
               "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
