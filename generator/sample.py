@@ -25,6 +25,7 @@ from .lora_io import LORA_WEIGHT_NAME, load_adapter
 
 logger = logging.getLogger(__name__)
 
+INITS = ("source", "harmonic")  # what a strength < 1 starts from (inpaint's ``init``)
 ADAPTER_META = "negdpo_adapter.json"  # optional: {"reference_adapter": <folder>} fused before this adapter
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -151,8 +152,8 @@ def paste_back_blend(source: np.ndarray, output: np.ndarray, mask: np.ndarray, s
 
 
 def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: list[str], seeds: list[int], *,
-            steps: int = 20, guidance_scale: float = 1.0, strength: float = 1.0, scheduler: str | None = None,
-            paste_back: bool = True, seam_px: float = 2.0, size: int | None = None,
+            steps: int = 20, guidance_scale: float = 1.0, strength: float = 1.0, init: str = "source",
+            scheduler: str | None = None, paste_back: bool = True, seam_px: float = 2.0, size: int | None = None,
             batch_size: int = 8) -> list[np.ndarray]:
     """Repaint the masked region of each image; returns float [0,1] arrays shaped like the inputs.
 
@@ -160,7 +161,14 @@ def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: li
     ``size`` (default: the UNet's native resolution) for the model and back afterwards. With
     ``paste_back`` (the default) the source is kept exactly outside the mask, with a soft seam of
     ``seam_px`` pixels inside it (:func:`paste_back_blend`). ``guidance_scale`` <= 1 disables CFG.
+
+    ``init`` is the image the sampler starts from, noised to ``strength`` (diffusers' img2img rule; at
+    ``strength`` 1 every init is pure noise): ``source`` (the positive itself) or ``harmonic`` (the positive
+    with the mask filled by :func:`negdpo.core.fill.classical_fill`: SDEdit from a classical fill, which
+    anchors the fill's brightness while the model repaints the texture; docs/method.md#sampling-start).
     """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS} (got {init!r})")
     n = len(images)
     if not (len(masks) == len(prompts) == len(seeds) == n):
         raise ValueError(f"images/masks/prompts/seeds lengths differ: {n}, {len(masks)}, {len(prompts)}, {len(seeds)}")
@@ -172,14 +180,20 @@ def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: li
     multiple = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if size % multiple:
         raise ValueError(f"size {size} must be a multiple of {multiple} for this model")
-    device = pipe.device
+    if init == "harmonic":
+        from negdpo.core.fill import classical_fill
+
+        starts = [classical_fill(np.clip(np.asarray(img, np.float32), 0.0, 1.0), m, dilate=0)
+                  for img, m in zip(images, masks)]
+    else:
+        starts = list(images)
     results: list[np.ndarray] = []
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
         gens = [torch.Generator(device="cpu").manual_seed(int(seeds[i])) for i in idx]
         with torch.inference_mode():
             out = pipe(prompt=[prompts[i] or "" for i in idx],
-                       image=[_to_pil_rgb(images[i], size) for i in idx],
+                       image=[_to_pil_rgb(starts[i], size) for i in idx],
                        mask_image=[_to_pil_mask(masks[i], size) for i in idx],
                        height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
                        strength=strength, generator=gens, output_type="np").images
@@ -188,7 +202,6 @@ def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: li
             if paste_back:
                 res = paste_back_blend(images[i], res, masks[i], seam_px)
             results.append(np.clip(res, 0.0, 1.0).astype(np.float32))
-    del device
     return results
 
 
@@ -201,7 +214,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=1.0)
-    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--strength", type=float, default=1.0, help="1 = from pure noise; < 1 = from the noised --init")
+    p.add_argument("--init", default="source", choices=INITS,
+                   help="what a strength < 1 starts from: the positive (source) or its harmonic fill (harmonic)")
     p.add_argument("--scheduler", default=None, help=f"one of {sorted(SCHEDULERS)}")
     p.add_argument("--size", type=int, default=None, help="model resolution (default: the UNet's native)")
     p.add_argument("--batch_size", type=int, default=8)
@@ -237,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [derive_seed(s.name, base=args.seed) for s in scans]
     outs = inpaint(pipe, [s.image for s in scans], [s.mask for s in scans], [s.prompt or "" for s in scans], seeds,
                    steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
-                   scheduler=args.scheduler, paste_back=not args.no_paste_back, seam_px=args.seam_px, size=args.size,
+                   init=args.init, scheduler=args.scheduler, paste_back=not args.no_paste_back, seam_px=args.seam_px, size=args.size,
                    batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

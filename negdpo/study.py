@@ -6,7 +6,7 @@ to score each part of the method with numbers:
     phantoms (+ a disjoint pre-training pool) -> (autoencoder adapted to the phantoms) -> SFT of the
              inpainting model on healthy scans -> Diffusion-DPO variants (DPO, DPO+MI, DPO+MI+SDPO)
              -> generator table on held-out (val+test) positives vs their twins, each learned generator
-                with and without paste-back, per modality
+                with and without paste-back, per modality (sampled from gen_init at gen_strength)
              -> base CLIP (contrastive pre-training on the pre-training pool), one per seed
              -> generator + CLIP pairs from the DPO+MI+SDPO variant, judged with the base CLIP
              -> fine-tunes of each seed's base: DHN-NCE, CLIP-DPO (generated negatives), CLIP-DPO (twin
@@ -80,6 +80,8 @@ class StudyConfig:
     gen_sdpo_mu: float = 0.9
     gen_sample_steps: int = 20
     gen_seam_px: float = 2.0  # soft seam of the paste-back rows (generator.sample.paste_back_blend)
+    gen_init: str = "source"  # what the learned generators' sampling (table rows and pairs) starts from: source |
+    gen_strength: float = 1.0  # harmonic (generator.sample.inpaint's init), noised to this strength (1 = pure noise)
     gen_extra: dict = field(default_factory=dict)
     # pairs
     pairs_k: int = 2
@@ -137,6 +139,8 @@ class StudyConfig:
         check(not bad, "pg_rows", self.pg_rows, f"unknown {bad}; choose from {list(PG_ROWS)}")
         check(self.pg_best_variant in CLIP_VARIANTS[1:], "pg_best_variant", self.pg_best_variant,
               f"one of the fine-tuned variants {list(CLIP_VARIANTS[1:])}")
+        check(self.gen_init in ("source", "harmonic"), "gen_init", self.gen_init, "one of source, harmonic")
+        check(0 < self.gen_strength <= 1, "gen_strength", self.gen_strength, "must be in (0, 1]")
         check(self.gen_autoencoder_steps >= 0, "gen_autoencoder_steps", self.gen_autoencoder_steps, "must be >= 0")
         check(self.phantoms_pretrain_n >= 0, "phantoms_pretrain_n", self.phantoms_pretrain_n, "must be >= 0")
         area = self.phantoms_lesion_area
@@ -296,17 +300,22 @@ def run_study(cfg: StudyConfig) -> dict:
         detector, pool = LesionDetector.load(judges["path"]), E.pool_positives(phantoms, cfg.judge_pool_max)
     gen_rows: list[dict] = []
     realism: list[dict] = []
-    for variant in ("identity", "harmonic", *gen_variants):
+    sampling = {"init": cfg.gen_init, "strength": cfg.gen_strength}
+    evals = [(v, v, sampling if v in GEN_VARIANTS else None) for v in ("identity", "harmonic", *gen_variants)]
+    if cfg.gen_strength < 1:  # the pairs' generator from pure noise too: what the model does without a start image
+        evals.append((f"{cfg.pairs_adapter}_noise", cfg.pairs_adapter, {"init": "source", "strength": 1.0}))
+    for name, variant, how in evals:
         settings = {"variant": variant, "adapter_stamp": _stamp_of(work, f"gen_{variant}"), "phantoms": ph_settings,
-                    "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px, "seed": cfg.seed,
+                    "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px, "seed": cfg.seed, "sampling": how,
                     "judges": judges and _stamp_of(work, "frozen_judges"), "pool": [s.name for s in pool]}
-        res = stage(f"geneval_{variant}", settings, lambda d, v=variant: E.score_generator(
-            v, scans, d, model=cfg.gen_model, adapter=adapters.get(v), device=device, steps=cfg.gen_sample_steps,
-            seed=cfg.seed, seam_px=cfg.gen_seam_px, detector=detector, pool_scans=pool, n_boot=cfg.bootstrap))
+        res = stage(f"geneval_{name}", settings, lambda d, n=name, v=variant, how=how: E.score_generator(
+            n, scans, d, model=cfg.gen_model, adapter=adapters.get(v), device=device, steps=cfg.gen_sample_steps,
+            seed=cfg.seed, seam_px=cfg.gen_seam_px, sampling=how, detector=detector, pool_scans=pool,
+            n_boot=cfg.bootstrap))
         gen_rows += res["rows"]
         realism += res.get("realism", [])
-        if variant in GEN_VARIANTS:
-            shutil.copy(res["grid"], out / "figures" / f"generator_{variant}.png")
+        if how is not None:
+            shutil.copy(res["grid"], out / "figures" / f"generator_{name}.png")
 
     # 3. base CLIPs (one per seed): contrastive pre-training on the pre-training pool
     seeds = [cfg.seed + k for k in range(cfg.clip_seeds)]
@@ -324,14 +333,16 @@ def run_study(cfg: StudyConfig) -> dict:
     # 4. preference pairs from the chosen generator variant, judged with the first seed's base CLIP
     judge = f"local-dir:{ckpts['base', seeds[0]]}"
     pairs_set = {"adapter_stamp": _stamp_of(work, f"gen_{cfg.pairs_adapter}"), "k": cfg.pairs_k, "extra": cfg.pairs_extra,
-                 "steps": cfg.pairs_steps, "phantoms": ph_settings, "clip": _stamp_of(work, f"clip_base_s{seeds[0]}")}
+                 "steps": cfg.pairs_steps, "phantoms": ph_settings, "clip": _stamp_of(work, f"clip_base_s{seeds[0]}"),
+                 "sampling": sampling}
 
     def build_pairs(d: Path) -> dict:
         from negdpo.preference.pairs.build import BuildConfig, run_build
 
         summary = run_build(BuildConfig(data=str(phantoms), out=str(d / "pairs"), generator=cfg.gen_model,
                                         adapter=adapters[cfg.pairs_adapter], k=cfg.pairs_k, steps=cfg.pairs_steps,
-                                        seed=cfg.seed, clip=judge, device=cfg.device, **cfg.pairs_extra))
+                                        seed=cfg.seed, clip=judge, device=cfg.device,
+                                        **(sampling | cfg.pairs_extra)))
         keep = ("rows", "dropped", "seconds", "judge", "scans_per_s", "report")
         return {"path": str(d / "pairs"), "summary": json.loads(json.dumps(
             {k: summary.get(k) for k in keep}, default=str))}
@@ -432,7 +443,7 @@ def run_study(cfg: StudyConfig) -> dict:
                                          pretrain_split)
     long_rows += extra_rows
     extra_cmp = T.stage2_comparisons(cfg.pg_best_variant)
-    oracle_stat = subject_ci(_group_by(oracle["rows"] if oracle else [], "dice"), cfg.bootstrap, cfg.seed)
+    oracle_stat = subject_ci(T.by_subject(oracle["rows"] if oracle else [], "dice"), cfg.bootstrap, cfg.seed)
     results = {"preset": cfg.preset, "code_version": code_version(),
                "n_test_positive": len({r["image"] for r in long_rows}),
                "oracle_box_dice": T.num(oracle_stat[0]), "oracle_box_dice_ci": [T.num(oracle_stat[1]),
@@ -455,13 +466,6 @@ def run_study(cfg: StudyConfig) -> dict:
     (out / "results.md").write_text(T.render_markdown(results, figures, time.perf_counter() - t_start))
     print(f"[study] results: {out / 'results.md'}", flush=True)
     return results
-
-
-def _group_by(rows: list[dict], key: str) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for r in rows:
-        out.setdefault(str(r["subject_id"]), []).append(float(r[key]))
-    return out
 
 
 def _stamp_of(work: Path, stage: str) -> str | None:

@@ -58,7 +58,7 @@ def repaint_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def _repairs(method: str, scans: list, masks: list, *, model: str | None, adapter: str | None, device: str,
-             steps: int, seed: int, seam_px: float) -> dict[bool | None, list[np.ndarray]]:
+             steps: int, seed: int, seam_px: float, sampling: dict | None = None) -> dict[bool | None, list[np.ndarray]]:
     """{paste_back: outputs} of one method on ``scans`` (None: the non-learned methods)."""
     from negdpo.core.config import derive_seed
     from negdpo.core.imageio import to_gray
@@ -73,7 +73,7 @@ def _repairs(method: str, scans: list, masks: list, *, model: str | None, adapte
     pipe = load_generator(model or "tiny", adapter=adapter, device=device)
     seeds = [derive_seed("study-gen", s.name, base=seed) for s in scans]
     raw = inpaint(pipe, [s.image for s in scans], masks, [s.prompt or "" for s in scans], seeds,
-                  steps=steps, paste_back=False)
+                  steps=steps, paste_back=False, **(sampling or {}))
     nopaste = [to_gray(np.asarray(o, np.float32)) for o in raw]
     return {False: nopaste, True: [paste_back_blend(to_gray(s.image), o, m, seam_px)
                                    for s, o, m in zip(scans, nopaste, masks)]}
@@ -81,13 +81,14 @@ def _repairs(method: str, scans: list, masks: list, *, model: str | None, adapte
 
 def score_generator(method: str, scans: list, out: Path, *, model: str | None = None, adapter: str | None = None,
                     device: str = "cpu", steps: int = 20, seed: int = 0, seam_px: float = 2.0,
-                    detector: Any = None, pool_scans: list | None = None, n_boot: int = 1000) -> dict:
+                    sampling: dict | None = None, detector: Any = None, pool_scans: list | None = None,
+                    n_boot: int = 1000) -> dict:
     """Repair held-out positives and score them against their twins.
 
     ``identity`` (no repair) and ``harmonic`` (classical fill) change nothing outside the repaint mask by
     construction (``paste_back`` None). A learned generator samples once without paste-back; the
     pasted output (:func:`negdpo.generator.sample.paste_back_blend`) is derived from the same sample, so
-    the two rows differ only by the paste.
+    the two rows differ only by the paste. ``sampling``: ``inpaint``'s ``init`` / ``strength`` (default: from noise).
 
     Frozen judges (:mod:`negdpo.generator.frozen_judges`, fitted on the pre-training pool only):
     ``detector`` adds ``lesion_prob`` / ``lesion_free`` to every row; ``pool_scans`` (pool positives) are
@@ -98,7 +99,7 @@ def score_generator(method: str, scans: list, out: Path, *, model: str | None = 
     from negdpo.core.imageio import to_gray
     from negdpo.generator.evaluate import repair_metrics
 
-    opts = dict(model=model, adapter=adapter, device=device, steps=steps, seed=seed, seam_px=seam_px)
+    opts = dict(model=model, adapter=adapter, device=device, steps=steps, seed=seed, seam_px=seam_px, sampling=sampling)
     masks = [repaint_mask(s.mask) for s in scans]
     outputs = _repairs(method, scans, masks, **opts)
     judged: dict = {"lesion": {}, "realism": []}

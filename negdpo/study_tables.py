@@ -41,6 +41,15 @@ VARIANTS = (*CLIP_VARIANTS, "base_reference", *STAGE2_VARIANTS)
 GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
               "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
 PROMPTS = ("report", "word", "irrelevant")
+
+
+def gen_label(method: str) -> str:
+    """Row label of a generator method; ``<variant>_noise`` = that variant sampled from pure noise."""
+    base = method.removesuffix("_noise")
+    label = GEN_LABELS.get(base, base)
+    return f"{label}, from pure noise (strength 1)" if method.endswith("_noise") else label
+
+
 GROUPS = ("mri_bright", "mri_dark", "us")
 GROUP_LABELS = {"mri_bright": "bright MRI", "mri_dark": "dark MRI", "us": "ultrasound"}
 # (a, b, what the difference a - b answers); only pairs whose variants both ran are reported
@@ -73,7 +82,7 @@ def _ci(stat: Stat) -> list[float | None]:
     return [num(stat[1]), num(stat[2])]
 
 
-def _by_subject(rows: Iterable[dict], key: str) -> dict[str, list[float]]:
+def by_subject(rows: Iterable[dict], key: str) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for r in rows:
         v = num(r.get(key))
@@ -99,7 +108,7 @@ def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dic
             rows = [r for r in mine if r["prompt"] == prompt]
             if not rows:
                 continue
-            stat = subject_ci(_by_subject(rows, "dice"), n_boot, seed)
+            stat = subject_ci(by_subject(rows, "dice"), n_boot, seed)
             by_group = {}
             for g in GROUPS:
                 vals = [num(r["dice"]) for r in rows if r.get("group") == g]
@@ -165,10 +174,10 @@ def generator_rows(gen_rows: list[dict], n_boot: int, seed: int, judged: bool = 
                     and (modality == "all" or r["modality"] == modality)]
             if not rows:
                 continue
-            err = subject_ci(_by_subject(rows, "inside_err"), n_boot, seed)
-            psnr = subject_ci(_by_subject(rows, "outside_psnr"), n_boot, seed)
-            mi = subject_ci(_by_subject(rows, "outside_mi"), n_boot, seed)
-            res = subject_ci(_by_subject(rows, "residual_lesion"), n_boot, seed)
+            err = subject_ci(by_subject(rows, "inside_err"), n_boot, seed)
+            psnr = subject_ci(by_subject(rows, "outside_psnr"), n_boot, seed)
+            mi = subject_ci(by_subject(rows, "outside_mi"), n_boot, seed)
+            res = subject_ci(by_subject(rows, "residual_lesion"), n_boot, seed)
             out.append({"method": method, "modality": modality, "paste_back": paste, "n_images": len(rows),
                         "inside_err": num(err[0]), "inside_err_ci": _ci(err), "outside_psnr": num(psnr[0]),
                         "outside_psnr_ci": _ci(psnr), "outside_mi": num(mi[0]), "residual_lesion": num(res[0]),
@@ -186,7 +195,7 @@ def generator_rows(gen_rows: list[dict], n_boot: int, seed: int, judged: bool = 
 def twin_outside_mi(gen_rows: list[dict], n_boot: int, seed: int) -> list[float | None]:
     """Outside-mask MI of the healthy twin against the source (the ceiling of the outside MI column)."""
     first = [r for r in gen_rows if r["method"] == gen_rows[0]["method"]] if gen_rows else []
-    stat = subject_ci(_by_subject(first, "twin_outside_mi"), n_boot, seed)
+    stat = subject_ci(by_subject(first, "twin_outside_mi"), n_boot, seed)
     return [num(stat[0]), *_ci(stat)]
 
 
@@ -229,11 +238,21 @@ def generator_md(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         paste = {None: "—", True: "yes", False: "no"}[r["paste_back"]]
-        lines.append(f"| {GEN_LABELS.get(r['method'], r['method'])} | {paste} | {r['modality']} | {r['n_images']} | "
+        lines.append(f"| {gen_label(r['method'])} | {paste} | {r['modality']} | {r['n_images']} | "
                      f"{fmt(r['inside_err'], r['inside_err_ci'])} | {fmt(r['outside_psnr'], r['outside_psnr_ci'], 2)} | "
                      f"{fmt(r['outside_mi'])} | {fmt(r['residual_lesion'])} | "
                      f"{fmt(r['lesion_free_rate'], r.get('lesion_free_rate_ci'))} |")
     return "\n".join(lines)
+
+
+def sampling_md(cfg: dict) -> str:
+    """How the learned generators sampled (the config's ``gen_init`` / ``gen_strength``)."""
+    init, strength = cfg.get("gen_init", "source"), cfg.get("gen_strength", 1.0)
+    if strength >= 1:
+        return "Learned generators sample from pure noise (strength 1). "
+    start = "the positive itself" if init == "source" else "the positive with the mask harmonically filled (SDEdit)"
+    return (f"Learned generators (and the pairs) start from {start}, noised to strength {strength}; the row "
+            "*from pure noise* is the pairs' generator at strength 1. ")
 
 
 def stage2_md(info: dict | None) -> str:
@@ -293,7 +312,7 @@ def realism_md(rows: list[dict]) -> str:
              "| --- | --- | --- | --- |"]
     for r in rows:
         paste = {None: "—", True: "yes", False: "no"}[r["paste_back"]]
-        lines.append(f"| {GEN_LABELS.get(r['method'], r['method'])} | {paste} | {r['n_pool']} / {r['n_held_out']} | "
+        lines.append(f"| {gen_label(r['method'])} | {paste} | {r['n_pool']} / {r['n_held_out']} | "
                      f"{fmt(num(r['auc']), [num(v) for v in r['auc_ci']])} |")
     return "\n".join(lines)
 
@@ -348,7 +367,7 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "## Generator: tumour removal on held-out positives (val + test subjects)", "",
         "Each generator repaints the 2-px-dilated lesion mask of every held-out positive. *Paste-back* keeps the "
         f"source exactly outside that mask (soft seam of {cfg.get('gen_seam_px')} px inside it); the no-paste rows "
-        "show the model's own outside. *Inside-mask error vs twin*: mean |output − healthy twin| inside the lesion "
+        f"show the model's own outside. {sampling_md(cfg)}*Inside-mask error vs twin*: mean |output − healthy twin| inside the lesion "
         "(0 = a perfect remover). *Outside PSNR / MI*: against the source outside the repaint mask (99 dB = "
         "identical). *Residual-lesion score*: 1 − the contrast judge of pair building (not independent of it). "
         + lesion_free_md(results.get("lesion_detector")), "",
@@ -357,7 +376,8 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "",
         realism_md(results.get("realism") or []), "",
         "## Preference pairs", "",
-        f"Built with `negdpo build-pairs` from the `{cfg['pairs_adapter']}` generator, K = {cfg['pairs_k']} "
+        f"Built with `negdpo build-pairs` from the `{cfg['pairs_adapter']}` generator (sampled as above), "
+        f"K = {cfg['pairs_k']} "
         f"candidates per positive, {cfg['pairs_steps']} sampling steps, judged with the first seed's base CLIP + "
         f"phantom judges. Rows per kind and split: `{json.dumps(psum.get('rows'))}`; dropped: "
         f"`{json.dumps(psum.get('dropped'))}`. Quality report: `pairs/report/report.md` under the work dir.", "",

@@ -45,7 +45,7 @@ def _same_rows(a: Path, b: Path) -> None:
 # -- settings --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, flag", [
     ({"k": 0}, "--k"), ({"steps": 0}, "--steps"), ({"k": 1}, "--k"), ({"chunk_size": 0}, "--chunk_size"),
-    ({"batch_items": -1}, "--batch_items"), ({"strength": 0.0}, "--strength"), ({"dilate": -1}, "--dilate"),
+    ({"batch_items": -1}, "--batch_items"), ({"strength": 0.0}, "--strength"), ({"init": "telea"}, "--init"), ({"dilate": -1}, "--dilate"),
     ({"size": 60}, "--size"), ({"rejected": "best"}, "--rejected"), ({"judges": "contrast=x"}, "--judges"),
     ({"judges": "bogus"}, "--judges"), ({"kinds": "generator,x"}, "--kinds"), ({"boundary_steps": 0}, "--boundary_steps"),
     ({"limit": 0}, "--limit"), ({"data": "/nonexistent/scans"}, "--data")])

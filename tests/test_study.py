@@ -83,14 +83,14 @@ def test_results_contract(study):
         stage2 = c["a"].startswith(("pg_", "vlsam"))  # pairs with seed 0's rows of b only
         assert c["n_pairs"] == (1 if stage2 else 2) * len(test_pos)  # images x seeds, paired
     gen = {(r["method"], r["paste_back"], r["modality"]) for r in on_disk["generator"]}
-    for method in ("sft", "dpo_mi_sdpo"):
+    for method in ("sft", "dpo_mi_sdpo", "dpo_mi_sdpo_noise"):  # quick samples at strength 0.5: + a pure-noise row
         assert {(method, p, m) for p in (True, False) for m in ("mri", "us", "all")} <= gen
     assert ("identity", None, "all") in gen and ("harmonic", None, "all") in gen
     for r in on_disk["generator"]:  # the frozen residual-lesion detector fills the column, with a CI
         lo, hi = r["lesion_free_rate_ci"]
         assert 0.0 <= lo <= r["lesion_free_rate"] <= hi <= 1.0
     assert set(on_disk["realism_auc"]) == {"identity", "harmonic", "sft", "sft_no_paste", "dpo_mi_sdpo",
-                                           "dpo_mi_sdpo_no_paste"}
+                                           "dpo_mi_sdpo_no_paste", "dpo_mi_sdpo_noise", "dpo_mi_sdpo_noise_no_paste"}
     assert all(0.0 <= v <= 1.0 for v in on_disk["realism_auc"].values())
     lo, hi = on_disk["oracle_box_dice_ci"]  # the pre-trained tiny SAM prompted with ground-truth boxes
     assert 0.0 <= lo <= on_disk["oracle_box_dice"] <= hi <= 1.0
@@ -98,6 +98,8 @@ def test_results_contract(study):
     for text in ("## Zero-shot segmentation", "| CLIP-DPO, harmonic-fill negatives (no generator) | report |",
                  "## Comparisons", "harmonic-fill vs generated negatives", "| SFT only | yes | mri |",
                  "| DPO + MI + SDPO | no | us |", "| positive itself (no repair) | — | all |",
+                 "| DPO + MI + SDPO, from pure noise (strength 1) | yes | us |",
+                 "start from the positive with the mask harmonically filled (SDEdit), noised to strength 0.5",
                  "Realism AUC of a real-vs-generated classifier", "Oracle box: **", "Smoke preset",
                  "| VL-SAM (tiny VLM trained on the pool) | report |", "— (prompt-free)", "**Stage 2**",
                  "stage 2 vs stage 1 (dpo_gen chain) (`pg_pseudo_best` − `dpo_gen`)", "*Lesion-free rate*: share"):
@@ -106,7 +108,8 @@ def test_results_contract(study):
     assert {"phantoms", "clip_base_s1", "clip_dpo_harmonic_s0", "harmonic_pairs", "evaluate", "evaluate_word"} <= set(
         on_disk["stage_seconds"]) and "## Run time per stage" in md
     figs = {p.name for p in (Path(cfg.out) / "figures").glob("*.png")}
-    assert {"generator_sft.png", "generator_dpo_mi_sdpo.png", "generator_curves.png", "clip_curves.png"} <= figs
+    assert {"generator_sft.png", "generator_dpo_mi_sdpo.png", "generator_dpo_mi_sdpo_noise.png", "generator_curves.png",
+            "clip_curves.png"} <= figs
 
 
 def test_numbers_come_from_the_data(study):
@@ -312,6 +315,10 @@ def test_unknown_variant_and_key_are_errors(tmp_path):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_variants=["nope"])
     with pytest.raises(ValueError, match="phantoms_lesion_area"):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), phantoms_lesion_area=[0.2, 0.1])
+    with pytest.raises(ValueError, match="gen_init"):
+        StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_init="telea")
+    with pytest.raises(ValueError, match="gen_strength"):
+        StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_strength=0.0)
     with pytest.raises(ValueError, match=r"\['control_prompt'\] are set by the study"):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), eval_extra={"control_prompt": "a dog"})
     with pytest.raises(SystemExit):

@@ -16,6 +16,7 @@ from .schema import KINDS
 SOURCES = ("inpaint", "boundary")
 REJECTED = ("worst", "positive")
 GEN_PROMPTS = ("source", "healthy")
+INITS = ("source", "harmonic")  # = negdpo.generator.sample.INITS (not imported: this module stays torch-free)
 DTYPES = ("float32", "float16", "bfloat16")
 # Settings that do not change any row: resuming with other values is allowed.
 NOT_ROW_SETTINGS = frozenset({"data", "out", "splits", "limit", "chunk_size", "batch_items", "kinds", "device",
@@ -32,6 +33,7 @@ class BuildConfig:
     steps: int = 20
     guidance: float = 1.0
     strength: float = 1.0
+    init: str = "source"  # what a strength < 1 starts from: the positive | its harmonic fill
     scheduler: str | None = None
     size: int | None = None  # model resolution (default: the generator's native)
     dilate: int = 2  # px added to the lesion mask before repainting (stored as `mask`)
@@ -81,6 +83,7 @@ class BuildConfig:
         need(isinstance(self.dilate, int) and self.dilate >= 0, "dilate", "an integer >= 0", self.dilate)
         need(self.guidance >= 0, "guidance", ">= 0", self.guidance)
         need(0 < self.strength <= 1, "strength", "in (0, 1]", self.strength)
+        need(self.init in INITS, "init", f"one of {INITS}", self.init)
         need(self.tie_eps >= 0, "tie_eps", ">= 0", self.tie_eps)
         need(self.boundary_eps > 0, "boundary_eps", "> 0", self.boundary_eps)
         need(self.rejected in REJECTED, "rejected", f"one of {REJECTED}", self.rejected)

@@ -89,7 +89,7 @@ class CandidateGenerator:
 
             flat = inpaint(self.pipe, flat_images, flat_masks, [p for p in prompts for _ in range(k)], seeds,
                            steps=self.cfg.steps, guidance_scale=self.cfg.guidance, strength=self.cfg.strength,
-                           scheduler=self.cfg.scheduler, size=self.cfg.size, batch_size=len(flat_images))
+                           init=self.cfg.init, scheduler=self.cfg.scheduler, size=self.cfg.size, batch_size=len(flat_images))
         else:
             flat = self._boundary_candidates(flat_images, flat_masks, seeds, lesion_texts, healthy_texts)
         return [flat[i * k:(i + 1) * k] for i in range(len(images))]
