@@ -231,7 +231,7 @@ def run_study(cfg: StudyConfig) -> dict:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
+    t_start, version = time.perf_counter(), code_version()  # before the run's own outputs make the tree dirty
     device = resolve_device(cfg.device)
 
     stage_seconds: dict[str, float] = {}  # as first computed (a cached stage reports its original run time)
@@ -444,7 +444,7 @@ def run_study(cfg: StudyConfig) -> dict:
     long_rows += extra_rows
     extra_cmp = T.stage2_comparisons(cfg.pg_best_variant)
     oracle_stat = subject_ci(T.by_subject(oracle["rows"] if oracle else [], "dice"), cfg.bootstrap, cfg.seed)
-    results = {"preset": cfg.preset, "code_version": code_version(),
+    results = {"preset": cfg.preset, "code_version": version,
                "n_test_positive": len({r["image"] for r in long_rows}),
                "oracle_box_dice": T.num(oracle_stat[0]), "oracle_box_dice_ci": [T.num(oracle_stat[1]),
                                                                                  T.num(oracle_stat[2])],

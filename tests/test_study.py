@@ -158,8 +158,15 @@ def test_numbers_come_from_the_data(study):
     assert stamp["settings"]["split"] == "pretrain" and results["clip_pretrain_split"] == "pretrain"
 
 
-def test_rerun_is_cached_and_reproduces(study):
+def test_rerun_is_cached_and_reproduces(study, monkeypatch):
     cfg, results = study
+    calls: list[int] = []  # the version is read before the run writes (and dirties) anything
+
+    def version() -> str:
+        calls.append(1)
+        return "at-start" if len(calls) == 1 else "later"
+
+    monkeypatch.setattr("negdpo.core.config.code_version", version)
     work = Path(cfg.work_dir)
     stamps = list(work.glob("*/stage.json"))
     assert all(json.loads(p.read_text())["settings"]["preset"] == "quick" for p in stamps)  # keys name the preset
@@ -171,6 +178,7 @@ def test_rerun_is_cached_and_reproduces(study):
     assert {p: p.stat().st_mtime_ns for p in trained} == trained  # training stages came from the cache
     for key in ("generator", "segmentation", "comparisons", "oracle_box_dice"):
         assert json.dumps(again[key], sort_keys=True) == json.dumps(results[key], sort_keys=True), key
+    assert again["code_version"] == "at-start"
 
 
 # -- the table builders on hand-made rows ----------------------------------------------------------
