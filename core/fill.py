@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+INITS = ("source", "harmonic")  # what a generator's sampling may start from: the positive | its harmonic fill
+
 
 def harmonic_fill(image: np.ndarray, mask: np.ndarray, _solver: dict | None = None) -> np.ndarray:
     """``image`` with the masked pixels replaced by the harmonic (Laplace) interpolation of their

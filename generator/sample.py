@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from negdpo.core.fill import INITS
 from PIL import Image
 
 from .lora_io import LORA_WEIGHT_NAME, load_adapter
 
 logger = logging.getLogger(__name__)
 
-INITS = ("source", "harmonic")  # what a strength < 1 starts from (inpaint's ``init``)
 ADAPTER_META = "negdpo_adapter.json"  # optional: {"reference_adapter": <folder>} fused before this adapter
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [derive_seed(s.name, base=args.seed) for s in scans]
     outs = inpaint(pipe, [s.image for s in scans], [s.mask for s in scans], [s.prompt or "" for s in scans], seeds,
                    steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
-                   init=args.init, scheduler=args.scheduler, paste_back=not args.no_paste_back, seam_px=args.seam_px, size=args.size,
-                   batch_size=args.batch_size)
+                   init=args.init, scheduler=args.scheduler, paste_back=not args.no_paste_back, seam_px=args.seam_px,
+                   size=args.size, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for scan, img in zip(scans, outs):

@@ -36,8 +36,9 @@ from functools import partial
 from pathlib import Path
 
 from negdpo.core.config import resolve_device
+from negdpo.core.fill import INITS
 from negdpo.study_eval import held_out_positives, score_generator  # noqa: F401  (re-exported)
-from negdpo.study_stages import PG_ROWS, json_rows
+from negdpo.study_stages import PG_ROWS, json_rows, stamp_of
 from negdpo.study_tables import CLIP_LABELS, CLIP_VARIANTS, GEN_LABELS  # noqa: F401  (re-exported)
 from negdpo.study_training import clip_job, prefetch_parallel, train_clip, train_generator  # noqa: F401
 
@@ -139,7 +140,7 @@ class StudyConfig:
         check(not bad, "pg_rows", self.pg_rows, f"unknown {bad}; choose from {list(PG_ROWS)}")
         check(self.pg_best_variant in CLIP_VARIANTS[1:], "pg_best_variant", self.pg_best_variant,
               f"one of the fine-tuned variants {list(CLIP_VARIANTS[1:])}")
-        check(self.gen_init in ("source", "harmonic"), "gen_init", self.gen_init, "one of source, harmonic")
+        check(self.gen_init in INITS, "gen_init", self.gen_init, f"one of {list(INITS)}")
         check(0 < self.gen_strength <= 1, "gen_strength", self.gen_strength, "must be in (0, 1]")
         check(self.gen_autoencoder_steps >= 0, "gen_autoencoder_steps", self.gen_autoencoder_steps, "must be >= 0")
         check(self.phantoms_pretrain_n >= 0, "phantoms_pretrain_n", self.phantoms_pretrain_n, "must be >= 0")
@@ -271,7 +272,7 @@ def run_study(cfg: StudyConfig) -> dict:
 
         gen_model = stage("gen_autoencoder", ae_set, adapt)["model"]
     cfg = replace(cfg, gen_model=gen_model)
-    common = {"phantoms": ph_settings, "model": _stamp_of(work, "gen_autoencoder") or cfg.gen_model,
+    common = {"phantoms": ph_settings, "model": stamp_of(work, "gen_autoencoder") or cfg.gen_model,
               "seed": cfg.seed, "lr": cfg.gen_lr, "batch": cfg.gen_batch, "extra": cfg.gen_extra}
     adapters: dict[str, str] = {}
     adapters["sft"] = stage("gen_sft", common | {"steps": cfg.gen_sft_steps}, lambda d: train_generator(
@@ -283,7 +284,7 @@ def run_study(cfg: StudyConfig) -> dict:
     for name, extra in dpo_variants.items():
         if name not in gen_variants and name != cfg.pairs_adapter:
             continue
-        settings = common | {"reference": _stamp_of(work, "gen_sft"), "variant": name, "steps": cfg.gen_dpo_steps,
+        settings = common | {"reference": stamp_of(work, "gen_sft"), "variant": name, "steps": cfg.gen_dpo_steps,
                              "beta": cfg.gen_beta, "mu": cfg.gen_sdpo_mu, **extra}
         adapters[name] = stage(f"gen_{name}", settings, lambda d, extra=extra: train_generator(
             cfg, phantoms, d, train_method="dpo", max_train_steps=cfg.gen_dpo_steps,
@@ -305,9 +306,9 @@ def run_study(cfg: StudyConfig) -> dict:
     if cfg.gen_strength < 1:  # the pairs' generator from pure noise too: what the model does without a start image
         evals.append((f"{cfg.pairs_adapter}_noise", cfg.pairs_adapter, {"init": "source", "strength": 1.0}))
     for name, variant, how in evals:
-        settings = {"variant": variant, "adapter_stamp": _stamp_of(work, f"gen_{variant}"), "phantoms": ph_settings,
+        settings = {"variant": variant, "adapter_stamp": stamp_of(work, f"gen_{variant}"), "phantoms": ph_settings,
                     "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px, "seed": cfg.seed, "sampling": how,
-                    "judges": judges and _stamp_of(work, "frozen_judges"), "pool": [s.name for s in pool]}
+                    "judges": judges and stamp_of(work, "frozen_judges"), "pool": [s.name for s in pool]}
         res = stage(f"geneval_{name}", settings, lambda d, n=name, v=variant, how=how: E.score_generator(
             n, scans, d, model=cfg.gen_model, adapter=adapters.get(v), device=device, steps=cfg.gen_sample_steps,
             seed=cfg.seed, seam_px=cfg.gen_seam_px, sampling=how, detector=detector, pool_scans=pool,
@@ -332,8 +333,8 @@ def run_study(cfg: StudyConfig) -> dict:
 
     # 4. preference pairs from the chosen generator variant, judged with the first seed's base CLIP
     judge = f"local-dir:{ckpts['base', seeds[0]]}"
-    pairs_set = {"adapter_stamp": _stamp_of(work, f"gen_{cfg.pairs_adapter}"), "k": cfg.pairs_k, "extra": cfg.pairs_extra,
-                 "steps": cfg.pairs_steps, "phantoms": ph_settings, "clip": _stamp_of(work, f"clip_base_s{seeds[0]}"),
+    pairs_set = {"adapter_stamp": stamp_of(work, f"gen_{cfg.pairs_adapter}"), "k": cfg.pairs_k, "extra": cfg.pairs_extra,
+                 "steps": cfg.pairs_steps, "phantoms": ph_settings, "clip": stamp_of(work, f"clip_base_s{seeds[0]}"),
                  "sampling": sampling}
 
     def build_pairs(d: Path) -> dict:
@@ -365,9 +366,9 @@ def run_study(cfg: StudyConfig) -> dict:
         if name not in clip_variants:
             continue
         for sd in seeds:
-            settings = {"base": _stamp_of(work, f"clip_base_s{sd}"), "seed": sd, "variant": name, "loss": loss,
+            settings = {"base": stamp_of(work, f"clip_base_s{sd}"), "seed": sd, "variant": name, "loss": loss,
                         "data": Path(data).name, "pairs": pairs_set if data == pairs["path"] else None,
-                        "harmonic": _stamp_of(work, "harmonic_pairs") if data == harmonic else None,
+                        "harmonic": stamp_of(work, "harmonic_pairs") if data == harmonic else None,
                         "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr, "batch": cfg.clip_batch,
                         "extra": cfg.clip_extra}
             ft_jobs.append((f"clip_{name}_s{sd}", settings, partial(
@@ -390,9 +391,9 @@ def run_study(cfg: StudyConfig) -> dict:
 
     # 6. zero-shot segmentation of the test subjects: report + irrelevant prompt, then the one-word prompt
     clips = {f"{v}.s{sd}": f"local-dir:{p}" for (v, sd), p in ckpts.items()}
-    eval_set = {"clips": {f"{v}.s{sd}": _stamp_of(work, f"clip_{v}_s{sd}") for v, sd in ckpts},
+    eval_set = {"clips": {f"{v}.s{sd}": stamp_of(work, f"clip_{v}_s{sd}") for v, sd in ckpts},
                 "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings,
-                "irrelevant": cfg.prompt_irrelevant, "sam_stamp": _stamp_of(work, "sam_pretrain")}
+                "irrelevant": cfg.prompt_irrelevant, "sam_stamp": stamp_of(work, "sam_pretrain")}
 
     eval_options = {"split": "test", "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "seed": cfg.seed,
                     "device": cfg.device, "bootstrap": 200, "control_prompt": cfg.prompt_irrelevant} | cfg.eval_extra
@@ -422,7 +423,7 @@ def run_study(cfg: StudyConfig) -> dict:
     oracle_sam = cfg.eval_sam if cfg.eval_sam != "none" else ("tiny" if cfg.sam_pretrain_steps > 0 else None)
     if oracle_sam:
         oracle = stage("oracle_box", {"sam": oracle_sam, "checkpoint": sam_ckpt, "phantoms": ph_settings,
-                                      "sam_stamp": _stamp_of(work, "sam_pretrain")},
+                                      "sam_stamp": stamp_of(work, "sam_pretrain")},
                        lambda d: {"rows": E.oracle_box(phantoms, "test", oracle_sam, sam_ckpt, device)})
 
     # 7. the results contract, figures, results.md
@@ -466,11 +467,6 @@ def run_study(cfg: StudyConfig) -> dict:
     (out / "results.md").write_text(T.render_markdown(results, figures, time.perf_counter() - t_start))
     print(f"[study] results: {out / 'results.md'}", flush=True)
     return results
-
-
-def _stamp_of(work: Path, stage: str) -> str | None:
-    stamp = work / stage / "stage.json"
-    return json.loads(stamp.read_text())["key"] if stamp.exists() else None
 
 
 # -- CLI --------------------------------------------------------------------------------------------

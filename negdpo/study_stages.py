@@ -21,6 +21,12 @@ PG_ROWS = ("pg_pseudo_base", "pg_pseudo_best", "pg_supervised")
 STAGE2_VARIANTS = (*PG_ROWS, "vlsam")
 
 
+def stamp_of(work: Path, stage: str) -> str | None:
+    """The cache key of a finished study stage (its ``stage.json``), None if it has not run."""
+    stamp = work / stage / "stage.json"
+    return json.loads(stamp.read_text())["key"] if stamp.exists() else None
+
+
 def json_rows(rows: list[dict], name: str | None = None) -> list[dict]:
     """Rows as plain JSON (NaN -> float kept by ``default=float``), the checkpoint renamed to ``name``."""
     out = json.loads(json.dumps(rows, default=float))
@@ -144,7 +150,6 @@ def run_stage2_rows(cfg: Any, stage: Any, work: Path, phantoms: Path, ckpts: dic
     CLIP seed whose chains give the pseudo-labels (rows are named ``<row>.s<seed>`` and pair with that
     seed's rows in the comparisons). ``pg_steps: 0`` / ``vlm_steps: 0`` switch the rows off.
     """
-    from negdpo.study import _stamp_of
     from negdpo.study_eval import lesion_groups, long_segmentation_rows
 
     groups = lesion_groups(phantoms)
@@ -152,7 +157,7 @@ def run_stage2_rows(cfg: Any, stage: Any, work: Path, phantoms: Path, ckpts: dic
     info: dict[str, Any] = {"seed": seed, "pg_best_variant": cfg.pg_best_variant, "pseudo_labels": {}, "pg": {}}
     sam_ckpt = eval_options.get("sam_checkpoint")
     chain = {"saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings,
-             "sam_stamp": _stamp_of(work, "sam_pretrain")}
+             "sam_stamp": stamp_of(work, "sam_pretrain")}
     if cfg.pg_steps > 0:
         pg_sam = cfg.eval_sam if cfg.eval_sam != "none" else "tiny"  # the prompt generator always needs a SAM
         pg_set = {"phantoms": ph_settings, "steps": cfg.pg_steps, "lr": cfg.pg_lr, "batch": cfg.pg_batch,
@@ -166,10 +171,10 @@ def run_stage2_rows(cfg: Any, stage: Any, work: Path, phantoms: Path, ckpts: dic
                     info["pg"][row] = f"skipped: CLIP variant {variant} did not run"
                     continue
                 name = f"pseudo_{variant}_s{seed}"
-                pl = stage(name, chain | {"clip": _stamp_of(work, f"clip_{variant}_s{seed}")},
+                pl = stage(name, chain | {"clip": stamp_of(work, f"clip_{variant}_s{seed}")},
                            lambda d, v=variant: pseudo_labels(phantoms, f"local-dir:{ckpts[v, seed]}", d, eval_options))
                 info["pseudo_labels"][variant] = {k: v for k, v in pl.items() if k != "targets"}
-                targets, t_stamp = pl["targets"], _stamp_of(work, name)
+                targets, t_stamp = pl["targets"], stamp_of(work, name)
             res = stage(row, pg_set | {"targets": t_stamp}, lambda d, r=row, t=targets: train_and_eval_pg(
                 phantoms, t, d, f"{r}.s{seed}", steps=cfg.pg_steps, lr=cfg.pg_lr, batch=cfg.pg_batch, seed=seed,
                 sam=pg_sam, sam_checkpoint=sam_ckpt, device=cfg.device, extra=cfg.pg_extra, eval_options=eval_options))
@@ -181,7 +186,7 @@ def run_stage2_rows(cfg: Any, stage: Any, work: Path, phantoms: Path, ckpts: dic
         vlm = stage("vlm_pretrain", vlm_set, lambda d: train_vlm_on_pool(
             phantoms, d, split=pretrain_split, steps=cfg.vlm_steps, lr=cfg.vlm_lr, batch=cfg.vlm_batch, seed=seed,
             extra=cfg.vlm_extra))
-        res = stage("vlsam", chain | {"vlm": _stamp_of(work, "vlm_pretrain"), "word": cfg.prompt_word,
+        res = stage("vlsam", chain | {"vlm": stamp_of(work, "vlm_pretrain"), "word": cfg.prompt_word,
                                       "irrelevant": cfg.prompt_irrelevant}, lambda d: eval_vlsam(
             phantoms, vlm["vlm"], d, f"vlsam.s{seed}", options=eval_options, word=cfg.prompt_word,
             irrelevant=cfg.prompt_irrelevant))

@@ -41,15 +41,6 @@ VARIANTS = (*CLIP_VARIANTS, "base_reference", *STAGE2_VARIANTS)
 GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
               "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
 PROMPTS = ("report", "word", "irrelevant")
-
-
-def gen_label(method: str) -> str:
-    """Row label of a generator method; ``<variant>_noise`` = that variant sampled from pure noise."""
-    base = method.removesuffix("_noise")
-    label = GEN_LABELS.get(base, base)
-    return f"{label}, from pure noise (strength 1)" if method.endswith("_noise") else label
-
-
 GROUPS = ("mri_bright", "mri_dark", "us")
 GROUP_LABELS = {"mri_bright": "bright MRI", "mri_dark": "dark MRI", "us": "ultrasound"}
 # (a, b, what the difference a - b answers); only pairs whose variants both ran are reported
@@ -159,6 +150,13 @@ def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "di
 
 
 # -- generator -------------------------------------------------------------------------------------
+def gen_label(method: str) -> str:
+    """Row label of a generator method; ``<variant>_noise`` = that variant sampled from pure noise."""
+    base = method.removesuffix("_noise")
+    label = GEN_LABELS.get(base, base)
+    return f"{label}, from pure noise (strength 1)" if method.endswith("_noise") else label
+
+
 def generator_rows(gen_rows: list[dict], n_boot: int, seed: int, judged: bool = False) -> list[dict]:
     """One contract row per (method, paste_back, modality) with subject-level CIs; ``all`` pools modalities.
 

@@ -11,12 +11,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from negdpo.core.fill import INITS
+
 from .schema import KINDS
 
 SOURCES = ("inpaint", "boundary")
 REJECTED = ("worst", "positive")
 GEN_PROMPTS = ("source", "healthy")
-INITS = ("source", "harmonic")  # = negdpo.generator.sample.INITS (not imported: this module stays torch-free)
 DTYPES = ("float32", "float16", "bfloat16")
 # Settings that do not change any row: resuming with other values is allowed.
 NOT_ROW_SETTINGS = frozenset({"data", "out", "splits", "limit", "chunk_size", "batch_items", "kinds", "device",
