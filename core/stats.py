@@ -96,6 +96,9 @@ class RunLevelStat:
     n_subjects: int = 0  # distinct subjects
     subject_only: Stat = (NAN, NAN, NAN)  # SECONDARY: subjects resampled with the runs fixed
     unit: str = UNIT_RUNS
+    # CHECK for few runs: paired t over the run means (df = n_runs - 1); NaN below 2 runs
+    t_ci: tuple[float, float] = (NAN, NAN)
+    p_t: float = NAN
 
     @property
     def stat(self) -> Stat:
@@ -167,6 +170,21 @@ def bootstrap_p(replicates: np.ndarray) -> float:
     return float(min(1.0, 2.0 * min(le, ge)))
 
 
+def run_t(per_run: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(lo, hi, p) of the one-sample t test of the run means against 0 (df = runs - 1); NaN below 2 runs.
+    Runs that all agree exactly give a zero-width interval and p = 1 (mean 0) or 0."""
+    x = np.asarray(per_run, np.float64)
+    if x.size < 2:
+        return NAN, NAN, NAN
+    from scipy.stats import t
+
+    mean, se = float(x.mean()), float(x.std(ddof=1)) / math.sqrt(x.size)
+    if se == 0.0:
+        return mean, mean, 1.0 if mean == 0.0 else 0.0
+    half = float(t.ppf(0.5 + level / 2.0, x.size - 1)) * se
+    return mean - half, mean + half, float(2.0 * t.sf(abs(mean) / se, x.size - 1))
+
+
 def run_level_diff(a: Mapping[tuple[str, str, str], float], b: Mapping[tuple[str, str, str], float], *,
                    n_boot: int = 2000, seed: int = 0, level: float = 0.95, subjects: str = "nested") -> RunLevelStat:
     """Paired difference a - b over keys (run, subject, image) both have, generalised over training runs.
@@ -176,7 +194,8 @@ def run_level_diff(a: Mapping[tuple[str, str, str], float], b: Mapping[tuple[str
     runs with replacement, then subjects with replacement within each drawn run (``subjects="crossed"``:
     one draw of subjects shared by the drawn runs, for test sets common to all runs). With one run, the CI
     is the subject-level one and ``unit`` says so. ``subject_only`` (secondary) resamples subjects with the
-    runs fixed. Deterministic given ``seed``. docs/method.md#statistics
+    runs fixed. ``t_ci`` / ``p_t``: the paired t test over the run means (:func:`run_t`), the check for few
+    runs, where the percentile bootstrap is too narrow. Deterministic given ``seed``. docs/method.md#statistics
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level {level}: must be in (0, 1)")
@@ -201,9 +220,11 @@ def run_level_diff(a: Mapping[tuple[str, str, str], float], b: Mapping[tuple[str
     else:
         reps, unit = fixed, UNIT_ONE_RUN
     lo, hi = np.quantile(reps, q)
+    t_lo, t_hi, p_t = run_t(run_means, level)
     return RunLevelStat(mean=mean, lo=float(lo), hi=float(hi), p=bootstrap_p(reps),
                         per_run={r: float(m) for r, m in zip(runs, run_means)}, n_runs=len(runs),
-                        n_subjects=len(subject_ids), subject_only=(mean, float(s_lo), float(s_hi)), unit=unit)
+                        n_subjects=len(subject_ids), subject_only=(mean, float(s_lo), float(s_hi)), unit=unit,
+                        t_ci=(t_lo, t_hi), p_t=p_t)
 
 
 def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
