@@ -124,12 +124,15 @@ def read_raster(path: str | Path, window: WindowLike | None = None, max_side: in
     arr = block_reduce(arr, factor)
     if window is not None:
         return window.apply(arr)
+    out = arr.astype(np.float32, copy=factor == 1)  # in place from here: one float copy of the pixels at most
     if stored == np.uint8:
-        return (arr.astype(np.float32) / 255.0).astype(np.float32)
+        out /= 255.0
+        return out
     if stored in (np.uint16, np.int32, np.int16, np.uint32):  # 16-bit modes decode as I;16 / I
-        return np.clip(arr.astype(np.float32) / 65535.0, 0.0, 1.0)
+        out /= 65535.0
+        return np.clip(out, 0.0, 1.0, out=out)
     if stored.kind == "f":
-        return np.clip(arr.astype(np.float32), 0.0, 1.0)
+        return np.clip(out, 0.0, 1.0, out=out)
     raise ScanReadError(f"{path}: unsupported pixel type {arr.dtype} (mode {mode})")
 
 
