@@ -304,7 +304,7 @@ def read_mask(path: str | Path, index: int | None = None, max_side: int = MAX_SI
 
 
 def pad_to_square(values: np.ndarray, fill: float = 0) -> np.ndarray:
-    """Pad (never stretch) a non-square image or mask at the bottom or right to a square (docs/method.md#square)."""
+    """Pad (never stretch) a non-square image or mask at the bottom or right to a square (docs/method.md#square-scans)."""
     h, w = values.shape[:2]
     if h == w:
         return values

@@ -15,7 +15,7 @@ malformed ``prompts.json`` always raises (its name and the problem in the messag
 Reading options (every command that reads scans passes them, ``negdpo.core.window.ScanReading``): an
 intensity ``window``, the size limit ``max_side`` (larger scans are refused, or shrunk with ``downscale``),
 and ``square="pad"`` (default): a non-square image, its mask and twin are padded with zeros at the bottom or
-right to a square, never stretched, so a pixel keeps its coordinates (docs/method.md#square).
+right to a square, never stretched, so a pixel keeps its coordinates (docs/method.md#square-scans).
 
 Formulas and sources: docs/method.md#scan-folder.
 """

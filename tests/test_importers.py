@@ -76,6 +76,7 @@ def test_busi_layout_union_masks_healthy_and_readers(tmp_path):
     assert image.ndim == 2 and np.allclose(image[:40], source) and not image[40:].any()
     normal = [r for r in rows if r["source"].startswith("normal/")]
     assert all(r["positive"] == "0" and r["label"] == "" for r in normal)
+    assert {r["split"] for r in normal} == {"train", "val", "test"}  # split within each class: 3 normals, 3 splits
     prompts = json.loads((out / "prompts.json").read_text())
     assert prompts[two["file"]] == "a breast ultrasound image showing a benign tumor"
     assert prompts[normal[0]["file"]] == "a breast ultrasound image with no tumor"

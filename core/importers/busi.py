@@ -4,7 +4,8 @@
     SRC/malignant/...          SRC/normal/normal (1).png + normal (1)_mask.png (empty)
 
 Masks of one image (``_mask``, ``_mask_1``, ...) are united. ``normal`` images are healthy scans. BUSI has no
-patient ids, so each image is its own subject (docs/method.md#importers).
+patient ids, so each image is its own subject; subjects are split within each class, so every split holds
+benign, malignant and normal images (docs/method.md#importers).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def busi_cases(cfg: Any) -> list[Case]:
             if not found:
                 raise SourceError(f"{image}: no mask '{image.stem}_mask.png' beside it")
             cases.append(Case(f"{folder.name}/{image.stem}",
-                              lambda i=image, f=found, c=folder.name: _load(cfg, i, f, c), str(image)))
+                              lambda i=image, f=found, c=folder.name: _load(cfg, i, f, c), str(image), folder.name))
         if masks:
             orphan = next(iter(masks.values()))[0]
             raise SourceError(f"{orphan}: a mask without its image '{MASK.match(orphan.stem)['stem']}.png'")

@@ -2,7 +2,7 @@
 
 An importer lists ``Case``s (one per patient or image, cheap) and loads each case's ``Record``s (2-D images in
 [0, 1] with a bool lesion mask) only when the writer reaches it, so memory holds one case at a time.
-The writer pads every image and mask to a square at the bottom/right (docs/method.md#square), saves them as
+The writer pads every image and mask to a square at the bottom/right (docs/method.md#square-scans), saves them as
 8-bit PNGs in the MedCLIP-SAMv2 layout and writes ``prompts.json``, ``meta.csv``, ``import.json`` and
 ``preview.png``. Layout and columns: docs/method.md#importers.
 """
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import derive_seed
 from ..imageio import ScanReadError, pad_to_square, save_png
 from ..scans import SPLITS
 
@@ -58,6 +59,7 @@ class Case:
     subject: str
     load: Callable[[], Iterable[Record]]
     source: str = ""
+    group: str = ""  # subjects are split within each group (BUSI: the class), so every split gets each group
 
 
 @dataclass
@@ -208,8 +210,13 @@ def run_import(fmt: Format, cfg: Any, out: Path) -> dict[str, Any]:
     cases = fmt.cases(cfg)
     if not cases:
         raise SourceError(f"{cfg.src}: no {fmt.name} data found ({fmt.help})")
-    split_of = split_subjects((c.subject for c in cases), (cfg.train_ratio, cfg.val_ratio, cfg.test_ratio),
-                              cfg.seed)
+    groups: dict[str, set[str]] = {}
+    for c in cases:
+        groups.setdefault(c.group, set()).add(c.subject)
+    split_of: dict[str, str] = {}
+    ratios = (cfg.train_ratio, cfg.val_ratio, cfg.test_ratio)
+    for group, subjects in sorted(groups.items()):  # a subject met in an earlier group keeps its split
+        split_of.update(split_subjects(subjects - split_of.keys(), ratios, derive_seed(group, base=cfg.seed)))
     writer = Writer(out, fmt, healthy=cfg.healthy, template=cfg.prompt_template,
                     healthy_template=cfg.healthy_prompt, prefix=cfg.name_prefix, modality=cfg.modality)
     for case in cases:
