@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from negdpo.core.imageio import ScanReadError, read_mask, read_nifti, read_raster, read_scan
 from negdpo.core.scans import ScanFolder, ScanFolderError
 from negdpo.core.window import PRESETS, PercentileWindow, Window, parse_window, reading_options
+from PIL import Image
 
 
 @pytest.fixture

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
+from negdpo.core.imageio import read_mask, read_nifti, read_raster
 from negdpo.core.importers.cli import main as import_main
 from negdpo.core.importers.common import split_subjects
-from negdpo.core.imageio import read_mask, read_nifti, read_raster
 from negdpo.core.scans import ScanFolder
+from PIL import Image
 
 
 def _png(path: Path, arr: np.ndarray) -> Path:
@@ -142,7 +141,7 @@ def test_figshare_mat_orientation_labels_and_patients(tmp_path):
     rows_cols = (48, 32)  # non-square, as MATLAB shows it: 48 rows x 32 columns
     n = 0
     for p, pid in enumerate(["100360", "MR040214", "112649", "99999", "5"]):
-        for j in range(2):  # two slices per patient: both must land in one split
+        for _ in range(2):  # two slices per patient: both must land in one split
             n += 1
             image = np.full(rows_cols, 100, np.int16)
             mask = np.zeros(rows_cols, np.uint8)
