@@ -199,9 +199,12 @@ class ScanFolder:
         for path, shape, what in ((mask_path, mask.shape, "mask"),
                                   (twin_path, None if twin is None else twin.shape[:2], "twin")):
             if shape is not None and shape != image.shape[:2]:
+                turned = shape == image.shape[:2][::-1] and shape[0] != shape[1]
+                hint = ("; it is the image turned by 90 degrees: volumes are shown in the display orientation "
+                        "(docs/method.md#display-orientation), draw the mask on that view") if turned else ""
                 self._fail(SizeMismatchError(
                     f"{path}: {what} size {shape[1]}x{shape[0]} does not match image "
-                    f"{image_path.name} size {image.shape[1]}x{image.shape[0]} (W x H)"))
+                    f"{image_path.name} size {image.shape[1]}x{image.shape[0]} (W x H){hint}"))
                 return None
         prompts = self.prompts
         original_size = (int(image.shape[0]), int(image.shape[1]))

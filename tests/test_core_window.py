@@ -178,6 +178,20 @@ def test_non_square_scans_are_padded_not_stretched(tmp_path):
     assert kept.image.shape == (10, 6)
 
 
+def test_a_mask_in_voxel_order_is_named_as_turned(tmp_path):
+    vol = np.zeros((12, 7, 1), np.float32)  # X = 12, Y = 7: displayed as 7 rows x 12 columns
+    vol[2:4, 1:3, 0] = 1.0
+    root = tmp_path / "v"
+    _nifti(root / "test_images" / "a.nii.gz", vol)
+    _png(root / "test_masks" / "a.png", (vol[:, :, 0] > 0).astype(np.uint8) * 255)  # drawn in voxel order
+    with pytest.raises(ScanFolderError, match=r"mask size 7x12 does not match image a\.nii\.gz size 12x7 \(W x H\); "
+                                              r"it is the image turned by 90 degrees"):
+        ScanFolder(root).load_split("test")
+    _png(root / "test_masks" / "a.png", (vol[::-1, ::-1, 0].T > 0).astype(np.uint8) * 255)  # the displayed view
+    (scan,) = ScanFolder(root, square="keep").load_split("test")
+    assert np.array_equal(scan.mask, scan.image > 0.5)
+
+
 # ------------------------------------------------------------------------------------ commands take it
 def test_every_scan_reading_command_accepts_the_window(tmp_path):
     from negdpo.core.config import ConfigError, parse_config

@@ -131,7 +131,8 @@ def _dicom_subject(path: Path, images_dir: Path) -> str:
     except Exception as err:
         raise ScanReadError(f"{path}: unreadable DICOM ({err})") from err
     pid = str(getattr(ds, "PatientID", "") or "").strip()
-    return pid or str(path.parent.relative_to(images_dir)) or stem_of(path)
+    folder = path.parent.relative_to(images_dir)
+    return pid or (folder.as_posix() if folder.parts else stem_of(path))
 
 
 def dicom_cases(cfg: Any) -> list[Case]:
