@@ -179,7 +179,10 @@ class Writer:
                           "healthy": sum(1 - r["positive"] for r in self.rows if r["split"] == where),
                           "subjects": len({r["subject_id"] for r in self.rows if r["split"] == where})}
                   for where in (*SPLITS, "negatives")}
-        summary = {"format": self.fmt.name, "settings": settings, "counts": counts, "skipped": self.skipped}
+        from ..config import code_version
+
+        summary = {"format": self.fmt.name, "settings": settings, "counts": counts, "skipped": self.skipped,
+                   "code_version": code_version()}
         _atomic_text(self.out / "import.json", json.dumps(summary, indent=1, default=str))
         if self.preview:
             from ..figures import write_grid
