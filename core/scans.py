@@ -12,6 +12,11 @@ mismatch of mask or twin, unreadable image/mask/twin, duplicate stem) raise a ``
 naming the file, or with ``on_error="skip"`` are skipped and counted in ``ScanFolder.skipped``. A
 malformed ``prompts.json`` always raises (its name and the problem in the message).
 
+Reading options (every command that reads scans passes them, ``negdpo.core.window.ScanReading``): an
+intensity ``window``, the size limit ``max_side`` (larger scans are refused, or shrunk with ``downscale``),
+and ``square="pad"`` (default): a non-square image, its mask and twin are padded with zeros at the bottom or
+right to a square, never stretched, so a pixel keeps its coordinates (docs/method.md#square-scans).
+
 Formulas and sources: docs/method.md#scan-folder.
 """
 
@@ -26,7 +31,8 @@ from typing import Literal
 
 import numpy as np
 
-from .imageio import ScanReadError, Window, is_scan_file, read_mask, read_scan, stem_of
+from .imageio import MAX_SIDE, ScanReadError, is_scan_file, pad_to_square, read_mask, read_scan, stem_of
+from .window import WindowLike
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -84,6 +90,7 @@ class Scan:
     split: str
     twin: np.ndarray | None = None
     prompt: str | None = None
+    original_size: tuple[int, int] | None = None  # (H, W) as read, before padding to a square
 
     @property
     def positive(self) -> bool:
@@ -95,9 +102,12 @@ class ScanFolder:
     """Reader for one scan folder root."""
 
     root: Path
-    window: Window | None = None
+    window: WindowLike | None = None
     on_error: Literal["raise", "skip"] = "raise"
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    max_side: int = MAX_SIDE
+    downscale: bool = False
+    square: Literal["pad", "keep"] = "pad"
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -178,24 +188,33 @@ class ScanFolder:
     def load(self, image_path: Path, mask_path: Path | None, split: str) -> Scan | None:
         """Read one pair (and its twin, if any); returns None (and records why) when skipping."""
         twin_path = self.root / f"{split}_twins" / f"{stem_of(image_path)}.png"
+        size = {"max_side": self.max_side, "downscale": self.downscale}
         try:
-            image = read_scan(image_path, window=self.window)
-            mask = read_mask(mask_path) if mask_path is not None else np.zeros(image.shape[:2], bool)
-            twin = read_scan(twin_path) if twin_path.exists() else None
+            image = read_scan(image_path, window=self.window, **size)
+            mask = read_mask(mask_path, **size) if mask_path is not None else np.zeros(image.shape[:2], bool)
+            twin = read_scan(twin_path, **size) if twin_path.exists() else None
         except ScanReadError as err:
             self._fail(ScanFolderError(str(err)))
             return None
         for path, shape, what in ((mask_path, mask.shape, "mask"),
                                   (twin_path, None if twin is None else twin.shape[:2], "twin")):
             if shape is not None and shape != image.shape[:2]:
+                turned = shape == image.shape[:2][::-1] and shape[0] != shape[1]
+                hint = ("; it is the image turned by 90 degrees: volumes are shown in the display orientation "
+                        "(docs/method.md#display-orientation), draw the mask on that view") if turned else ""
                 self._fail(SizeMismatchError(
                     f"{path}: {what} size {shape[1]}x{shape[0]} does not match image "
-                    f"{image_path.name} size {image.shape[1]}x{image.shape[0]} (W x H)"))
+                    f"{image_path.name} size {image.shape[1]}x{image.shape[0]} (W x H){hint}"))
                 return None
         prompts = self.prompts
+        original_size = (int(image.shape[0]), int(image.shape[1]))
+        if self.square == "pad":
+            image, mask = pad_to_square(image), pad_to_square(mask)
+            twin = None if twin is None else pad_to_square(twin)
         return Scan(name=image_path.name, image=image, mask=mask, image_path=image_path,
                     mask_path=mask_path, split=split, twin=twin,
-                    prompt=prompts.get(image_path.name, prompts.get(stem_of(image_path))))
+                    prompt=prompts.get(image_path.name, prompts.get(stem_of(image_path))),
+                    original_size=original_size)
 
     def iter_split(self, split: str) -> Iterator[Scan]:
         for img, mask in self.pairs(split):

@@ -47,7 +47,7 @@ def _to_rgb(image: np.ndarray, size: int) -> np.ndarray:
 def collect_images(data: str | Path, size: int, splits: tuple[str, ...] = ("train",), twins: bool = True,
                    negatives: bool = True) -> np.ndarray:
     """(N, S, S, 3) float [0,1]: the images of ``splits`` (+ their ``*_twins``) and ``negatives/``."""
-    from negdpo.core.imageio import read_scan
+    from negdpo.core.imageio import pad_to_square, read_scan
     from negdpo.core.scans import ScanFolder
 
     folder = ScanFolder(data, on_error="skip")
@@ -64,7 +64,7 @@ def collect_images(data: str | Path, size: int, splits: tuple[str, ...] = ("trai
     images = []
     for p in paths:
         try:
-            images.append(_to_rgb(read_scan(p), size))
+            images.append(_to_rgb(pad_to_square(read_scan(p)), size))  # padded, never stretched
         except Exception as err:  # an unreadable file is reported, not silently dropped
             logger.warning("autoencoder: skipping %s (%s)", p, err)
     if not images:

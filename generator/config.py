@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from negdpo.core.config import check, check_choice, check_finite_positive, check_positive, check_probability
 from negdpo.core.training import TrainConfig
+from negdpo.core.window import ScanReading
 
 
 @dataclass
-class GenTrainConfig(TrainConfig):
+class GenTrainConfig(TrainConfig, ScanReading):
     """Run config (YAML via --config, flags override). ``beta`` uses the convention WITH the 1/2."""
 
     # data and model
@@ -69,6 +70,7 @@ class GenTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        ScanReading.__post_init__(self)
         if self.beta_dpo is not None:
             check_finite_positive(self, "beta_dpo")
             self.beta = 2.0 * self.beta_dpo

@@ -79,12 +79,13 @@ def random_blob_mask(shape: tuple[int, int], seed: int) -> np.ndarray:
 
 
 def pairs_from_scan_folder(root: str | Path, split: str, size: int, chosen: str = "auto",
-                           include_healthy: bool = False, limit: int | None = None) -> list[Pair]:
+                           include_healthy: bool = False, limit: int | None = None,
+                           reading: dict | None = None) -> list[Pair]:
     """Pairs for every positive of ``split``; ``chosen``: auto (twin, else classical) | twin | classical."""
     from negdpo.core.config import derive_seed
     from negdpo.core.scans import ScanFolder
 
-    folder = ScanFolder(root, on_error="skip")
+    folder = ScanFolder(root, on_error="skip", **(reading or {}))  # reading: ScanReading.reading()
     pairs: list[Pair] = []
     n_healthy = 0
     for scan in folder.iter_split(split):
@@ -200,13 +201,13 @@ def load_hf_pairs(path: str | Path, split: str | None, size: int, limit: int | N
 
 
 def load_pairs(data: str | Path, split: str, size: int, chosen: str = "auto", include_healthy: bool = False,
-               limit: int | None = None) -> list[Pair]:
+               limit: int | None = None, reading: dict | None = None) -> list[Pair]:
     """Pairs of ``split`` from a pair dataset (see ``load_hf_pairs``) or a scan folder (on the fly)."""
     if is_hf_dataset(data):
         return load_hf_pairs(data, split, size, limit)
     if not (Path(data) / f"{split}_images").is_dir() and _same_split(split, "val"):
         split = "val"  # the dataset split 'validation' is the scan folder's val_images
-    return pairs_from_scan_folder(data, split, size, chosen, include_healthy, limit)
+    return pairs_from_scan_folder(data, split, size, chosen, include_healthy, limit, reading)
 
 
 class Curriculum:

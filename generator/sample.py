@@ -227,6 +227,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="width of the soft seam inside the mask when pasting back (default 2; <= 1: hard paste)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    from negdpo.core.window import add_reading_args
+
+    add_reading_args(p)
     return p
 
 
@@ -241,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     from negdpo.core.console import setup_logging
 
     setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
-    folder = ScanFolder(args.data, on_error="skip")
+    from negdpo.core.window import reading_options
+
+    folder = ScanFolder(args.data, on_error="skip", **reading_options(args))
     scans = [s for s in folder.load_split(args.split) if s.positive]
     if args.limit is not None:
         scans = scans[: args.limit]

@@ -94,11 +94,12 @@ def _ensure_data(cfg: GenTrainConfig) -> None:
 def _load_pairs(cfg: GenTrainConfig, size: int) -> tuple[list[Pair], list[Pair]]:
     include_healthy = cfg.train_method == "sft" and cfg.sft_include_healthy
     train_pairs = load_pairs(cfg.dataset_name, cfg.train_split, size, cfg.chosen_source, include_healthy,
-                             cfg.max_train_pairs)
+                             cfg.max_train_pairs, cfg.reading())
     n_val = max(cfg.eval_pairs, cfg.num_validation_images)
     try:
         val_pairs = [p for split in cfg.val_split.split(",") if split.strip()
-                     for p in load_pairs(cfg.dataset_name, split.strip(), size, cfg.chosen_source, False, n_val)][:n_val]
+                     for p in load_pairs(cfg.dataset_name, split.strip(), size, cfg.chosen_source, False, n_val,
+                                        cfg.reading())][:n_val]
     except (ValueError, FileNotFoundError) as err:
         logger.warning("no validation pairs (%s); using training pairs for validation", err)
         val_pairs = train_pairs[:n_val]

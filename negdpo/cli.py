@@ -11,6 +11,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("negdpo.core.phantoms_cli", "generate synthetic scans with masks and healthy twins"),
+    "import": ("negdpo.core.importers.cli", "import BUSI, figshare, BraTS, NIfTI or DICOM data into a scan folder"),
     "models": ("negdpo.core.models.cli", "build the tiny presets / check that real weights are available"),
     "sample": ("negdpo.generator.sample", "turn positives + masks into negatives with a (LoRA) generator"),
     "build-pairs": ("negdpo.preference.pairs.build_cli", "generate, judge and write preference-pair datasets"),

@@ -18,6 +18,8 @@ import logging
 import sys
 from dataclasses import fields
 
+from negdpo.core.window import add_reading_args
+
 from .evaluate import DEFAULT_CONTROL, EvalConfig, evaluate
 
 USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)  # bad input, missing file or weights: one line
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable/mismatched files")
     g.add_argument("--no-images", action="store_true", help="metrics only, no PNG outputs")
     g.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    add_reading_args(p)
     return p
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from negdpo.core.window import ScanReading, reading_options
 
 from . import metrics as M
 from .postprocess import coarse_mask, foreground_mask
@@ -58,8 +59,8 @@ OWNED = ("saliency", "coarse", "masks", "overlays", "metrics.csv", "summary.json
 
 
 @dataclass
-class EvalConfig:
-    """All options of one evaluation (``negdpo evaluate --help`` documents each)."""
+class EvalConfig(ScanReading):
+    """All options of one evaluation (``negdpo evaluate --help`` documents each); window/size: ScanReading."""
 
     data: str | None = None
     split: str = "test"
@@ -167,7 +168,7 @@ def load_scans(cfg: EvalConfig, scans: Sequence | None = None) -> tuple[list, li
 
         if not cfg.data:
             raise ValueError("no data: pass a scan folder (--data) or scans")
-        folder = ScanFolder(cfg.data, on_error=cfg.on_error)
+        folder = ScanFolder(cfg.data, on_error=cfg.on_error, **reading_options(cfg))
         scans = folder.load_split(cfg.split)
         skipped = list(folder.skipped)
     else:

@@ -87,8 +87,12 @@ def test_real_nifti_samples_by_slice():
     vol_path = data / "anatomical.nii"
     vol = np.asarray(nibabel.load(str(vol_path)).dataobj, dtype=np.float64)
     s3 = read_nifti(vol_path, index=3, window=Window(vol.min(), vol.max()))
-    assert s3.shape == vol.shape[:2]
-    assert np.allclose(s3, (vol[:, :, 3] - vol.min()) / (vol.max() - vol.min()), atol=1e-6)
+    # the file is stored L-A-S: canonical RAS+ flips voxel axis 0; the display orientation puts anterior at the
+    # top and the patient's right on the left, so display[r, c] = voxel[c, Y-1-r, 3] (hand-derived)
+    assert nibabel.aff2axcodes(nibabel.load(str(vol_path)).affine) == ("L", "A", "S")
+    assert s3.shape == vol.shape[:2][::-1]
+    expected = vol[:, ::-1, 3].T
+    assert np.allclose(s3, (expected - vol.min()) / (vol.max() - vol.min()), atol=1e-6)
     four_d = read_nifti(data / "example4d.nii.gz")  # 4-D: first volume, middle slice
     assert four_d.ndim == 2 and 0 <= four_d.min() and four_d.max() <= 1
     with pytest.raises(ScanReadError, match="slice 999 out of range"):

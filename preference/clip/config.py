@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 
 from negdpo.core.config import check, check_choice, check_finite_positive, check_positive, check_probability
 from negdpo.core.training import TrainConfig
+from negdpo.core.window import ScanReading
 
 LOSS_PARTS = ("dpo", "dhn_nce", "entropy", "stages", "clip")
 
 
 @dataclass
-class ClipTrainConfig(TrainConfig):
+class ClipTrainConfig(TrainConfig, ScanReading):
     """Run config (YAML via --config, flags override); shared fields in :class:`negdpo.core.training.TrainConfig`."""
 
     pretrained_model_name_or_path: str = field(default="tiny", metadata={
@@ -80,6 +81,7 @@ class ClipTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        ScanReading.__post_init__(self)
         self.parts()
         check_finite_positive(self, "beta", "dhn_temperature", "stage_temperature", "ot_reg")
         check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))

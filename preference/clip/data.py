@@ -54,9 +54,11 @@ def healthy_texts(folder: ScanFolder) -> dict[str, str]:
     return out
 
 
-def pairs_from_scans(root: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
-    """Positive scans with a healthy twin in ``split``: chosen = scan, rejected = twin (phantoms)."""
-    folder = ScanFolder(root)
+def pairs_from_scans(root: str | Path, split: str, negative_text: str | None = None,
+                     reading: dict | None = None) -> list[ClipPair]:
+    """Positive scans with a healthy twin in ``split``: chosen = scan, rejected = twin (phantoms).
+    ``reading``: ``ScanFolder`` options (``negdpo.core.window.ScanReading.reading``)."""
+    folder = ScanFolder(root, **(reading or {}))
     neg_texts = {**DEFAULT_NEGATIVE_TEXT, **healthy_texts(folder)}
     pairs = []
     for scan in folder.load_split(split):
@@ -155,13 +157,15 @@ def _healthy_texts_from_i2t(path: Path | None, split: str) -> dict[str, str]:
     return {r[schema.FILE]: r[schema.REJECTED] for r in rows if r[schema.IMAGE_IS_REAL]}
 
 
-def load_pairs(data: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
-    """A scan folder with twins (``*_twins/``) or a pair dataset folder (``val`` = ``validation``)."""
+def load_pairs(data: str | Path, split: str, negative_text: str | None = None,
+               reading: dict | None = None) -> list[ClipPair]:
+    """A scan folder with twins (``*_twins/``) or a pair dataset folder (``val`` = ``validation``);
+    ``reading``: how the folder's scans are read (``ScanReading.reading``)."""
     data = Path(data)
     folder_split = next((s for s in (split, "val" if schema.split_matches(split, "val") else None)
                          if s and (data / f"{s}_images").is_dir()), None)
     if folder_split is not None:
-        return pairs_from_scans(data, folder_split, negative_text)
+        return pairs_from_scans(data, folder_split, negative_text, reading)
     return pairs_from_dataset(data, split, negative_text)
 
 

@@ -253,8 +253,8 @@ def _train(cfg: ClipTrainConfig) -> dict:
     model, preprocess, tokenizer, scale = build_model(cfg)
     grid = cm.grid_size(model)
     collate = make_collate(tokenizer)
-    train_ds = ClipPairDataset(load_pairs(data, cfg.train_split, cfg.negative_text), preprocess, grid)
-    val_ds = ClipPairDataset(load_pairs(data, cfg.val_split, cfg.negative_text), preprocess, grid)
+    train_ds = ClipPairDataset(load_pairs(data, cfg.train_split, cfg.negative_text, cfg.reading()), preprocess, grid)
+    val_ds = ClipPairDataset(load_pairs(data, cfg.val_split, cfg.negative_text, cfg.reading()), preprocess, grid)
     world = accelerator.num_processes
     if len(train_ds) < cfg.train_batch_size * world:
         raise ValueError(f"{len(train_ds)} training pairs < train_batch_size {cfg.train_batch_size} x {world} processes")

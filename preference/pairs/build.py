@@ -219,7 +219,9 @@ class Builder:
         from .judges import JudgeItem
 
         cfg = self.cfg
-        folder = ScanFolder(self.root, on_error="skip")
+        from negdpo.core.window import reading_options
+
+        folder = ScanFolder(self.root, on_error="skip", **reading_options(cfg))
         scans, ok_items, out = [], [], {}
         t0 = time.perf_counter()
         for it in items:

@@ -20,6 +20,8 @@ import dataclasses
 import json
 import sys
 
+from negdpo.core.window import DOWNSCALE_HELP, MAX_SIDE_HELP, PRESET_HELP, WINDOW_HELP
+
 from .config import BuildConfig  # no torch: --help and setting errors stay fast
 
 HELPS = {"generator": "tiny | hub id | local diffusers folder", "adapter": "LoRA folder (gen_train output)",
@@ -31,7 +33,8 @@ HELPS = {"generator": "tiny | hub id | local diffusers folder", "adapter": "LoRA
          "kinds": "generator,clip_t2i,clip_i2t", "batch_items": "scans per generator call",
          "chunk_size": "scans per parquet shard", "splits": "folder splits to build (default: all present)",
          "threads": "torch threads per process; pin it (e.g. 1) for CPU runs bit-identical across world sizes",
-         "dilate": "mask dilation in px (stored as `mask`)"}
+         "dilate": "mask dilation in px (stored as `mask`)", "window": WINDOW_HELP, "window_preset": PRESET_HELP,
+         "max_side": MAX_SIDE_HELP, "downscale": DOWNSCALE_HELP}
 
 
 def _flags(name: str) -> list[str]:

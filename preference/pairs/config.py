@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from negdpo.core.fill import INITS
+from negdpo.core.window import MAX_SIDE
 
 from .schema import KINDS
 
@@ -58,6 +59,10 @@ class BuildConfig:
     boundary_eps: float = 0.5
     device: str = "auto"
     dtype: str = "float32"
+    window: str | None = None  # reading scans: negdpo.core.window.ScanReading (the same four fields)
+    window_preset: str | None = None
+    max_side: int = MAX_SIDE
+    downscale: bool = False
     threads: int | None = None  # torch intra-op threads per process (pin it for CPU bit-reproducibility)
     progress: bool = True
 
@@ -94,6 +99,9 @@ class BuildConfig:
             need(self.k >= 2, "k", ">= 2 with --rejected worst (or use --rejected positive)", self.k)
         self.kind_list()
         self.source_list()
+        from negdpo.core.window import reading_options
+
+        reading_options(self)  # a bad --window / --window_preset / --max_side names the flag
         from .judges import parse_spec  # here: keeps --help free of torch
 
         try:

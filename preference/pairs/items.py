@@ -71,7 +71,9 @@ def list_items(cfg: BuildConfig) -> tuple[list[Item], list[tuple[str, str]]]:
     from negdpo.core.scans import ScanFolder
 
     root = Path(cfg.data)
-    folder = ScanFolder(root, on_error="skip")
+    from negdpo.core.window import reading_options
+
+    folder = ScanFolder(root, on_error="skip", **reading_options(cfg))
     meta = read_meta(root)
     pattern = re.compile(cfg.subject_pattern) if cfg.subject_pattern else None
     items: list[Item] = []
