@@ -118,6 +118,7 @@ class Run:
     lock: contextlib.ExitStack
     fresh: bool = False  # the folder was new or empty when this run claimed it
     settings: dict[str, Any] = field(default_factory=dict)  # the resolved config, recorded in each checkpoint
+    claimed: bool = False  # this process locked and prepared the folder
 
     @property
     def is_main(self) -> bool:
@@ -155,20 +156,20 @@ def start_run(cfg: TrainConfig, kind: str, owner: str | None = None) -> Run:
                               mixed_precision=cfg.mixed_precision, log_with=log_with,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     check_launch(accelerator)
-    stack = contextlib.ExitStack()
     fresh = not out.is_dir() or not any(p.name not in (MARKER, LOCK) for p in out.iterdir())
+    run = Run(accelerator, out, kind, contextlib.ExitStack(), fresh, config_to_dict(cfg))
+    started = _STARTED.get()
+    if started is not None:  # from here on, a failure inside trainer_scope releases the claim
+        started.append(run)
     if accelerator.is_main_process:
-        stack.enter_context(output_dir(out, owner or kind, overwrite=cfg.overwrite_output_dir,
-                                       resume=bool(cfg.resume_from_checkpoint)))
+        run.lock.enter_context(output_dir(out, owner or kind, overwrite=cfg.overwrite_output_dir,
+                                          resume=bool(cfg.resume_from_checkpoint)))
+        run.claimed = True
         save_config(cfg, out)
     accelerator.wait_for_everyone()
     seed_everything(cfg.seed)
     if accelerator.is_main_process and log_with:
         accelerator.init_trackers(cfg.tracker_name or f"negdpo-{kind}", config=tracker_config(cfg))
-    run = Run(accelerator, out, kind, stack, fresh, config_to_dict(cfg))
-    started = _STARTED.get()
-    if started is not None:
-        started.append(run)
     return run
 
 
@@ -204,7 +205,7 @@ def release_run(run: Run) -> None:
     import shutil
 
     try:
-        if run.is_main and run.fresh and run.out.is_dir() and not _trained(run.out):
+        if run.claimed and run.fresh and run.out.is_dir() and not _trained(run.out):
             for p in run.out.iterdir():
                 if p.name != LOCK:
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -297,8 +298,9 @@ def apply_learning_rate(run: Run, learning_rate: float) -> None:
             sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
         if getattr(sched, "_last_lr", None):
             sched._last_lr = [lr * ratio for lr in sched._last_lr]
-    logger.warning("resume: learning_rate %g (checkpoint) -> %g (this run's config), applied to the optimizer and "
-                   "the scheduler", old, learning_rate)
+    if getattr(run.accelerator, "is_main_process", True):
+        logger.warning("resume: learning_rate %g (checkpoint) -> %g (this run's config), applied to the optimizer "
+                       "and the scheduler", old, learning_rate)
 
 
 def fault_point(name: str, step: int = -1) -> None:

@@ -333,6 +333,20 @@ def test_item5_a_run_that_trained_keeps_its_folder(tmp_path):
     finish_run(start_run(TrainConfig(output_dir=str(out), report_to="none", resume_from_checkpoint="latest"), "x"))
 
 
+def test_item5_a_refused_start_never_cleans_the_folder_of_the_run_holding_it(tmp_path, live_pid):
+    from negdpo.core.outdir import LOCK, MARKER, OutputDirLockedError, _start_time
+    from negdpo.core.training import TrainConfig, start_run, trainer_scope
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / LOCK).write_text(json.dumps({"pid": live_pid, "host": socket.gethostname(),
+                                        "start": _start_time(live_pid)}))
+    (out / MARKER).write_text(json.dumps({"owner": "x", "fingerprint": None}))
+    with pytest.raises(OutputDirLockedError), trainer_scope():
+        start_run(TrainConfig(output_dir=str(out), report_to="none"), "x")
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MARKER])
+
+
 # -- 6 -----------------------------------------------------------------------------------------------
 def _pair_dataset(path: Path, n: int = 8) -> Path:
     import datasets
