@@ -4,8 +4,9 @@
     args = parse_config(TrainConfig, ["--config", "x.yaml", "--max_train_steps", "10"])
 
 The YAML supplies defaults; explicit flags win. A YAML may hold ``presets: {name: {...}}`` chosen with
-``--preset`` (when the dataclass has a ``preset`` field). Unknown keys, values of the wrong type and
-abbreviated flags are errors that name the key, the value and the file; each dataclass checks its ranges
+``--preset`` (when the dataclass has a ``preset`` field). Unknown keys, values of the wrong type (in every
+preset, selected or not), a key given twice, an empty file and abbreviated flags are errors that name the
+key, the value and the file; each dataclass checks its ranges
 in ``__post_init__`` (see :func:`check`). Parsing is ``transformers.HfArgumentParser``.
 """
 
@@ -138,18 +139,55 @@ def check_mapping(cls: type, values: dict[str, Any], source: str) -> dict[str, A
     return {k: coerce(types_[k], v, f"{source}: {k}") for k, v in values.items()}
 
 
-def read_yaml_config(path: str | Path, preset: str | None = None) -> dict[str, Any]:
-    """A YAML mapping; with a ``presets:`` section, the shared keys updated by ``presets[preset]``."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} (lines {seen[key]} and {line}); give each setting once")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def read_yaml_config(path: str | Path, preset: str | None = None, cls: type | None = None) -> dict[str, Any]:
+    """A YAML mapping; with a ``presets:`` section, the shared keys updated by ``presets[preset]``.
+
+    An empty file, a key given twice and (with ``cls``) an unknown key or a value of the wrong type in *any*
+    preset, selected or not, are errors naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text())
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty config file (no settings); write settings in it or leave out --config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
     presets = raw.pop("presets", None) or {}
+    if not isinstance(presets, dict):
+        raise ConfigError(f"{path}: presets: expected a mapping of preset name -> settings")
+    for name, values in presets.items():
+        if not isinstance(values, (dict, type(None))):
+            raise ConfigError(f"{path}: preset {name!r}: expected a mapping of settings, got {type(values).__name__}")
+        if cls is not None:
+            check_mapping(cls, {**raw, **(values or {}), "preset": name} if "preset" in _field_types(cls)
+                          else {**raw, **(values or {})}, f"{path} (preset {name!r})")
     if presets:
         preset = preset or raw.get("preset") or next(iter(presets))
         if preset not in presets:
@@ -181,7 +219,7 @@ def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default
         if action.dest in types_ and (types_[action.dest] is dict or typing.get_origin(types_[action.dest]) is dict):
             action.type = _yaml_value
     if known.config:
-        values = read_yaml_config(known.config, known.preset)
+        values = read_yaml_config(known.config, known.preset, dataclass_type)
         values = check_mapping(dataclass_type, values, str(known.config))
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from YAML satisfies a required flag

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -33,6 +34,16 @@ def setup_logging(debug: bool = False) -> None:
         pass
 
 
+def disk_full_message(err: OSError, folder: object = None) -> str:
+    """One line for ENOSPC: the folder, what was kept, how to go on."""
+    where = err.filename or folder
+    detail = err.strerror or ""
+    extra = detail[len(os.strerror(errno.ENOSPC)):].strip() if detail.startswith(os.strerror(errno.ENOSPC)) else ""
+    return (f"No space left on device{f' in {where}' if where else ''}{f' {extra}' if extra else ''}; "
+            "free space there, then rerun the same command (trainers: add --resume_from_checkpoint latest; "
+            "complete checkpoints, shards and logged steps are kept)")
+
+
 def pop_debug(argv: list[str]) -> tuple[list[str], bool]:
     """Remove ``--debug`` from ``argv``; returns (rest, debug)."""
     return [a for a in argv if a != "--debug"], "--debug" in argv
@@ -55,5 +66,10 @@ def run_main(prog: str, fn: Callable[[list[str]], Any], argv: list[str] | None =
         if debug:
             raise
         print(f"{prog}: error: {err} (--debug for the traceback)", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if debug or err.errno != errno.ENOSPC:
+            raise
+        print(f"{prog}: error: {disk_full_message(err)}", file=sys.stderr)
         return 2
     return int(result) if isinstance(result, int) else 0

@@ -59,12 +59,19 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, f) -> tuple[int, int]:
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, f, width: int) -> str:
-    """``text`` shortened with an ellipsis to fit ``width`` px."""
-    if _text_size(draw, text, f)[0] <= width:
+    """``text`` shortened with an ellipsis to fit ``width`` px: the longest prefix that fits, found by binary
+    search over the prefix length (O(log n) measurements of at most ``width`` px of text each)."""
+    # a glyph is at least 1 px wide, so text longer than `width` characters never fits (and is not measured)
+    if len(text) <= width and _text_size(draw, text, f)[0] <= width:
         return text
-    while len(text) > 1 and _text_size(draw, text + "…", f)[0] > width:
-        text = text[:-1]
-    return text + "…"
+    lo, hi = 1, min(len(text) - 1, max(1, width))
+    while lo < hi:  # the width of a prefix grows with its length
+        mid = (lo + hi + 1) // 2
+        if _text_size(draw, text[:mid] + "…", f)[0] <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "…"
 
 
 def render_grid(rows: Sequence[Sequence[np.ndarray]], column_labels: Sequence[str] | None = None,
@@ -85,7 +92,7 @@ def render_grid(rows: Sequence[Sequence[np.ndarray]], column_labels: Sequence[st
     line = _text_size(probe, "Hg", f)[1] + fsize // 2
     left = 0
     if row_labels:
-        left = min(tw, max(_text_size(probe, str(t), f)[0] for t in row_labels) + 2 * pad)
+        left = min(tw, max(_text_size(probe, str(t)[:tw], f)[0] for t in row_labels) + 2 * pad)  # capped at tw
     top = (line + 2 * pad if title else 0) + (line + pad if column_labels else 0)
     legend_h = line + 2 * pad if legend else 0
     width = left + ncol * (tw + pad) + pad

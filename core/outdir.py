@@ -12,8 +12,9 @@ A command that writes into a folder marks it with ``.negdpo-run.json`` (``owner`
 * anything else (a different run, another command, files of unknown origin): refuse with the fix.
 
 ``run_lock`` stops two runs from sharing a folder: ``.negdpo.lock`` is created with
-``O_CREAT | O_EXCL`` and holds the pid and host; a lock whose pid is gone (same host) is stale and
-taken over with a warning; ``wait=`` gives a live holder that many seconds to finish before
+``O_CREAT | O_EXCL`` and holds the pid, its start time and the host; a lock whose process is gone (same
+host; a pid now used by a process with another start time counts as gone) is stale and taken over with a
+warning; ``wait=`` gives a live holder that many seconds to finish before
 failing. ``output_dir`` combines both (lock first, so two runs never clean at once). With
 Accelerate, call these on the main process only.
 """
@@ -153,6 +154,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, from ``/proc``), or None where unknown.
+
+    With the pid it identifies a process: a pid reused by another process has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _holder_alive(held: dict[str, Any]) -> bool:
+    """The lock's process still runs: its pid exists and, where recorded, has the same start time."""
+    pid = int(held.get("pid", -1) or -1)
+    if not _pid_alive(pid):
+        return False
+    recorded, now = held.get("start"), _start_time(pid)
+    return recorded is None or now is None or str(recorded) == now
+
+
 def _read_lock(lock: Path) -> dict[str, Any]:
     try:
         data = json.loads(lock.read_text())
@@ -171,7 +192,7 @@ def _age(p: Path) -> float:
 def _take(path: Path) -> dict[str, Any]:
     """Create the lock file (taking over a stale one); returns its content or raises ``OutputDirLockedError``."""
     lock = path / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
     for attempt in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -179,12 +200,13 @@ def _take(path: Path) -> dict[str, Any]:
             held = _read_lock(lock)
             pid, host = int(held.get("pid", -1) or -1), held.get("host")
             being_written = not held and _age(lock) < 10.0  # created, pid not written yet
-            if being_written or host not in (None, me["host"]) or _pid_alive(pid) or attempt:
+            if being_written or host not in (None, me["host"]) or _holder_alive(held) or attempt:
                 where = f"pid {pid}" + (f" on {host}" if host and host != me["host"] else "")
                 raise OutputDirLockedError(
                     f"{path}: in use by another run ({where}); wait for it, or delete {lock} if that run is gone"
                 ) from None
-            logger.warning("%s: taking over a stale lock of pid %s (no such process)", path, pid)
+            gone = "no such process" if not _pid_alive(pid) else "that pid now belongs to another process"
+            logger.warning("%s: taking over a stale lock of pid %s (%s)", path, pid, gone)
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
             continue

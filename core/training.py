@@ -20,10 +20,13 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,14 +43,16 @@ from .config import (
     check_choice,
     check_finite_positive,
     check_positive,
+    config_to_dict,
     default_output_dir,
     save_config,
     seed_everything,
     tracker_config,
 )
+from .metrics_log import METRICS_FILE, MetricsLog, append_line, read_metrics, reduce_metrics  # noqa: F401
+from .outdir import LOCK, MARKER
 
 logger = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 
@@ -111,6 +116,9 @@ class Run:
     out: Path
     kind: str
     lock: contextlib.ExitStack
+    fresh: bool = False  # the folder was new or empty when this run claimed it
+    settings: dict[str, Any] = field(default_factory=dict)  # the resolved config, recorded in each checkpoint
+    claimed: bool = False  # this process locked and prepared the folder
 
     @property
     def is_main(self) -> bool:
@@ -148,16 +156,64 @@ def start_run(cfg: TrainConfig, kind: str, owner: str | None = None) -> Run:
                               mixed_precision=cfg.mixed_precision, log_with=log_with,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     check_launch(accelerator)
-    stack = contextlib.ExitStack()
+    fresh = not out.is_dir() or not any(p.name not in (MARKER, LOCK) for p in out.iterdir())
+    run = Run(accelerator, out, kind, contextlib.ExitStack(), fresh, config_to_dict(cfg))
+    started = _STARTED.get()
+    if started is not None:  # from here on, a failure inside trainer_scope releases the claim
+        started.append(run)
     if accelerator.is_main_process:
-        stack.enter_context(output_dir(out, owner or kind, overwrite=cfg.overwrite_output_dir,
-                                       resume=bool(cfg.resume_from_checkpoint)))
+        run.lock.enter_context(output_dir(out, owner or kind, overwrite=cfg.overwrite_output_dir,
+                                          resume=bool(cfg.resume_from_checkpoint)))
+        run.claimed = True
         save_config(cfg, out)
     accelerator.wait_for_everyone()
     seed_everything(cfg.seed)
     if accelerator.is_main_process and log_with:
         accelerator.init_trackers(cfg.tracker_name or f"negdpo-{kind}", config=tracker_config(cfg))
-    return Run(accelerator, out, kind, stack)
+    return run
+
+
+_STARTED: contextvars.ContextVar[list[Run] | None] = contextvars.ContextVar("negdpo_started_runs", default=None)
+
+
+@contextlib.contextmanager
+def trainer_scope() -> Iterator[None]:
+    """Wrap a trainer: when it fails, every run it started releases its lock, and a folder that was new and
+    holds no training yet (no checkpoint, no metrics) is released as well, so the corrected command can use
+    it; a full disk is re-raised as ``OSError(ENOSPC)`` naming the run's folder."""
+    runs: list[Run] = []
+    token = _STARTED.set(runs)
+    try:
+        yield
+    except BaseException as err:
+        for run in runs:
+            release_run(run)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC and runs:
+            what = f" (writing {err.filename})" if err.filename else ""
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + what, str(runs[-1].out)) from err
+        raise
+    finally:
+        _STARTED.reset(token)
+
+
+def _trained(out: Path) -> bool:
+    return (out / METRICS_FILE).exists() or any(out.glob("checkpoint-*")) or any(out.glob(".checkpoint-*"))
+
+
+def release_run(run: Run) -> None:
+    """Release a failed run's lock; a folder it found new or empty and left untrained is emptied again."""
+    import shutil
+
+    try:
+        if run.claimed and run.fresh and run.out.is_dir() and not _trained(run.out):
+            for p in run.out.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            logger.info("%s: nothing was trained; the folder is free again", run.out)
+    except OSError as err:  # never hide the error that brought us here
+        logger.warning("%s: could not release the folder (%s)", run.out, err)
+    finally:
+        run.lock.close()
 
 
 def resume_path(resume: str | None, out: Path) -> Path | None:
@@ -181,8 +237,70 @@ def resume_step(run: Run, cfg: TrainConfig) -> int:
     if path is None:
         return 0
     run.accelerator.print(f"resuming from {path}")
-    run.accelerator.load_state(str(path))
+    try:
+        run.accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes/keys of another model or optimizer
+        raise ResumeMismatchError(_mismatch_message(path, run.settings, err)) from err
+    apply_learning_rate(run, cfg.learning_rate)
     return step_of(path)
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint holds another model or optimizer than this run's settings build."""
+
+
+# settings that steer a run but do not shape the state a checkpoint holds
+RUN_CONTROL = {"output_dir", "run_name", "overwrite_output_dir", "resume_from_checkpoint", "max_train_steps",
+               "checkpointing_steps", "checkpoints_total_limit", "report_to", "tracker_name", "logging_steps",
+               "validation_steps", "torch_threads", "learning_rate", "code_version"}
+
+
+def _mismatch_message(path: Path, settings: dict[str, Any], err: BaseException) -> str:
+    from .checkpoints import MARKER as CHECKPOINT_MARKER
+
+    try:
+        saved = json.loads((path / CHECKPOINT_MARKER).read_text()).get("config") or {}
+    except (OSError, ValueError):
+        saved = {}
+    diff = [f"--{k} {saved[k]} -> {settings[k]}" for k in sorted(set(saved) & set(settings))
+            if k not in RUN_CONTROL and saved[k] != settings[k]]
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    what = (f"it was saved with {'; '.join(diff[:6])}" if diff
+            else f"it does not fit this run's model or optimizer ({first})")
+    return (f"cannot resume from {path}: {what}; resume with the checkpoint's settings, or start a new run in "
+            "another --output_dir")
+
+
+def apply_learning_rate(run: Run, learning_rate: float) -> None:
+    """After ``load_state``: a config learning rate other than the checkpoint's replaces it.
+
+    ``load_state`` restores the optimizer's and the scheduler's base learning rates, so a resume with a
+    lower ``--learning_rate`` (the NaN stop's advice) would otherwise rerun the old one. Every scheduler
+    here is a ``LambdaLR`` (lr = base lr x factor(step)), so scaling the base lrs, ``initial_lr`` and the
+    current lr of each group by new/old keeps the schedule's position and per-group ratios.
+    """
+    schedulers = [getattr(s, "scheduler", s) for s in getattr(run.accelerator, "_schedulers", [])]
+    optimizers = [getattr(o, "optimizer", o) for o in getattr(run.accelerator, "_optimizers", [])]
+    old = next((float(s.base_lrs[0]) for s in schedulers if getattr(s, "base_lrs", None)), None)
+    if old is None and optimizers and optimizers[0].param_groups:
+        group = optimizers[0].param_groups[0]
+        old = float(group.get("initial_lr", group["lr"]))
+    if old is None or old <= 0 or math.isclose(old, learning_rate, rel_tol=1e-12, abs_tol=0.0):
+        return
+    ratio = learning_rate / old
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["lr"] * ratio
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * ratio
+    for sched in schedulers:
+        if getattr(sched, "base_lrs", None):
+            sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+        if getattr(sched, "_last_lr", None):
+            sched._last_lr = [lr * ratio for lr in sched._last_lr]
+    if getattr(run.accelerator, "is_main_process", True):
+        logger.warning("resume: learning_rate %g (checkpoint) -> %g (this run's config), applied to the optimizer "
+                       "and the scheduler", old, learning_rate)
 
 
 def fault_point(name: str, step: int = -1) -> None:
@@ -208,49 +326,11 @@ def save_checkpoint(run: Run, step: int, limit: int | None) -> Path:
     fault_point("checkpoint_save", step)
     final = run.out / f"checkpoint-{step}"
     if acc.is_main_process:
-        finalize_checkpoint(run.out, step, {"kind": run.kind})
+        finalize_checkpoint(run.out, step, {"kind": run.kind, "config": run.settings})
         fault_point("checkpoint_prune", step)
         prune_checkpoints(run.out, limit)
     acc.wait_for_everyone()
     return final
-
-
-def reduce_metrics(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
-    """Mean of each metric over processes (every process must pass the same keys)."""
-    if accelerator.num_processes == 1 or not metrics:
-        return {k: float(v) for k, v in metrics.items()}
-    import torch
-
-    keys = sorted(metrics)
-    local = torch.tensor([float(metrics[k]) for k in keys], device=accelerator.device, dtype=torch.float64)
-    mean = accelerator.reduce(local, reduction="mean")
-    return dict(zip(keys, mean.tolist()))
-
-
-class MetricsLog:
-    """``metrics.jsonl`` + trackers: reduced over processes, written by the main process only.
-
-    Resuming at step ``s`` drops lines with a step > ``s`` (written after the checkpoint), so the file never
-    holds a step twice.
-    """
-
-    def __init__(self, run: Run, start_step: int = 0, name: str = METRICS_FILE) -> None:
-        self.run, self.path = run, run.out / name
-        if run.is_main and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            tmp = self.path.with_name(f".{name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            tmp.replace(self.path)
-
-    def log(self, step: int, metrics: dict[str, float], to_trackers: bool = True) -> dict[str, float]:
-        reduced = reduce_metrics(self.run.accelerator, metrics)
-        if to_trackers:
-            self.run.accelerator.log(reduced, step=step)
-        if self.run.is_main:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **reduced}) + "\n")
-        return reduced
 
 
 class NonFiniteGuard:
@@ -285,7 +365,8 @@ def stop_nonfinite(run: Run, step: int, what: str, limit: int | None) -> NonFini
     """Save the current (finite) state as ``checkpoint-<step>`` and build the one-line error to raise."""
     ckpt = save_checkpoint(run, step, None if limit is None else max(limit, 1))
     return NonFiniteError(f"{what} at step {step + 1}; the finite state of step {step} is saved in {ckpt}. "
-                          f"Lower --learning_rate (or --beta), or use fp32/bf16, then --resume_from_checkpoint {ckpt}")
+                          f"Rerun with a lower --learning_rate (it replaces the checkpoint's; or a lower --beta, or fp32/bf16) "
+                          f"and --resume_from_checkpoint {ckpt}")
 
 
 def update(run: Run, loss: Any, params: Any, optimizer: Any, scheduler: Any, guard: NonFiniteGuard,

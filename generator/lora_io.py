@@ -68,10 +68,47 @@ def save_lora(unet: torch.nn.Module, out_dir: Path, base_model: str | None = Non
     sd = lora_state_dict(unet, adapter_name)
     config = copy.deepcopy(unet.peft_config[adapter_name])
     config.base_model_name_or_path = base_model if is_hub_id_or_path(base_model) else None
+    for key, value in vars(config).items():  # sets (target_modules) are written in hash-seed order otherwise
+        if isinstance(value, (set, frozenset)):
+            setattr(config, key, sorted(value, key=str))
     StableDiffusionInpaintPipeline.save_lora_weights(
         str(out_dir), unet_lora_layers=sd, unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True)
     config.save_pretrained(str(out_dir))
     save_file({PEFT_PREFIX + k: v for k, v in sd.items()}, str(out_dir / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
+
+
+def lora_content_sha(path: str | Path) -> str:
+    """sha256 of what a LoRA safetensors file holds, not of its bytes: every tensor (name, dtype, shape, data, in
+    name order) and the ``lora_adapter_metadata`` as canonical JSON (keys sorted, lists of names sorted).
+    safetensors writes its header's metadata in hash order, so identical adapters can differ byte-wise."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    meta = header.get("lora_adapter_metadata")
+    if meta:
+        try:
+            h.update(json.dumps(_canonical(json.loads(meta)), sort_keys=True).encode())
+        except ValueError:
+            h.update(meta.encode())
+    return h.hexdigest()
+
+
+def _canonical(value):
+    """JSON value with every list of strings sorted (PEFT's set-valued fields) and dicts recursed."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_canonical(v) for v in value]
+        return sorted(items) if all(isinstance(v, str) for v in items) else items
+    return value
 
 
 def _is_legacy(keys) -> bool:

@@ -13,8 +13,10 @@ depend on which other images share its batch (up to floating-point batching nois
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,26 @@ def set_scheduler(pipe, name: str | None) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
+def _check_no_reference(folder: Path) -> None:
+    """An adapter folder without ``negdpo_adapter.json``: refuse it when its model card names a reference adapter
+    (it would load without the adapter it was trained on top of), else say that none is loaded."""
+    card = folder / "README.md"
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    found = re.search(r"Reference adapter: `([^`]*)`", text)
+    ref = found.group(1) if found and not found.group(1).startswith("none") else None
+    run_config = folder.parent / "config.yaml"  # a checkpoint-N folder inside its run folder
+    if ref is None and folder.name.startswith("checkpoint-") and run_config.is_file():
+        import yaml
+
+        with contextlib.suppress(yaml.YAMLError, AttributeError):
+            ref = (yaml.safe_load(run_config.read_text()) or {}).get("reference_adapter") or None
+    if ref:
+        raise FileNotFoundError(f"{folder}: no {ADAPTER_META}, but it was trained on top of the reference adapter "
+                                f"'{ref}'; restore {ADAPTER_META} (it names that folder) so the reference is loaded "
+                                "first, or load the run folder's final adapter")
+    logger.warning("%s: no %s; loading it on the base model alone (no reference adapter)", folder, ADAPTER_META)
+
+
 def _adapter_chain(adapter: str | Path) -> list[Path]:
     """The adapter plus (first) any reference adapter it was trained on top of (SFT -> DPO)."""
     folder = Path(adapter)
@@ -61,6 +83,8 @@ def _adapter_chain(adapter: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{folder}: no {LORA_WEIGHT_NAME} (expected a generator run's output folder)")
     chain = [folder]
     meta = folder / ADAPTER_META
+    if not meta.is_file():
+        _check_no_reference(folder)
     while meta.is_file():
         ref = json.loads(meta.read_text()).get("reference_adapter")
         if not ref:

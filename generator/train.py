@@ -107,7 +107,17 @@ def _load_pairs(cfg: GenTrainConfig, size: int) -> tuple[list[Pair], list[Pair]]
 
 
 def train(cfg: GenTrainConfig) -> dict:
-    """Run training; returns a summary dict (paths, metrics, wall time)."""
+    """Run training; returns a summary dict (paths, metrics, wall time). Inputs are checked before the output
+    folder is claimed; a run that fails before training releases the folder (``trainer_scope``)."""
+    from negdpo.core.training import trainer_scope
+
+    if not cfg.make_phantoms and not Path(cfg.dataset_name).exists():
+        _ensure_data(cfg)  # the one-line error, before anything is written
+    with trainer_scope():
+        return _train(cfg)
+
+
+def _train(cfg: GenTrainConfig) -> dict:
     from negdpo.core.config import derive_seed
     from negdpo.core.training import (
         MetricsLog,

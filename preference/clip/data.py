@@ -74,7 +74,47 @@ def pairs_from_scans(root: str | Path, split: str, negative_text: str | None = N
     return pairs
 
 
+class PairDataError(ValueError):
+    """A pair dataset that cannot be used; the message names the file (or the row) and why."""
+
+
 def pairs_from_dataset(path: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
+    """:func:`read_pair_dataset`; a dataset that cannot be read is a :class:`PairDataError` naming its file."""
+    try:
+        return read_pair_dataset(path, split, negative_text)
+    except PairDataError:
+        raise
+    except Exception as err:  # truncated arrow/parquet, bad JSON, undecodable image bytes, ...
+        where = getattr(err, "negdpo_row", None)
+        bad = _unreadable_file(Path(path)) or Path(path)
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise PairDataError(f"{bad}: unreadable pair dataset{f' (row {where})' if where is not None else ''}: "
+                            f"{type(err).__name__}: {reason}") from None
+
+
+def _unreadable_file(path: Path) -> Path | None:
+    """The first data file under ``path`` (itself, if a file) that does not read back in full."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        try:
+            if f.suffix == ".parquet":
+                pq.read_table(f)
+            elif f.suffix == ".arrow":
+                with pa.memory_map(str(f)) as src:
+                    pa.ipc.open_stream(src).read_all()
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception:  # noqa: BLE001  (any failure names the file)
+            return f
+    return None
+
+
+def read_pair_dataset(path: str | Path, split: str, negative_text: str | None = None) -> list[ClipPair]:
     """Text->image CLIP rows of the pair builder's dataset (``save_to_disk`` folder or parquet files).
 
     ``path`` may be the builder's OUT folder (its ``clip_t2i`` config; the healthy text then comes from
@@ -101,10 +141,10 @@ def pairs_from_dataset(path: str | Path, split: str, negative_text: str | None =
     cols = set(ds.column_names)
     missing = {schema.PROMPT, schema.CHOSEN, schema.REJECTED} - cols
     if missing:
-        raise ValueError(f"{path}: CLIP pair dataset lacks column(s) {sorted(missing)}")
+        raise PairDataError(f"{path}: CLIP pair dataset lacks column(s) {sorted(missing)}")
     skipped = {"other kind": 0, "image->text": 0, "split": 0}
     pairs = []
-    for i, row in enumerate(ds):
+    for i, row in _rows(ds):
         if schema.KIND in cols and not any(str(row[schema.KIND]).lower().startswith(k) for k in CLIP_KINDS):
             skipped["other kind"] += 1
             continue
@@ -118,14 +158,35 @@ def pairs_from_dataset(path: str | Path, split: str, negative_text: str | None =
         neg = (row.get(schema.NEGATIVE_PROMPT) or neg_by_file.get(row.get(schema.FILE) or "") or negative_text
                or DEFAULT_NEGATIVE_TEXT.get(mod, FALLBACK_NEGATIVE_TEXT))
         mask = np.asarray(row[schema.MASK].convert("L")) > 0 if row.get(schema.MASK) is not None else None
-        pairs.append(ClipPair(pair_id=str(row.get(schema.PAIR_ID, i)),
-                              positive=np.asarray(row[schema.CHOSEN].convert("RGB")),
-                              negative=np.asarray(row[schema.REJECTED].convert("RGB")), text_pos=row[schema.PROMPT],
-                              text_neg=neg, mask=mask, ref_sims=row.get(schema.REF_SIMS)))
+        try:
+            pairs.append(ClipPair(pair_id=str(row.get(schema.PAIR_ID, i)),
+                                  positive=np.asarray(row[schema.CHOSEN].convert("RGB")),
+                                  negative=np.asarray(row[schema.REJECTED].convert("RGB")),
+                                  text_pos=row[schema.PROMPT], text_neg=neg, mask=mask,
+                                  ref_sims=row.get(schema.REF_SIMS)))
+        except Exception as err:
+            err.negdpo_row = row.get(schema.PAIR_ID, i)  # named by pairs_from_dataset
+            raise
     logger.info("%s: %d CLIP pairs for split %s; skipped %s", path, len(pairs), split, skipped)
     if not pairs:
-        raise ValueError(f"{path}: no text->image CLIP rows for split '{split}' (skipped: {skipped})")
+        raise PairDataError(f"{path}: no text->image CLIP rows for split '{split}' (skipped: {skipped})")
     return pairs
+
+
+def _rows(ds):
+    """(index, row) of a dataset; a row that fails to decode carries its index on the error."""
+    it = iter(ds)
+    i = 0
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as err:
+            err.negdpo_row = i
+            raise
+        yield i, row
+        i += 1
 
 
 def _pick_split(dsd, split: str):

@@ -219,9 +219,12 @@ class StepBatches:
 
 def train(cfg: ClipTrainConfig) -> dict:
     """Run one training; returns the summary (also written to ``output_dir/summary.json``)."""
+    from negdpo.core.training import trainer_scope
+
     threads = torch.get_num_threads()
     try:
-        return _train(cfg)
+        with trainer_scope():  # a run that fails before training releases its folder
+            return _train(cfg)
     finally:
         torch.set_num_threads(threads)
 
@@ -247,6 +250,9 @@ def _train(cfg: ClipTrainConfig) -> dict:
         raise FileNotFoundError(f"--dataset_name {cfg.dataset_name}: no such folder")
     run = start_run(cfg, "clip", owner="clip_train")
     accelerator, out = run.accelerator, run.out
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("mixed_precision fp16 has no effect on the CPU (Accelerate's autocast stays fp32 there): this "
+                       "run trains in fp32; use --mixed_precision bf16 for reduced precision on the CPU, or a GPU")
     with accelerator.main_process_first():
         data = resolve_data(cfg, out)
 

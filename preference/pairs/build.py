@@ -22,6 +22,7 @@ rows are recorded; a rerun with other ones is refused.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -289,19 +290,49 @@ class Builder:
         return merge_shards(self.out, self.kinds)
 
 
+def check_process_group(num_processes: int, world_size: int | None = None) -> None:
+    """Refuse N independent builds started by a launcher whose processes form no group (one folder, N writers)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1) if world_size is None else world_size
+    if world > 1 and num_processes == 1:
+        raise ValueError(f"the launcher started {world} processes but they form no process group, so each would run "
+                         "the whole build into one folder; launch one process, or give --device cpu (CPU) / use GPUs")
+
+
+def cpu_only(device: str) -> bool:
+    """Whether the build's processes run on the CPU (then they group over gloo, not NCCL)."""
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
 def run_build(cfg: BuildConfig, push_to_hub: str | None = None, report: bool = True,
               overwrite_output_dir: bool = False) -> dict:
     """Full build under Accelerate (any number of processes); returns the summary (main process).
 
-    The summary's ``failed`` lists the scans whose generation failed (not done; rerun to retry).
+    The main process holds the output folder's lock (``.negdpo.lock``, as the trainers do) for the whole
+    build, so a second build into the same folder is refused. The summary's ``failed`` lists the scans
+    whose generation failed (not done; rerun to retry).
     """
+    import contextlib
+
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from negdpo.core.outdir import run_lock
 
     cfg.validate()
     if not overwrite_output_dir:  # fail fast, before any model loads (plan() also checks the shards)
         check_settings(cfg.out, row_settings(cfg, adapter_sha(cfg.adapter)), set())
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = PartialState(cpu=cpu_only(cfg.device))
+    check_process_group(state.num_processes)
+    with run_lock(cfg.out) if state.is_main_process else contextlib.nullcontext():
+        try:
+            return _build(cfg, state, push_to_hub, report, overwrite_output_dir)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(cfg.out)) from err
+            raise
+
+
+def _build(cfg: BuildConfig, state, push_to_hub: str | None, report: bool, overwrite_output_dir: bool) -> dict:
+    from accelerate.utils import gather_object
+
     device = str(state.device) if cfg.device == "auto" else cfg.device
     t0 = time.perf_counter()
     builder = Builder(cfg, device=device)

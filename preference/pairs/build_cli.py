@@ -92,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"negdpo build-pairs: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        import errno
+
+        if err.errno != errno.ENOSPC:
+            raise
+        from negdpo.core.console import disk_full_message
+
+        print(f"negdpo build-pairs: error: {disk_full_message(err, cfg.out)}", file=sys.stderr)
+        return 2
     if not summary:  # non-main process
         return 0
     if args.pickapic:

@@ -46,6 +46,11 @@ def _safe_json(obj: object) -> str:
             .replace(">", "\\u003e").replace("&", "\\u0026").replace("`", "\\u0060"))
 
 
+def _py_str(text: str) -> str:
+    """A Python string literal for a code fence: one line, no backtick or angle bracket (``\\uXXXX`` escapes)."""
+    return _safe_json(str(text))
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -133,8 +138,8 @@ def write_card(out: str | Path, settings: dict, counts: dict[str, dict[str, int]
              "Built by `negdpo build-pairs` (generate candidate tumour-free fills of positive scans, judge them, "
              "write preference pairs). One config per pair kind; splits `train` / `validation` / `test` "
              "(subject-level).", "", "```python", "import datasets",
-             f"dsd = datasets.load_dataset(\"{out.name}\", \"generator\")  # or clip_t2i, clip_i2t",
-             f"dsd = datasets.load_from_disk(\"{out.name}/generator\")  # the same rows", "```", "",
+             f"dsd = datasets.load_dataset({_py_str(out.name)}, \"generator\")  # or clip_t2i, clip_i2t",
+             f"dsd = datasets.load_from_disk({_py_str(out.name + '/generator')})  # the same rows", "```", "",
              "## Counts", "", "| config | " + " | ".join(SPLITS) + " |", "| --- |" + " --- |" * len(SPLITS)]
     for kind in KINDS:
         c = counts.get(kind, {})

@@ -8,7 +8,6 @@ loads nothing).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,18 +18,21 @@ from .config import BuildConfig
 
 
 def adapter_sha(adapter: str | None) -> str:
-    """First 16 hex digits of the LoRA weights' sha256 ('' without adapter, 'missing' if absent)."""
+    """First 16 hex digits of the LoRA adapter's content hash ('' without adapter, 'missing' if absent):
+    tensors and LoRA settings, not the file's bytes (``lora_io.lora_content_sha``), so re-saving the same
+    weights keeps it."""
     if not adapter:
         return ""
     p = Path(adapter)
     f = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
     if not f.is_file():
         return "missing"
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from negdpo.generator.lora_io import lora_content_sha
+
+    try:
+        return lora_content_sha(f)[:16]
+    except Exception as err:  # not a safetensors file
+        raise ValueError(f"--adapter {f}: unreadable LoRA weights ({type(err).__name__}: {err})") from None
 
 
 def candidate_seeds(cfg: BuildConfig, key: str, source: str, n: int) -> list[int]:

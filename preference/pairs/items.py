@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -19,6 +21,7 @@ from pathlib import Path
 from .config import BuildConfig
 from .schema import dataset_split
 
+logger = logging.getLogger(__name__)
 DEFAULT_HEALTHY_TEXT = "A medical scan with no tumour."
 
 
@@ -54,6 +57,9 @@ def hash_split(subject: str) -> str:
 
 def _folder_splits(folder, wanted: str | None) -> list[str]:
     present = folder.splits()
+    if not present:
+        raise ValueError(f"--data {folder.root}: no split folders (expected train_images/, val_images/ or "
+                         "test_images/ with *_masks/ beside them)")
     if not wanted:
         return present
     out = []
@@ -96,7 +102,40 @@ def list_items(cfg: BuildConfig) -> tuple[list[Item], list[tuple[str, str]]]:
                               modality=row.get("modality") or "unknown"))
     check_subject_splits(items)
     items.sort(key=lambda it: (it.split, it.key))
-    return items, list(folder.skipped)
+    skipped = list(folder.skipped)
+    for split in folder.splits():
+        skipped += broken_links(root / f"{split}_images") + broken_links(root / f"{split}_masks")
+    unmatched = unmatched_prompts(root, folder.prompts)
+    if unmatched:
+        logger.warning("%s: %d key(s) match no image, e.g. %s; their prompts are not used", root / "prompts.json",
+                       len(unmatched), ", ".join(repr(k) for k in unmatched[:3]))
+    return items, skipped
+
+
+def broken_links(folder: Path) -> list[tuple[str, str]]:
+    """(file, reason) for the scan-named entries of ``folder`` that are not readable files (a symlink whose
+    target is missing or is a folder): the listing leaves them out, so they are reported."""
+    from negdpo.core.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, suffix_of
+
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() and not p.is_file() and suffix_of(p) in IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES:
+            out.append((str(p), f"{p}: symlink to {os.readlink(p)}, which is not a readable file; skipped"))
+    return out
+
+
+def unmatched_prompts(root: Path, prompts: dict[str, str]) -> list[str]:
+    """``prompts.json`` keys that name no image (by file name or stem) in any ``*_images/`` or ``negatives/``."""
+    from negdpo.core.imageio import stem_of
+
+    names: set[str] = set()
+    for d in [*root.glob("*_images"), root / "negatives"]:
+        if d.is_dir():
+            for p in d.iterdir():
+                names.update((p.name, stem_of(p)))
+    return sorted(k for k in prompts if k not in names)
 
 
 def check_subject_splits(items: Iterable[Item]) -> None:

@@ -10,6 +10,7 @@ as ``<name>.corrupt`` and its items are rebuilt by the run that found it.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -138,8 +139,8 @@ def _load_kind(out: Path, kind: str, files: list[Path]):
     import datasets
 
     by_split: dict[str, list[str]] = defaultdict(list)
-    for f in files:
-        by_split[f.name.split("-", 1)[0]].append(str(f))
+    for f in files:  # data_files are glob patterns: '[' or '*' in the folder's path must be literal
+        by_split[f.name.split("-", 1)[0]].append(glob.escape(str(f)))
     cache = out / ".hf_cache"
     try:
         dsd = datasets.load_dataset("parquet", data_files=dict(by_split), cache_dir=str(cache))
