@@ -97,6 +97,7 @@ class ScanFolder:
     root: Path
     window: Window | None = None
     on_error: Literal["raise", "skip"] = "raise"
+    read_twins: bool = True  # False: never touch ``<split>_twins/`` (twin-free training)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -181,7 +182,7 @@ class ScanFolder:
         try:
             image = read_scan(image_path, window=self.window)
             mask = read_mask(mask_path) if mask_path is not None else np.zeros(image.shape[:2], bool)
-            twin = read_scan(twin_path) if twin_path.exists() else None
+            twin = read_scan(twin_path) if self.read_twins and twin_path.exists() else None
         except ScanReadError as err:
             self._fail(ScanFolderError(str(err)))
             return None

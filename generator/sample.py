@@ -52,7 +52,7 @@ def set_scheduler(pipe, name: str | None) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-def _adapter_chain(adapter: str | Path) -> list[Path]:
+def adapter_chain(adapter: str | Path) -> list[Path]:
     """The adapter plus (first) any reference adapter it was trained on top of (SFT -> DPO)."""
     folder = Path(adapter)
     if folder.is_file():
@@ -90,7 +90,7 @@ def load_generator(model: str = "tiny", adapter: str | None = None, device: str 
 
     pipe = load_inpaint_pipeline(model, torch_dtype=dtype)
     if adapter:
-        chain = _adapter_chain(adapter)
+        chain = adapter_chain(adapter)
         for i, folder in enumerate(chain):
             name = f"negdpo_{i}"
             load_adapter(pipe, folder, name)  # load_lora_weights, then every tensor checked
