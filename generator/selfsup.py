@@ -48,8 +48,8 @@ def crop_to_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def random_pose(shape: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``shape`` (a cropped bool mask) rotated by a uniform angle (nearest neighbour) and flipped with p = 1/2."""
-    rot = ndimage.rotate(shape.astype(np.uint8), float(rng.uniform(0.0, 360.0)), order=0, reshape=True) > 0
+    """``shape`` (a cropped bool mask) rotated by a uniform angle (bilinear, cut at 1/2) and flipped with p = 1/2."""
+    rot = ndimage.rotate(shape.astype(np.float32), float(rng.uniform(0.0, 360.0)), order=1, reshape=True) > 0.5
     if rng.random() < 0.5:
         rot = rot[:, ::-1]
     return crop_to_mask(rot) if rot.any() else shape
