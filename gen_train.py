@@ -8,6 +8,7 @@ the tiny inpainting preset is trained with Diffusion-DPO + LoRA, and outputs lan
 import sys
 
 from negdpo.generator.cli import main
+
 from negdpo.onpolicy import run_onpolicy
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from negdpo.core.config import check, check_choice, check_finite_positive, check_positive, check_probability
 from negdpo.core.training import TrainConfig
 
-
 TRAINING_JUDGES = ("lesion", "realism", "mi_out", "fidelity_out")  # the on-policy rounds' judges
 
 

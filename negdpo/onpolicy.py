@@ -134,8 +134,8 @@ def sample_round(cfg: Any, data: TrainingData, rdir: Path, r: int, policy: str |
 def _judges(cfg: Any, data: TrainingData, out: Path, candidates: list[np.ndarray]):
     from negdpo.generator.config import parse_judge_weights
     from negdpo.preference.pairs.train_judges import (
-        Region,
         RealismJudge,
+        Region,
         ResidualLesionJudge,
         TrainingJudges,
         healthy_regions,
@@ -165,6 +165,7 @@ def build_round_pairs(cfg: Any, data: TrainingData, out: Path, rdir: Path, r: in
                       candidates: list[np.ndarray]) -> dict:
     """Judge the candidates, write the round's pair dataset (renamed into place) and return its summary."""
     import datasets
+
     from negdpo.core.config import code_version
     from negdpo.core.imageio import to_uint8
     from negdpo.core.training import fault_point

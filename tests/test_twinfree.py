@@ -217,6 +217,7 @@ def test_twin_free_run_opens_no_twin(phantom_dir, tmp_path, monkeypatch):
 def test_onpolicy_pairs_dataset_and_rejected_source(phantom_dir, tmp_path):
     import datasets
     from negdpo.generator.data import load_pairs
+
     from negdpo.onpolicy import run_onpolicy
 
     out = tmp_path / "op"
@@ -247,8 +248,9 @@ def test_onpolicy_resumes_after_kills_at_sampling_training_and_pairs(phantom_dir
     from negdpo.core.config import parse_config
     from negdpo.generator.config import GenTrainConfig
     from negdpo.generator.data import load_pairs
-    from negdpo.onpolicy import run_onpolicy
     from safetensors.torch import load_file
+
+    from negdpo.onpolicy import run_onpolicy
 
     root = Path(__file__).resolve().parents[1]
     cfg_file = tmp_path / "op.yaml"
