@@ -76,7 +76,7 @@ class GenTrainConfig(TrainConfig):
     curriculum_stages: int = 1
     curriculum_every: int = 0
     sft_include_healthy: bool = True
-    # on-policy rounds (train_method=onpolicy; docs/method.md#onpolicy)
+    # on-policy rounds (train_method=onpolicy; docs/method.md#on-policy-rounds)
     rounds: int = field(default=2, metadata={"help": "onpolicy: number of rounds R"})
     candidates: int = field(default=4, metadata={"help": "onpolicy: candidates K per training positive and round"})
     onpolicy_rejected: str = field(default="worst", metadata={

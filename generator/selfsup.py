@@ -1,4 +1,4 @@
-"""Self-supervised inpainting pairs from healthy tissue: no healthy twin needed (docs/method.md#selfsup-sft).
+"""Self-supervised inpainting pairs from healthy tissue: no healthy twin needed (docs/method.md#self-supervised-sft).
 
 The model learns to repaint masked regions whose true content is known: healthy scans of the split (empty
 masks), ``negatives/`` (training split only) and the tumour-free parts of positives. Each repaint mask is a

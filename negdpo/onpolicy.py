@@ -5,7 +5,7 @@
         --output_dir OUT/onpolicy
 
 For the study, one function per step: :func:`train_sft_healthy` (returns the adapter folder) and
-:func:`run_onpolicy` (returns the adapter folder of every round). Round r (docs/method.md#onpolicy):
+:func:`run_onpolicy` (returns the adapter folder of every round). Round r (docs/method.md#on-policy-rounds):
 
 1. sample ``candidates`` fills per training positive with the current policy (round r-1's adapter; round 1:
    ``reference_adapter``, else the base model) inside the dilated lesion mask, pasted back;

@@ -1,4 +1,4 @@
-"""Training judges of the on-policy rounds: fitted on training scans only, never on twins (docs/method.md#onpolicy).
+"""Training judges of the on-policy rounds: fitted on training scans only, never on twins (docs/method.md#on-policy-rounds).
 
 * :class:`ResidualLesionJudge` — P(lesion) in the region of a lesion mask, a standardised logistic regression on
   the lesion-contrast region features of :mod:`negdpo.generator.frozen_judges` (the same *code* as the frozen
