@@ -150,7 +150,7 @@ def _judges(cfg: Any, data: TrainingData, out: Path, candidates: list[np.ndarray
         if (jdir / "lesion.json").is_file():
             lesion = ResidualLesionJudge.load(jdir)
         else:
-            lesion = ResidualLesionJudge.fit(data.scans, healthy, seed=cfg.seed)
+            lesion = ResidualLesionJudge.fit(data.scans, healthy, seed=cfg.seed, split=cfg.train_split)
             tmp = out / ".judges.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             lesion.save(tmp)

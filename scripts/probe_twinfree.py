@@ -42,6 +42,7 @@ def main() -> None:
     from negdpo.generator.config import GenTrainConfig
     from negdpo.generator.evaluate import inside_error
     from negdpo.generator.sample import inpaint, load_generator, paste_back_blend
+
     from negdpo.onpolicy import repaint_mask, run_onpolicy, train_sft_healthy
 
     setup_logging()

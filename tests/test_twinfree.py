@@ -289,3 +289,51 @@ def test_onpolicy_resumes_after_kills_at_sampling_training_and_pairs(phantom_dir
         assert steps == [1, 2], (r, steps)
     assert json.loads((out / "summary.json").read_text())["adapters"] == [str(out / "round_01" / "train"),
                                                                           str(out / "round_02" / "train")]
+
+
+# ------------------------------------------------------------------------------------------ settings
+@pytest.mark.parametrize("flags, key", [
+    (["--train_method", "onpolicy", "--candidates", "1"], "candidates"),
+    (["--judge_weights", "lesion=1,twin=2"], "judge_weights"),
+    (["--judge_weights", "lesion=0"], "judge_weights"),
+    (["--sft_source", "oracle"], "sft_source"),
+    (["--sample_strength", "0"], "sample_strength"),
+])
+def test_bad_twin_free_settings_are_one_line_errors(flags, key, capsys):
+    from negdpo.generator.cli import main
+
+    assert main(["--dataset_name", "nowhere", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0]
+
+
+def test_parse_judge_weights():
+    from negdpo.generator.config import parse_judge_weights
+
+    assert parse_judge_weights("lesion=1, realism=0.5,mi_out") == {"lesion": 1.0, "realism": 0.5, "mi_out": 1.0}
+    with pytest.raises(ValueError, match="not a number"):
+        parse_judge_weights("lesion=x")
+
+
+def test_selfsup_sft_refuses_a_pair_dataset(tmp_path):
+    from negdpo.generator.train import _selfsup_pairs
+
+    (tmp_path / "pairs.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="needs a scan folder"):
+        _selfsup_pairs(_cfg(tmp_path / "pairs.parquet", tmp_path / "out", train_method="sft", sft_source="healthy"),
+                       64)
+
+
+def test_autoencoder_images_without_twins(phantom_dir, monkeypatch):
+    import PIL.Image
+    from negdpo.generator.autoencoder import collect_images
+
+    opened: list[str] = []
+    real_pil = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_pil(fp, *a, **k))
+    n_train = len(list((phantom_dir / "train_images").iterdir()))
+    n_neg = len(list((phantom_dir / "negatives").iterdir()))
+    assert len(collect_images(phantom_dir, 64, twins=False)) == n_train + n_neg
+    assert opened and not [p for p in opened if "_twins" in p]
+    with_twins = collect_images(phantom_dir, 64, twins=True)
+    assert len(with_twins) == n_train + n_neg + len(list((phantom_dir / "train_twins").iterdir()))

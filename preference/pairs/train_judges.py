@@ -69,10 +69,11 @@ class ResidualLesionJudge:
         self.model, self.info = model, info or {}
 
     @classmethod
-    def fit(cls, positives: Sequence, healthy: Sequence[Region], c: float = 1.0, seed: int = 0) -> ResidualLesionJudge:
+    def fit(cls, positives: Sequence, healthy: Sequence[Region], c: float = 1.0, seed: int = 0,
+            split: str = "train") -> ResidualLesionJudge:
         from negdpo.generator.frozen_judges import LESION_FEATURES, LinearJudge, feature_matrix
 
-        check_training_scans(positives)
+        check_training_scans(positives, split)
         pos = [s for s in positives if s.positive]
         if not pos or not healthy:
             raise ValueError(f"the lesion judge needs training positives and healthy regions "
