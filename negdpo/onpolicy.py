@@ -20,7 +20,8 @@ Layout and resume: ``OUT/round_<r>/candidates/chunk_<i>.npz`` (one per ``sample_
 checkpoints included) and ``OUT/round_<r>/round.json`` (the round's stamp). Every file is written to a
 temporary name and renamed, so after a kill at any point the same command with ``--resume_from_checkpoint
 latest`` redoes only what has no stamp. ``OUT/onpolicy.json`` holds the settings; resuming with other ones is
-refused. Nothing under ``<split>_twins/`` is read.
+refused. Nothing under ``<split>_twins/`` is read. The rounds run in one process (a multi-process launch is
+refused); each round's DPO is an ordinary :func:`negdpo.generator.train.train` run.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def sample_round(cfg: Any, data: TrainingData, rdir: Path, r: int, policy: str |
         if not path.is_file():
             if pipe is None:
                 pipe = load_generator(cfg.pretrained_model_name_or_path, policy, device=resolve_device("auto"))
-            seeds = [derive_seed("onpolicy", s.name, r, j, base=cfg.seed) for s in chunk for j in range(k)]
+            seeds = [derive_seed("onpolicy", s.name, r, j, base=cfg.seed) for s in chunk for j in range(k)]  # as rows
             flat = inpaint(pipe, [s.image for s in chunk for _ in range(k)],
                            [repaint_mask(s.mask, cfg.repaint_dilate) for s in chunk for _ in range(k)],
                            [s.prompt or "" for s in chunk for _ in range(k)], seeds, steps=cfg.sample_steps,
@@ -162,25 +163,28 @@ def _judges(cfg: Any, data: TrainingData, out: Path, candidates: list[np.ndarray
 
 
 def build_round_pairs(cfg: Any, data: TrainingData, out: Path, rdir: Path, r: int,
-                      candidates: list[np.ndarray]) -> dict:
+                      candidates: list[np.ndarray], policy: str | None = None) -> dict:
     """Judge the candidates, write the round's pair dataset (renamed into place) and return its summary."""
     import datasets
 
-    from negdpo.core.config import code_version
+    from negdpo.core.config import code_version, derive_seed
     from negdpo.core.imageio import to_uint8
     from negdpo.core.training import fault_point
+    from negdpo.preference.pairs.generate import adapter_sha
     from negdpo.preference.pairs.schema import difficulty_of, features_for
 
     judges = _judges(cfg, data, out, candidates)
+    sha = adapter_sha(policy)
     rows, report = [], []
     for s, cands in zip(data.positives, candidates):
         rmask = repaint_mask(s.mask, cfg.repaint_dilate)
         scores, parts = judges(s.image, s.mask, rmask, list(cands))
         best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+        seeds = [derive_seed("onpolicy", s.name, r, j, base=cfg.seed) for j in range(len(cands))]
         if cfg.onpolicy_rejected == "source":
             rejected, s_rej, j_rej, seed_rej = s.image, float("nan"), {}, -1
         else:
-            rejected, s_rej, j_rej, seed_rej = cands[worst], float(scores[worst]), parts[worst], worst
+            rejected, s_rej, j_rej, seed_rej = cands[worst], float(scores[worst]), parts[worst], seeds[worst]
         margin = float(scores[best] - s_rej) if np.isfinite(s_rej) else 1.0
         diff, bucket = difficulty_of(max(margin, 0.0))
         rows.append({
@@ -190,8 +194,8 @@ def build_round_pairs(cfg: Any, data: TrainingData, out: Path, rdir: Path, r: in
             "difficulty": diff, "difficulty_bucket": bucket, "judge_chosen": json.dumps(parts[best]),
             "judge_rejected": json.dumps(j_rej), "subject_id": Path(s.name).stem.rsplit("_", 1)[0], "split": "train",
             "modality": Path(s.name).stem.split("_", 1)[0], "file": f"{cfg.train_split}_images/{s.name}",
-            "gen_model": cfg.pretrained_model_name_or_path, "gen_adapter_sha": "", "scheduler": "",
-            "steps": cfg.sample_steps, "guidance": 1.0, "strength": cfg.sample_strength, "seed_chosen": best,
+            "gen_model": cfg.pretrained_model_name_or_path, "gen_adapter_sha": sha, "scheduler": "pipeline default",
+            "steps": cfg.sample_steps, "guidance": 1.0, "strength": cfg.sample_strength, "seed_chosen": seeds[best],
             "seed_rejected": seed_rej, "label_source": judges.spec, "code_version": code_version(), "kind": "generator"})
         report.append({"name": s.name, "scores": [round(float(x), 6) for x in scores], "best": best, "worst": worst})
     feats = features_for("generator")
@@ -259,7 +263,7 @@ def run_onpolicy(cfg: Any) -> list[str]:
             if not (rdir / "pairs").is_dir():
                 data = data or TrainingData.read(cfg)
                 candidates = sample_round(cfg, data, rdir, r, policy)
-                build_round_pairs(cfg, data, out, rdir, r, candidates)
+                build_round_pairs(cfg, data, out, rdir, r, candidates, policy)
             pairs = json.loads((rdir / "pairs" / "judging.json").read_text())
             adapter = train_round(cfg, rdir, r, policy)
             _atomic_json(done, {"round": r, "adapter": adapter, "policy": policy,
