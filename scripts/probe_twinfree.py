@@ -60,11 +60,11 @@ def main() -> None:
     sft = str(work / "sft")
     if not (work / "sft" / "summary.json").is_file():
         sft = train_sft_healthy(GenTrainConfig(**common, output_dir=sft, max_train_steps=args.sft_steps))
-    rounds = run_onpolicy(GenTrainConfig(
-        **common, output_dir=str(work / f"onpolicy_{args.rejected}_mi{args.mi_weight:g}"), train_method="onpolicy",
+    rounds = run_onpolicy(GenTrainConfig(**(common | dict(
+        output_dir=str(work / f"onpolicy_{args.rejected}_mi{args.mi_weight:g}"), train_method="onpolicy",
         reference_adapter=sft, rounds=args.rounds, candidates=args.candidates, max_train_steps=args.dpo_steps,
         max_train_pairs=args.train_positives, onpolicy_rejected=args.rejected, mi_weight=args.mi_weight,
-        sample_steps=10, learning_rate=1e-3, train_batch_size=4))
+        sample_steps=10, learning_rate=1e-3, train_batch_size=4))))
 
     held = [s for split in ("val", "test") for s in ScanFolder(data).load_split(split) if s.positive]
     masks = [repaint_mask(s.mask, 2) for s in held]
