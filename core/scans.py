@@ -104,6 +104,7 @@ class ScanFolder:
     root: Path
     window: WindowLike | None = None
     on_error: Literal["raise", "skip"] = "raise"
+    read_twins: bool = True  # False: never touch ``<split>_twins/`` (twin-free training)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     max_side: int = MAX_SIDE
     downscale: bool = False
@@ -192,7 +193,7 @@ class ScanFolder:
         try:
             image = read_scan(image_path, window=self.window, **size)
             mask = read_mask(mask_path, **size) if mask_path is not None else np.zeros(image.shape[:2], bool)
-            twin = read_scan(twin_path, **size) if twin_path.exists() else None
+            twin = read_scan(twin_path, **size) if self.read_twins and twin_path.exists() else None
         except ScanReadError as err:
             self._fail(ScanFolderError(str(err)))
             return None

@@ -50,7 +50,7 @@ def collect_images(data: str | Path, size: int, splits: tuple[str, ...] = ("trai
     from negdpo.core.imageio import pad_to_square, read_scan
     from negdpo.core.scans import ScanFolder
 
-    folder = ScanFolder(data, on_error="skip")
+    folder = ScanFolder(data, on_error="skip", read_twins=twins)
     paths: list[Path] = []
     for split in splits:
         if not (folder.root / f"{split}_images").is_dir():
@@ -162,10 +162,11 @@ def _settings(model: str, data: str, steps: int, batch_size: int, lr: float, see
 def adapt_autoencoder(model: str, data: str, out: str, steps: int = 400, batch_size: int = 8, lr: float = 3e-3,
                       seed: int = 0, device: torch.device | str = "cpu", *, kl_weight: float = 1e-6,
                       hflip: bool = True, vflip: bool = False, size: int | None = None,
-                      rescale_latents: bool = True, overwrite: bool = False) -> str:
+                      rescale_latents: bool = True, overwrite: bool = False, twins: bool = True) -> str:
     """Fine-tune ``model``'s AutoencoderKL on ``data``; write a full diffusers pipeline to ``out``; return ``out``.
 
-    Training images: the train split, its healthy twins and ``negatives/``. Held-out PSNR (posterior mode,
+    Training images: the train split, its healthy twins (``twins=False``: none, nothing under ``*_twins/`` is
+    read) and ``negatives/``. Held-out PSNR (posterior mode,
     val+test images) before/after is stored in ``out/negdpo_autoencoder.json``. With ``rescale_latents``
     the VAE's ``scaling_factor`` is re-estimated so the scaled latents have unit std. If ``out`` already
     holds a complete folder with the same settings it is returned as is (``overwrite`` forces a rebuild).
@@ -175,7 +176,7 @@ def adapt_autoencoder(model: str, data: str, out: str, steps: int = 400, batch_s
 
     out_path = Path(out)
     settings = _settings(model, data, steps, batch_size, lr, seed, kl_weight=kl_weight, hflip=hflip, vflip=vflip,
-                         size=size, rescale_latents=rescale_latents)
+                         size=size, rescale_latents=rescale_latents, **({} if twins else {"twins": False}))
     stamp = out_path / STAMP
     if not overwrite and out_path.exists():
         if stamp.is_file() and (out_path / "model_index.json").is_file():
@@ -192,7 +193,7 @@ def adapt_autoencoder(model: str, data: str, out: str, steps: int = 400, batch_s
     pipe = load_inpaint_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     size = int(size or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor))
-    train_images = collect_images(data, size, ("train",), twins=True, negatives=True)
+    train_images = collect_images(data, size, ("train",), twins=twins, negatives=True)
     try:
         heldout = collect_images(data, size, HELDOUT_SPLITS, twins=False, negatives=False)
     except FileNotFoundError:
@@ -249,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vflip", action="store_true")
     p.add_argument("--size", type=int, default=None, help="training resolution (default: the UNet's native size)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no_twins", action="store_true", help="train on no healthy twin (nothing in *_twins/ is read)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
     out = adapt_autoencoder(args.model, args.data, args.out, args.steps, args.batch_size, args.lr, args.seed,
                             args.device, kl_weight=args.kl_weight, hflip=not args.no_hflip, vflip=args.vflip,
-                            size=args.size, overwrite=args.overwrite)
+                            size=args.size, overwrite=args.overwrite, twins=not args.no_twins)
     rec = read_record(out)
     print(f"adapted autoencoder: held-out PSNR {rec['psnr_heldout_before']:.2f} -> {rec['psnr_heldout_after']:.2f} dB "
           f"({rec['n_train_images']} training images, {rec['wall_s']} s); scaling_factor {rec['scaling_factor']:.4f}")

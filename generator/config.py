@@ -8,6 +8,28 @@ from negdpo.core.config import check, check_choice, check_finite_positive, check
 from negdpo.core.training import TrainConfig
 from negdpo.core.window import ScanReading
 
+TRAINING_JUDGES = ("lesion", "realism", "mi_out", "fidelity_out")  # the on-policy rounds' judges
+
+
+def parse_judge_weights(spec: str) -> dict[str, float]:
+    """``"lesion=1,realism=0.5"`` -> {lesion: 1.0, realism: 0.5}; names from ``TRAINING_JUDGES``, weights >= 0."""
+    import math
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition("=")
+        if name not in TRAINING_JUDGES:
+            raise ValueError(f"unknown training judge '{name}' (choose from {', '.join(TRAINING_JUDGES)})")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"weight of '{name}' is not a number: '{w}'") from None
+        if not math.isfinite(out[name]) or out[name] < 0:
+            raise ValueError(f"weight of '{name}' must be a finite number >= 0")
+    if not out or sum(out.values()) <= 0:
+        raise ValueError("names no judge with a positive weight")
+    return out
+
 
 @dataclass
 class GenTrainConfig(TrainConfig, ScanReading):
@@ -29,7 +51,14 @@ class GenTrainConfig(TrainConfig, ScanReading):
     resolution: int = field(default=0, metadata={"help": "training resolution in px (0 = the UNet's native size)"})
     run_name: str = "demo"
     # method
-    train_method: str = field(default="dpo", metadata={"help": "dpo | sft"})
+    train_method: str = field(default="dpo", metadata={
+        "help": "dpo | sft | onpolicy (R rounds: sample K candidates, judge, DPO on the best vs worst; no twins)"})
+    sft_source: str = field(default="twin", metadata={
+        "help": "sft target: twin (the pair's chosen image: the healthy twin on phantoms, see chosen_source) | "
+                "healthy (self-supervised: repaint lesion-shaped masks on healthy tissue; never reads twins)"})
+    selfsup_masks_per_image: int = field(default=4, metadata={"help": "sft_source=healthy: repaint masks per scan"})
+    selfsup_margin: int = field(default=4, metadata={
+        "help": "sft_source=healthy: px a repaint mask keeps from a positive's lesion"})
     beta: float = field(default=5000.0, metadata={"help": "DPO beta, convention WITH the 1/2 (= 2 x diffusers' beta_dpo)"})
     beta_dpo: float | None = field(default=None, metadata={"help": "diffusers' scale (no 1/2); sets beta = 2 x beta_dpo"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid | hinge | ipo"})
@@ -48,6 +77,18 @@ class GenTrainConfig(TrainConfig, ScanReading):
     curriculum_stages: int = 1
     curriculum_every: int = 0
     sft_include_healthy: bool = True
+    # on-policy rounds (train_method=onpolicy; docs/method.md#on-policy-rounds)
+    rounds: int = field(default=2, metadata={"help": "onpolicy: number of rounds R"})
+    candidates: int = field(default=4, metadata={"help": "onpolicy: candidates K per training positive and round"})
+    onpolicy_rejected: str = field(default="worst", metadata={
+        "help": "onpolicy: rejected = worst candidate | source (the positive itself)"})
+    judge_weights: str = field(default="lesion=1,realism=0.5,mi_out=0.25,fidelity_out=0.25", metadata={
+        "help": "onpolicy: training judges and weights (lesion, realism, mi_out, fidelity_out)"})
+    sample_steps: int = field(default=10, metadata={"help": "onpolicy: sampler steps per candidate"})
+    sample_strength: float = field(default=0.5, metadata={"help": "onpolicy: SDEdit strength (1 = pure noise)"})
+    sample_init: str = field(default="harmonic", metadata={"help": "onpolicy: sampler start, source | harmonic"})
+    repaint_dilate: int = field(default=2, metadata={"help": "onpolicy: px the lesion mask is dilated to repaint"})
+    sample_batch: int = field(default=8, metadata={"help": "onpolicy: positives per sampling chunk (resume unit)"})
     # reference
     reference: str = field(default="disable_adapters", metadata={"help": "disable_adapters | adapter | model"})
     reference_adapter: str | None = field(default=None, metadata={"help": "SFT adapter folder used as reference"})
@@ -75,18 +116,30 @@ class GenTrainConfig(TrainConfig, ScanReading):
             check_finite_positive(self, "beta_dpo")
             self.beta = 2.0 * self.beta_dpo
         check_finite_positive(self, "beta", "sdpo_mu")
-        check_choice(self, "train_method", ("dpo", "sft"))
+        check_choice(self, "train_method", ("dpo", "sft", "onpolicy"))
+        check_choice(self, "sft_source", ("twin", "healthy"))
+        check_choice(self, "onpolicy_rejected", ("worst", "source"))
+        check_choice(self, "sample_init", ("source", "harmonic"))
+        check(0.0 < self.sample_strength <= 1.0, "sample_strength", self.sample_strength, "must be in (0, 1]")
+        check(self.candidates >= 2 or self.onpolicy_rejected == "source", "candidates", self.candidates,
+              "onpolicy_rejected=worst needs at least 2 candidates")
         check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))
         check_choice(self, "chosen_source", ("auto", "twin", "classical"))
         check_choice(self, "reference", ("disable_adapters", "adapter", "model"))
         check_choice(self, "reference_mode", ("fuse", "adapter"))
         check_positive(self, "rank", "mi_bins", "curriculum_stages", "validation_inference_steps", "eval_draws",
-                       "phantoms_n")
+                       "phantoms_n", "selfsup_masks_per_image", "rounds", "candidates", "sample_steps",
+                       "sample_batch")
         check_probability(self, "proportion_empty_prompts", "hflip_prob")
         for key in ("mi_weight", "fidelity_weight", "outside_gamma", "eval_pairs", "num_validation_images",
-                    "resolution", "mask_dilate_latent", "mi_dilate_latent", "curriculum_every"):
+                    "resolution", "mask_dilate_latent", "mi_dilate_latent", "curriculum_every",
+                    "selfsup_margin", "repaint_dilate"):
             check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         check(self.sdpo_mu < 1.0 or not self.sdpo, "sdpo_mu", self.sdpo_mu, "must be in (0, 1)")
         check(self.reference != "model" or bool(self.reference_model), "reference_model", self.reference_model,
               "reference=model needs --reference_model")
+        try:
+            parse_judge_weights(self.judge_weights)
+        except ValueError as err:
+            check(False, "judge_weights", self.judge_weights, str(err))
         check(bool(self.lora_targets.strip()), "lora_targets", self.lora_targets, "must name at least one module")

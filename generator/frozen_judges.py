@@ -173,6 +173,9 @@ class _Linear:
                    float(arrays["intercept"][0])), header
 
 
+LinearJudge = _Linear  # the same classifier, for judges fitted elsewhere (preference.pairs.train_judges)
+
+
 def _subject(name: str) -> str:
     """``mri_0003_1.png`` -> ``mri_0003`` (as ``negdpo.study_eval.subject_of``)."""
     return Path(name).stem.rsplit("_", 1)[0]

@@ -64,11 +64,19 @@ def load_components(model: str = "tiny", reference_adapter: str | None = None, r
     if in_ch not in (4, 9):
         raise ValueError(f"{model}: UNet has {in_ch} input channels; expected 9 (inpainting) or 4 (img2img)")
     if reference_adapter:
+        from .sample import adapter_chain
+
         folder = Path(reference_adapter)
         if not (folder / LORA_WEIGHT_NAME).is_file():
             raise FileNotFoundError(f"reference adapter {folder}: no {LORA_WEIGHT_NAME}")
         if reference_mode not in ("fuse", "adapter"):
             raise ValueError(f"reference_mode must be 'fuse' or 'adapter', got '{reference_mode}'")
+        # an adapter trained on top of another (SFT -> DPO round 1 -> round 2 ...) needs its whole chain,
+        # as load_generator samples it: every earlier adapter is fused into the base first
+        for i, earlier in enumerate(adapter_chain(folder)[:-1]):
+            load_adapter(pipe, earlier, f"{REF_ADAPTER}_base{i}")
+            pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[f"{REF_ADAPTER}_base{i}"])
+            pipe.unload_lora_weights()
         load_adapter(pipe, folder, REF_ADAPTER)  # load_lora_weights, then every tensor checked
         if reference_mode == "fuse":
             pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[REF_ADAPTER])

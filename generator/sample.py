@@ -74,7 +74,7 @@ def _check_no_reference(folder: Path) -> None:
     logger.warning("%s: no %s; loading it on the base model alone (no reference adapter)", folder, ADAPTER_META)
 
 
-def _adapter_chain(adapter: str | Path) -> list[Path]:
+def adapter_chain(adapter: str | Path) -> list[Path]:
     """The adapter plus (first) any reference adapter it was trained on top of (SFT -> DPO)."""
     folder = Path(adapter)
     if folder.is_file():
@@ -114,7 +114,7 @@ def load_generator(model: str = "tiny", adapter: str | None = None, device: str 
 
     pipe = load_inpaint_pipeline(model, torch_dtype=dtype)
     if adapter:
-        chain = _adapter_chain(adapter)
+        chain = adapter_chain(adapter)
         for i, folder in enumerate(chain):
             name = f"negdpo_{i}"
             load_adapter(pipe, folder, name)  # load_lora_weights, then every tensor checked

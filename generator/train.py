@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import GenTrainConfig  # noqa: F401  (the trainer's config lives beside it)
-from .data import Curriculum, Pair, load_pairs, to_tensors
+from .data import Curriculum, Pair, PairDataError, is_hf_dataset, load_pairs, to_tensors
 from .pipeline import Components, encode_images, encode_prompts, latent_mask
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,29 @@ def _ensure_data(cfg: GenTrainConfig) -> None:
                                 "or --make_phantoms to generate phantoms there)")
 
 
+def _selfsup_pairs(cfg: GenTrainConfig, size: int) -> tuple[list[Pair], list[Pair]]:
+    """Self-supervised repaint pairs (train, validation) of a scan folder; never reads twins."""
+    from .selfsup import lesion_mask_bank, selfsup_pairs
+
+    if is_hf_dataset(cfg.dataset_name):
+        raise PairDataError(f"--dataset_name {cfg.dataset_name}: sft_source=healthy needs a scan folder "
+                            "(it draws its own repaint masks), not a pair dataset")
+    bank = lesion_mask_bank(cfg.dataset_name, cfg.train_split)
+    kw = dict(bank=bank, per_image=cfg.selfsup_masks_per_image, seed=cfg.seed, margin=cfg.selfsup_margin)
+    train_pairs = selfsup_pairs(cfg.dataset_name, cfg.train_split, size, limit=cfg.max_train_pairs, **kw)
+    n_val = max(cfg.eval_pairs, cfg.num_validation_images)
+    try:
+        val_pairs = [p for split in cfg.val_split.split(",") if split.strip()
+                     for p in selfsup_pairs(cfg.dataset_name, split.strip(), size, limit=n_val, **kw)][:n_val]
+    except (ValueError, FileNotFoundError) as err:
+        logger.warning("no validation pairs (%s); using training pairs for validation", err)
+        val_pairs = train_pairs[:n_val]
+    return train_pairs, val_pairs
+
+
 def _load_pairs(cfg: GenTrainConfig, size: int) -> tuple[list[Pair], list[Pair]]:
+    if cfg.train_method == "sft" and cfg.sft_source == "healthy":
+        return _selfsup_pairs(cfg, size)
     include_healthy = cfg.train_method == "sft" and cfg.sft_include_healthy
     train_pairs = load_pairs(cfg.dataset_name, cfg.train_split, size, cfg.chosen_source, include_healthy,
                              cfg.max_train_pairs, cfg.reading())
@@ -138,6 +160,9 @@ def _train(cfg: GenTrainConfig) -> dict:
     from .pipeline import UNetReference, add_lora, load_components
     from .validation import validation_grid
 
+    if cfg.train_method == "onpolicy":
+        raise ValueError("train_method=onpolicy is a loop of sampling, judging and DPO rounds: run it with "
+                         "`gen_train.py --train_method onpolicy` (negdpo.onpolicy.run_onpolicy)")
     t_start = time.time()
     run = start_run(cfg, "generator", owner="gen_train")
     accelerator, out = run.accelerator, run.out

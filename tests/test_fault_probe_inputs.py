@@ -267,24 +267,24 @@ def test_item9_stale_lock_of_a_reused_pid_is_taken_over(tmp_path):
 
 
 def test_item9_adapter_without_its_reference_file_is_not_loaded_silently(tmp_path):
-    from negdpo.generator.sample import _adapter_chain
+    from negdpo.generator.sample import adapter_chain
 
     dpo = tmp_path / "dpo"
     dpo.mkdir()
     (dpo / "pytorch_lora_weights.safetensors").write_bytes(b"")
     (dpo / "README.md").write_text("LoRA ... Reference adapter: `../sft`.\n")
     with pytest.raises(FileNotFoundError, match=r"no negdpo_adapter.json, but it was trained on top of .*'\.\./sft'"):
-        _adapter_chain(dpo)
+        adapter_chain(dpo)
     (dpo / "README.md").unlink()
     with records("negdpo.generator.sample") as logs:
-        assert _adapter_chain(dpo) == [dpo]
+        assert adapter_chain(dpo) == [dpo]
     assert any("no negdpo_adapter.json; loading it on the base model alone" in r.getMessage() for r in logs)
     ckpt = tmp_path / "run" / "checkpoint-3"
     ckpt.mkdir(parents=True)
     (ckpt / "pytorch_lora_weights.safetensors").write_bytes(b"")
     (tmp_path / "run" / "config.yaml").write_text("reference_adapter: outputs/sft\n")
     with pytest.raises(FileNotFoundError, match="outputs/sft"):
-        _adapter_chain(ckpt)
+        adapter_chain(ckpt)
 
 
 def test_item9_clip_fp16_on_cpu_says_it_trains_in_fp32(phantom_dir, tmp_path):
