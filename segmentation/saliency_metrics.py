@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BRIGHTNESS_SIGMA = 0.03  # x min(H, W): FWHM 2.355 sigma ~ 7 % of the side, one patch of a 14 x 14 ViT grid
-EXPLAINED = 1e-10  # residual / total sum of squares below this: fully explained by brightness
+EXPLAINED = 1e-10  # residual / total variance at or below this: fully explained by brightness
 COLUMNS = ("sal_auroc", "sal_ap", "sal_pointing", "sal_partial_r")
 
 
@@ -101,15 +101,15 @@ def local_brightness(image: np.ndarray, sigma: float = BRIGHTNESS_SIGMA) -> np.n
         img = img.mean(-1)
     if img.ndim != 2:
         raise ValueError(f"image must be 2-D (or H x W x C), got shape {np.asarray(image).shape}")
-    return gaussian_filter(img, sigma * min(img.shape), mode="nearest") if sigma > 0 else img
+    return gaussian_filter(img, sigma * min(img.shape), mode="nearest")  # sigma 0: the image itself
 
 
 def _residual(v: np.ndarray, design: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Least-squares residual of ``v`` on the design's columns, and whether they explain ``v`` entirely."""
+    """Least-squares residual of ``v`` on the design's columns (centred: the design holds the constant), and
+    whether they explain ``v`` entirely (a constant ``v`` included)."""
     coef, *_ = np.linalg.lstsq(design, v, rcond=None)
     res = v - design @ coef
-    centred = v - v.mean()
-    return res, bool(v.min() == v.max()) or float(res @ res) <= EXPLAINED * float(centred @ centred)
+    return res, bool(np.ptp(v) == 0) or float(res.var()) <= EXPLAINED * float(v.var())
 
 
 def partial_corr(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
@@ -125,8 +125,7 @@ def partial_corr(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
     rx, x_explained = _residual(x, design)
     if x_explained:
         return 0.0
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float(np.clip(rx @ ry / math.sqrt(float(rx @ rx) * float(ry @ ry)), -1.0, 1.0))
+    return float(rx @ ry / math.sqrt(float(rx @ rx) * float(ry @ ry)))
 
 
 def partial_r(sal: np.ndarray, mask: np.ndarray, brightness: np.ndarray, region: np.ndarray | None = None) -> float:

@@ -3,6 +3,7 @@ implementations (scikit-learn; the partial correlation from the inverse correlat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -109,14 +110,16 @@ def test_undefined_without_lesion_or_background():
 
 
 def test_shapes_are_checked():
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"^saliency map \(4, 4\) and lesion mask \(4, 5\) must be 2-D of the same shape$"):
         S.lesion_auroc(np.zeros((4, 4)), np.zeros((4, 5)))
-    with pytest.raises(ValueError, match="region"):
+    with pytest.raises(ValueError, match=r"^region \(3, 4\) and lesion mask \(4, 4\) differ in shape$"):
         S.lesion_ap(np.zeros((4, 4)), np.zeros((4, 4)), np.ones((3, 4)))
-    with pytest.raises(ValueError, match="brightness"):
+    with pytest.raises(ValueError, match=r"^brightness \(4, 5\) and lesion mask \(4, 4\) differ in shape$"):
         S.partial_r(np.zeros((4, 4)), np.eye(4), np.zeros((4, 5)))
-    with pytest.raises(ValueError, match="equal lengths"):
+    with pytest.raises(ValueError, match=r"^partial correlation needs equal lengths, got 4, 4, 5$"):
         S.partial_corr(np.zeros(4), np.zeros(4), np.zeros(5))
+    with pytest.raises(ValueError, match=r"^image must be 2-D \(or H x W x C\), got shape \(2, 3, 4, 5\)$"):
+        S.local_brightness(np.zeros((2, 3, 4, 5)))
 
 
 # -- partial correlation ---------------------------------------------------------------------------
@@ -158,6 +161,9 @@ def test_brightness_map_has_partial_r_zero_and_mask_plus_brightness_one():
     assert S.partial_r(mask + 0.7 * b, mask, b) == pytest.approx(1.0, abs=1e-12)
     assert S.partial_r(1 - mask - 0.7 * b, mask, b) == pytest.approx(-1.0, abs=1e-12)
     assert math.isnan(S.partial_r(b, mask, mask.astype(float)))  # the mask is a function of "brightness"
+    # a lesion signal far weaker than the brightness is still found (the "explained" rule is relative)
+    assert S.partial_r(b + 1e-4 * mask, mask, b) == pytest.approx(1.0, abs=1e-6)
+    assert S.partial_r(0.01 * b + 1e-6 * mask, mask, b) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_local_brightness_window_is_three_percent_of_the_short_side():
@@ -190,6 +196,12 @@ def test_reference_region_is_anatomy_and_lesion():
     assert row["sal_pointing"] == 1.0 and row["sal_auroc"] == 1.0 and row["sal_ap"] == 1.0
     assert S.pointing_game(sal, mask) == 0.0  # over the whole frame it misses
     np.testing.assert_allclose(ref.brightness, S.local_brightness(image))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ref.region = mask  # shared by every map of the scan: read-only
+    own = np.zeros((40, 40), bool)
+    own[20:, :] = True
+    assert np.array_equal(S.reference(image, mask, region=own).region, own)  # a given region is used as is
+    assert np.array_equal(S.reference(image, mask, region=own.astype(np.uint8)).region, own)
 
 
 # -- laws ------------------------------------------------------------------------------------------
