@@ -88,7 +88,7 @@ def _saliency_section(ckpts: dict[str, dict[str, Any]]) -> list[str]:
     if not any(s.get(c, {}).get("n") for s in ckpts.values() for c in SALIENCY_METRICS):
         return []
     lines = ["", "Saliency map before post-processing (no k-means or SAM; docs/method.md, saliency metrics), scans "
-             "with a lesion, over the anatomy and the lesion: lesion AUROC (0.5 = chance), lesion AP (chance = the "
+             "with a lesion, over the anatomy and the lesion: lesion AUROC (0.5 = chance; a prompt-blind map can score more, so compare with the control row), lesion AP (chance = the "
              "lesion's share), pointing game (the maximum within the NSD tolerance of the lesion), partial r given "
              "brightness (≈0: the map finds the lesion no better than local brightness does).", "",
              "| checkpoint | prompt | " + " | ".join(LABELS[c] for c in SALIENCY_METRICS) + " |",
