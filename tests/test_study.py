@@ -13,7 +13,8 @@ from negdpo.core.stats import subject_ci
 from negdpo.generator.sample import paste_back_blend
 
 from negdpo.study import StudyConfig, load_study_config, run_study
-from negdpo.study_tables import comparisons, generator_rows, segmentation_rows, stage2_comparisons
+from negdpo.study.tables import comparisons, generator_rows, segmentation_rows
+from negdpo.study.variants import stage2_comparisons
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "phantom_study.yaml")
@@ -166,7 +167,7 @@ def test_rerun_is_cached_and_reproduces(study, monkeypatch):
         calls.append(1)
         return "at-start" if len(calls) == 1 else "later"
 
-    monkeypatch.setattr("negdpo.core.config.code_version", version)
+    monkeypatch.setattr("negdpo.study.pipeline.code_version", version)
     work = Path(cfg.work_dir)
     stamps = list(work.glob("*/stage.json"))
     assert all(json.loads(p.read_text())["settings"]["preset"] == "quick" for p in stamps)  # keys name the preset
@@ -284,7 +285,7 @@ def test_oracle_box_prompts_sam_with_the_ground_truth_box(phantom_dir, monkeypat
     import negdpo.segmentation.sam_prompt as sam_prompt
     from negdpo.core.scans import ScanFolder
 
-    from negdpo.study_eval import oracle_box
+    from negdpo.study.segmentation import oracle_box
 
     class BoxFill:  # a "SAM" that fills the box of the coarse mask it is prompted with
         def __init__(self, sam, cfg):

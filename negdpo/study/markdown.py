@@ -1,203 +1,15 @@
-"""The study's ``results.json`` contract, built from per-image rows, ``results.md`` rendered from it, the
-per-image CSVs and the training-curve figure.
-
-Inputs are *long* per-image tables written by :mod:`negdpo.study_eval`:
-
-* segmentation: one row per (variant, seed, image, prompt) with ``dice``, ``subject_id`` and ``group``;
-* generator: one row per (method, paste_back, image) with the repair metrics of
-  :func:`negdpo.generator.evaluate.repair_metrics`, ``subject_id`` and ``modality``.
-
-Every interval is a 95% percentile bootstrap (:mod:`negdpo.core.stats`, docs/method.md#statistics):
-means over subjects for single rows, paired (image, seed) differences for the prompt gap and the
-comparisons. The markdown is rendered from the contract alone, so the two never disagree.
-"""
+"""``results.md``, rendered from the ``results.json`` contract alone (so the two never disagree)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
 
-import numpy as np
+import yaml
 
-from negdpo.core.stats import Stat, paired_diff_ci, subject_ci, verdict
-
-CLIP_VARIANTS = ("base", "dhn_nce", "dpo_gen", "dpo_twin", "dpo_harmonic", "dpo_entropy", "stages")
-CLIP_LABELS = {"base": "base (contrastive pre-training)", "dhn_nce": "DHN-NCE (baseline)",
-               "dpo_gen": "CLIP-DPO, generated negatives", "dpo_twin": "CLIP-DPO, twin negatives (oracle)",
-               "dpo_harmonic": "CLIP-DPO, harmonic-fill negatives (no generator)",
-               "dpo_entropy": "CLIP-DPO + attention entropy", "stages": "two-stage OT"}
-# rows beyond the CLIP variants (negdpo.study_stages): stage 2 (prompt-free, no prompt: report rows only) and VL-SAM
-STAGE2_VARIANTS = ("pg_pseudo_base", "pg_pseudo_best", "pg_supervised", "vlsam")
-ROW_LABELS = {**CLIP_LABELS, "pg_pseudo_base": "stage 2: prompt generator on the base chain's pseudo-labels",
-              "pg_pseudo_best": "stage 2: prompt generator on a fine-tuned chain's pseudo-labels",
-              "pg_supervised": "prompt generator on ground truth (supervised ceiling)",
-              "vlsam": "VL-SAM (tiny VLM trained on the pool)",
-              "base_reference": "base, reference saliency (eval_reference_saliency)"}
-VARIANTS = (*CLIP_VARIANTS, "base_reference", *STAGE2_VARIANTS)
-GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
-              "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
-PROMPTS = ("report", "word", "irrelevant")
-GROUPS = ("mri_bright", "mri_dark", "us")
-GROUP_LABELS = {"mri_bright": "bright MRI", "mri_dark": "dark MRI", "us": "ultrasound"}
-# (a, b, what the difference a - b answers); only pairs whose variants both ran are reported
-COMPARISONS = (("dhn_nce", "base", "DHN-NCE vs base"), ("dpo_gen", "dhn_nce", "CLIP-DPO vs DHN-NCE"),
-               ("dpo_gen", "base", "CLIP-DPO vs base"), ("dpo_twin", "dpo_gen", "oracle (twin) vs generated negatives"),
-               ("dpo_harmonic", "dpo_gen", "harmonic-fill vs generated negatives"),
-               ("dpo_entropy", "dpo_gen", "attention entropy vs none"), ("stages", "dpo_gen", "two-stage OT vs none"))
-MODALITIES = ("mri", "us", "all")
+from negdpo.study.tables import num
+from negdpo.study.variants import GROUP_LABELS, GROUPS, ROW_LABELS, gen_label
 
 
-def stage2_comparisons(best: str) -> tuple[tuple[str, str, str], ...]:
-    """Stage 2 vs the stage 1 it learned from, the supervised ceiling vs the zero-shot base, VL-SAM and the
-    reference saliency vs the study's CLIP saliency (each on the base CLIP)."""
-    return (("pg_pseudo_base", "base", "stage 2 vs stage 1 (base chain)"),
-            ("pg_pseudo_best", best, f"stage 2 vs stage 1 ({best} chain)"),
-            ("pg_supervised", "base", "supervised ceiling vs zero-shot base"),
-            ("vlsam", "base", "VL-SAM vs the CLIP saliency (base CLIP)"),
-            ("base_reference", "base", "reference saliency vs the study's (base CLIP)"))
-
-
-def num(x: Any) -> float | None:
-    """A finite float, else None (JSON has no NaN)."""
-    if x is None or x == "":
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _ci(stat: Stat) -> list[float | None]:
-    return [num(stat[1]), num(stat[2])]
-
-
-def by_subject(rows: Iterable[dict], key: str) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for r in rows:
-        v = num(r.get(key))
-        if v is not None:
-            out.setdefault(str(r["subject_id"]), []).append(v)
-    return out
-
-
-def _paired(rows: Iterable[dict]) -> dict[str, float]:
-    """{"image|seed": dice} of finite values."""
-    return {f"{r['image']}|{r['seed']}": float(r["dice"]) for r in rows if num(r.get("dice")) is not None}
-
-
-# -- segmentation ----------------------------------------------------------------------------------
-def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dict]:
-    """One contract row per (variant, prompt) that ran; the prompt gap (report - irrelevant) on report rows."""
-    out = []
-    for variant in VARIANTS:
-        mine = [r for r in long_rows if r["variant"] == variant]
-        if not mine:
-            continue
-        for prompt in PROMPTS:
-            rows = [r for r in mine if r["prompt"] == prompt]
-            if not rows:
-                continue
-            stat = subject_ci(by_subject(rows, "dice"), n_boot, seed)
-            by_group = {}
-            for g in GROUPS:
-                vals = [num(r["dice"]) for r in rows if r.get("group") == g]
-                vals = [v for v in vals if v is not None]
-                by_group[g] = float(np.mean(vals)) if vals else None
-            row = {"variant": variant, "prompt": prompt, "dice_mean": num(stat[0]), "dice_ci": _ci(stat),
-                   "n_images": len({r["image"] for r in rows}), "n_seeds": len({r["seed"] for r in rows}),
-                   "dice_by_group": by_group, "prompt_gap": None, "prompt_gap_ci": None}
-            ctl = [r for r in mine if r["prompt"] == "irrelevant"]
-            if prompt == "report" and ctl:
-                gap = paired_diff_ci(_paired(rows), _paired(ctl), n_boot, seed)
-                row.update(prompt_gap=num(gap[0]), prompt_gap_ci=_ci(gap))
-            out.append(row)
-    return out
-
-
-def _per_key(long_rows: list[dict], variant: str, metric: str) -> dict[str, float]:
-    """{"image|seed": value}: the report-prompt Dice, or the prompt gap (report - irrelevant Dice)."""
-    mine = [r for r in long_rows if r["variant"] == variant]
-    report = _paired(r for r in mine if r["prompt"] == "report")
-    if metric == "dice":
-        return report
-    ctl = _paired(r for r in mine if r["prompt"] == "irrelevant")
-    return {k: report[k] - ctl[k] for k in report.keys() & ctl.keys()}
-
-
-def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "dice",
-                extra: tuple[tuple[str, str, str], ...] = ()) -> list[dict]:
-    """Mean paired per-(image, seed) difference a - b of ``metric`` with its bootstrap CI and a verdict for a.
-
-    ``dice``: Dice with the report prompt; ``prompt_gap``: report − irrelevant-prompt Dice (does a make the
-    saliency more prompt-specific than b?). ``extra``: (a, b, question) beyond ``COMPARISONS`` (e.g.
-    :func:`stage2_comparisons`). Pairs are (image, seed): a row trained from one seed's chain pairs with
-    that seed's rows of b only.
-    """
-    if metric not in ("dice", "prompt_gap"):
-        raise ValueError(f"metric '{metric}': dice or prompt_gap")
-    per = {v: _per_key(long_rows, v, metric) for v in VARIANTS}
-    out = []
-    for a, b, question in (*COMPARISONS, *extra):
-        if not per.get(a) or not per.get(b):
-            continue
-        stat = paired_diff_ci(per[a], per[b], n_boot, seed)
-        out.append({"a": a, "b": b, "question": question, "metric": metric, "prompt": "report",
-                    "n_pairs": len(set(per[a]) & set(per[b])), "diff_mean": num(stat[0]), "ci": _ci(stat),
-                    "verdict": verdict(stat)})
-    return out
-
-
-# -- generator -------------------------------------------------------------------------------------
-def gen_label(method: str) -> str:
-    """Row label of a generator method; ``<variant>_noise`` = that variant sampled from pure noise."""
-    base = method.removesuffix("_noise")
-    label = GEN_LABELS.get(base, base)
-    return f"{label}, from pure noise (strength 1)" if method.endswith("_noise") else label
-
-
-def generator_rows(gen_rows: list[dict], n_boot: int, seed: int, judged: bool = False) -> list[dict]:
-    """One contract row per (method, paste_back, modality) with subject-level CIs; ``all`` pools modalities.
-
-    ``paste_back`` is None for the non-learned rows (no repair, harmonic fill: they change nothing outside
-    the mask by construction). ``judged``: the rows carry the frozen residual-lesion detector's
-    ``lesion_free`` (else ``lesion_free_rate`` stays None: no invented number).
-    """
-    keys = list(dict.fromkeys((r["method"], r["paste_back"]) for r in gen_rows))
-    out = []
-    for method, paste in keys:
-        for modality in MODALITIES:
-            rows = [r for r in gen_rows if r["method"] == method and r["paste_back"] == paste
-                    and (modality == "all" or r["modality"] == modality)]
-            if not rows:
-                continue
-            err = subject_ci(by_subject(rows, "inside_err"), n_boot, seed)
-            psnr = subject_ci(by_subject(rows, "outside_psnr"), n_boot, seed)
-            mi = subject_ci(by_subject(rows, "outside_mi"), n_boot, seed)
-            res = subject_ci(by_subject(rows, "residual_lesion"), n_boot, seed)
-            out.append({"method": method, "modality": modality, "paste_back": paste, "n_images": len(rows),
-                        "inside_err": num(err[0]), "inside_err_ci": _ci(err), "outside_psnr": num(psnr[0]),
-                        "outside_psnr_ci": _ci(psnr), "outside_mi": num(mi[0]), "residual_lesion": num(res[0]),
-                        "lesion_free_rate": None, "lesion_free_rate_ci": None})
-    if judged:
-        from negdpo.generator.frozen_judges import add_lesion_free
-
-        add_lesion_free(out, gen_rows, n_boot, seed)
-        for r in out:
-            r["lesion_free_rate"] = num(r["lesion_free_rate"])
-            r["lesion_free_rate_ci"] = [num(v) for v in r["lesion_free_rate_ci"]] if r["lesion_free_rate_ci"] else None
-    return out
-
-
-def twin_outside_mi(gen_rows: list[dict], n_boot: int, seed: int) -> list[float | None]:
-    """Outside-mask MI of the healthy twin against the source (the ceiling of the outside MI column)."""
-    first = [r for r in gen_rows if r["method"] == gen_rows[0]["method"]] if gen_rows else []
-    stat = subject_ci(by_subject(first, "twin_outside_mi"), n_boot, seed)
-    return [num(stat[0]), *_ci(stat)]
-
-
-# -- markdown --------------------------------------------------------------------------------------
 def fmt(mean: float | None, ci: list | None = None, digits: int = 3) -> str:
     if mean is None:
         return "n/a"
@@ -317,8 +129,6 @@ def realism_md(rows: list[dict]) -> str:
 
 def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
     """``results.md`` from the contract (``results.json``) alone."""
-    import yaml
-
     cfg = results["config"]
     psum = results.get("pairs") or {}
     seeds = results.get("seeds", [cfg["seed"]])
@@ -391,49 +201,3 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         lines += [f"| {name} | {sec:.0f} |" for name, sec in stage_s.items()]
     lines += ["", "## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
-
-
-# -- CSV and figures -----------------------------------------------------------------------------------------
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not rows:
-        path.write_text("")
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot_curves(logs: dict[str, Path], out: Path, keys: tuple[str, ...], title: str) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = {}
-    for name, path in logs.items():
-        if path.exists():
-            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            series[name] = recs
-    if not series:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.4))
-    axes = np.atleast_1d(axes)
-    colors = {name: f"C{i}" for i, name in enumerate(series)}  # one colour per run in every panel
-    for ax, key in zip(axes, keys):
-        for name, recs in series.items():
-            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts), label=name, color=colors[name], lw=1.2)
-        if key == "loss" and all(v > 0 for recs in series.values() for r in recs if (v := r.get(key)) is not None):
-            ax.set_yscale("log")  # SFT (MSE) and DPO losses differ by orders of magnitude
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

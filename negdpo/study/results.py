@@ -1,0 +1,70 @@
+"""The study's last stage: the ``results.json`` contract, the per-image CSVs, the figures and ``results.md``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from negdpo.core.stats import subject_ci
+from negdpo.study.cache import StudyRun
+from negdpo.study.clips import Checkpoints, clip_seeds, pretrain_split
+from negdpo.study.generators import GeneratorTable
+from negdpo.study.markdown import render_markdown
+from negdpo.study.report import plot_curves, write_csv
+from negdpo.study.segmentation import Evaluation
+from negdpo.study.tables import (
+    by_subject,
+    comparisons,
+    generator_rows,
+    num,
+    segmentation_rows,
+    twin_outside_mi,
+)
+from negdpo.study.variants import stage2_comparisons
+
+
+def copy_figures(run: StudyRun, adapters: dict[str, str], ckpts: Checkpoints, gen_variants: list[str],
+                 clip_variants: list[str]) -> None:
+    """Training curves of the generators and of the first seed's CLIPs, and the fine-tunes' t-SNE plots."""
+    figures, first = run.out / "figures", clip_seeds(run.cfg)[0]
+    plot_curves({v: Path(adapters[v]) / "metrics.jsonl" for v in gen_variants}, figures / "generator_curves.png",
+                ("loss", "implicit_acc"), "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
+    plot_curves({v: Path(ckpts[v, first]).parent / "metrics.jsonl" for v in clip_variants},
+                figures / "clip_curves.png", ("loss", "rewards/accuracies"), f"CLIP training (seed {first})")
+    for name in ("dpo_gen", "dpo_twin", "stages"):
+        if (name, first) in ckpts:
+            for tsne in Path(ckpts[name, first]).parent.glob("tsne*.png"):
+                shutil.copy(tsne, figures / f"tsne_{name}.png")
+
+
+def write_results(run: StudyRun, *, version: str, t_start: float, long_rows: list[dict], evaluation: Evaluation,
+                  gen: GeneratorTable, pairs_summary: dict, stage2: dict, sam_info: dict | None) -> dict[str, Any]:
+    """``results.json``, ``generator_metrics.csv``, ``segmentation_metrics.csv`` and ``results.md`` under ``out``."""
+    cfg, out = run.cfg, run.out
+    extra_cmp = stage2_comparisons(cfg.pg_best_variant)
+    oracle = subject_ci(by_subject(evaluation.oracle_rows, "dice"), cfg.bootstrap, cfg.seed)
+    results = {"preset": cfg.preset, "code_version": version,
+               "n_test_positive": len({r["image"] for r in long_rows}),
+               "oracle_box_dice": num(oracle[0]), "oracle_box_dice_ci": [num(oracle[1]), num(oracle[2])],
+               "segmentation": segmentation_rows(long_rows, cfg.bootstrap, cfg.seed),
+               "comparisons": (comparisons(long_rows, cfg.bootstrap, cfg.seed, "dice", extra_cmp)
+                               + comparisons(long_rows, cfg.bootstrap, cfg.seed, "prompt_gap", extra_cmp)),
+               "stage2": stage2, "sam_pretrain": sam_info, "oracle_sam": evaluation.oracle_sam,
+               "generator": generator_rows(gen.rows, cfg.bootstrap, cfg.seed, judged=gen.judges is not None),
+               "twin_outside_mi": twin_outside_mi(gen.rows, cfg.bootstrap, cfg.seed),
+               "realism_auc": {r["method"] + ("_no_paste" if r["paste_back"] is False else ""): r["auc"]
+                               for r in gen.realism}, "realism": gen.realism,
+               "lesion_detector": gen.judges and {k: gen.judges[k] for k in ("info", "held_out_accuracy")},
+               "seeds": clip_seeds(cfg), "clip_pretrain_split": pretrain_split(cfg), "pairs": pairs_summary,
+               "stage_seconds": run.stage_seconds, "config": asdict(cfg)}
+    write_csv(out / "generator_metrics.csv", gen.rows)
+    write_csv(out / "segmentation_metrics.csv", long_rows)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    (out / "results.md").write_text(render_markdown(results, figures, time.perf_counter() - t_start))
+    print(f"[study] results: {out / 'results.md'}", flush=True)
+    return results
