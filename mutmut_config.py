@@ -19,6 +19,7 @@ TESTS = {
     "segmentation/metrics.py": f"tests/test_seg_metrics.py {P}dice_iou_bounds_symmetry_and_identity "
                                f"{P}nsd_and_hd95_bounds",
     "segmentation/saliency/m2ib.py": "tests/test_seg_saliency.py",
+    "core/stats.py": "tests/test_core_stats.py",
 }
 
 def pre_mutation(context) -> None:
