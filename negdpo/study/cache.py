@@ -15,13 +15,16 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from negdpo.core.console import setup_logging
+from negdpo.core.split_lock import active_lock, locked_splits
 
 logger = logging.getLogger("negdpo.study")
 
@@ -91,8 +94,9 @@ def _init_worker(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_in_worker(work: Path, name: str, settings: dict, fn: StageFn) -> str:
-    run_stage(work, name, settings, fn)
+def _run_in_worker(work: Path, name: str, settings: dict, fn: StageFn, locked: frozenset[str]) -> str:
+    with locked_splits(locked):  # the parent's locked splits stay locked in the worker
+        run_stage(work, name, settings, fn)
     return name
 
 
@@ -110,7 +114,7 @@ def prefetch_parallel(work: Path, jobs: list[Job], workers: int, threads: int) -
     logger.info("running %d stages in %d processes: %s", len(todo), workers, ", ".join(j[0] for j in todo))
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn"),
                              initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(_run_in_worker, work, *job) for job in todo]
+        futures = [pool.submit(_run_in_worker, work, *job, active_lock()) for job in todo]
         return [f.result() for f in futures]  # a failed stage raises here, after the others finished
 
 
@@ -126,6 +130,7 @@ class StudyRun:
     phantoms: Path = Path()  # the phantom folder (set by the phantoms stage) and its stage settings
     ph_settings: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)  # how the learned generators sample: {init, strength}
+    reads: dict[str, Counter] = field(default_factory=dict)  # {phase: {split: files opened}} (this process)
 
     def stamped(self, settings: dict) -> dict:
         return {"preset": self.cfg.preset, **settings}  # no stage is shared between presets
@@ -144,3 +149,15 @@ class StudyRun:
 
     def stamp(self, name: str) -> str | None:
         return stamp_of(self.work, name)
+
+    @contextmanager
+    def phase(self, name: str, locked: tuple[str, ...] = ()) -> Iterator[None]:
+        """Stages run inside see ``locked`` splits locked (:mod:`negdpo.core.split_lock`; worker processes too);
+        the files they open per split are added to ``reads[name]``."""
+        with locked_splits(locked) as record:
+            yield
+        self.reads.setdefault(name, Counter()).update(record.reads)
+
+    def selection(self) -> Any:
+        """The phase every choice and every training run belongs to: the test split is locked."""
+        return self.phase("selection", ("test",))

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from negdpo.study.cache import StudyRun
+from negdpo.study.variants import FINETUNED
 
-Checkpoints = dict[tuple[str, int], str]  # {(variant, seed): CLIP final/ folder}
+Checkpoints = dict[tuple[str, str], str]  # {(variant, tag): CLIP final/ folder}; tag: see :func:`run_tag`
+FINETUNE_SEED_STRIDE = 1000  # fine-tune seed j of base seed s: s + 1000 j (j = 0: s, the seed before fine-tune seeds)
 
 
 def train_clip(cfg: Any, out: Path, model: str, data: str, loss: str, steps: int, lr: float, seed: int,
@@ -39,6 +41,25 @@ def clip_seeds(cfg: Any) -> list[int]:
     return [cfg.seed + k for k in range(cfg.clip_seeds)]
 
 
+def finetune_seeds(cfg: Any, base_seed: int) -> list[int]:
+    """The fine-tune seeds of one base seed: ``s``, ``s + 1000``, ... (``clip_finetune_seeds`` of them)."""
+    return [base_seed + FINETUNE_SEED_STRIDE * j for j in range(cfg.clip_finetune_seeds)]
+
+
+def run_tag(base_seed: int, finetune_seed: int | None = None) -> str:
+    """A checkpoint's tag in stage names (``clip_<variant>_s<tag>``) and checkpoint names (``<variant>.s<tag>``):
+    ``"<s>"`` for a base and for a fine-tune with the base's own seed (the names before fine-tune seeds, so
+    cached stages stay valid), ``"<s>f<ft>"`` otherwise."""
+    return str(base_seed) if finetune_seed in (None, base_seed) else f"{base_seed}f{finetune_seed}"
+
+
+def run_key(variant: str, tag: str) -> str:
+    """The training run of a checkpoint, the unit of the statistics: ``"<base seed>/<fine-tune seed>"`` for a
+    fine-tune, ``"<seed>"`` for a base CLIP (and rows trained from one seed's chain)."""
+    base, _, ft = tag.partition("f")
+    return f"{base}/{ft or base}" if variant in FINETUNED else base
+
+
 def pretrain_split(cfg: Any) -> str:
     """Where the base CLIP (and the VLM) pre-train: the disjoint pool if there is one, else train."""
     return "pretrain" if cfg.phantoms_pretrain_n > 0 else "train"
@@ -54,15 +75,16 @@ def base_clips(run: StudyRun) -> Checkpoints:
         clip_job, cfg, cfg.clip_model, str(run.phantoms), "clip", cfg.clip_pretrain_steps, cfg.clip_pretrain_lr, sd,
         dict(retention_weight=1.0, dedup_captions=True, freeze_logit_scale=False, tsne=False,
              train_split=split))) for sd in seeds]
-    return {("base", sd): job["checkpoint"] for sd, job in zip(seeds, run.stages(jobs))}
+    return {("base", run_tag(sd)): job["checkpoint"] for sd, job in zip(seeds, run.stages(jobs))}
 
 
 def finetune_clips(run: StudyRun, clip_variants: list[str], base: Checkpoints,
                    data: dict[str, tuple[str, str, str]], pairs_settings: dict) -> Checkpoints:
     """Stages ``clip_<variant>_s<seed>``: each fine-tune of each seed's base.
 
-    ``data``: {variant: (training set folder, loss, source)}, source = phantoms | pairs | harmonic (what the
-    stage key names besides the folder)."""
+    ``data``: {variant: (training set folder, loss, source)}, source = phantoms | pairs | harmonic | faithful
+    (what the stage key names besides the folder). Each base seed ``s`` gets ``clip_finetune_seeds`` fine-tunes
+    (:func:`finetune_seeds`), each its own training run."""
     cfg = run.cfg
     tsne = {"dpo_gen", "dpo_twin", "stages"}
     jobs, keys = [], []
@@ -70,12 +92,17 @@ def finetune_clips(run: StudyRun, clip_variants: list[str], base: Checkpoints,
         if name not in clip_variants:
             continue
         for sd in clip_seeds(cfg):
-            settings = {"base": run.stamp(f"clip_base_s{sd}"), "seed": sd, "variant": name, "loss": loss,
-                        "data": Path(folder).name, "pairs": pairs_settings if source == "pairs" else None,
-                        "harmonic": run.stamp("harmonic_pairs") if source == "harmonic" else None, "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr,
-                        "batch": cfg.clip_batch, "extra": cfg.clip_extra}
-            jobs.append((f"clip_{name}_s{sd}", settings, partial(
-                clip_job, cfg, f"local-dir:{base['base', sd]}", folder, loss, cfg.clip_finetune_steps,
-                cfg.clip_finetune_lr, sd, {"tsne": name in tsne})))
-            keys.append((name, sd))
+            for ft in finetune_seeds(cfg, sd):
+                tag = run_tag(sd, ft)
+                settings = {"base": run.stamp(f"clip_base_s{sd}"), "seed": ft, "variant": name, "loss": loss,
+                            "data": Path(folder).name, "pairs": pairs_settings if source == "pairs" else None,
+                            "harmonic": run.stamp(f"{source}_pairs") if source in ("harmonic", "faithful") else None,
+                            "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr, "batch": cfg.clip_batch,
+                            "extra": cfg.clip_extra}
+                if ft != sd:
+                    settings["base_seed"] = sd
+                jobs.append((f"clip_{name}_s{tag}", settings, partial(
+                    clip_job, cfg, f"local-dir:{base['base', str(sd)]}", folder, loss, cfg.clip_finetune_steps,
+                    cfg.clip_finetune_lr, ft, {"tsne": name in tsne and ft == sd})))
+                keys.append((name, tag))
     return {key: job["checkpoint"] for key, job in zip(keys, run.stages(jobs))}

@@ -13,6 +13,7 @@ from negdpo.core.config import (
     parse_config,
 )
 from negdpo.core.fill import INITS
+from negdpo.study.protocol import CHOICES
 from negdpo.study.variants import CLIP_VARIANTS, GEN_VARIANTS, PG_ROWS
 
 
@@ -66,6 +67,7 @@ class StudyConfig:
     clip_pretrain_lr: float = 5e-4
     clip_finetune_lr: float = 5e-5
     clip_seeds: int = 1  # every CLIP variant (base included) is trained with seeds seed, seed+1, ...
+    clip_finetune_seeds: int = 1  # fine-tunes per base seed s: seeds s, s + 1000, s + 2000, ... (run "s/<ft seed>")
     clip_extra: dict = field(default_factory=dict)
     # segmentation
     eval_saliency: str = "m2ib"
@@ -94,11 +96,14 @@ class StudyConfig:
     sam_pretrain_steps: int = 0
     sam_pretrain_extra: dict = field(default_factory=dict)  # SamPretrainConfig overrides (architecture, prompts, lr)
 
+    # the split (or pool) each choice was made on, by choice (negdpo.study.protocol.CHOICES); results.json repeats it
+    protocol: dict = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         """Types, ranges, variant names and every ``*_extra`` key are checked before any stage runs."""
         check_positive(self, "workers", "phantoms_n", "phantoms_size", "phantoms_slices", "gen_sft_steps", "gen_dpo_steps",
                        "gen_batch", "gen_sample_steps", "pairs_k", "pairs_steps", "clip_pretrain_steps",
-                       "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds", "pg_batch", "vlm_batch")
+                       "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds", "clip_finetune_seeds", "pg_batch", "vlm_batch")
         check_finite_positive(self, "gen_lr", "gen_beta", "gen_autoencoder_lr", "clip_pretrain_lr", "clip_finetune_lr",
                               "pg_lr", "vlm_lr")
         for key in ("pg_steps", "vlm_steps", "judge_pool_max", "sam_pretrain_steps"):
@@ -120,6 +125,8 @@ class StudyConfig:
         check(not bad, "clip_variants", self.clip_variants, f"unknown {bad}; choose from {list(CLIP_VARIANTS)}")
         check(self.pairs_adapter in GEN_VARIANTS[1:], "pairs_adapter", self.pairs_adapter,
               f"one of {list(GEN_VARIANTS[1:])}")
+        bad = sorted(set(self.protocol) - set(CHOICES))
+        check(not bad, "protocol", self.protocol, f"unknown choices {bad}; choose from {list(CHOICES)}")
         for key, cls in _extra_targets().items():
             setattr(self, key, check_mapping(cls, getattr(self, key), key))
         owned = sorted(set(self.eval_extra) & {"control_prompt", "prompt_template", "prompts", "split", "clips"})

@@ -62,6 +62,36 @@ def pool_positives(phantoms: Path, limit: int) -> list:
     return [pos[i] for i in np.unique(np.linspace(0, len(pos) - 1, min(limit, len(pos))).round().astype(int))]
 
 
+def write_healthy_set(phantoms: Path, out: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """A scan folder for MedCLIP-SAMv2's own DHN-NCE setting: each positive with its report, and in its "twin"
+    slot an ordinary healthy scan of the same split and modality (a healthy subject's scan, cycled in file
+    order; never the positive's own twin). DHN-NCE reads the (image, report) rows with in-batch negatives, so
+    the slot only puts healthy scans with the healthy report in the batches; no counterfactual image is used.
+    """
+    folder = ScanFolder(phantoms)
+    prompts = {}
+    for split in splits:
+        scans = folder.load_split(split)
+        healthy: dict[str, list] = {}
+        for s in scans:
+            if not s.positive:
+                healthy.setdefault(s.name.split("_", 1)[0], []).append(s)
+        used: dict[str, int] = {}
+        for s in scans:
+            modality = s.name.split("_", 1)[0]
+            if not s.positive or not healthy.get(modality):
+                continue
+            k = used.get(modality, 0)
+            used[modality] = k + 1
+            save_png(out / f"{split}_images" / s.name, to_gray(s.image))
+            save_png(out / f"{split}_masks" / s.name, s.mask)
+            save_png(out / f"{split}_twins" / s.name, to_gray(healthy[modality][k % len(healthy[modality])].image))
+            prompts[s.name] = s.prompt or ""
+    healthy_texts = {k: v for k, v in folder.prompts.items() if " no " in f" {v.lower()}"}
+    (out / "prompts.json").write_text(json.dumps(prompts | healthy_texts, indent=1, sort_keys=True))
+    return out
+
+
 def write_harmonic_set(phantoms: Path, out: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
     """A scan folder whose twins are harmonic fills of the positives (the no-generator negatives).
 

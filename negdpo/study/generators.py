@@ -54,7 +54,8 @@ def adapt_autoencoder(run: StudyRun) -> str:
         from negdpo.generator.autoencoder import adapt_autoencoder as adapt_vae
 
         return {"model": adapt_vae(cfg.gen_model, str(run.phantoms), str(d / "model"), steps=cfg.gen_autoencoder_steps,
-                                   lr=cfg.gen_autoencoder_lr, seed=cfg.seed, device=run.device)}
+                                   lr=cfg.gen_autoencoder_lr, seed=cfg.seed, device=run.device,
+                                   heldout_splits=("val",))}  # its held-out PSNR: never on test
 
     return run.stage("gen_autoencoder", settings, adapt)["model"]
 

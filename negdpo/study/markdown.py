@@ -19,26 +19,44 @@ def fmt(mean: float | None, ci: list | None = None, digits: int = 3) -> str:
 
 
 def segmentation_md(rows: list[dict]) -> str:
-    lines = ["| checkpoint / segmenter | prompt | n img | seeds | Dice | " + " | ".join(GROUP_LABELS[g] for g in GROUPS)
-             + " | prompt gap (report − irrelevant) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| checkpoint / segmenter (`row`) | supervision beyond reports | prompt | n img | runs | Dice | "
+             + " | ".join(GROUP_LABELS[g] for g in GROUPS) + " | prompt gap (report − irrelevant) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         groups = " | ".join(fmt(r["dice_by_group"][g]) for g in GROUPS)
         gap = fmt(r["prompt_gap"], r["prompt_gap_ci"]) if r["prompt"] == "report" else ""
         gap = "— (prompt-free)" if r["variant"].startswith("pg_") else gap
-        lines.append(f"| {ROW_LABELS[r['variant']]} | {r['prompt']} | {r['n_images']} | {r['n_seeds']} | "
+        lines.append(f"| {ROW_LABELS[r['variant']]} (`{r['variant']}`) | {r.get('supervision') or ''} | {r['prompt']} | "
+                     f"{r['n_images']} | {r.get('n_runs', r['n_seeds'])} | "
                      f"{fmt(r['dice_mean'], r['dice_ci'])} | {groups} | {gap} |")
     return "\n".join(lines)
 
 
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def comparisons_md(rows: list[dict]) -> str:
+    """One line per comparison: per-run differences, the run-level CI, raw and Holm p, the verdict, the unit,
+    and the subject-only CI (runs fixed) as the secondary number."""
     if not rows:
         return "No comparison ran (each needs both of its variants)."
-    lines = ["| comparison (a − b) | metric | pairs | mean difference [95% CI] | verdict for a |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| family | comparison (a − b) | metric | runs × subjects | per-run differences | mean difference "
+             "[95% CI, runs → subjects] | p | Holm p | verdict for a | secondary: subject-only CI |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    units = []
     for r in rows:
         metric = {"dice": "Dice", "prompt_gap": "prompt gap"}[r["metric"]]
-        lines.append(f"| {r['question']} (`{r['a']}` − `{r['b']}`) | {metric} | {r['n_pairs']} | "
-                     f"{fmt(r['diff_mean'], r['ci'])} | {r['verdict']} |")
+        per_run = ", ".join(f"{k}: {v:+.3f}" for k, v in (r.get("per_run") or {}).items() if v is not None)
+        sub = r.get("subject_only") or {}
+        units.append(r.get("unit"))
+        lines.append(f"| {r.get('family', '')} | {r['question']} (`{r['a']}` − `{r['b']}`) | {metric} | "
+                     f"{r.get('n_runs')} × {r.get('n_subjects')} | {per_run} | {fmt(r['diff_mean'], r['ci'])} | "
+                     f"{fmt_p(r.get('p'))} | {fmt_p(r.get('p_holm'))} | {r['verdict']} | "
+                     f"{fmt(sub.get('diff_mean'), sub.get('ci'))} |")
+    lines += ["", "Unit of the CIs and verdicts: " + "; ".join(sorted({u for u in units if u})) + "."]
     return "\n".join(lines)
 
 
@@ -127,6 +145,20 @@ def realism_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def protocol_md(proto: dict | None) -> str:
+    """Which split each choice was made on, and which splits each phase of the run opened."""
+    if not proto:
+        return "Not recorded."
+    lines = [f"Only the final evaluation reads the `{proto['locked_split']}` split: the selection phase (training "
+             "runs, pairs, SAM pre-training, pseudo-labels) ran with it locked (`negdpo.core.split_lock`: opening "
+             "one of its files fails the run). Files opened per split in this process: "
+             + "; ".join(f"{phase}: {json.dumps(reads)}" for phase, reads in (proto.get("reads") or {}).items())
+             + " (cached stages open nothing).", "", "| choice | value | chosen on |", "| --- | --- | --- |"]
+    for name, c in proto["choices"].items():
+        lines.append(f"| {name} | `{json.dumps(c['value'])}` | {c['chosen_on']} |")
+    return "\n".join(lines)
+
+
 def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
     """``results.md`` from the contract (``results.json``) alone."""
     cfg = results["config"]
@@ -167,10 +199,17 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         segmentation_md(results["segmentation"]), "",
         f"Oracle box: {oracle}.", "",
         stage2_md(results.get("stage2")), "",
-        "## Comparisons (paired)", "",
-        "Mean per-(image, seed) difference a − b with a 95% bootstrap CI; *better* / *worse* when the CI "
-        "excludes 0, else *inconclusive*. *Dice*: with the report prompt; *prompt gap*: report − irrelevant-prompt "
-        "Dice (a larger gap = a saliency that follows the prompt more).", "",
+        "## Comparisons (paired, at the level of training runs)", "",
+        "Difference a − b: per training run (`<base seed>/<fine-tune seed>`; a base CLIP or a stage-2 row: "
+        "`<seed>`), the mean over subjects of each subject's mean image difference, then the mean over runs. "
+        "The 95% CI and the p-value come from a hierarchical bootstrap that resamples training runs, then "
+        "subjects within each run (docs/method.md#statistics); p is adjusted by Holm over each family (`clip`: "
+        "the CLIP design, both metrics; `stage2`: the stage-2 and reference rows, both metrics) and the verdict "
+        "is *better* / *worse* when the Holm p < 0.05, else *inconclusive*. With one run the CI is over "
+        "subjects only and the unit says so. The subject-only CI (runs fixed: how sure we are about these "
+        "trained checkpoints, not about the method) is a secondary number. *Dice*: with the report prompt; "
+        "*prompt gap*: report − irrelevant-prompt Dice (a larger gap = a saliency that follows the prompt more).",
+        "",
         comparisons_md(results["comparisons"]), "",
         "## Generator: tumour removal on held-out positives (val + test subjects)", "",
         "Each generator repaints the 2-px-dilated lesion mask of every held-out positive. *Paste-back* keeps the "
@@ -189,6 +228,8 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         f"candidates per positive, {cfg['pairs_steps']} sampling steps, judged with the first seed's base CLIP + "
         f"phantom judges. Rows per kind and split: `{json.dumps(psum.get('rows'))}`; dropped: "
         f"`{json.dumps(psum.get('dropped'))}`. Quality report: `pairs/report/report.md` under the work dir.", "",
+        "## Protocol: where each choice was made", "",
+        protocol_md(results.get("protocol")), "",
         "## Figures", "",
     ]
     lines += [f"![{f}](figures/{f})" for f in figures]

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from negdpo.study.cache import StudyRun
-from negdpo.study.data import GEN_REPAINT_DILATION, write_harmonic_set
+from negdpo.study.data import GEN_REPAINT_DILATION, write_harmonic_set, write_healthy_set
+
+PAIR_SPLITS = "train,val"  # the fine-tunes train on train and validate on val; the test split is never paired
 
 
 @dataclass
@@ -18,15 +20,18 @@ class PairSets:
     pairs: dict  # the pairs stage's result: path + summary
     settings: dict
     harmonic: str | None = None
+    faithful: str | None = None
 
 
 def build_pairs(run: StudyRun, adapters: dict[str, str], judge_clip: str, judge_stamp: str | None,
-                harmonic: bool) -> PairSets:
-    """Stages ``pairs`` (``negdpo build-pairs`` with the ``pairs_adapter`` generator, judged by ``judge_clip``)
-    and, if ``harmonic``, ``harmonic_pairs`` (harmonic fills as the rejected images)."""
+                harmonic: bool, faithful: bool = False) -> PairSets:
+    """Stages ``pairs`` (``negdpo build-pairs`` with the ``pairs_adapter`` generator, judged by ``judge_clip``),
+    if ``harmonic`` ``harmonic_pairs`` (harmonic fills as the rejected images), and if ``faithful``
+    ``faithful_pairs`` (positives and ordinary healthy scans: MedCLIP-SAMv2's DHN-NCE data)."""
     cfg, phantoms = run.cfg, run.phantoms
     settings = {"adapter_stamp": run.stamp(f"gen_{cfg.pairs_adapter}"), "k": cfg.pairs_k, "extra": cfg.pairs_extra,
-                "steps": cfg.pairs_steps, "phantoms": run.ph_settings, "clip": judge_stamp, "sampling": run.sampling}
+                "steps": cfg.pairs_steps, "phantoms": run.ph_settings, "clip": judge_stamp, "sampling": run.sampling,
+                "splits": PAIR_SPLITS}
 
     def build(d: Path) -> dict:
         from negdpo.preference.pairs.build import BuildConfig, run_build
@@ -34,7 +39,7 @@ def build_pairs(run: StudyRun, adapters: dict[str, str], judge_clip: str, judge_
         summary = run_build(BuildConfig(data=str(phantoms), out=str(d / "pairs"), generator=cfg.gen_model,
                                         adapter=adapters[cfg.pairs_adapter], k=cfg.pairs_k, steps=cfg.pairs_steps,
                                         seed=cfg.seed, clip=f"local-dir:{judge_clip}", device=cfg.device,
-                                        **(run.sampling | cfg.pairs_extra)))
+                                        **(run.sampling | {"splits": PAIR_SPLITS} | cfg.pairs_extra)))
         keep = ("rows", "dropped", "seconds", "judge", "scans_per_s", "report")
         return {"path": str(d / "pairs"), "summary": json.loads(json.dumps(
             {k: summary.get(k) for k in keep}, default=str))}
@@ -43,4 +48,7 @@ def build_pairs(run: StudyRun, adapters: dict[str, str], judge_clip: str, judge_
     if harmonic:
         sets.harmonic = run.stage("harmonic_pairs", {"phantoms": run.ph_settings, "dilation": GEN_REPAINT_DILATION},
                                   lambda d: {"path": str(write_harmonic_set(phantoms, d / "data"))})["path"]
+    if faithful:
+        sets.faithful = run.stage("faithful_pairs", {"phantoms": run.ph_settings},
+                                  lambda d: {"path": str(write_healthy_set(phantoms, d / "data"))})["path"]
     return sets

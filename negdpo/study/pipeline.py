@@ -29,7 +29,7 @@ from negdpo.study.pairs import PairSets, build_pairs
 from negdpo.study.results import copy_figures, write_results
 from negdpo.study.segmentation import evaluate_checkpoints, long_segmentation_rows, pretrain_sam
 from negdpo.study.stage2 import stage2_rows
-from negdpo.study.variants import CLIP_VARIANTS, GEN_VARIANTS
+from negdpo.study.variants import CLIP_VARIANTS, DESIGN, GEN_VARIANTS
 
 
 def start(cfg: StudyConfig) -> StudyRun:
@@ -57,10 +57,13 @@ def make_phantoms(run: StudyRun) -> None:
 
 
 def finetune_data(run: StudyRun, sets: PairSets) -> dict[str, tuple[str, str, str]]:
-    """{CLIP variant: (training set, loss, source)} of the fine-tunes."""
-    phantoms, pairs = str(run.phantoms), sets.pairs["path"]
-    return {"dhn_nce": (phantoms, "dhn_nce", "phantoms"), "dpo_gen": (pairs, "dpo", "pairs"),
-            "dpo_twin": (phantoms, "dpo", "phantoms"), "dpo_harmonic": (sets.harmonic or "", "dpo", "harmonic"),
+    """{CLIP variant: (training set, loss, source)} of the fine-tunes: the loss x negatives design
+    (:data:`negdpo.study.variants.DESIGN`), MedCLIP-SAMv2's DHN-NCE and the CLIP-DPO extensions."""
+    negatives = {"twin": (str(run.phantoms), "phantoms"), "gen": (sets.pairs["path"], "pairs"),
+                 "harmonic": (sets.harmonic or "", "harmonic")}
+    data = {variant: (negatives[neg][0], loss, negatives[neg][1]) for (loss, neg), variant in DESIGN.items()}
+    pairs = sets.pairs["path"]
+    return {"dhn_nce_faithful": (sets.faithful or "", "dhn_nce", "faithful"), **data,
             "dpo_entropy": (pairs, "dpo+entropy", "pairs"), "stages": (pairs, "stages", "pairs")}
 
 
@@ -71,16 +74,20 @@ def run_study(cfg: StudyConfig) -> dict:
     t_start, version = time.perf_counter(), code_version()  # before the run's own outputs make the tree dirty
     run = start(cfg)
     make_phantoms(run)
-    run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
-    adapters = train_generators(run, gen_variants)
-    gen_table = generator_table(run, gen_variants, adapters)
-    ckpts: Checkpoints = base_clips(run)
+    with run.selection():  # every training run and every choice: the test split is locked
+        run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
+        adapters = train_generators(run, gen_variants)
+    gen_table = generator_table(run, gen_variants, adapters)  # reported on held-out val + test positives
     first = clip_seeds(cfg)[0]
-    sets = build_pairs(run, adapters, ckpts["base", first], run.stamp(f"clip_base_s{first}"),
-                       harmonic="dpo_harmonic" in clip_variants)
-    ckpts |= finetune_clips(run, clip_variants, ckpts, finetune_data(run, sets), sets.settings)
-    sam_checkpoint, sam_info = pretrain_sam(run)
-    evaluation = evaluate_checkpoints(run, ckpts, sam_checkpoint)
+    with run.selection():
+        ckpts: Checkpoints = base_clips(run)
+        sets = build_pairs(run, adapters, ckpts["base", str(first)], run.stamp(f"clip_base_s{first}"),
+                           harmonic=bool({"dpo_harmonic", "dhn_nce_harmonic"} & set(clip_variants)),
+                           faithful="dhn_nce_faithful" in clip_variants)
+        ckpts |= finetune_clips(run, clip_variants, ckpts, finetune_data(run, sets), sets.settings)
+        sam_checkpoint, sam_info = pretrain_sam(run)
+    with run.phase("evaluation"):  # the final evaluation: the only stages that read the test split
+        evaluation = evaluate_checkpoints(run, ckpts, sam_checkpoint)
     copy_figures(run, adapters, ckpts, gen_variants, clip_variants)
     long_rows = long_segmentation_rows(evaluation.rows, evaluation.word_rows, lesion_groups(run.phantoms))
     extra_rows, stage2 = stage2_rows(run, ckpts, first, evaluation.options, pretrain_split(cfg))

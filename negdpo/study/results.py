@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -14,9 +15,11 @@ from negdpo.study.cache import StudyRun
 from negdpo.study.clips import Checkpoints, clip_seeds, pretrain_split
 from negdpo.study.generators import GeneratorTable
 from negdpo.study.markdown import render_markdown
+from negdpo.study.protocol import protocol
 from negdpo.study.report import plot_curves, write_csv
 from negdpo.study.segmentation import Evaluation
 from negdpo.study.tables import (
+    adjust_family,
     by_subject,
     comparisons,
     generator_rows,
@@ -24,13 +27,13 @@ from negdpo.study.tables import (
     segmentation_rows,
     twin_outside_mi,
 )
-from negdpo.study.variants import stage2_comparisons
+from negdpo.study.variants import COMPARISONS, stage2_comparisons
 
 
 def copy_figures(run: StudyRun, adapters: dict[str, str], ckpts: Checkpoints, gen_variants: list[str],
                  clip_variants: list[str]) -> None:
     """Training curves of the generators and of the first seed's CLIPs, and the fine-tunes' t-SNE plots."""
-    figures, first = run.out / "figures", clip_seeds(run.cfg)[0]
+    figures, first = run.out / "figures", str(clip_seeds(run.cfg)[0])
     plot_curves({v: Path(adapters[v]) / "metrics.jsonl" for v in gen_variants}, figures / "generator_curves.png",
                 ("loss", "implicit_acc"), "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
     plot_curves({v: Path(ckpts[v, first]).parent / "metrics.jsonl" for v in clip_variants},
@@ -41,18 +44,49 @@ def copy_figures(run: StudyRun, adapters: dict[str, str], ckpts: Checkpoints, ge
                 shutil.copy(tsne, figures / f"tsne_{name}.png")
 
 
+def portable(obj: Any, roots: dict[str, Path]) -> Any:
+    """``obj`` (JSON-able) with every path under a root written relative to it: ``{"work_dir": work}`` turns
+    ``/abs/work/pairs/pairs`` (also inside ``local-dir:...``) into ``pairs/pairs``. The config's own ``out`` /
+    ``work_dir`` become relative to the current folder. No committed result names the machine it ran on."""
+    absolute = sorted({str(p) + "/" for root in roots.values() for p in (Path(root).absolute(), Path(root).resolve())},
+                      key=len, reverse=True)
+    relative = [str(r) + "/" for r in roots.values() if not Path(r).is_absolute() and str(r) not in ("", ".")]
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v) for v in x]
+        if isinstance(x, str):
+            for prefix in absolute:
+                x = x.replace(prefix, "")
+            for prefix in relative:
+                x = x.removeprefix(prefix).replace(f"local-dir:{prefix}", "local-dir:")
+        return x
+
+    out = walk(obj)
+    if isinstance(out, dict) and isinstance(out.get("config"), dict):
+        for key in ("out", "work_dir"):
+            if out["config"].get(key) and Path(out["config"][key]).is_absolute():
+                out["config"][key] = os.path.relpath(out["config"][key], Path.cwd())
+    return out
+
+
 def write_results(run: StudyRun, *, version: str, t_start: float, long_rows: list[dict], evaluation: Evaluation,
                   gen: GeneratorTable, pairs_summary: dict, stage2: dict, sam_info: dict | None) -> dict[str, Any]:
     """``results.json``, ``generator_metrics.csv``, ``segmentation_metrics.csv`` and ``results.md`` under ``out``."""
     cfg, out = run.cfg, run.out
-    extra_cmp = stage2_comparisons(cfg.pg_best_variant)
+    n_boot, seed = cfg.bootstrap, cfg.seed
+    families = {"clip": COMPARISONS, "stage2": stage2_comparisons(cfg.pg_best_variant)}
+    compared = [adjust_family([row for metric in ("dice", "prompt_gap")
+                               for row in comparisons(long_rows, n_boot, seed, metric, pairs, family)], family)
+                for family, pairs in families.items()]  # Holm over each family, both metrics
     oracle = subject_ci(by_subject(evaluation.oracle_rows, "dice"), cfg.bootstrap, cfg.seed)
     results = {"preset": cfg.preset, "code_version": version,
                "n_test_positive": len({r["image"] for r in long_rows}),
                "oracle_box_dice": num(oracle[0]), "oracle_box_dice_ci": [num(oracle[1]), num(oracle[2])],
                "segmentation": segmentation_rows(long_rows, cfg.bootstrap, cfg.seed),
-               "comparisons": (comparisons(long_rows, cfg.bootstrap, cfg.seed, "dice", extra_cmp)
-                               + comparisons(long_rows, cfg.bootstrap, cfg.seed, "prompt_gap", extra_cmp)),
+               "comparisons": [row for rows in compared for row in rows],
                "stage2": stage2, "sam_pretrain": sam_info, "oracle_sam": evaluation.oracle_sam,
                "generator": generator_rows(gen.rows, cfg.bootstrap, cfg.seed, judged=gen.judges is not None),
                "twin_outside_mi": twin_outside_mi(gen.rows, cfg.bootstrap, cfg.seed),
@@ -60,9 +94,12 @@ def write_results(run: StudyRun, *, version: str, t_start: float, long_rows: lis
                                for r in gen.realism}, "realism": gen.realism,
                "lesion_detector": gen.judges and {k: gen.judges[k] for k in ("info", "held_out_accuracy")},
                "seeds": clip_seeds(cfg), "clip_pretrain_split": pretrain_split(cfg), "pairs": pairs_summary,
-               "stage_seconds": run.stage_seconds, "config": asdict(cfg)}
-    write_csv(out / "generator_metrics.csv", gen.rows)
-    write_csv(out / "segmentation_metrics.csv", long_rows)
+               "protocol": protocol(run), "stage_seconds": run.stage_seconds, "config": asdict(cfg)}
+    results = portable(json.loads(json.dumps(results, default=str)), {"out": out, "work_dir": run.work})
+    results["paths"] = "relative to the work dir (config.work_dir) or to this folder"
+    roots = {"out": out, "work_dir": run.work}
+    write_csv(out / "generator_metrics.csv", portable(gen.rows, roots))
+    write_csv(out / "segmentation_metrics.csv", portable(long_rows, roots))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     (out / "results.md").write_text(render_markdown(results, figures, time.perf_counter() - t_start))

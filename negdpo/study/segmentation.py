@@ -14,6 +14,7 @@ from negdpo.core.imageio import to_rgb_uint8
 from negdpo.core.scans import ScanFolder
 from negdpo.segmentation import metrics as M
 from negdpo.study.cache import StudyRun, json_rows
+from negdpo.study.clips import run_key
 from negdpo.study.data import subject_of
 
 
@@ -22,7 +23,9 @@ def long_segmentation_rows(report_rows: list[dict], word_rows: list[dict], group
     """Per (variant, seed, image, prompt) Dice of positives from the two evaluations.
 
     ``report_rows``: the evaluation with each scan's report as the prompt and the irrelevant control;
-    ``word_rows``: the evaluation with the one-word prompt. Checkpoint names are ``<variant>.s<seed>``.
+    ``word_rows``: the evaluation with the one-word prompt. Checkpoint names are ``<variant>.s<tag>``
+    (:func:`negdpo.study.clips.run_tag`); ``seed`` is the base seed, ``run`` the training run
+    (:func:`negdpo.study.clips.run_key`), the unit the comparisons resample.
     ``prompt_free``: rows of a segmenter without a prompt (the prompt generator): one ``report`` row per
     image, no control (its NaN control column is not a Dice).
     """
@@ -32,9 +35,10 @@ def long_segmentation_rows(report_rows: list[dict], word_rows: list[dict], group
         for r in rows:
             if not int(r.get("positive", 0)):
                 continue
-            variant, seed = str(r["checkpoint"]).rsplit(".s", 1)
+            variant, tag = str(r["checkpoint"]).rsplit(".s", 1)
             for prompt, key in prompt_keys:
-                out.append({"variant": variant, "seed": int(seed), "image": r["image"],
+                out.append({"variant": variant, "seed": int(tag.partition("f")[0]), "run": run_key(variant, tag),
+                            "image": r["image"],
                             "subject_id": subject_of(r["image"]), "group": groups.get(r["image"], ""),
                             "prompt": prompt, "dice": r.get(key)})
     return out
@@ -101,7 +105,7 @@ class Evaluation:
     oracle_sam: str | None = None
 
 
-def evaluate_checkpoints(run: StudyRun, ckpts: dict[tuple[str, int], str], sam_checkpoint: str | None) -> Evaluation:
+def evaluate_checkpoints(run: StudyRun, ckpts: dict[tuple[str, str], str], sam_checkpoint: str | None) -> Evaluation:
     """Stages ``evaluate``, ``evaluate_word``, (``evaluate_reference``), (``oracle_box``): every CLIP checkpoint
     through the zero-shot chain on the test subjects."""
     from negdpo.segmentation.evaluate import evaluate

@@ -17,6 +17,7 @@ import numpy as np
 
 from negdpo.core.imageio import read_mask, save_png
 from negdpo.core.scans import ScanFolder
+from negdpo.core.split_lock import locked_splits
 from negdpo.segmentation import metrics as M
 from negdpo.study.cache import StudyRun, json_rows
 from negdpo.study.data import image_labels, lesion_groups
@@ -71,7 +72,8 @@ def train_and_eval_pg(phantoms: Path, targets: str, out: Path, name: str, *, ste
                 run_name=name, max_train_steps=steps, learning_rate=lr, train_batch_size=batch, seed=seed,
                 sam=sam, sam_checkpoint=sam_checkpoint, report_to="none", eval_images=0, checkpointing_steps=0,
                 resume_from_checkpoint=None, overwrite_output_dir=True)
-    summary = train(SegTrainConfig(**{**base, **extra}))
+    with locked_splits(("test",)):  # training sees train only; the test split is read by the evaluation below
+        summary = train(SegTrainConfig(**{**base, **extra}))
     t0 = time.perf_counter()
     res = evaluate(str(phantoms), {name: "tiny"}, str(out / "eval"), overwrite_output_dir=True, split="test",
                    segmenter=f"prompt-generator:{summary['checkpoint']}", sam_checkpoint=sam_checkpoint,
@@ -119,12 +121,12 @@ def eval_vlsam(phantoms: Path, vlm: str, out: Path, name: str, *, options: dict[
             "saliency_seconds": round(seconds, 2), "seconds_per_map": seconds / maps if maps else None}
 
 
-def stage2_rows(run: StudyRun, ckpts: dict[tuple[str, int], str], seed: int, options: dict[str, Any],
+def stage2_rows(run: StudyRun, ckpts: dict[tuple[str, str], str], seed: int, options: dict[str, Any],
                 pretrain_split: str) -> tuple[list[dict], dict]:
     """Stages ``pseudo_<variant>_s<seed>``, ``pg_*``, ``vlm_pretrain``, ``vlsam``: the stage-2 and VL-SAM rows as
     long segmentation rows + their info.
 
-    ``ckpts``: {(variant, seed): CLIP folder}; ``seed``: the CLIP seed whose chains give the pseudo-labels (rows
+    ``ckpts``: {(variant, tag): CLIP folder} (:func:`negdpo.study.clips.run_tag`); ``seed``: the CLIP seed whose chains give the pseudo-labels (rows
     are named ``<row>.s<seed>`` and pair with that seed's rows in the comparisons); ``options``: the study's
     evaluation settings. ``pg_steps: 0`` / ``vlm_steps: 0`` switch the rows off.
     """
@@ -144,12 +146,13 @@ def stage2_rows(run: StudyRun, ckpts: dict[tuple[str, int], str], seed: int, opt
             targets, t_stamp = "", "gt"
             if row in sources:
                 variant = sources[row]
-                if (variant, seed) not in ckpts:
+                if (variant, str(seed)) not in ckpts:
                     info["pg"][row] = f"skipped: CLIP variant {variant} did not run"
                     continue
                 name = f"pseudo_{variant}_s{seed}"
-                pl = stage(name, chain | {"clip": run.stamp(f"clip_{variant}_s{seed}")},
-                           lambda d, v=variant: pseudo_labels(phantoms, f"local-dir:{ckpts[v, seed]}", d, options))
+                with run.selection():
+                    pl = stage(name, chain | {"clip": run.stamp(f"clip_{variant}_s{seed}")}, lambda d, v=variant:
+                               pseudo_labels(phantoms, f"local-dir:{ckpts[v, str(seed)]}", d, options))
                 info["pseudo_labels"][variant] = {k: v for k, v in pl.items() if k != "targets"}
                 targets, t_stamp = pl["targets"], run.stamp(name)
             res = stage(row, pg_set | {"targets": t_stamp}, lambda d, r=row, t=targets: train_and_eval_pg(
@@ -160,9 +163,10 @@ def stage2_rows(run: StudyRun, ckpts: dict[tuple[str, int], str], seed: int, opt
     if cfg.vlm_steps > 0:
         vlm_set = {"phantoms": run.ph_settings, "split": pretrain_split, "steps": cfg.vlm_steps, "lr": cfg.vlm_lr,
                    "batch": cfg.vlm_batch, "seed": seed, "extra": cfg.vlm_extra}
-        vlm = stage("vlm_pretrain", vlm_set, lambda d: train_vlm_on_pool(
-            phantoms, d, split=pretrain_split, steps=cfg.vlm_steps, lr=cfg.vlm_lr, batch=cfg.vlm_batch, seed=seed,
-            extra=cfg.vlm_extra))
+        with run.selection():
+            vlm = stage("vlm_pretrain", vlm_set, lambda d: train_vlm_on_pool(
+                phantoms, d, split=pretrain_split, steps=cfg.vlm_steps, lr=cfg.vlm_lr, batch=cfg.vlm_batch, seed=seed,
+                extra=cfg.vlm_extra))
         res = stage("vlsam", chain | {"vlm": run.stamp("vlm_pretrain"), "word": cfg.prompt_word,
                                       "irrelevant": cfg.prompt_irrelevant}, lambda d: eval_vlsam(
             phantoms, vlm["vlm"], d, f"vlsam.s{seed}", options=options, word=cfg.prompt_word,

@@ -4,7 +4,10 @@
 * generator: one row per (method, paste_back, image) with the repair metrics of
   :func:`negdpo.generator.evaluate.repair_metrics`, ``subject_id`` and ``modality``.
 
-Every interval is a 95% percentile bootstrap (:mod:`negdpo.core.stats`, docs/method.md#statistics).
+Every interval is a 95% percentile bootstrap (:mod:`negdpo.core.stats`, docs/method.md#statistics): over
+subjects for single rows; comparisons of methods resample training runs, then subjects within each run
+(:func:`negdpo.core.stats.run_level_diff`), with Holm-adjusted p-values over each family and the verdict from
+them; the subject-only CI (runs fixed) is kept as a labelled secondary number.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from negdpo.core.stats import Stat, paired_diff_ci, subject_ci, verdict
-from negdpo.study.variants import COMPARISONS, GROUPS, MODALITIES, PROMPTS, VARIANTS
+from negdpo.core.stats import Stat, holm, paired_diff_ci, run_level_diff, subject_ci, verdict_p
+from negdpo.study.variants import COMPARISONS, GROUPS, MODALITIES, PROMPTS, SUPERVISION, VARIANTS
 
 
 def num(x: Any) -> float | None:
@@ -41,8 +44,17 @@ def by_subject(rows: Iterable[dict], key: str) -> dict[str, list[float]]:
 
 
 def _paired(rows: Iterable[dict]) -> dict[str, float]:
-    """{"image|seed": dice} of finite values."""
-    return {f"{r['image']}|{r['seed']}": float(r["dice"]) for r in rows if num(r.get("dice")) is not None}
+    """{"image|run": dice} of finite values."""
+    return {f"{r['image']}|{run_of(r)}": float(r["dice"]) for r in rows if num(r.get("dice")) is not None}
+
+
+def run_of(row: dict) -> str:
+    """The training run a long row was scored under: ``"<base seed>/<fine-tune seed>"`` for a fine-tune,
+    ``"<seed>"`` for a base CLIP or a row trained from one seed's chain (older rows: their ``seed``)."""
+    return str(row.get("run") or row["seed"])
+
+
+Keyed = dict[tuple[str, str, str], float]  # {(run, subject, image): value}
 
 
 # -- segmentation ----------------------------------------------------------------------------------
@@ -65,6 +77,7 @@ def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dic
                 by_group[g] = float(np.mean(vals)) if vals else None
             row = {"variant": variant, "prompt": prompt, "dice_mean": num(stat[0]), "dice_ci": _ci(stat),
                    "n_images": len({r["image"] for r in rows}), "n_seeds": len({r["seed"] for r in rows}),
+                   "n_runs": len({run_of(r) for r in rows}), "supervision": SUPERVISION.get(variant),
                    "dice_by_group": by_group, "prompt_gap": None, "prompt_gap_ci": None}
             ctl = [r for r in mine if r["prompt"] == "irrelevant"]
             if prompt == "report" and ctl:
@@ -74,37 +87,82 @@ def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dic
     return out
 
 
-def _per_key(long_rows: list[dict], variant: str, metric: str) -> dict[str, float]:
-    """{"image|seed": value}: the report-prompt Dice, or the prompt gap (report - irrelevant Dice)."""
+def _keyed(rows: Iterable[dict]) -> Keyed:
+    """{(run, subject, image): dice} of finite values."""
+    return {(run_of(r), str(r["subject_id"]), str(r["image"])): float(r["dice"]) for r in rows
+            if num(r.get("dice")) is not None}
+
+
+def _per_key(long_rows: list[dict], variant: str, metric: str) -> Keyed:
+    """The report-prompt Dice, or the prompt gap (report - irrelevant Dice), per (run, subject, image)."""
     mine = [r for r in long_rows if r["variant"] == variant]
-    report = _paired(r for r in mine if r["prompt"] == "report")
+    report = _keyed(r for r in mine if r["prompt"] == "report")
     if metric == "dice":
         return report
-    ctl = _paired(r for r in mine if r["prompt"] == "irrelevant")
+    ctl = _keyed(r for r in mine if r["prompt"] == "irrelevant")
     return {k: report[k] - ctl[k] for k in report.keys() & ctl.keys()}
 
 
+def align_runs(a: Keyed, b: Keyed) -> Keyed:
+    """``b`` on the run keys of ``a``: equal runs pair; a fine-tune run ``s/f`` pairs with its base run ``s``
+    (the base's values repeat under each of its fine-tunes); a run ``s`` of a row trained from one seed's chain
+    pairs with that chain's first fine-tune ``s/s``."""
+    b_runs, to_a = {k[0] for k in b}, {}
+    for ra in {k[0] for k in a}:
+        if ra in b_runs:
+            to_a.setdefault(ra, []).append(ra)
+        elif "/" in ra and ra.split("/")[0] in b_runs:
+            to_a.setdefault(ra.split("/")[0], []).append(ra)
+        elif f"{ra}/{ra}" in b_runs:
+            to_a.setdefault(f"{ra}/{ra}", []).append(ra)
+    return {(ra, s, i): v for (rb, s, i), v in b.items() for ra in to_a.get(rb, ())}
+
+
+def compare(a: Keyed, b: Keyed, n_boot: int, seed: int) -> dict[str, Any]:
+    """One paired comparison a - b at the level of training runs (docs/method.md#statistics): the contract's
+    fields except the family-adjusted p and the verdict (:func:`adjust_family` adds them)."""
+    b = align_runs(a, b)
+    st = run_level_diff(a, b, n_boot=n_boot, seed=seed)
+    return {"n_pairs": len(a.keys() & b.keys()), "n_runs": st.n_runs, "n_subjects": st.n_subjects,
+            "diff_mean": num(st.mean), "ci": [num(st.lo), num(st.hi)], "p": num(st.p), "p_holm": None,
+            "verdict": "inconclusive", "unit": st.unit,
+            "per_run": {r: num(v) for r, v in st.per_run.items()},
+            "t_check": {"ci": [num(st.t_ci[0]), num(st.t_ci[1])], "p": num(st.p_t)},
+            "subject_only": {"diff_mean": num(st.subject_only[0]),
+                             "ci": [num(st.subject_only[1]), num(st.subject_only[2])]}}
+
+
+def adjust_family(rows: list[dict], family: str) -> list[dict]:
+    """Holm-adjusted p over every row of one family (in place) and the verdict from it (``higher_is_better``
+    per row, default True); ``family`` names the family in each row."""
+    adj = holm({str(i): (r["p"] if r["p"] is not None else float("nan")) for i, r in enumerate(rows)})
+    for i, r in enumerate(rows):
+        p = adj[str(i)]
+        r["family"], r["p_holm"] = family, num(p)
+        r["verdict"] = verdict_p(r["diff_mean"] if r["diff_mean"] is not None else float("nan"), p,
+                                 higher_is_better=r.get("higher_is_better", True))
+    return rows
+
+
 def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "dice",
-                extra: tuple[tuple[str, str, str], ...] = ()) -> list[dict]:
-    """Mean paired per-(image, seed) difference a - b of ``metric`` with its bootstrap CI and a verdict for a.
+                pairs: tuple[tuple[str, str, str], ...] = COMPARISONS, family: str = "clip") -> list[dict]:
+    """Paired comparisons a - b of ``metric`` at the level of training runs, Holm-adjusted over the rows returned.
 
     ``dice``: Dice with the report prompt; ``prompt_gap``: report − irrelevant-prompt Dice (does a make the
-    saliency more prompt-specific than b?). ``extra``: (a, b, question) beyond ``COMPARISONS`` (e.g.
-    :func:`stage2_comparisons`). Pairs are (image, seed): a row trained from one seed's chain pairs with
-    that seed's rows of b only.
+    saliency more prompt-specific than b?). ``pairs``: (a, b, question), e.g. ``COMPARISONS`` or
+    :func:`negdpo.study.variants.stage2_comparisons`; pairs whose rows did not both run are left out. Runs pair
+    as :func:`align_runs` says. The study adjusts each whole family (both metrics) again with :func:`adjust_family`.
     """
     if metric not in ("dice", "prompt_gap"):
         raise ValueError(f"metric '{metric}': dice or prompt_gap")
     per = {v: _per_key(long_rows, v, metric) for v in VARIANTS}
     out = []
-    for a, b, question in (*COMPARISONS, *extra):
+    for a, b, question in pairs:
         if not per.get(a) or not per.get(b):
             continue
-        stat = paired_diff_ci(per[a], per[b], n_boot, seed)
         out.append({"a": a, "b": b, "question": question, "metric": metric, "prompt": "report",
-                    "n_pairs": len(set(per[a]) & set(per[b])), "diff_mean": num(stat[0]), "ci": _ci(stat),
-                    "verdict": verdict(stat)})
-    return out
+                    **compare(per[a], per[b], n_boot, seed)})
+    return adjust_family(out, family)
 
 
 # -- generator -----------------------------------------------------------------------------------------------

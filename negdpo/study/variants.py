@@ -11,11 +11,32 @@ GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic f
               "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
 
 # -- CLIP checkpoints ------------------------------------------------------------------------------------------
-CLIP_VARIANTS = ("base", "dhn_nce", "dpo_gen", "dpo_twin", "dpo_harmonic", "dpo_entropy", "stages")
-CLIP_LABELS = {"base": "base (contrastive pre-training)", "dhn_nce": "DHN-NCE (baseline)",
+# The data-matched design (issue 22): loss x negatives, {DHN-NCE, CLIP-DPO} x {twin, generated, harmonic}, plus
+# MedCLIP-SAMv2's own DHN-NCE setting (positives and ordinary healthy scans with their reports, in-batch
+# negatives, no counterfactual image) and two CLIP-DPO extensions. Old names keep their meaning: ``dhn_nce`` is
+# DHN-NCE on twins, ``dpo_gen`` CLIP-DPO on generated negatives.
+DESIGN = {("dhn_nce", "twin"): "dhn_nce", ("dhn_nce", "gen"): "dhn_nce_gen", ("dhn_nce", "harmonic"): "dhn_nce_harmonic",
+          ("dpo", "twin"): "dpo_twin", ("dpo", "gen"): "dpo_gen", ("dpo", "harmonic"): "dpo_harmonic"}
+NEGATIVES = {"twin": "twin", "gen": "generated", "harmonic": "harmonic-fill"}
+CLIP_VARIANTS = ("base", "dhn_nce_faithful", "dhn_nce", "dhn_nce_gen", "dhn_nce_harmonic", "dpo_twin", "dpo_gen",
+                 "dpo_harmonic", "dpo_entropy", "stages")
+FINETUNED = CLIP_VARIANTS[1:]  # trained from a base CLIP: one run per (base seed, fine-tune seed)
+CLIP_LABELS = {"base": "base (contrastive pre-training)",
+               "dhn_nce_faithful": "DHN-NCE, MedCLIP-SAMv2 setting (in-batch negatives)",
+               "dhn_nce": "DHN-NCE, twin negatives", "dhn_nce_gen": "DHN-NCE, generated negatives",
+               "dhn_nce_harmonic": "DHN-NCE, harmonic-fill negatives",
                "dpo_gen": "CLIP-DPO, generated negatives", "dpo_twin": "CLIP-DPO, twin negatives (oracle)",
                "dpo_harmonic": "CLIP-DPO, harmonic-fill negatives (no generator)",
                "dpo_entropy": "CLIP-DPO + attention entropy", "stages": "two-stage OT"}
+# What each row's training saw beyond images and reports: the train split's lesion masks (directly, or through the
+# generator / the fill that made its negatives) and the healthy twins (directly, or through the generator's DPO,
+# whose preferred repairs are the twins). The base pre-trains on the pool's positives and twins.
+SUPERVISION = {"base": "pool twins", "dhn_nce_faithful": "none", "dhn_nce": "twins",
+               "dhn_nce_gen": "masks + twins (generator)", "dhn_nce_harmonic": "masks",
+               "dpo_twin": "twins", "dpo_gen": "masks + twins (generator)", "dpo_harmonic": "masks",
+               "dpo_entropy": "masks + twins (generator)", "stages": "masks + twins (generator)",
+               "base_reference": "pool twins", "pg_pseudo_base": "pseudo-labels", "pg_pseudo_best": "pseudo-labels",
+               "pg_supervised": "masks", "vlsam": "pool reports"}
 
 # -- segmentation rows beyond the CLIP chains: stage 2 (prompt-free: report rows only) and VL-SAM ---------------
 PG_ROWS = ("pg_pseudo_base", "pg_pseudo_best", "pg_supervised")
@@ -32,12 +53,20 @@ GROUPS = ("mri_bright", "mri_dark", "us")
 GROUP_LABELS = {"mri_bright": "bright MRI", "mri_dark": "dark MRI", "us": "ultrasound"}
 MODALITIES = ("mri", "us", "all")
 
-# (a, b, what the difference a - b answers); only pairs whose variants both ran are reported
-COMPARISONS = (("dhn_nce", "base", "DHN-NCE vs base"), ("dpo_gen", "dhn_nce", "CLIP-DPO vs DHN-NCE"),
-               ("dpo_gen", "base", "CLIP-DPO vs base"), ("dpo_twin", "dpo_gen", "oracle (twin) vs generated negatives"),
-               ("dpo_harmonic", "dpo_gen", "harmonic-fill vs generated negatives"),
-               ("dpo_entropy", "dpo_gen", "attention entropy vs none"), ("stages", "dpo_gen", "two-stage OT vs none"))
-
+# (a, b, what the difference a - b answers); only pairs whose variants both ran are reported. One family (both
+# metrics), Holm-adjusted (negdpo.study.tables.adjust_family).
+COMPARISONS = (
+    # loss at fixed data
+    *((DESIGN["dpo", d], DESIGN["dhn_nce", d], f"CLIP-DPO vs DHN-NCE on {NEGATIVES[d]} negatives")
+      for d in ("twin", "gen", "harmonic")),
+    # data at fixed loss
+    *((DESIGN[loss, "gen"], DESIGN[loss, other], f"{name}: generated vs {NEGATIVES[other]} negatives")
+      for loss, name in (("dpo", "CLIP-DPO"), ("dhn_nce", "DHN-NCE")) for other in ("twin", "harmonic")),
+    # each against MedCLIP-SAMv2's own setting
+    *((v, "dhn_nce_faithful", f"{CLIP_LABELS[v]} vs MedCLIP-SAMv2's DHN-NCE") for v in DESIGN.values()),
+    # fine-tune vs base
+    *((v, "base", f"{CLIP_LABELS[v]} vs base") for v in ("dhn_nce_faithful", *DESIGN.values())),
+    ("dpo_entropy", "dpo_gen", "attention entropy vs none"), ("stages", "dpo_gen", "two-stage OT vs none"))
 
 def stage2_comparisons(best: str) -> tuple[tuple[str, str, str], ...]:
     """Stage 2 vs the stage 1 it learned from, the supervised ceiling vs the zero-shot base, VL-SAM and the

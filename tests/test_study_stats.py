@@ -1,0 +1,109 @@
+"""The study's comparisons at the level of training runs (issue 22): run keys, pairing of runs across rows, the
+run-level statistic, Holm over a family and the verdict from the adjusted p; on hand-made rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from negdpo.core.stats import holm, run_level_diff, verdict_p
+
+from negdpo.study.clips import run_key, run_tag
+from negdpo.study.markdown import comparisons_md
+from negdpo.study.segmentation import long_segmentation_rows
+from negdpo.study.tables import adjust_family, align_runs, comparisons
+from negdpo.study.variants import COMPARISONS, DESIGN, SUPERVISION, VARIANTS, stage2_comparisons
+
+SUBJECTS = 6
+
+
+def _rows(variant: str, run: str, values: list[float], prompt: str = "report") -> list[dict]:
+    """One image per subject, subject k scored ``values[k]``."""
+    return [{"variant": variant, "seed": int(run.split("/")[0]), "run": run, "image": f"mri_{k:04d}_0.png",
+             "subject_id": f"mri_{k:04d}", "group": "mri_bright", "prompt": prompt, "dice": v}
+            for k, v in enumerate(values)]
+
+
+def test_run_tags_and_keys():
+    assert run_tag(0) == "0" and run_tag(2, 2) == "2" and run_tag(2, 1002) == "2f1002"  # old names kept
+    assert run_key("base", "1") == "1" and run_key("dpo_gen", "1") == "1/1" and run_key("dpo_gen", "1f1001") == "1/1001"
+    rows = long_segmentation_rows(
+        [{"checkpoint": "dpo_gen.s1f1001", "image": "us_0002_0.png", "positive": 1, "dice": 0.5, "control_dice": 0.1},
+         {"checkpoint": "base.s1", "image": "us_0002_0.png", "positive": 1, "dice": 0.4, "control_dice": 0.2}],
+        [], {"us_0002_0.png": "us"})
+    assert [(r["variant"], r["seed"], r["run"], r["prompt"]) for r in rows] == [
+        ("dpo_gen", 1, "1/1001", "report"), ("dpo_gen", 1, "1/1001", "irrelevant"),
+        ("base", 1, "1", "report"), ("base", 1, "1", "irrelevant")]
+
+
+def test_runs_pair_with_their_base_and_their_chain():
+    a = {("0/0", "s", "i"): 1.0, ("0/1000", "s", "i"): 2.0, ("1/1", "s", "i"): 3.0}
+    base = {("0", "s", "i"): 0.5, ("1", "s", "i"): 0.25, ("2", "s", "i"): 9.0}
+    assert align_runs(a, base) == {("0/0", "s", "i"): 0.5, ("0/1000", "s", "i"): 0.5, ("1/1", "s", "i"): 0.25}
+    chain = {("0/0", "s", "i"): 0.7, ("0/1000", "s", "i"): 0.1}  # a stage-2 row of seed 0 vs the chain it learned from
+    assert align_runs({("0", "s", "i"): 1.0}, chain) == {("0", "s", "i"): 0.7}
+    assert align_runs(a, a) == a
+
+
+def test_comparison_is_run_level_with_per_run_differences():
+    base = [0.2, 0.3, 0.4, 0.5, 0.6, 0.1]
+    shift = {"0/0": 0.10, "0/1000": 0.02, "1/1": 0.06}  # three fine-tune runs of two bases
+    rows = _rows("base", "0", base) + _rows("base", "1", [b + 0.05 for b in base])
+    for run, d in shift.items():
+        ref = base if run.startswith("0") else [b + 0.05 for b in base]
+        rows += _rows("dpo_gen", run, [b + d + 0.01 * k for k, b in enumerate(ref)])
+    (c,) = comparisons(rows, 400, 0, pairs=(("dpo_gen", "base", "q"),))
+    assert c["n_runs"] == 3 and c["n_subjects"] == SUBJECTS and c["n_pairs"] == 3 * SUBJECTS
+    assert c["per_run"] == pytest.approx({r: d + 0.025 for r, d in shift.items()})  # + mean(0.01 k)
+    assert c["diff_mean"] == pytest.approx(np.mean(list(shift.values())) + 0.025)
+    a = {(r["run"], r["subject_id"], r["image"]): r["dice"] for r in rows if r["variant"] == "dpo_gen"}
+    b = align_runs(a, {(r["run"], r["subject_id"], r["image"]): r["dice"] for r in rows if r["variant"] == "base"})
+    st = run_level_diff(a, b, n_boot=400, seed=0)
+    assert c["ci"] == pytest.approx([st.lo, st.hi]) and c["p"] == pytest.approx(st.p) and c["unit"] == st.unit
+    assert c["subject_only"]["ci"] == pytest.approx(list(st.subject_only[1:]))
+    assert c["p_holm"] == pytest.approx(st.p)  # a family of one
+    assert c["verdict"] == verdict_p(st.mean, st.p) == "better"
+    assert c["subject_only"]["ci"][1] - c["subject_only"]["ci"][0] < c["ci"][1] - c["ci"][0]  # runs add noise
+    assert "runs → subjects" in comparisons_md([c]) and "0/1000: +0.045" in comparisons_md([c])
+    with pytest.raises(ValueError, match="metric"):
+        comparisons(rows, 10, 0, "iou")
+
+
+def test_one_run_says_so_and_prompt_gap_pairs_per_image():
+    base = [0.2, 0.3, 0.4, 0.5, 0.6, 0.1]
+    rows = (_rows("base", "0", base) + _rows("base", "0", [b - 0.05 for b in base], "irrelevant")
+            + _rows("dpo_gen", "0/0", [b + 0.1 for b in base])
+            + _rows("dpo_gen", "0/0", [b - 0.05 - 0.02 * (k % 2) for k, b in enumerate(base)], "irrelevant"))
+    (c,) = comparisons(rows, 400, 0, "prompt_gap", pairs=(("dpo_gen", "base", "q"),))
+    # subject k: (dpo_gen report - control) - (base report - control) = 0.1 + 0.02 (k % 2)
+    assert c["diff_mean"] == pytest.approx(0.11) and c["n_runs"] == 1 and "one training run" in c["unit"]
+
+
+def test_holm_over_the_family_decides_the_verdict():
+    rows = [{"diff_mean": 0.1, "p": 0.03}, {"diff_mean": -0.2, "p": 0.04}, {"diff_mean": 0.3, "p": 0.001},
+            {"diff_mean": 0.3, "p": None}]
+    adjust_family(rows, "clip")
+    assert [r["p_holm"] for r in rows[:3]] == pytest.approx([0.06, 0.06, 0.003])  # 0.03 x 2 (running max), 0.001 x 3
+    assert rows[3]["p_holm"] is None  # not counted in the family
+    assert [r["verdict"] for r in rows] == ["inconclusive", "inconclusive", "better", "inconclusive"]
+    assert all(r["family"] == "clip" for r in rows)
+    assert holm({"a": 0.03, "b": 0.04, "c": 0.001}) == pytest.approx({"a": 0.06, "b": 0.06, "c": 0.003})
+    worse = [{"diff_mean": -0.2, "p": 0.001}]
+    assert adjust_family(worse, "x")[0]["verdict"] == "worse"
+
+
+def test_design_rows_and_comparisons():
+    """Loss x negatives: every cell of the design is a row with its supervision; the comparisons hold the loss
+    or the data fixed, and every design row meets MedCLIP-SAMv2's DHN-NCE and the base."""
+    assert set(DESIGN) == {(loss, neg) for loss in ("dhn_nce", "dpo") for neg in ("twin", "gen", "harmonic")}
+    assert DESIGN["dhn_nce", "twin"] == "dhn_nce" and DESIGN["dpo", "gen"] == "dpo_gen"  # old names kept
+    assert set(VARIANTS) <= set(SUPERVISION) and SUPERVISION["dhn_nce_faithful"] == "none"
+    pairs = {(a, b) for a, b, _ in COMPARISONS}
+    for neg in ("twin", "gen", "harmonic"):
+        assert (DESIGN["dpo", neg], DESIGN["dhn_nce", neg]) in pairs  # loss at fixed data
+    for loss in ("dpo", "dhn_nce"):
+        assert {(DESIGN[loss, "gen"], DESIGN[loss, o]) for o in ("twin", "harmonic")} <= pairs  # data at fixed loss
+    for v in DESIGN.values():
+        assert (v, "dhn_nce_faithful") in pairs and (v, "base") in pairs
+    assert ("dpo_gen", "dhn_nce") not in pairs  # changes loss and data at once
+    assert len(pairs) == len(COMPARISONS)
+    assert {a for a, _, _ in stage2_comparisons("dpo_gen")} & set(DESIGN.values()) == set()
