@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from negdpo.core.stats import UNIT_ONE_RUN, UNIT_RUNS, holm, subject_ci, verdict_p
+from negdpo.core.stats import UNIT_CROSSED, UNIT_ONE_RUN, holm, subject_ci, verdict_p
 from negdpo.generator.sample import paste_back_blend
 
 from negdpo.study import StudyConfig, load_study_config, run_study
@@ -31,7 +31,7 @@ def _reduced(tmp: Path) -> StudyConfig:
     return StudyConfig(**{**cfg.__dict__, "out": str(tmp / "results"), "work_dir": str(tmp / "work"),
                           "phantoms_n": 8, "phantoms_pretrain_n": 4, "gen_autoencoder_steps": 20,
                           "gen_sft_steps": 2, "gen_dpo_steps": 2, "gen_sample_steps": 2,
-                          "gen_variants": ["sft", "dpo_mi_sdpo"], "pairs_k": 2, "pairs_steps": 2,
+                          "gen_variants": ["sft", "dpo_mi_sdpo"], "gen_seeds": 2, "pairs_k": 2, "pairs_steps": 2,
                           "clip_variants": ["base", "dhn_nce_faithful", "dpo_gen", "dpo_harmonic"], "clip_seeds": 2,
                           "clip_pretrain_steps": 2, "clip_finetune_steps": 2, "clip_batch": 2, "bootstrap": 50,
                           "eval_sam": "tiny", "eval_reference_saliency": "surgery", "pg_steps": 1, "vlm_steps": 2, "judge_pool_max": 4,
@@ -95,7 +95,7 @@ def test_results_contract(study):
         assert c["n_pairs"] == (1 if stage2 else 2) * len(test_pos)  # images x runs, paired
         assert c["n_runs"] == (1 if stage2 else 2) and len(c["per_run"]) == c["n_runs"]
         assert set(c["per_run"]) == ({"0"} if stage2 else {"0", "1"} if c["a"] == "base_reference" else {"0/0", "1/1"})
-        assert c["unit"] == (UNIT_ONE_RUN if stage2 else UNIT_RUNS)
+        assert c["unit"] == (UNIT_ONE_RUN if stage2 else UNIT_CROSSED)
         lo, hi = c["ci"]
         assert lo <= c["diff_mean"] <= hi and c["subject_only"]["diff_mean"] == c["diff_mean"]
     gen = {(r["method"], r["paste_back"], r["modality"]) for r in on_disk["generator"]}
@@ -106,7 +106,21 @@ def test_results_contract(study):
         lo, hi = r["lesion_free_rate_ci"]
         assert 0.0 <= lo <= r["lesion_free_rate"] <= hi <= 1.0
     assert set(on_disk["realism_auc"]) == {"identity", "harmonic", "sft", "sft_no_paste", "dpo_mi_sdpo",
-                                           "dpo_mi_sdpo_no_paste", "dpo_mi_sdpo_noise", "dpo_mi_sdpo_noise_no_paste"}
+                                           "dpo_mi_sdpo_no_paste", "dpo_mi_sdpo_noise", "dpo_mi_sdpo_noise_no_paste",
+                                           "harmonic_vae", "harmonic_vae_no_paste", "harmonic_untrained",
+                                           "harmonic_untrained_no_paste"}
+    # the rows that isolate learning, and the generator comparisons over the two generator seeds
+    for method in ("harmonic_vae", "harmonic_untrained"):
+        assert {(method, p, m) for p in (True, False) for m in ("mri", "us", "all")} <= gen
+    runs = {r["method"]: r["n_runs"] for r in on_disk["generator"] if r["paste_back"] is not False and r["modality"] == "all"}
+    assert runs == {"identity": 1, "harmonic": 1, "harmonic_vae": 1, "harmonic_untrained": 1, "sft": 2,
+                    "dpo_mi_sdpo": 2, "dpo_mi_sdpo_noise": 1}
+    gcmp = {(c["a"], c["b"], c["modality"]): c for c in on_disk["generator_comparisons"]}
+    assert set(gcmp) == {(a, b, m) for a, b in (("sft", "harmonic_vae"), ("dpo_mi_sdpo", "harmonic_vae"),
+                                                ("harmonic_untrained", "harmonic_vae"), ("sft", "harmonic_untrained"))
+                         for m in ("mri", "us")}
+    assert set(gcmp["sft", "harmonic_vae", "us"]["per_run"]) == {"0", "1"} and on_disk["generator_seeds"] == [0, 1]
+    assert gcmp["harmonic_untrained", "harmonic_vae", "mri"]["n_runs"] == 1
     assert all(0.0 <= v <= 1.0 for v in on_disk["realism_auc"].values())
     lo, hi = on_disk["oracle_box_dice_ci"]  # the pre-trained tiny SAM prompted with ground-truth boxes
     assert 0.0 <= lo <= on_disk["oracle_box_dice"] <= hi <= 1.0
@@ -119,7 +133,7 @@ def test_results_contract(study):
                  "start from the positive with the mask harmonically filled (SDEdit), noised to strength 0.5",
                  "Realism AUC of a real-vs-generated classifier", "Oracle box: **", "Smoke preset",
                  "| VL-SAM (tiny VLM trained on the pool) (`vlsam`) | pool reports | report |", "— (prompt-free)",
-                 "**Stage 2**", "runs → subjects", "Holm p", "## Protocol: where each choice was made",
+                 "**Stage 2**", "runs × subjects", "Holm p", "## Protocol: where each choice was made",
                  "stage 2 vs stage 1 (dpo_gen chain) (`pg_pseudo_best` − `dpo_gen`)", "*Lesion-free rate*: share"):
         assert text in md, text
     assert "| DPO + MI |" not in md  # variants that did not run are not reported
@@ -128,7 +142,8 @@ def test_results_contract(study):
         on_disk["stage_seconds"]) and "## Run time per stage" in md
     figs = {p.name for p in (Path(cfg.out) / "figures").glob("*.png")}
     assert {"generator_sft.png", "generator_dpo_mi_sdpo.png", "generator_dpo_mi_sdpo_noise.png", "generator_curves.png",
-            "clip_curves.png"} <= figs
+            "clip_curves.png", "generator_harmonic_vae.png", "generator_harmonic_untrained.png"} <= figs
+    assert "generator_sft_g1.png" not in figs and "| harmonic fill through the autoencoder (no UNet) | yes | us |" in md
 
 
 def test_numbers_come_from_the_data(study):

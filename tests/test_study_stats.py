@@ -57,13 +57,13 @@ def test_comparison_is_run_level_with_per_run_differences():
     assert c["diff_mean"] == pytest.approx(np.mean(list(shift.values())) + 0.025)
     a = {(r["run"], r["subject_id"], r["image"]): r["dice"] for r in rows if r["variant"] == "dpo_gen"}
     b = align_runs(a, {(r["run"], r["subject_id"], r["image"]): r["dice"] for r in rows if r["variant"] == "base"})
-    st = run_level_diff(a, b, n_boot=400, seed=0)
+    st = run_level_diff(a, b, n_boot=400, seed=0, subjects="crossed")
     assert c["ci"] == pytest.approx([st.lo, st.hi]) and c["p"] == pytest.approx(st.p) and c["unit"] == st.unit
     assert c["subject_only"]["ci"] == pytest.approx(list(st.subject_only[1:]))
     assert c["p_holm"] == pytest.approx(st.p)  # a family of one
     assert c["verdict"] == verdict_p(st.mean, st.p) == "better"
     assert c["subject_only"]["ci"][1] - c["subject_only"]["ci"][0] < c["ci"][1] - c["ci"][0]  # runs add noise
-    assert "runs → subjects" in comparisons_md([c]) and "0/1000: +0.045" in comparisons_md([c])
+    assert "runs × subjects" in comparisons_md([c]) and "0/1000: +0.045" in comparisons_md([c])
     with pytest.raises(ValueError, match="metric"):
         comparisons(rows, 10, 0, "iou")
 
@@ -107,3 +107,57 @@ def test_design_rows_and_comparisons():
     assert ("dpo_gen", "dhn_nce") not in pairs  # changes loss and data at once
     assert len(pairs) == len(COMPARISONS)
     assert {a for a, _, _ in stage2_comparisons("dpo_gen")} & set(DESIGN.values()) == set()
+
+
+def _gen_rows(method: str, run: str, errs: list[float], paste: bool | None = True, modality: str = "mri") -> list[dict]:
+    return [{"method": method, "paste_back": paste, "run": run, "file": f"{modality}_{k:04d}_0.png",
+             "subject_id": f"{modality}_{k:04d}", "modality": modality, "inside_err": e} for k, e in enumerate(errs)]
+
+
+def test_generator_comparisons_over_generator_seeds():
+    """Learned rows pair run by run; a row that trains nothing (run "") pairs with every run; lower error is
+    better; no-paste rows never enter; Holm over the generator family."""
+    from negdpo.study.tables import generator_comparisons
+
+    base = [0.10, 0.20, 0.15, 0.12, 0.18, 0.11]
+    rows = (_gen_rows("harmonic_vae", "", base) + _gen_rows("harmonic_vae", "", [9.0] * 6, paste=False)
+            + _gen_rows("sft", "0", [b - 0.03 for b in base]) + _gen_rows("sft", "1", [b - 0.05 for b in base])
+            + _gen_rows("dpo", "0", [b - 0.01 for b in base]) + _gen_rows("dpo", "1", [b - 0.02 for b in base]))
+    out = {(c["a"], c["b"]): c for c in generator_comparisons(rows, 400, 0)}
+    assert set(out) == {("dpo", "sft"), ("sft", "harmonic_vae"), ("dpo", "harmonic_vae")}  # only rows that ran
+    c = out["sft", "harmonic_vae"]
+    assert c["per_run"] == pytest.approx({"0": -0.03, "1": -0.05}) and c["diff_mean"] == pytest.approx(-0.04)
+    assert c["modality"] == "mri" and c["n_runs"] == 2 and c["higher_is_better"] is False
+    assert c["verdict"] == verdict_p(c["diff_mean"], c["p_holm"], higher_is_better=False)
+    assert out["dpo", "sft"]["per_run"] == pytest.approx({"0": 0.02, "1": 0.03})  # DPO's error is higher
+    ps = {k: v["p"] for k, v in out.items()}
+    assert {k: v["p_holm"] for k, v in out.items()} == pytest.approx(holm(ps))
+    assert all(v["family"] == "generator" for v in out.values())
+
+
+def test_vae_roundtrip_goes_through_the_autoencoder():
+    """harmonic_vae's repair: the image at the UNet's size through encode (posterior mode) and decode, back to
+    its size; with an identity autoencoder the image comes back (up to 8-bit resizing)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from negdpo.study.generators import vae_roundtrip
+
+    calls = []
+
+    class IdentityVae:
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def encode(self, t):
+            calls.append(tuple(t.shape))
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: t * 0.5))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z * 2.0)
+
+    pipe = SimpleNamespace(vae=IdentityVae(), vae_scale_factor=4, unet=SimpleNamespace(config=SimpleNamespace(sample_size=8)))
+    img = np.tile(np.linspace(0.1, 0.9, 48, dtype=np.float32), (40, 1))
+    (out,) = vae_roundtrip(pipe, [img])
+    assert calls == [(1, 3, 32, 32)] and out.shape == img.shape
+    assert np.abs(out - img).mean() < 0.02

@@ -54,6 +54,8 @@ class StudyConfig:
     gen_init: str = "source"  # what the learned generators' sampling (table rows and pairs) starts from: source |
     gen_strength: float = 1.0  # harmonic (generator.sample.inpaint's init), noised to this strength (1 = pure noise)
     gen_extra: dict = field(default_factory=dict)
+    gen_seeds: int = 1  # generator training seeds seed, seed + 1, ...: the generator comparisons resample them
+    gen_isolation_rows: bool = True  # rows harmonic_vae (fill through the autoencoder) and harmonic_untrained
     # pairs
     pairs_k: int = 2
     pairs_steps: int = 10
@@ -103,7 +105,7 @@ class StudyConfig:
         """Types, ranges, variant names and every ``*_extra`` key are checked before any stage runs."""
         check_positive(self, "workers", "phantoms_n", "phantoms_size", "phantoms_slices", "gen_sft_steps", "gen_dpo_steps",
                        "gen_batch", "gen_sample_steps", "pairs_k", "pairs_steps", "clip_pretrain_steps",
-                       "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds", "clip_finetune_seeds", "pg_batch", "vlm_batch")
+                       "clip_finetune_steps", "clip_batch", "bootstrap", "clip_seeds", "clip_finetune_seeds", "gen_seeds", "pg_batch", "vlm_batch")
         check_finite_positive(self, "gen_lr", "gen_beta", "gen_autoencoder_lr", "clip_pretrain_lr", "clip_finetune_lr",
                               "pg_lr", "vlm_lr")
         for key in ("pg_steps", "vlm_steps", "judge_pool_max", "sam_pretrain_steps"):

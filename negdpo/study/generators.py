@@ -60,27 +60,36 @@ def adapt_autoencoder(run: StudyRun) -> str:
     return run.stage("gen_autoencoder", settings, adapt)["model"]
 
 
-def train_generators(run: StudyRun, gen_variants: list[str]) -> dict[str, str]:
-    """Stages ``gen_sft`` and ``gen_<variant>``: SFT, then each DPO variant with the SFT adapter as reference.
+def generator_seeds(cfg: Any) -> list[int]:
+    """The generator training seeds: ``seed``, ``seed + 1``, ... (``gen_seeds`` of them)."""
+    return [cfg.seed + k for k in range(cfg.gen_seeds)]
 
-    Returns {variant: adapter folder} (the pairs' variant always trains)."""
-    cfg = run.cfg
+
+def gen_suffix(cfg: Any, seed: int) -> str:
+    """Stage-name suffix of a generator seed: none for the first (the names before ``gen_seeds``), else ``_g<seed>``."""
+    return "" if seed == cfg.seed else f"_g{seed}"
+
+
+def train_generators(run: StudyRun, gen_variants: list[str], seed: int) -> dict[str, str]:
+    """Stages ``gen_sft<sfx>`` and ``gen_<variant><sfx>`` of one generator seed: SFT, then each DPO variant with
+    that seed's SFT adapter as reference. Returns {variant: adapter folder} (the pairs' variant always trains)."""
+    cfg, sfx = run.cfg, gen_suffix(run.cfg, seed)
     common = {"phantoms": run.ph_settings, "model": run.stamp("gen_autoencoder") or cfg.gen_model,
-              "seed": cfg.seed, "lr": cfg.gen_lr, "batch": cfg.gen_batch, "extra": cfg.gen_extra}
-    adapters = {"sft": run.stage("gen_sft", common | {"steps": cfg.gen_sft_steps}, lambda d: train_generator(
+              "seed": seed, "lr": cfg.gen_lr, "batch": cfg.gen_batch, "extra": cfg.gen_extra}
+    adapters = {"sft": run.stage(f"gen_sft{sfx}", common | {"steps": cfg.gen_sft_steps}, lambda d: train_generator(
         cfg, run.phantoms, d, train_method="sft", max_train_steps=cfg.gen_sft_steps, mi_weight=0.0,
-        fidelity_weight=0.0, sdpo=False))["adapter"]}
+        fidelity_weight=0.0, sdpo=False, seed=seed))["adapter"]}
     dpo_variants = {"dpo": dict(mi_weight=0.0, fidelity_weight=0.0, sdpo=False),
                     "dpo_mi": dict(mi_weight=cfg.gen_mi_weight, fidelity_weight=cfg.gen_fidelity_weight, sdpo=False),
                     "dpo_mi_sdpo": dict(mi_weight=cfg.gen_mi_weight, fidelity_weight=cfg.gen_fidelity_weight, sdpo=True)}
     for name, extra in dpo_variants.items():
         if name not in gen_variants and name != cfg.pairs_adapter:
             continue
-        settings = common | {"reference": run.stamp("gen_sft"), "variant": name, "steps": cfg.gen_dpo_steps,
+        settings = common | {"reference": run.stamp(f"gen_sft{sfx}"), "variant": name, "steps": cfg.gen_dpo_steps,
                              "beta": cfg.gen_beta, "mu": cfg.gen_sdpo_mu, **extra}
-        adapters[name] = run.stage(f"gen_{name}", settings, lambda d, extra=extra: train_generator(
+        adapters[name] = run.stage(f"gen_{name}{sfx}", settings, lambda d, extra=extra: train_generator(
             cfg, run.phantoms, d, train_method="dpo", max_train_steps=cfg.gen_dpo_steps,
-            reference_adapter=adapters["sft"], **extra))["adapter"]
+            reference_adapter=adapters["sft"], seed=seed, **extra))["adapter"]
     return adapters
 
 
@@ -93,9 +102,33 @@ def _residual_lesion(image: np.ndarray, mask: np.ndarray) -> float:
     return 1.0 - float(ContrastJudge()(item, [image])[0])
 
 
+def vae_roundtrip(pipe: Any, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Each gray [0,1] image through the pipeline's autoencoder (posterior mode, at the UNet's native size and
+    back, bicubic): what the generator's latent space alone does to an image, no UNet."""
+    import torch
+    from PIL import Image
+
+    from negdpo.generator.sample import native_size
+
+    size, vae, out = native_size(pipe), pipe.vae, []
+    for img in images:
+        h, w = img.shape[:2]
+        pil = Image.fromarray(np.clip(np.asarray(img, np.float32), 0, 1) * 255.0).convert("L")
+        x = np.asarray(pil.resize((size, size), Image.BICUBIC), np.float32) / 255.0
+        t = torch.from_numpy(np.repeat(x[None, None], 3, axis=1) * 2.0 - 1.0).to(vae.device, vae.dtype)
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(t).latent_dist.mode()).sample.float().clamp(-1, 1)
+        g = ((rec[0].mean(0) + 1.0) / 2.0).cpu().numpy()
+        back = Image.fromarray((g * 255.0 + 0.5).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        out.append(np.asarray(back, np.float32) / 255.0)
+    return out
+
+
 def _repairs(method: str, scans: list, masks: list, *, model: str | None, adapter: str | None, device: str,
              steps: int, seed: int, seam_px: float, sampling: dict | None = None) -> dict[bool | None, list[np.ndarray]]:
-    """{paste_back: outputs} of one method on ``scans`` (None: the non-learned methods)."""
+    """{paste_back: outputs} of one method on ``scans`` (None: the non-learned methods that change nothing
+    outside the mask). ``harmonic_vae``: the harmonic fill through the generator's autoencoder (no UNet); any
+    other method samples the generator (``adapter`` None: the untrained UNet)."""
     if method == "identity":
         return {None: [to_gray(s.image) for s in scans]}
     if method == "harmonic":
@@ -103,6 +136,10 @@ def _repairs(method: str, scans: list, masks: list, *, model: str | None, adapte
     from negdpo.generator.sample import inpaint, load_generator, paste_back_blend
 
     pipe = load_generator(model or "tiny", adapter=adapter, device=device)
+    if method == "harmonic_vae":
+        nopaste = vae_roundtrip(pipe, [harmonic_fill(to_gray(s.image), m) for s, m in zip(scans, masks)])
+        return {False: nopaste, True: [paste_back_blend(to_gray(s.image), o, m, seam_px)
+                                       for s, o, m in zip(scans, nopaste, masks)]}
     seeds = [derive_seed("study-gen", s.name, base=seed) for s in scans]
     raw = inpaint(pipe, [s.image for s in scans], masks, [s.prompt or "" for s in scans], seeds,
                   steps=steps, paste_back=False, **(sampling or {}))
@@ -174,9 +211,14 @@ class GeneratorTable:
     judges: dict | None = None
 
 
-def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[str, str]) -> GeneratorTable:
+def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, dict[str, str]]) -> GeneratorTable:
     """Stages ``frozen_judges`` and ``geneval_<row>``: every method repairs the held-out positives (learned
-    generators with and without paste-back, sampled from ``gen_init`` at ``gen_strength``)."""
+    generators with and without paste-back, sampled from ``gen_init`` at ``gen_strength``).
+
+    ``adapters``: {generator seed: {variant: adapter}}. Rows that isolate learning: ``harmonic_vae`` (the
+    harmonic fill through the generator's autoencoder, no UNet) and ``harmonic_untrained`` (the same sampling
+    as the learned rows with no adapter). Rows carry ``run``: the generator seed of a learned row, ``""`` for
+    a row that trains nothing (it pairs with every run)."""
     cfg, phantoms = run.cfg, run.phantoms
     scans = held_out_positives(phantoms)
     table, detector, pool = GeneratorTable(), None, []
@@ -186,19 +228,30 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[str, 
         table.judges = run.stage("frozen_judges", {"phantoms": run.ph_settings, "seed": cfg.seed},
                                  lambda d: fit_lesion_detector(phantoms, d, cfg.seed))
         detector, pool = LesionDetector.load(table.judges["path"]), pool_positives(phantoms, cfg.judge_pool_max)
-    evals = [(v, v, run.sampling if v in GEN_VARIANTS else None) for v in ("identity", "harmonic", *gen_variants)]
+    first = cfg.seed
+    # (row, variant whose adapter samples (None: no adapter), sampling (None: not sampled), generator seed)
+    evals = [(v, v, None, first) for v in ("identity", "harmonic")]
+    evals += [(v, v, run.sampling, first) for v in gen_variants]
     if cfg.gen_strength < 1:  # the pairs' generator from pure noise too: what the model does without a start image
-        evals.append((f"{cfg.pairs_adapter}_noise", cfg.pairs_adapter, {"init": "source", "strength": 1.0}))
-    for name, variant, how in evals:
-        settings = {"variant": variant, "adapter_stamp": run.stamp(f"gen_{variant}"), "phantoms": run.ph_settings,
-                    "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px, "seed": cfg.seed, "sampling": how,
-                    "judges": table.judges and run.stamp("frozen_judges"), "pool": [s.name for s in pool]}
-        res = run.stage(f"geneval_{name}", settings, lambda d, n=name, v=variant, how=how: score_generator(
-            n, scans, d, model=cfg.gen_model, adapter=adapters.get(v), device=run.device, steps=cfg.gen_sample_steps,
-            seed=cfg.seed, seam_px=cfg.gen_seam_px, sampling=how, detector=detector, pool_scans=pool,
-            n_boot=cfg.bootstrap))
-        table.rows += res["rows"]
-        table.realism += res.get("realism", [])
-        if how is not None:
+        evals.append((f"{cfg.pairs_adapter}_noise", cfg.pairs_adapter, {"init": "source", "strength": 1.0}, first))
+    if cfg.gen_isolation_rows:
+        evals += [("harmonic_vae", None, None, first), ("harmonic_untrained", None, run.sampling, first)]
+    evals += [(f"{v}_g{gs}", v, run.sampling, gs) for gs in adapters if gs != first for v in gen_variants]
+    for name, variant, how, gs in evals:
+        settings = {"variant": variant, "adapter_stamp": run.stamp(f"gen_{variant}{gen_suffix(cfg, gs)}"),
+                    "phantoms": run.ph_settings, "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px,
+                    "seed": cfg.seed, "sampling": how, "judges": table.judges and run.stamp("frozen_judges"),
+                    "pool": [s.name for s in pool]}
+        if name in ("harmonic_vae", "harmonic_untrained"):
+            settings |= {"variant": name, "model": run.stamp("gen_autoencoder") or cfg.gen_model}
+        method = name.rsplit("_g", 1)[0] if gs != first else name
+        res = run.stage(f"geneval_{name}", settings, lambda d, m=method, v=variant, how=how, gs=gs: score_generator(
+            m, scans, d, model=cfg.gen_model, adapter=adapters[gs].get(v) if v else None, device=run.device,
+            steps=cfg.gen_sample_steps, seed=cfg.seed, seam_px=cfg.gen_seam_px, sampling=how, detector=detector,
+            pool_scans=pool, n_boot=cfg.bootstrap))
+        learned = variant in GEN_VARIANTS or name.endswith("_noise")
+        table.rows += [{**r, "run": str(gs) if learned else ""} for r in res["rows"]]
+        table.realism += [{**r, "run": str(gs) if learned else ""} for r in res.get("realism", [])]
+        if how is not None and gs == first or name == "harmonic_vae":
             shutil.copy(res["grid"], run.out / "figures" / f"generator_{name}.png")
     return table

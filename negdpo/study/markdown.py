@@ -44,7 +44,7 @@ def comparisons_md(rows: list[dict]) -> str:
     if not rows:
         return "No comparison ran (each needs both of its variants)."
     lines = ["| family | comparison (a − b) | metric | runs × subjects | per-run differences | mean difference "
-             "[95% CI, runs → subjects] | p | Holm p | verdict for a | secondary: subject-only CI |",
+             "[95% CI, runs × subjects] | p | Holm p | verdict for a | secondary: subject-only CI |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     units = []
     for r in rows:
@@ -70,6 +70,22 @@ def generator_md(rows: list[dict]) -> str:
                      f"{fmt(r['inside_err'], r['inside_err_ci'])} | {fmt(r['outside_psnr'], r['outside_psnr_ci'], 2)} | "
                      f"{fmt(r['outside_mi'])} | {fmt(r['residual_lesion'])} | "
                      f"{fmt(r['lesion_free_rate'], r.get('lesion_free_rate_ci'))} |")
+    return "\n".join(lines)
+
+
+def generator_comparisons_md(rows: list[dict]) -> str:
+    """The generator table's paired comparisons (inside-mask error, lower is better), at the level of generator
+    training runs."""
+    if not rows:
+        return "No generator comparison ran."
+    lines = ["| comparison (a − b) | modality | runs × subjects | per-run differences | mean difference [95% CI] | "
+             "p | Holm p | verdict for a | secondary: subject-only CI |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        per_run = ", ".join(f"{k or 'fixed'}: {v:+.3f}" for k, v in (r.get("per_run") or {}).items() if v is not None)
+        sub = r.get("subject_only") or {}
+        lines.append(f"| {r['question']} (`{r['a']}` − `{r['b']}`) | {r['modality']} | {r['n_runs']} × "
+                     f"{r['n_subjects']} | {per_run} | {fmt(r['diff_mean'], r['ci'])} | {fmt_p(r.get('p'))} | "
+                     f"{fmt_p(r.get('p_holm'))} | {r['verdict']} | {fmt(sub.get('diff_mean'), sub.get('ci'))} |")
     return "\n".join(lines)
 
 
@@ -202,8 +218,9 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "## Comparisons (paired, at the level of training runs)", "",
         "Difference a − b: per training run (`<base seed>/<fine-tune seed>`; a base CLIP or a stage-2 row: "
         "`<seed>`), the mean over subjects of each subject's mean image difference, then the mean over runs. "
-        "The 95% CI and the p-value come from a hierarchical bootstrap that resamples training runs, then "
-        "subjects within each run (docs/method.md#statistics); p is adjusted by Holm over each family (`clip`: "
+        "The 95% CI and the p-value come from a hierarchical bootstrap that resamples training runs and the "
+        "test subjects (one subject draw shared by the drawn runs: every run is scored on the same subjects; "
+        "docs/method.md#statistics); p is adjusted by Holm over each family (`clip`: "
         "the CLIP design, both metrics; `stage2`: the stage-2 and reference rows, both metrics) and the verdict "
         "is *better* / *worse* when the Holm p < 0.05, else *inconclusive*. With one run the CI is over "
         "subjects only and the unit says so. The subject-only CI (runs fixed: how sure we are about these "
@@ -221,6 +238,12 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         generator_md(results["generator"]), "",
         f"Outside-mask MI of the healthy twin itself against the source (the ceiling): {fmt(twin_mi[0], twin_mi[1:])}.",
         "",
+        f"Paired comparisons of the inside-mask error (paste-back rows; lower is better, so *better* = a lower "
+        f"error), per modality, at the level of generator training runs (seeds {results.get('generator_seeds')}; "
+        "a row that trains nothing pairs with every run), Holm over the family (`generator`): "
+        "`harmonic_vae` is the harmonic fill through the generator's autoencoder (what the latent space alone "
+        "gives), `harmonic_untrained` the learned rows' sampling with no adapter.", "",
+        generator_comparisons_md(results.get("generator_comparisons") or []), "",
         realism_md(results.get("realism") or []), "",
         "## Preference pairs", "",
         f"Built with `negdpo build-pairs` from the `{cfg['pairs_adapter']}` generator (sampled as above), "

@@ -24,7 +24,7 @@ from negdpo.study.cache import StudyRun
 from negdpo.study.clips import Checkpoints, base_clips, clip_seeds, finetune_clips, pretrain_split
 from negdpo.study.config import StudyConfig
 from negdpo.study.data import lesion_groups
-from negdpo.study.generators import adapt_autoencoder, generator_table, train_generators
+from negdpo.study.generators import adapt_autoencoder, generator_seeds, generator_table, train_generators
 from negdpo.study.pairs import PairSets, build_pairs
 from negdpo.study.results import copy_figures, write_results
 from negdpo.study.segmentation import evaluate_checkpoints, long_segmentation_rows, pretrain_sam
@@ -76,8 +76,9 @@ def run_study(cfg: StudyConfig) -> dict:
     make_phantoms(run)
     with run.selection():  # every training run and every choice: the test split is locked
         run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
-        adapters = train_generators(run, gen_variants)
-    gen_table = generator_table(run, gen_variants, adapters)  # reported on held-out val + test positives
+        by_seed = {gs: train_generators(run, gen_variants, gs) for gs in generator_seeds(cfg)}
+    adapters = by_seed[cfg.seed]  # the first generator seed makes the pairs
+    gen_table = generator_table(run, gen_variants, by_seed)  # reported on held-out val + test positives
     first = clip_seeds(cfg)[0]
     with run.selection():
         ckpts: Checkpoints = base_clips(run)

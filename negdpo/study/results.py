@@ -13,7 +13,7 @@ from typing import Any
 from negdpo.core.stats import subject_ci
 from negdpo.study.cache import StudyRun
 from negdpo.study.clips import Checkpoints, clip_seeds, pretrain_split
-from negdpo.study.generators import GeneratorTable
+from negdpo.study.generators import GeneratorTable, generator_seeds
 from negdpo.study.markdown import render_markdown
 from negdpo.study.protocol import protocol
 from negdpo.study.report import plot_curves, write_csv
@@ -22,6 +22,7 @@ from negdpo.study.tables import (
     adjust_family,
     by_subject,
     comparisons,
+    generator_comparisons,
     generator_rows,
     num,
     segmentation_rows,
@@ -89,9 +90,11 @@ def write_results(run: StudyRun, *, version: str, t_start: float, long_rows: lis
                "comparisons": [row for rows in compared for row in rows],
                "stage2": stage2, "sam_pretrain": sam_info, "oracle_sam": evaluation.oracle_sam,
                "generator": generator_rows(gen.rows, cfg.bootstrap, cfg.seed, judged=gen.judges is not None),
+               "generator_comparisons": generator_comparisons(gen.rows, n_boot, seed),
                "twin_outside_mi": twin_outside_mi(gen.rows, cfg.bootstrap, cfg.seed),
                "realism_auc": {r["method"] + ("_no_paste" if r["paste_back"] is False else ""): r["auc"]
-                               for r in gen.realism}, "realism": gen.realism,
+                               for r in gen.realism if r.get("run") in ("", str(cfg.seed))},
+               "realism": gen.realism, "generator_seeds": generator_seeds(cfg),
                "lesion_detector": gen.judges and {k: gen.judges[k] for k in ("info", "held_out_accuracy")},
                "seeds": clip_seeds(cfg), "clip_pretrain_split": pretrain_split(cfg), "pairs": pairs_summary,
                "protocol": protocol(run), "stage_seconds": run.stage_seconds, "config": asdict(cfg)}

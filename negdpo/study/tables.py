@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from negdpo.core.stats import Stat, holm, paired_diff_ci, run_level_diff, subject_ci, verdict_p
-from negdpo.study.variants import COMPARISONS, GROUPS, MODALITIES, PROMPTS, SUPERVISION, VARIANTS
+from negdpo.study.variants import (
+    COMPARISONS,
+    GEN_COMPARISONS,
+    GROUPS,
+    MODALITIES,
+    PROMPTS,
+    SUPERVISION,
+    VARIANTS,
+)
 
 
 def num(x: Any) -> float | None:
@@ -122,7 +130,9 @@ def compare(a: Keyed, b: Keyed, n_boot: int, seed: int) -> dict[str, Any]:
     """One paired comparison a - b at the level of training runs (docs/method.md#statistics): the contract's
     fields except the family-adjusted p and the verdict (:func:`adjust_family` adds them)."""
     b = align_runs(a, b)
-    st = run_level_diff(a, b, n_boot=n_boot, seed=seed)
+    # every run is scored on the same test subjects: one subject draw shared by the drawn runs (crossed; the
+    # better-calibrated of the two hierarchical bootstraps for this design, docs/method.md#hierarchical-bootstrap)
+    st = run_level_diff(a, b, n_boot=n_boot, seed=seed, subjects="crossed")
     return {"n_pairs": len(a.keys() & b.keys()), "n_runs": st.n_runs, "n_subjects": st.n_subjects,
             "diff_mean": num(st.mean), "ci": [num(st.lo), num(st.hi)], "p": num(st.p), "p_holm": None,
             "verdict": "inconclusive", "unit": st.unit,
@@ -186,6 +196,7 @@ def generator_rows(gen_rows: list[dict], n_boot: int, seed: int, judged: bool = 
             mi = subject_ci(by_subject(rows, "outside_mi"), n_boot, seed)
             res = subject_ci(by_subject(rows, "residual_lesion"), n_boot, seed)
             out.append({"method": method, "modality": modality, "paste_back": paste, "n_images": len(rows),
+                        "n_runs": len({r.get("run", "") for r in rows}),
                         "inside_err": num(err[0]), "inside_err_ci": _ci(err), "outside_psnr": num(psnr[0]),
                         "outside_psnr_ci": _ci(psnr), "outside_mi": num(mi[0]), "residual_lesion": num(res[0]),
                         "lesion_free_rate": None, "lesion_free_rate_ci": None})
@@ -204,3 +215,34 @@ def twin_outside_mi(gen_rows: list[dict], n_boot: int, seed: int) -> list[float 
     first = [r for r in gen_rows if r["method"] == gen_rows[0]["method"]] if gen_rows else []
     stat = subject_ci(by_subject(first, "twin_outside_mi"), n_boot, seed)
     return [num(stat[0]), *_ci(stat)]
+
+
+def _gen_keyed(gen_rows: list[dict], method: str, modality: str, metric: str) -> Keyed:
+    """{(run, subject, file): metric} of one method's paste-back rows (non-learned rows: ``paste_back`` None)."""
+    return {(str(r.get("run", "")), str(r["subject_id"]), str(r["file"])): float(r[metric]) for r in gen_rows
+            if r["method"] == method and r["paste_back"] in (True, None) and num(r.get(metric)) is not None
+            and (modality == "all" or r["modality"] == modality)}
+
+
+def broadcast_fixed(a: Keyed, b: Keyed) -> Keyed:
+    """``b`` on ``a``'s runs: a row that trains nothing (run ``""``) pairs with every run of ``a``; else equal runs."""
+    if {k[0] for k in b} != {""}:
+        return align_runs(a, b)
+    return {(ra, s, i): v for ra in {k[0] for k in a} for (_, s, i), v in b.items()}
+
+
+def generator_comparisons(gen_rows: list[dict], n_boot: int, seed: int, metric: str = "inside_err",
+                          pairs: tuple[tuple[str, str, str], ...] = GEN_COMPARISONS) -> list[dict]:
+    """Paired comparisons of generator rows per modality (mri, us) at the level of generator training runs
+    (seeds), Holm-adjusted over the family; lower ``metric`` is better (the verdict says *better* for a lower
+    error of a)."""
+    out = []
+    for a, b, question in pairs:
+        for modality in ("mri", "us"):
+            va, vb = _gen_keyed(gen_rows, a, modality, metric), _gen_keyed(gen_rows, b, modality, metric)
+            if not va or not vb:
+                continue
+            vb = broadcast_fixed(va, vb)
+            out.append({"a": a, "b": b, "question": question, "metric": metric, "modality": modality,
+                        "higher_is_better": False, **compare(va, vb, n_boot, seed)})
+    return adjust_family(out, "generator")

@@ -8,7 +8,17 @@ from __future__ import annotations
 # -- generators ------------------------------------------------------------------------------------------------
 GEN_VARIANTS = ("sft", "dpo", "dpo_mi", "dpo_mi_sdpo")  # the learned generators, in training order
 GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic fill (classical)",
+              "harmonic_vae": "harmonic fill through the autoencoder (no UNet)",
+              "harmonic_untrained": "untrained UNet from the harmonic fill (no adapter)",
               "sft": "SFT only", "dpo": "DPO", "dpo_mi": "DPO + MI", "dpo_mi_sdpo": "DPO + MI + SDPO"}
+
+# (a, b, question) of the generator table, on the inside-mask error vs the twin (lower is better), per modality
+GEN_COMPARISONS = (("dpo", "sft", "DPO vs SFT"), ("dpo_mi", "dpo", "DPO + MI vs DPO"),
+                   ("dpo_mi_sdpo", "dpo_mi", "DPO + MI + SDPO vs DPO + MI"),
+                   *((v, "harmonic_vae", f"{GEN_LABELS[v]} vs the harmonic fill through the autoencoder")
+                     for v in GEN_VARIANTS),
+                   ("harmonic_untrained", "harmonic_vae", "untrained UNet from the fill vs the fill through the autoencoder"),
+                   ("sft", "harmonic_untrained", "SFT vs the untrained UNet (same sampling)"))
 
 # -- CLIP checkpoints ------------------------------------------------------------------------------------------
 # The data-matched design (issue 22): loss x negatives, {DHN-NCE, CLIP-DPO} x {twin, generated, harmonic}, plus
