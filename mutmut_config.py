@@ -20,6 +20,7 @@ TESTS = {
                                f"{P}nsd_and_hd95_bounds",
     "segmentation/saliency/m2ib.py": "tests/test_seg_saliency.py",
     "core/stats.py": "tests/test_core_stats.py",
+    "segmentation/saliency_metrics.py": "tests/test_saliency_metrics.py",
 }
 
 def pre_mutation(context) -> None:

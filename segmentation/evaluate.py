@@ -25,6 +25,12 @@ as must image names without extension. Inputs are checked before any model is lo
 
 Headline statistics are over scans with a lesion; scans without one (phantom test splits have
 them) are scored too (both-empty = 1, see ``metrics``) and summarised as a false-positive rate.
+
+Each row also scores the raw saliency map itself, before post-processing (``saliency_metrics``; NaN without
+a lesion): ``sal_auroc``, ``sal_ap``, ``sal_pointing`` (tolerance = ``tolerance`` px) and ``sal_partial_r``
+(given local brightness), over the anatomy and the lesion, and the same for the control prompt's map
+(``control_sal_*``). They reuse the maps already computed: no extra model pass
+(docs/method.md#saliency-metrics).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import metrics as M
+from . import saliency_metrics as SM
 from .postprocess import coarse_mask, foreground_mask
 from .sam_prompt import SamConfig, SamSegmenter
 
@@ -51,8 +58,8 @@ DEFAULT_TEMPLATE = "a medical scan showing a tumor"
 DEFAULT_CONTROL = "a photo of a cat sitting on a chair"
 CSV_COLUMNS = ["checkpoint", "image", "positive", "prompt", "gt_area", "coarse_area", "pred_area", "empty_coarse",
                "n_prompts", "dice", "iou", "nsd", "nsd_parity", "hd95", "coarse_dice", "coarse_nsd",
-               "control_dice", "control_coarse_dice", "control_saliency_corr", "saliency_path", "mask_path",
-               "overlay_path"]
+               "control_dice", "control_coarse_dice", "control_saliency_corr", *SM.COLUMNS,
+               *(f"control_{c}" for c in SM.COLUMNS), "saliency_path", "mask_path", "overlay_path"]
 OWNED = ("saliency", "coarse", "masks", "overlays", "metrics.csv", "summary.json", "report.md", "dice_bar.png",
          "config.json", "index.html")
 
@@ -313,6 +320,7 @@ def _run(cfg: EvalConfig, method: Any, scan_list: list, skipped: list, prompts: 
             timing["sam_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             gt = np.asarray(scan.mask, bool)
+            ref = SM.reference(scan.image, gt) if gt.any() else None  # once per scan, shared by every map
             for name, r in per_ckpt.items():
                 pred, info = preds[(name, "real")]
                 sal, cm = r["sal"][i], r["coarse"][i]
@@ -329,6 +337,10 @@ def _run(cfg: EvalConfig, method: Any, scan_list: list, skipped: list, prompts: 
                     row["control_saliency_corr"] = _corr(sal, r["ctl"][i])
                 else:
                     row.update(control_dice=math.nan, control_coarse_dice=math.nan, control_saliency_corr=math.nan)
+                for prefix, smap in (("", sal), ("control_", r["ctl"][i])):
+                    scores = (SM.saliency_metrics(smap, ref, cfg.tolerance) if ref is not None and smap is not None
+                              else dict.fromkeys(SM.COLUMNS, math.nan))
+                    row.update({prefix + k: v for k, v in scores.items()})
                 row["saliency_path"] = row["mask_path"] = row["overlay_path"] = ""
                 if out_dir is not None and cfg.save_images:
                     paths = {k: image_path(out_dir, k, name, scan.name, multi)

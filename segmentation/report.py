@@ -5,7 +5,9 @@ Per checkpoint, over scans with a lesion: mean ± std and a 95% percentile-boots
 (``n_boot`` resamples of images, seed 0) for each metric; HD95 over the images where it is defined;
 the irrelevant-prompt control (Dice of the chain run with the control prompt, and the Pearson
 correlation of the real and control saliency maps -- near 1 means the prompt does not steer the map);
-empty coarse masks; on lesion-free scans, the false-positive rate (non-empty prediction).
+empty coarse masks; on lesion-free scans, the false-positive rate (non-empty prediction). The raw saliency
+map's own scores (``saliency_metrics``: lesion AUROC, AP, pointing game, partial correlation given local
+brightness) for the real and the control prompt, in their own table.
 
 Overlays (``write_overlay``): one labelled row image | saliency | coarse mask | ground truth |
 prediction, the Dice on the prediction tile, a colour legend; small scans enlarged (nearest).
@@ -26,9 +28,13 @@ from urllib.parse import quote
 
 import numpy as np
 
-METRICS = ("dice", "iou", "nsd", "nsd_parity", "hd95", "coarse_dice", "control_dice", "control_saliency_corr")
+SALIENCY_METRICS = ("sal_auroc", "sal_ap", "sal_pointing", "sal_partial_r")  # saliency_metrics.COLUMNS
+METRICS = ("dice", "iou", "nsd", "nsd_parity", "hd95", "coarse_dice", "control_dice", "control_saliency_corr",
+           *SALIENCY_METRICS, *(f"control_{c}" for c in SALIENCY_METRICS))
 LABELS = {"dice": "Dice", "iou": "IoU", "nsd": "NSD (2-D)", "nsd_parity": "NSD (parity)", "hd95": "HD95 px",
-          "coarse_dice": "coarse Dice", "control_dice": "control Dice", "control_saliency_corr": "sal. corr."}
+          "coarse_dice": "coarse Dice", "control_dice": "control Dice", "control_saliency_corr": "sal. corr.",
+          "sal_auroc": "lesion AUROC", "sal_ap": "lesion AP", "sal_pointing": "pointing game",
+          "sal_partial_r": "partial r given brightness"}
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -56,7 +62,7 @@ def summarise(rows: list[dict[str, Any]], checkpoints: list[str], n_boot: int = 
         mine = [r for r in rows if r["checkpoint"] == name]
         pos = [r for r in mine if r["positive"]]
         neg = [r for r in mine if not r["positive"]]
-        stats = {m: describe([float(r[m]) for r in pos], n_boot) for m in METRICS}
+        stats = {m: describe([float(r.get(m, math.nan)) for r in pos], n_boot) for m in METRICS}
         delta = [r["dice"] - r["control_dice"] for r in pos if not math.isnan(r["control_dice"])]
         stats["dice_minus_control"] = describe(delta, n_boot)
         stats.update(
@@ -75,6 +81,26 @@ def _fmt(stat: dict[str, Any], digits: int = 3) -> str:
         return "–"
     lo, hi = stat["ci95"]
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _saliency_section(ckpts: dict[str, dict[str, Any]]) -> list[str]:
+    """The raw map's continuous scores (report prompt, then control prompt); nothing when no row has them."""
+    if not any(s.get(c, {}).get("n") for s in ckpts.values() for c in SALIENCY_METRICS):
+        return []
+    lines = ["", "Saliency map before post-processing (no k-means or SAM; docs/method.md, saliency metrics), scans "
+             "with a lesion, over the anatomy and the lesion: lesion AUROC (0.5 = chance), lesion AP (chance = the "
+             "lesion's share), pointing game (the maximum within the NSD tolerance of the lesion), partial r given "
+             "brightness (≈0: the map finds the lesion no better than local brightness does).", "",
+             "| checkpoint | prompt | " + " | ".join(LABELS[c] for c in SALIENCY_METRICS) + " |",
+             "|---" * (len(SALIENCY_METRICS) + 2) + "|"]
+    for name, s in ckpts.items():
+        for label, prefix in (("report", ""), ("control", "control_")):
+            cells = [s.get(prefix + c) for c in SALIENCY_METRICS]
+            if label == "control" and not any(c and c["n"] for c in cells):
+                continue  # no control run
+            lines.append(f"| {md_text(name)} | {label} | "
+                         + " | ".join(_fmt(c) if c else "–" for c in cells) + " |")
+    return lines
 
 
 def bar_plot(path: Path, summary: dict[str, Any]) -> None:
@@ -173,6 +199,7 @@ def write_report(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]] 
         fp = s["negatives_false_positive_rate"]
         lines.append(f"| {m(name)} | {s['dice_parity_mean']:.4f} | {s['nsd_parity_mean']:.4f} | {s['empty_coarse']} | "
                      f"{s['hd95_undefined']} | {s['n_negative']} | {'–' if math.isnan(fp) else f'{fp:.3f}'} |")
+    lines += _saliency_section(ckpts)
     skipped = summary.get("skipped") or []
     lines += ["", f"Skipped files: {len(skipped)}." + "".join(f"\n- {m(s['reason'])}" for s in skipped),
               "", "NSD (2-D) is the true boundary NSD; NSD (parity) reproduces the public implementation's "

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import random
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def test_oracle_without_sam_scores_high(phantom_dir):
     s = res.summary["checkpoints"]["oracle"]
     assert s["n_positive"] >= 3 and s["dice"]["mean"] > 0.9 and s["nsd"]["mean"] > 0.9
     assert s["negatives_false_positive_rate"] == 0.0  # empty ground truth -> empty map -> empty mask
+    assert s["sal_auroc"]["mean"] > 0.95 and s["sal_pointing"]["mean"] == 1.0  # the blurred mask finds the lesion
     assert len(res.rows) == s["n_images"] and res.out is None
 
 
@@ -143,3 +145,48 @@ def test_output_folder_holds_one_evaluation(phantom_dir, tmp_path, capsys):
     assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(  # flat now, no stale subfolders
         f"{Path(r['image']).stem}.png" for r in csv.DictReader((out / "metrics.csv").open()))
     assert (out / "notes.txt").read_text() == "mine" and not (out / ".negdpo.lock").exists()
+
+
+def test_saliency_metrics_score_the_raw_maps_of_both_prompts(phantom_dir, tmp_path, monkeypatch):
+    """The rows' ``sal_*`` columns score the method's own maps (report prompt) and ``control_sal_*`` the control
+    prompt's; summary.json averages them over positives and report.md lists them (docs/method.md#saliency-metrics)."""
+    from negdpo.segmentation import saliency_metrics as SM
+    from negdpo.segmentation.evaluate import DEFAULT_CONTROL, evaluate
+    from negdpo.segmentation.saliency import base
+
+    def probe(ctx, scans, prompts):  # the lesion for the report prompt, local brightness for the control prompt
+        return [SM.local_brightness(s.image) if p == DEFAULT_CONTROL else np.asarray(s.mask, np.float32)
+                for s, p in zip(scans, prompts)]
+
+    monkeypatch.setitem(base._REGISTRY, "probe_maps", probe)
+    out = tmp_path / "eval"
+    res = evaluate(phantom_dir, {"a": "tiny"}, out, saliency="probe_maps", sam="none", split="test", bootstrap=10,
+                   save_images=False)
+    pos = [r for r in res.rows if r["positive"]]
+    neg = [r for r in res.rows if not r["positive"]]
+    assert len(pos) >= 3 and neg
+    for r in pos:
+        assert r["sal_auroc"] == 1.0 and r["sal_ap"] == 1.0 and r["sal_pointing"] == 1.0
+        assert r["sal_partial_r"] == pytest.approx(1.0, abs=1e-9)  # mask is the map: nothing explained by brightness
+        assert r["control_sal_partial_r"] == 0.0  # the brightness map: nothing beyond brightness
+        assert 0.0 <= r["control_sal_auroc"] <= 1.0 and 0.0 < r["control_sal_ap"] <= 1.0
+        scan_image = next(s for s in _scans(phantom_dir) if s.name == r["image"])
+        ref = SM.reference(scan_image.image, scan_image.mask)
+        expect = SM.saliency_metrics(SM.local_brightness(scan_image.image), ref, 2.0)
+        assert r["control_sal_auroc"] == pytest.approx(expect["sal_auroc"], abs=1e-12)
+        assert r["control_sal_pointing"] == expect["sal_pointing"]
+    for r in neg:
+        assert all(math.isnan(r[c]) and math.isnan(r[f"control_{c}"]) for c in SM.COLUMNS)
+    summary = json.loads((out / "summary.json").read_text())["checkpoints"]["a"]
+    assert summary["sal_auroc"]["mean"] == 1.0 and summary["sal_auroc"]["n"] == len(pos)
+    assert summary["control_sal_auroc"]["mean"] == pytest.approx(np.mean([r["control_sal_auroc"] for r in pos]))
+    header = (out / "metrics.csv").open().readline().strip().split(",")
+    assert {*SM.COLUMNS, *(f"control_{c}" for c in SM.COLUMNS)} <= set(header)
+    report = (out / "report.md").read_text()
+    assert "lesion AUROC" in report and "| a | report | 1.000" in report and "| a | control |" in report
+
+
+def _scans(phantom_dir):
+    from negdpo.core.scans import ScanFolder
+
+    return ScanFolder(phantom_dir).load_split("test")
