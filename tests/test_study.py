@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "phantom_study.yaml")
 MICRO_SAM = {"img_size": 64, "patch_size": 8, "encoder_embed_dim": 16, "encoder_depth": 1, "encoder_num_heads": 2,
              "prompt_embed_dim": 32, "decoder_mlp_dim": 64, "decoder_num_heads": 2, "iou_head_hidden_dim": 32}
-SEG_KEYS = {"variant", "prompt", "dice_mean", "dice_ci", "n_images", "n_seeds", "n_runs", "supervision",
+SEG_KEYS = {"variant", "prompt", "dice_mean", "dice_ci", "sal_auroc", "sal_auroc_ci", "n_images", "n_seeds", "n_runs",
+            "supervision",
             "dice_by_group", "prompt_gap", "prompt_gap_ci"}
 CMP_KEYS = {"a", "b", "question", "metric", "prompt", "n_pairs", "n_runs", "n_subjects", "diff_mean", "ci", "p",
             "p_holm", "verdict", "unit", "per_run", "t_check", "subject_only", "family"}
@@ -84,8 +85,9 @@ def test_results_contract(study):
     assert [(c["family"], c["metric"], c["a"], c["b"]) for c in on_disk["comparisons"]] == [
         ("clip", m, a, b) for m in ("dice", "prompt_gap") for a, b in clip_pairs] + [
         ("stage2", "dice", a, b) for a, b in stage2_pairs] + [
-        ("stage2", "prompt_gap", a, b) for a, b in stage2_pairs[3:]]  # prompt-free rows have no gap
-    for family in ("clip", "stage2"):  # Holm over each family (both metrics)
+        ("stage2", "prompt_gap", a, b) for a, b in stage2_pairs[3:]] + [  # prompt-free rows have no gap
+        ("clip_saliency", "sal_auroc", a, b) for a, b in clip_pairs]  # the raw map's lesion AUROC
+    for family in ("clip", "stage2", "clip_saliency"):  # Holm over each family
         rows = [c for c in on_disk["comparisons"] if c["family"] == family]
         adj = holm({str(i): c["p"] for i, c in enumerate(rows)})
         assert [c["p_holm"] for c in rows] == pytest.approx([adj[str(i)] for i in range(len(rows))])

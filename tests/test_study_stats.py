@@ -33,6 +33,11 @@ def test_run_tags_and_keys():
     assert [(r["variant"], r["seed"], r["run"], r["prompt"]) for r in rows] == [
         ("dpo_gen", 1, "1/1001", "report"), ("dpo_gen", 1, "1/1001", "irrelevant"),
         ("base", 1, "1", "report"), ("base", 1, "1", "irrelevant")]
+    assert all(r["sal_auroc"] is None for r in rows)  # the evaluation had no saliency scores
+    (rep, ctl) = long_segmentation_rows(
+        [{"checkpoint": "base.s0", "image": "us_0002_0.png", "positive": 1, "dice": 0.5, "control_dice": 0.1,
+          "sal_auroc": 0.8, "control_sal_auroc": 0.4, "sal_ap": float("nan"), "control_sal_ap": "0.25"}], [], {})
+    assert (rep["sal_auroc"], ctl["sal_auroc"], rep["sal_ap"], ctl["sal_ap"]) == (0.8, 0.4, None, 0.25)
 
 
 def test_runs_pair_with_their_base_and_their_chain():
@@ -66,6 +71,9 @@ def test_comparison_is_run_level_with_per_run_differences():
     assert "runs × subjects" in comparisons_md([c]) and "0/1000: +0.045" in comparisons_md([c])
     with pytest.raises(ValueError, match="metric"):
         comparisons(rows, 10, 0, "iou")
+    auc = [{**r, "sal_auroc": 0.5 + 0.1 * (r["variant"] == "dpo_gen")} for r in rows]
+    (a,) = comparisons(auc, 100, 0, "sal_auroc", pairs=(("dpo_gen", "base", "q"),), family="clip_saliency")
+    assert a["diff_mean"] == pytest.approx(0.1) and a["family"] == "clip_saliency" and a["metric"] == "sal_auroc"
 
 
 def test_one_run_says_so_and_prompt_gap_pairs_per_image():

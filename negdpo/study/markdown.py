@@ -20,15 +20,16 @@ def fmt(mean: float | None, ci: list | None = None, digits: int = 3) -> str:
 
 def segmentation_md(rows: list[dict]) -> str:
     lines = ["| checkpoint / segmenter (`row`) | supervision beyond reports | prompt | n img | runs | Dice | "
-             + " | ".join(GROUP_LABELS[g] for g in GROUPS) + " | prompt gap (report − irrelevant) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             + " | ".join(GROUP_LABELS[g] for g in GROUPS) + " | prompt gap (report − irrelevant) | lesion AUROC of "
+             "the map |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         groups = " | ".join(fmt(r["dice_by_group"][g]) for g in GROUPS)
         gap = fmt(r["prompt_gap"], r["prompt_gap_ci"]) if r["prompt"] == "report" else ""
         gap = "— (prompt-free)" if r["variant"].startswith("pg_") else gap
         lines.append(f"| {ROW_LABELS[r['variant']]} (`{r['variant']}`) | {r.get('supervision') or ''} | {r['prompt']} | "
                      f"{r['n_images']} | {r.get('n_runs', r['n_seeds'])} | "
-                     f"{fmt(r['dice_mean'], r['dice_ci'])} | {groups} | {gap} |")
+                     f"{fmt(r['dice_mean'], r['dice_ci'])} | {groups} | {gap} | "
+                     f"{fmt(r.get('sal_auroc'), r.get('sal_auroc_ci'))} |")
     return "\n".join(lines)
 
 
@@ -48,7 +49,7 @@ def comparisons_md(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     units = []
     for r in rows:
-        metric = {"dice": "Dice", "prompt_gap": "prompt gap"}[r["metric"]]
+        metric = {"dice": "Dice", "prompt_gap": "prompt gap", "sal_auroc": "lesion AUROC of the map"}[r["metric"]]
         per_run = ", ".join(f"{k}: {v:+.3f}" for k, v in (r.get("per_run") or {}).items() if v is not None)
         sub = r.get("subject_only") or {}
         units.append(r.get("unit"))
@@ -221,7 +222,8 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "The 95% CI and the p-value come from a hierarchical bootstrap that resamples training runs and the "
         "test subjects (one subject draw shared by the drawn runs: every run is scored on the same subjects; "
         "docs/method.md#statistics); p is adjusted by Holm over each family (`clip`: "
-        "the CLIP design, both metrics; `stage2`: the stage-2 and reference rows, both metrics) and the verdict "
+        "the CLIP design, Dice and prompt gap; `stage2`: the stage-2 and reference rows; `clip_saliency`: the CLIP "
+        "design on the report map's lesion AUROC, a continuous score without k-means/SAM noise) and the verdict "
         "is *better* / *worse* when the Holm p < 0.05, else *inconclusive*. With one run the CI is over "
         "subjects only and the unit says so. The subject-only CI (runs fixed: how sure we are about these "
         "trained checkpoints, not about the method) is a secondary number. *Dice*: with the report prompt; "

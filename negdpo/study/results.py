@@ -78,10 +78,12 @@ def write_results(run: StudyRun, *, version: str, t_start: float, long_rows: lis
     """``results.json``, ``generator_metrics.csv``, ``segmentation_metrics.csv`` and ``results.md`` under ``out``."""
     cfg, out = run.cfg, run.out
     n_boot, seed = cfg.bootstrap, cfg.seed
-    families = {"clip": COMPARISONS, "stage2": stage2_comparisons(cfg.pg_best_variant)}
-    compared = [adjust_family([row for metric in ("dice", "prompt_gap")
+    families = {"clip": (COMPARISONS, ("dice", "prompt_gap")),
+                "stage2": (stage2_comparisons(cfg.pg_best_variant), ("dice", "prompt_gap")),
+                "clip_saliency": (COMPARISONS, ("sal_auroc",))}  # the map itself, without k-means/SAM
+    compared = [adjust_family([row for metric in metrics
                                for row in comparisons(long_rows, n_boot, seed, metric, pairs, family)], family)
-                for family, pairs in families.items()]  # Holm over each family, both metrics
+                for family, (pairs, metrics) in families.items()]  # Holm over each family
     oracle = subject_ci(by_subject(evaluation.oracle_rows, "dice"), cfg.bootstrap, cfg.seed)
     results = {"preset": cfg.preset, "code_version": version,
                "n_test_positive": len({r["image"] for r in long_rows}),

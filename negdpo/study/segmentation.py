@@ -13,6 +13,7 @@ import numpy as np
 from negdpo.core.imageio import to_rgb_uint8
 from negdpo.core.scans import ScanFolder
 from negdpo.segmentation import metrics as M
+from negdpo.segmentation.saliency_metrics import COLUMNS as SALIENCY_COLUMNS  # the map's continuous scores
 from negdpo.study.cache import StudyRun, json_rows
 from negdpo.study.clips import run_key
 from negdpo.study.data import subject_of
@@ -27,21 +28,31 @@ def long_segmentation_rows(report_rows: list[dict], word_rows: list[dict], group
     (:func:`negdpo.study.clips.run_tag`); ``seed`` is the base seed, ``run`` the training run
     (:func:`negdpo.study.clips.run_key`), the unit the comparisons resample.
     ``prompt_free``: rows of a segmenter without a prompt (the prompt generator): one ``report`` row per
-    image, no control (its NaN control column is not a Dice).
+    image, no control (its NaN control column is not a Dice). Each row also carries the map's continuous
+    saliency scores of its prompt (:data:`SALIENCY_COLUMNS`: lesion AUROC, AP, pointing game, partial r given
+    local brightness; ``control_*`` columns for the irrelevant prompt; None where the evaluation has none).
     """
     out = []
-    report_keys = (("report", "dice"),) if prompt_free else (("report", "dice"), ("irrelevant", "control_dice"))
-    for rows, prompt_keys in ((report_rows, report_keys), (word_rows, (("word", "dice"),))):
+    report_keys = (("report", ""),) if prompt_free else (("report", ""), ("irrelevant", "control_"))
+    for rows, prompt_keys in ((report_rows, report_keys), (word_rows, (("word", ""),))):
         for r in rows:
             if not int(r.get("positive", 0)):
                 continue
             variant, tag = str(r["checkpoint"]).rsplit(".s", 1)
-            for prompt, key in prompt_keys:
+            for prompt, prefix in prompt_keys:
                 out.append({"variant": variant, "seed": int(tag.partition("f")[0]), "run": run_key(variant, tag),
-                            "image": r["image"],
-                            "subject_id": subject_of(r["image"]), "group": groups.get(r["image"], ""),
-                            "prompt": prompt, "dice": r.get(key)})
+                            "image": r["image"], "subject_id": subject_of(r["image"]),
+                            "group": groups.get(r["image"], ""), "prompt": prompt, "dice": r.get(f"{prefix}dice"),
+                            **{c: _finite(r.get(f"{prefix}{c}")) for c in SALIENCY_COLUMNS}})
     return out
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) else None
 
 
 def oracle_box(phantoms: Path, split: str, sam: str, sam_checkpoint: str | None, device: str) -> list[dict]:

@@ -63,6 +63,7 @@ def run_of(row: dict) -> str:
 
 
 Keyed = dict[tuple[str, str, str], float]  # {(run, subject, image): value}
+METRICS = ("dice", "prompt_gap", "sal_auroc")  # of the segmentation comparisons
 
 
 # -- segmentation ----------------------------------------------------------------------------------
@@ -83,7 +84,9 @@ def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dic
                 vals = [num(r["dice"]) for r in rows if r.get("group") == g]
                 vals = [v for v in vals if v is not None]
                 by_group[g] = float(np.mean(vals)) if vals else None
+            auroc = subject_ci(by_subject(rows, "sal_auroc"), n_boot, seed)
             row = {"variant": variant, "prompt": prompt, "dice_mean": num(stat[0]), "dice_ci": _ci(stat),
+                   "sal_auroc": num(auroc[0]), "sal_auroc_ci": _ci(auroc),
                    "n_images": len({r["image"] for r in rows}), "n_seeds": len({r["seed"] for r in rows}),
                    "n_runs": len({run_of(r) for r in rows}), "supervision": SUPERVISION.get(variant),
                    "dice_by_group": by_group, "prompt_gap": None, "prompt_gap_ci": None}
@@ -95,18 +98,19 @@ def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dic
     return out
 
 
-def _keyed(rows: Iterable[dict]) -> Keyed:
-    """{(run, subject, image): dice} of finite values."""
-    return {(run_of(r), str(r["subject_id"]), str(r["image"])): float(r["dice"]) for r in rows
-            if num(r.get("dice")) is not None}
+def _keyed(rows: Iterable[dict], key: str = "dice") -> Keyed:
+    """{(run, subject, image): value of ``key``} of finite values."""
+    return {(run_of(r), str(r["subject_id"]), str(r["image"])): float(r[key]) for r in rows
+            if num(r.get(key)) is not None}
 
 
 def _per_key(long_rows: list[dict], variant: str, metric: str) -> Keyed:
-    """The report-prompt Dice, or the prompt gap (report - irrelevant Dice), per (run, subject, image)."""
+    """The report-prompt Dice or lesion AUROC of the map (``sal_auroc``), or the prompt gap (report -
+    irrelevant Dice), per (run, subject, image)."""
     mine = [r for r in long_rows if r["variant"] == variant]
+    if metric in ("dice", "sal_auroc"):
+        return _keyed((r for r in mine if r["prompt"] == "report"), metric)
     report = _keyed(r for r in mine if r["prompt"] == "report")
-    if metric == "dice":
-        return report
     ctl = _keyed(r for r in mine if r["prompt"] == "irrelevant")
     return {k: report[k] - ctl[k] for k in report.keys() & ctl.keys()}
 
@@ -159,12 +163,12 @@ def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "di
     """Paired comparisons a - b of ``metric`` at the level of training runs, Holm-adjusted over the rows returned.
 
     ``dice``: Dice with the report prompt; ``prompt_gap``: report − irrelevant-prompt Dice (does a make the
-    saliency more prompt-specific than b?). ``pairs``: (a, b, question), e.g. ``COMPARISONS`` or
+    saliency more prompt-specific than b?); ``sal_auroc``: the report map's lesion AUROC (no discretisation). ``pairs``: (a, b, question), e.g. ``COMPARISONS`` or
     :func:`negdpo.study.variants.stage2_comparisons`; pairs whose rows did not both run are left out. Runs pair
     as :func:`align_runs` says. The study adjusts each whole family (both metrics) again with :func:`adjust_family`.
     """
-    if metric not in ("dice", "prompt_gap"):
-        raise ValueError(f"metric '{metric}': dice or prompt_gap")
+    if metric not in METRICS:
+        raise ValueError(f"metric '{metric}': one of {list(METRICS)}")
     per = {v: _per_key(long_rows, v, metric) for v in VARIANTS}
     out = []
     for a, b, question in pairs:
