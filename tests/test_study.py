@@ -87,6 +87,10 @@ def test_results_contract(study):
         ("stage2", "dice", a, b) for a, b in stage2_pairs] + [
         ("stage2", "prompt_gap", a, b) for a, b in stage2_pairs[3:]] + [  # prompt-free rows have no gap
         ("clip_saliency", "sal_auroc", a, b) for a, b in clip_pairs]  # the raw map's lesion AUROC
+    noise = {(n["a"], n["b"]): n for n in on_disk["noise"]}  # variance components + MDE (base comparisons left out)
+    assert set(noise) == {p for p in clip_pairs if p[1] != "base"} and "**Noise and power**" in (
+        Path(cfg.out) / "results.md").read_text()
+    assert all(n["n_runs"] == 2 and set(n["components"]) == {"run", "subject", "image"} for n in noise.values())
     for family in ("clip", "stage2", "clip_saliency"):  # Holm over each family
         rows = [c for c in on_disk["comparisons"] if c["family"] == family]
         adj = holm({str(i): c["p"] for i, c in enumerate(rows)})

@@ -169,3 +169,30 @@ def test_vae_roundtrip_goes_through_the_autoencoder():
     (out,) = vae_roundtrip(pipe, [img])
     assert calls == [(1, 3, 32, 32)] and out.shape == img.shape
     assert np.abs(out - img).mean() < 0.02
+
+
+def test_noise_components_and_minimum_detectable_effect():
+    """The variance components of a paired difference (run, subject, image) and the MDE of the design, as the
+    core.stats functions give them on the aligned differences; more runs never raise the MDE."""
+    from negdpo.core.stats import design_mde, variance_components
+
+    from negdpo.study.tables import noise
+
+    rng = np.random.default_rng(0)
+    base = list(rng.uniform(0.2, 0.6, SUBJECTS))
+    rows = _rows("base", "0", base) + _rows("base", "1", base) + _rows("base", "2", base)
+    for run, shift in (("0/0", 0.05), ("1/1", -0.02), ("2/2", 0.08)):
+        rows += _rows("dpo_gen", run, [b + shift + e for b, e in zip(base, rng.normal(0, 0.03, SUBJECTS))])
+    (n,) = noise(rows, (("dpo_gen", "base", "q"),), n_comparisons=4)
+    diff = {(r["run"], r["subject_id"], r["image"]): r["dice"] - base[int(r["subject_id"][-4:])]
+            for r in rows if r["variant"] == "dpo_gen"}
+    comp = variance_components(diff, ("run", "subject", "image"))
+    assert np.isnan(comp["image"]) and n["components"]["image"] is None  # one image per subject: not separable
+    assert n["components"] == pytest.approx({**comp, "image": None}) and (n["n_runs"], n["n_subjects"]) == (3, SUBJECTS)
+    usable = {**comp, "image": 0.0}
+    kw = dict(n_subjects=SUBJECTS, n_images=1, n_comparisons=4)
+    assert n["mde"] == pytest.approx(design_mde(usable, 3, **kw)) and n["mde"] > 0
+    need = n["runs_for_target"]
+    assert need is not None and design_mde(usable, need, **kw) <= 0.05 < design_mde(usable, need - 1, **kw)
+    (one,) = noise([r for r in rows if r["run"] in ("0", "0/0")], (("dpo_gen", "base", "q"),), 4)
+    assert one["mde"] is None and one["n_runs"] == 1  # one run: run-to-run noise not measured

@@ -90,6 +90,20 @@ def generator_comparisons_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def noise_md(rows: list[dict]) -> str:
+    """Variance components of each comparison's paired Dice difference and the minimum detectable effect."""
+    if not rows:
+        return "Not estimated."
+    lines = ["| comparison (a − b) | runs × subjects | SD run / subject / image | MDE of this design | runs to resolve "
+             "the target |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        sd = " / ".join("n/a" if v is None else f"{v ** 0.5:.3f}" for v in r["components"].values())
+        need = r["runs_for_target"] if r["runs_for_target"] is not None else "not within 100"
+        lines.append(f"| `{r['a']}` − `{r['b']}` | {r['n_runs']} × {r['n_subjects']} | {sd} | {fmt(r['mde'])} | "
+                     f"{need} (target {r['target']}) |")
+    return "\n".join(lines)
+
+
 def sampling_md(cfg: dict) -> str:
     """How the learned generators sampled (the config's ``gen_init`` / ``gen_strength``)."""
     init, strength = cfg.get("gen_init", "source"), cfg.get("gen_strength", 1.0)
@@ -230,6 +244,11 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "*prompt gap*: report − irrelevant-prompt Dice (a larger gap = a saliency that follows the prompt more).",
         "",
         comparisons_md(results["comparisons"]), "",
+        "**Noise and power** (Dice, report prompt): nested variance components of each paired difference (training "
+        "run, subject within run, image within subject; `negdpo.core.stats.variance_components`, on this run's "
+        "test evaluation: the issue asks for them on validation) and the minimum detectable effect at 80 % power "
+        "with alpha 0.05 / the `clip` family size (`design_mde`); NaN / n/a with one run.", "",
+        noise_md(results.get("noise") or []), "",
         "## Generator: tumour removal on held-out positives (val + test subjects)", "",
         "Each generator repaints the 2-px-dilated lesion mask of every held-out positive. *Paste-back* keeps the "
         f"source exactly outside that mask (soft seam of {cfg.get('gen_seam_px')} px inside it); the no-paste rows "

@@ -18,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from negdpo.core.stats import Stat, holm, paired_diff_ci, run_level_diff, subject_ci, verdict_p
+from negdpo.core.stats import (
+    Stat,
+    design_mde,
+    holm,
+    paired_diff_ci,
+    run_level_diff,
+    subject_ci,
+    variance_components,
+    verdict_p,
+)
 from negdpo.study.variants import (
     COMPARISONS,
     GEN_COMPARISONS,
@@ -177,6 +186,36 @@ def comparisons(long_rows: list[dict], n_boot: int, seed: int, metric: str = "di
         out.append({"a": a, "b": b, "question": question, "metric": metric, "prompt": "report",
                     **compare(per[a], per[b], n_boot, seed)})
     return adjust_family(out, family)
+
+
+def noise(long_rows: list[dict], pairs: tuple[tuple[str, str, str], ...], n_comparisons: int,
+          target: float = 0.05, metric: str = "dice") -> list[dict]:
+    """Per comparison a - b: the nested variance components (run, subject, image) of the paired difference of
+    ``metric`` on this run's evaluation, and the minimum detectable effect (80 % power, alpha 0.05 / the
+    family size) of this design and of more runs: the number of runs that would resolve ``target``
+    (docs/method.md#minimum-detectable-effect). None with one run (run-to-run noise not measured); a level
+    that is not identifiable (one image per subject) counts 0, its variance being in its parent's."""
+    out = []
+    for a, b, question in pairs:
+        va, vb = _per_key(long_rows, a, metric), _per_key(long_rows, b, metric)
+        vb = align_runs(va, vb)
+        diff = {k: va[k] - vb[k] for k in va.keys() & vb.keys()}
+        if not diff:
+            continue
+        runs = {k[0] for k in diff}
+        subjects = {k[1] for k in diff}
+        images = len(diff) / max(1, len({k[:2] for k in diff}))
+        comp = variance_components(diff, ("run", "subject", "image"))
+        # a level that cannot be separated (NaN: one group per parent) has its variance in its parent's: 0 here
+        usable = {k: (v if math.isfinite(v) else 0.0) for k, v in comp.items()}
+        kw = dict(n_subjects=len(subjects), n_images=max(1, round(images)), n_comparisons=max(1, n_comparisons))
+        ok = len(runs) > 1 and math.isfinite(comp["run"])
+        mde = design_mde(usable, len(runs), **kw) if ok else float("nan")
+        need = next((n for n in range(2, 101) if design_mde(usable, n, **kw) <= target), None) if ok else None
+        out.append({"a": a, "b": b, "question": question, "metric": metric, "n_runs": len(runs),
+                    "n_subjects": len(subjects), "components": {k: num(v) for k, v in comp.items()},
+                    "mde": num(mde), "target": target, "runs_for_target": need})
+    return out
 
 
 # -- generator -----------------------------------------------------------------------------------------------
