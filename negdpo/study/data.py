@@ -65,21 +65,30 @@ def pool_positives(phantoms: Path, limit: int) -> list:
 def write_healthy_set(phantoms: Path, out: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
     """A scan folder for MedCLIP-SAMv2's own DHN-NCE setting: each positive with its report, and in its "twin"
     slot an ordinary healthy scan of the same split and modality (a healthy subject's scan, cycled in file
-    order; never the positive's own twin). DHN-NCE reads the (image, report) rows with in-batch negatives, so
+    order; never the positive's own twin; a split without one borrows train's). DHN-NCE reads the (image, report) rows with in-batch negatives, so
     the slot only puts healthy scans with the healthy report in the batches; no counterfactual image is used.
     """
     folder = ScanFolder(phantoms)
+    by_split = {split: folder.load_split(split) for split in dict.fromkeys((*splits, "train"))}
+
+    def healthy_of(split: str) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for s in by_split[split]:
+            if not s.positive:
+                out.setdefault(s.name.split("_", 1)[0], []).append(s)
+        return out
+
     prompts = {}
     for split in splits:
-        scans = folder.load_split(split)
-        healthy: dict[str, list] = {}
-        for s in scans:
-            if not s.positive:
-                healthy.setdefault(s.name.split("_", 1)[0], []).append(s)
+        scans = by_split[split]
+        # the split's own healthy scans of the modality; a small set may have none: then train's, then any modality's
+        healthy, train = healthy_of(split), healthy_of("train")
+        anyone = [s for group in (*healthy.values(), *train.values()) for s in group]
         used: dict[str, int] = {}
         for s in scans:
             modality = s.name.split("_", 1)[0]
-            if not s.positive or not healthy.get(modality):
+            healthy[modality] = healthy.get(modality) or train.get(modality) or anyone
+            if not s.positive or not healthy[modality]:
                 continue
             k = used.get(modality, 0)
             used[modality] = k + 1
