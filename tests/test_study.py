@@ -87,6 +87,10 @@ def test_results_contract(study):
         ("stage2", "dice", a, b) for a, b in stage2_pairs] + [
         ("stage2", "prompt_gap", a, b) for a, b in stage2_pairs[3:]] + [  # prompt-free rows have no gap
         ("clip_saliency", "sal_auroc", a, b) for a, b in clip_pairs]  # the raw map's lesion AUROC
+    diag = {(d["variant"], d["prompt"], d["group"]): d for d in on_disk["saliency_diagnostics"]}  # the raw maps
+    assert {("base", p, "all") for p in ("report", "irrelevant")} <= set(diag)
+    assert all(0.0 <= d["sal_auroc"] <= 1.0 for d in diag.values()) and "**Saliency diagnostics**" in (
+        Path(cfg.out) / "results.md").read_text()
     noise = {(n["a"], n["b"]): n for n in on_disk["noise"]}  # variance components + MDE (base comparisons left out)
     assert set(noise) == {p for p in clip_pairs if p[1] != "base"} and "**Noise and power**" in (
         Path(cfg.out) / "results.md").read_text()

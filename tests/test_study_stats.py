@@ -196,3 +196,22 @@ def test_noise_components_and_minimum_detectable_effect():
     assert need is not None and design_mde(usable, need, **kw) <= 0.05 < design_mde(usable, need - 1, **kw)
     (one,) = noise([r for r in rows if r["run"] in ("0", "0/0")], (("dpo_gen", "base", "q"),), 4)
     assert one["mde"] is None and one["n_runs"] == 1  # one run: run-to-run noise not measured
+
+
+def test_saliency_diagnostics_per_group():
+    """Subject means of the map's lesion AUROC and partial r per row, prompt and lesion group (+ all)."""
+    from negdpo.study.tables import saliency_diagnostics
+
+    rows = []
+    for k in range(4):
+        group = "mri_bright" if k < 2 else "us"
+        for prompt, auc in (("report", 0.9 - 0.1 * k), ("irrelevant", 0.5)):
+            rows.append({"variant": "base", "seed": 0, "run": "0", "image": f"mri_{k:04d}_0.png",
+                         "subject_id": f"mri_{k:04d}", "group": group, "prompt": prompt, "dice": 0.1,
+                         "sal_auroc": auc, "sal_partial_r": 0.2 if prompt == "report" else None})
+    diag = {(d["prompt"], d["group"]): d for d in saliency_diagnostics(rows, 100, 0)}
+    assert set(diag) == {(p, g) for p in ("report", "irrelevant") for g in ("mri_bright", "us", "all")}
+    assert diag["report", "mri_bright"]["sal_auroc"] == pytest.approx(0.85)
+    assert diag["report", "us"]["sal_auroc"] == pytest.approx(0.65) and diag["report", "all"]["n_images"] == 4
+    assert diag["irrelevant", "all"]["sal_auroc"] == pytest.approx(0.5) and diag["irrelevant", "all"]["sal_partial_r"] is None
+    assert saliency_diagnostics([{**r, "sal_auroc": None} for r in rows], 100, 0) == []

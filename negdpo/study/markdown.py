@@ -90,6 +90,19 @@ def generator_comparisons_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def saliency_md(rows: list[dict]) -> str:
+    """Lesion AUROC of the raw map and its partial r given local brightness, per row, prompt and lesion group."""
+    if not rows:
+        return "Not measured (the evaluation wrote no saliency scores)."
+    lines = ["| row | prompt | group | n img | lesion AUROC | partial r given brightness |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| `{r['variant']}` | {r['prompt']} | {GROUP_LABELS.get(r['group'], r['group'])} | "
+                     f"{r['n_images']} | {fmt(r['sal_auroc'], r['sal_auroc_ci'])} | "
+                     f"{fmt(r['sal_partial_r'], r['sal_partial_r_ci'])} |")
+    return "\n".join(lines)
+
+
 def noise_md(rows: list[dict]) -> str:
     """Variance components of each comparison's paired Dice difference and the minimum detectable effect."""
     if not rows:
@@ -229,6 +242,11 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "a map that ignores the prompt has a gap of 0.", "",
         segmentation_md(results["segmentation"]), "",
         f"Oracle box: {oracle}.", "",
+        "**Saliency diagnostics** (the raw map, before k-means/SAM; docs/method.md#saliency-metrics): lesion AUROC "
+        "(0.5 = no better than chance, < 0.5 = points away) and the partial correlation of the map with the "
+        "lesion mask given local brightness (> 0: lesion-specific beyond a brightness prior), for the report and "
+        "the irrelevant prompt, per lesion group (subject-bootstrap CIs).", "",
+        saliency_md(results.get("saliency_diagnostics") or []), "",
         stage2_md(results.get("stage2")), "",
         "## Comparisons (paired, at the level of training runs)", "",
         "Difference a − b: per training run (`<base seed>/<fine-tune seed>`; a base CLIP or a stage-2 row: "

@@ -26,6 +26,7 @@ from negdpo.study.tables import (
     generator_rows,
     noise,
     num,
+    saliency_diagnostics,
     segmentation_rows,
     twin_outside_mi,
 )
@@ -92,6 +93,7 @@ def write_results(run: StudyRun, *, version: str, t_start: float, long_rows: lis
                "segmentation": segmentation_rows(long_rows, cfg.bootstrap, cfg.seed),
                "comparisons": [row for rows in compared for row in rows],
                "stage2": stage2, "sam_pretrain": sam_info, "oracle_sam": evaluation.oracle_sam,
+               "saliency_diagnostics": saliency_diagnostics(long_rows, n_boot, seed),
                "noise": noise(long_rows, tuple(c for c in COMPARISONS if c[1] != "base"),
                               n_comparisons=len(compared[0])),
                "generator": generator_rows(gen.rows, cfg.bootstrap, cfg.seed, judged=gen.judges is not None),

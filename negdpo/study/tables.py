@@ -107,6 +107,26 @@ def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dic
     return out
 
 
+def saliency_diagnostics(long_rows: list[dict], n_boot: int, seed: int) -> list[dict]:
+    """Per (row, prompt: report | irrelevant, lesion group): the map's lesion AUROC and its partial correlation
+    with the lesion mask given local brightness (subject means with CIs): is the map lesion-specific beyond a
+    brightness prior (docs/method.md#saliency-metrics)?"""
+    out = []
+    for variant in VARIANTS:
+        for prompt in ("report", "irrelevant"):
+            rows = [r for r in long_rows if r["variant"] == variant and r["prompt"] == prompt]
+            for group in (*GROUPS, "all"):
+                mine = [r for r in rows if group == "all" or r.get("group") == group]
+                if not any(num(r.get("sal_auroc")) is not None for r in mine):
+                    continue
+                auc = subject_ci(by_subject(mine, "sal_auroc"), n_boot, seed)
+                pr = subject_ci(by_subject(mine, "sal_partial_r"), n_boot, seed)
+                out.append({"variant": variant, "prompt": prompt, "group": group, "n_images": len(mine),
+                            "sal_auroc": num(auc[0]), "sal_auroc_ci": _ci(auc), "sal_partial_r": num(pr[0]),
+                            "sal_partial_r_ci": _ci(pr)})
+    return out
+
+
 def _keyed(rows: Iterable[dict], key: str = "dice") -> Keyed:
     """{(run, subject, image): value of ``key``} of finite values."""
     return {(run_of(r), str(r["subject_id"]), str(r["image"])): float(r[key]) for r in rows
