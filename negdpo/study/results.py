@@ -50,7 +50,8 @@ def copy_figures(run: StudyRun, adapters: dict[str, str], ckpts: Checkpoints, ge
 def portable(obj: Any, roots: dict[str, Path]) -> Any:
     """``obj`` (JSON-able) with every path under a root written relative to it: ``{"work_dir": work}`` turns
     ``/abs/work/pairs/pairs`` (also inside ``local-dir:...``) into ``pairs/pairs``. The config's own ``out`` /
-    ``work_dir`` become relative to the current folder. No committed result names the machine it ran on."""
+    ``work_dir``, when absolute, become relative to ``roots["out"]`` (``.`` and e.g. ``../work``); relative ones
+    stay as given (relative to where the study ran). No committed result names the machine it ran on."""
     absolute = sorted({str(p) + "/" for root in roots.values() for p in (Path(root).absolute(), Path(root).resolve())},
                       key=len, reverse=True)
     relative = [str(r) + "/" for r in roots.values() if not Path(r).is_absolute() and str(r) not in ("", ".")]
@@ -68,10 +69,10 @@ def portable(obj: Any, roots: dict[str, Path]) -> Any:
         return x
 
     out = walk(obj)
-    if isinstance(out, dict) and isinstance(out.get("config"), dict):
+    if isinstance(out, dict) and isinstance(out.get("config"), dict) and "out" in roots:
         for key in ("out", "work_dir"):
             if out["config"].get(key) and Path(out["config"][key]).is_absolute():
-                out["config"][key] = os.path.relpath(out["config"][key], Path.cwd())
+                out["config"][key] = os.path.relpath(out["config"][key], Path(roots["out"]).absolute())
     return out
 
 
