@@ -21,7 +21,7 @@ CONFIG = str(ROOT / "configs" / "phantom_study.yaml")
 MICRO_SAM = {"img_size": 64, "patch_size": 8, "encoder_embed_dim": 16, "encoder_depth": 1, "encoder_num_heads": 2,
              "prompt_embed_dim": 32, "decoder_mlp_dim": 64, "decoder_num_heads": 2, "iou_head_hidden_dim": 32}
 SEG_KEYS = {"variant", "prompt", "dice_mean", "dice_ci", "sal_auroc", "sal_auroc_ci", "n_images", "n_seeds", "n_runs",
-            "supervision",
+            "supervision", "n_by_group",
             "dice_by_group", "prompt_gap", "prompt_gap_ci"}
 CMP_KEYS = {"a", "b", "question", "metric", "prompt", "n_pairs", "n_runs", "n_subjects", "diff_mean", "ci", "p",
             "p_holm", "verdict", "unit", "per_run", "t_check", "subject_only", "family"}
@@ -74,6 +74,7 @@ def test_results_contract(study):
         assert set(r) == SEG_KEYS and r["n_images"] == len(test_pos)
         assert r["n_seeds"] == (1 if r["variant"].startswith(("pg_", "vlsam")) else 2)  # stage 2: seed 0's chains
         assert set(r["dice_by_group"]) == {"mri_bright", "mri_dark", "us"}
+        assert r["n_by_group"] == {g: sum(1 for m in test_pos if m["group"] == g) for g in ("mri_bright", "mri_dark", "us")}
         lo, hi = r["dice_ci"]
         assert lo <= r["dice_mean"] <= hi
         has_gap = r["prompt"] == "report" and not r["variant"].startswith("pg_")  # prompt-free rows: no gap
@@ -260,6 +261,7 @@ def test_segmentation_rows_hand_computed():
                                                       "mri_dark": None, "us": pytest.approx(np.mean(base[0::2]))}
     assert seg["dpo_gen", "report"]["prompt_gap"] is None  # no irrelevant-prompt rows for it
     assert seg["base", "report"]["n_runs"] == 1 and seg["base", "report"]["supervision"] == "pool twins"
+    assert seg["base", "report"]["n_by_group"] == {"mri_bright": 3, "mri_dark": 0, "us": 3}  # group sizes, counted
     # the comparisons: tests/test_study_stats.py
 
 

@@ -23,7 +23,8 @@ def segmentation_md(rows: list[dict]) -> str:
              + " | ".join(GROUP_LABELS[g] for g in GROUPS) + " | prompt gap (report − irrelevant) | lesion AUROC of "
              "the map |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        groups = " | ".join(fmt(r["dice_by_group"][g]) for g in GROUPS)
+        n = r.get("n_by_group") or {}
+        groups = " | ".join(fmt(r["dice_by_group"][g]) + (f" (n {n[g]})" if g in n else "") for g in GROUPS)
         gap = fmt(r["prompt_gap"], r["prompt_gap_ci"]) if r["prompt"] == "report" else ""
         gap = "— (prompt-free)" if r["variant"].startswith("pg_") else gap
         lines.append(f"| {ROW_LABELS[r['variant']]} (`{r['variant']}`) | {r.get('supervision') or ''} | {r['prompt']} | "

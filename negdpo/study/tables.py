@@ -88,17 +88,18 @@ def segmentation_rows(long_rows: list[dict], n_boot: int, seed: int) -> list[dic
             if not rows:
                 continue
             stat = subject_ci(by_subject(rows, "dice"), n_boot, seed)
-            by_group = {}
+            by_group, n_by_group = {}, {}
             for g in GROUPS:
                 vals = [num(r["dice"]) for r in rows if r.get("group") == g]
                 vals = [v for v in vals if v is not None]
                 by_group[g] = float(np.mean(vals)) if vals else None
+                n_by_group[g] = len({r["image"] for r in rows if r.get("group") == g})  # images, not subjects
             auroc = subject_ci(by_subject(rows, "sal_auroc"), n_boot, seed)
             row = {"variant": variant, "prompt": prompt, "dice_mean": num(stat[0]), "dice_ci": _ci(stat),
                    "sal_auroc": num(auroc[0]), "sal_auroc_ci": _ci(auroc),
                    "n_images": len({r["image"] for r in rows}), "n_seeds": len({r["seed"] for r in rows}),
                    "n_runs": len({run_of(r) for r in rows}), "supervision": SUPERVISION.get(variant),
-                   "dice_by_group": by_group, "prompt_gap": None, "prompt_gap_ci": None}
+                   "dice_by_group": by_group, "n_by_group": n_by_group, "prompt_gap": None, "prompt_gap_ci": None}
             ctl = [r for r in mine if r["prompt"] == "irrelevant"]
             if prompt == "report" and ctl:
                 gap = paired_diff_ci(_paired(rows), _paired(ctl), n_boot, seed)
