@@ -109,7 +109,7 @@ def _subject_table(a: Mapping, b: Mapping) -> tuple[list[str], list[str], np.nda
     """Runs, distinct subjects, the (run x subject) matrix of subject mean differences (NaN = not scored)
     and its presence mask. Keys (run, subject, image) both maps have; non-finite differences dropped."""
     cells: dict[tuple[str, str], list[float]] = {}
-    for key in a.keys() & b.keys():
+    for key in sorted(a.keys() & b.keys(), key=lambda k: tuple(map(str, k))):  # fixed order: bit-reproducible
         run, subject, _ = key
         d = float(a[key]) - float(b[key])
         if math.isfinite(d):

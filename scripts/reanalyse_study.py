@@ -74,7 +74,7 @@ def per_key(rows: list[dict], variant: str, metric: str) -> dict[Key, float]:
         if r["variant"] == variant and r["prompt"] in by_prompt and v is not None:
             by_prompt[r["prompt"]][(r["seed"], r["subject_id"], r["image"])] = v
     report, ctl = by_prompt["report"], by_prompt["irrelevant"]
-    return report if metric == "dice" else {k: report[k] - ctl[k] for k in report.keys() & ctl.keys()}
+    return report if metric == "dice" else {k: report[k] - ctl[k] for k in sorted(report.keys() & ctl.keys())}
 
 
 def f3(x: float | None, digits: int = 3) -> str:
@@ -111,7 +111,7 @@ def design_of(diffs: Mapping[Key, float]) -> tuple[int, float]:
 
 
 def diffs_of(a: Mapping[Key, float], b: Mapping[Key, float]) -> dict[Key, float]:
-    return {k: a[k] - b[k] for k in a.keys() & b.keys()}
+    return {k: a[k] - b[k] for k in sorted(a.keys() & b.keys())}
 
 
 def segmentation_report(study: Path, n_boot: int, seed: int, out: Callable[[str], None]) -> None:
