@@ -142,7 +142,7 @@ def _per_key(long_rows: list[dict], variant: str, metric: str) -> Keyed:
         return _keyed((r for r in mine if r["prompt"] == "report"), metric)
     report = _keyed(r for r in mine if r["prompt"] == "report")
     ctl = _keyed(r for r in mine if r["prompt"] == "irrelevant")
-    return {k: report[k] - ctl[k] for k in report.keys() & ctl.keys()}
+    return {k: report[k] - ctl[k] for k in sorted(report.keys() & ctl.keys())}
 
 
 def align_runs(a: Keyed, b: Keyed) -> Keyed:
@@ -150,7 +150,7 @@ def align_runs(a: Keyed, b: Keyed) -> Keyed:
     (the base's values repeat under each of its fine-tunes); a run ``s`` of a row trained from one seed's chain
     pairs with that chain's first fine-tune ``s/s``."""
     b_runs, to_a = {k[0] for k in b}, {}
-    for ra in {k[0] for k in a}:
+    for ra in sorted({k[0] for k in a}):
         if ra in b_runs:
             to_a.setdefault(ra, []).append(ra)
         elif "/" in ra and ra.split("/")[0] in b_runs:
@@ -220,7 +220,7 @@ def noise(long_rows: list[dict], pairs: tuple[tuple[str, str, str], ...], n_comp
     for a, b, question in pairs:
         va, vb = _per_key(long_rows, a, metric), _per_key(long_rows, b, metric)
         vb = align_runs(va, vb)
-        diff = {k: va[k] - vb[k] for k in va.keys() & vb.keys()}
+        diff = {k: va[k] - vb[k] for k in sorted(va.keys() & vb.keys())}  # sorted: set order follows the hash seed
         if not diff:
             continue
         runs = {k[0] for k in diff}
@@ -292,7 +292,7 @@ def broadcast_fixed(a: Keyed, b: Keyed) -> Keyed:
     """``b`` on ``a``'s runs: a row that trains nothing (run ``""``) pairs with every run of ``a``; else equal runs."""
     if {k[0] for k in b} != {""}:
         return align_runs(a, b)
-    return {(ra, s, i): v for ra in {k[0] for k in a} for (_, s, i), v in b.items()}
+    return {(ra, s, i): v for ra in sorted({k[0] for k in a}) for (_, s, i), v in b.items()}
 
 
 def generator_comparisons(gen_rows: list[dict], n_boot: int, seed: int, metric: str = "inside_err",
