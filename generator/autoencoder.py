@@ -162,12 +162,13 @@ def _settings(model: str, data: str, steps: int, batch_size: int, lr: float, see
 def adapt_autoencoder(model: str, data: str, out: str, steps: int = 400, batch_size: int = 8, lr: float = 3e-3,
                       seed: int = 0, device: torch.device | str = "cpu", *, kl_weight: float = 1e-6,
                       hflip: bool = True, vflip: bool = False, size: int | None = None,
-                      rescale_latents: bool = True, overwrite: bool = False, twins: bool = True) -> str:
+                      rescale_latents: bool = True, overwrite: bool = False, twins: bool = True,
+                      heldout_splits: tuple[str, ...] = HELDOUT_SPLITS) -> str:
     """Fine-tune ``model``'s AutoencoderKL on ``data``; write a full diffusers pipeline to ``out``; return ``out``.
 
     Training images: the train split, its healthy twins (``twins=False``: none, nothing under ``*_twins/`` is
-    read) and ``negatives/``. Held-out PSNR (posterior mode,
-    val+test images) before/after is stored in ``out/negdpo_autoencoder.json``. With ``rescale_latents``
+    read) and ``negatives/``. Held-out PSNR (posterior mode, ``heldout_splits`` images, default val+test)
+    before/after is stored in ``out/negdpo_autoencoder.json``. With ``rescale_latents``
     the VAE's ``scaling_factor`` is re-estimated so the scaled latents have unit std. If ``out`` already
     holds a complete folder with the same settings it is returned as is (``overwrite`` forces a rebuild).
     """
@@ -195,7 +196,7 @@ def adapt_autoencoder(model: str, data: str, out: str, steps: int = 400, batch_s
     size = int(size or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor))
     train_images = collect_images(data, size, ("train",), twins=twins, negatives=True)
     try:
-        heldout = collect_images(data, size, HELDOUT_SPLITS, twins=False, negatives=False)
+        heldout = collect_images(data, size, heldout_splits, twins=False, negatives=False)
     except FileNotFoundError:
         heldout = None
         logger.warning("autoencoder: no val/test images in %s; PSNR is measured on training images", data)

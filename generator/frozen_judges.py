@@ -177,7 +177,7 @@ LinearJudge = _Linear  # the same classifier, for judges fitted elsewhere (prefe
 
 
 def _subject(name: str) -> str:
-    """``mri_0003_1.png`` -> ``mri_0003`` (as ``negdpo.study_eval.subject_of``)."""
+    """``mri_0003_1.png`` -> ``mri_0003`` (as ``negdpo.study.data.subject_of``)."""
     return Path(name).stem.rsplit("_", 1)[0]
 
 
@@ -418,7 +418,7 @@ def score_with_judges(detector: LesionDetector, method: str, scans: Sequence,
                       outputs: dict[bool | None, Sequence[np.ndarray]], pool_scans: Sequence | None = None,
                       pool_outputs: dict[bool | None, Sequence[np.ndarray]] | None = None, seed: int = 0,
                       n_boot: int = 1000) -> dict:
-    """Both judges on one generator's held-out repairs (as built in ``negdpo.study_eval.score_generator``).
+    """Both judges on one generator's held-out repairs (as built in ``negdpo.study.generators.score_generator``).
 
     ``outputs``: {paste_back: repairs of ``scans``}; ``pool_outputs``: the same for the pool positives
     ``pool_scans`` (without them no realism row). Returns ``{"lesion": {paste_back: [per-scan columns]},
@@ -435,7 +435,7 @@ def score_with_judges(detector: LesionDetector, method: str, scans: Sequence,
 def add_lesion_free(table_rows: list[dict], gen_rows: list[dict], n_boot: int, seed: int) -> list[dict]:
     """Fill ``lesion_free_rate`` (+ ``lesion_free_rate_ci``) of the generator table rows in place.
 
-    ``table_rows``: ``negdpo.study_tables.generator_rows`` output ((method, modality, paste_back) rows,
+    ``table_rows``: ``negdpo.study.tables.generator_rows`` output ((method, modality, paste_back) rows,
     modality ``all`` pooling both); ``gen_rows``: the per-image rows carrying ``lesion_free``. The rate is the
     mean over subjects of each subject's share, with its subject-bootstrap CI (``negdpo.core.stats``).
     """

@@ -4,7 +4,7 @@
         [--opts '{"m2ib_beta": 0.1, "m2ib_steps": 5, "m2ib_samples": 5}'] [--results FILE.jsonl]
 
 Runs ``negdpo.segmentation.evaluate.evaluate`` (split ``test``, SAM off unless ``--opts`` says otherwise) and
-appends one JSON line: Dice on the test positives overall and per group (``negdpo.study_eval.lesion_groups``),
+appends one JSON line: Dice on the test positives overall and per group (``negdpo.study.data.lesion_groups``),
 the irrelevant-prompt Dice, the paired gap (report - irrelevant) with its bootstrap 95% CI, and the mean
 correlation of the two saliency maps. The table in ``docs/saliency_levers.md`` was built from these lines.
 """
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from negdpo.segmentation.evaluate import DEFAULT_CONTROL, evaluate
 
-    from negdpo.study_eval import lesion_groups
+    from negdpo.study.data import lesion_groups
 
     torch.set_num_threads(args.threads)
     opts = {"saliency": "m2ib", "sam": "none", "control_prompt": DEFAULT_CONTROL, "save_images": False, "bootstrap": 10,

@@ -39,13 +39,13 @@ def detector(phantoms):
 def _harmonic(scans):
     from negdpo.core.fill import harmonic_fill
 
-    from negdpo.study_eval import repaint_mask
+    from negdpo.study.data import repaint_mask
 
     return [harmonic_fill(s.image, repaint_mask(s.mask)) for s in scans]
 
 
 def _constant(scans):
-    from negdpo.study_eval import repaint_mask
+    from negdpo.study.data import repaint_mask
 
     out = []
     for s in scans:
@@ -57,7 +57,7 @@ def _constant(scans):
 
 
 def _noise(scans, seed=0):
-    from negdpo.study_eval import repaint_mask
+    from negdpo.study.data import repaint_mask
 
     rng = np.random.default_rng(seed)
     out = []

@@ -9,18 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from negdpo.core.stats import subject_ci
+from negdpo.core.stats import UNIT_CROSSED, UNIT_ONE_RUN, holm, subject_ci, verdict_p
 from negdpo.generator.sample import paste_back_blend
 
 from negdpo.study import StudyConfig, load_study_config, run_study
-from negdpo.study_tables import comparisons, generator_rows, segmentation_rows, stage2_comparisons
+from negdpo.study.protocol import CHOICES
+from negdpo.study.tables import generator_rows, segmentation_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "phantom_study.yaml")
 MICRO_SAM = {"img_size": 64, "patch_size": 8, "encoder_embed_dim": 16, "encoder_depth": 1, "encoder_num_heads": 2,
              "prompt_embed_dim": 32, "decoder_mlp_dim": 64, "decoder_num_heads": 2, "iou_head_hidden_dim": 32}
-SEG_KEYS = {"variant", "prompt", "dice_mean", "dice_ci", "n_images", "n_seeds", "dice_by_group", "prompt_gap",
-            "prompt_gap_ci"}
+SEG_KEYS = {"variant", "prompt", "dice_mean", "dice_ci", "sal_auroc", "sal_auroc_ci", "n_images", "n_seeds", "n_runs",
+            "supervision", "n_by_group",
+            "dice_by_group", "prompt_gap", "prompt_gap_ci"}
+CMP_KEYS = {"a", "b", "question", "metric", "prompt", "n_pairs", "n_runs", "n_subjects", "diff_mean", "ci", "p",
+            "p_holm", "verdict", "unit", "per_run", "t_check", "subject_only", "family"}
 
 
 def _reduced(tmp: Path) -> StudyConfig:
@@ -28,8 +32,8 @@ def _reduced(tmp: Path) -> StudyConfig:
     return StudyConfig(**{**cfg.__dict__, "out": str(tmp / "results"), "work_dir": str(tmp / "work"),
                           "phantoms_n": 8, "phantoms_pretrain_n": 4, "gen_autoencoder_steps": 20,
                           "gen_sft_steps": 2, "gen_dpo_steps": 2, "gen_sample_steps": 2,
-                          "gen_variants": ["sft", "dpo_mi_sdpo"], "pairs_k": 2, "pairs_steps": 2,
-                          "clip_variants": ["base", "dpo_gen", "dpo_harmonic"], "clip_seeds": 2,
+                          "gen_variants": ["sft", "dpo_mi_sdpo"], "gen_seeds": 2, "pairs_k": 2, "pairs_steps": 2,
+                          "clip_variants": ["base", "dhn_nce_faithful", "dpo_gen", "dpo_harmonic"], "clip_seeds": 2,
                           "clip_pretrain_steps": 2, "clip_finetune_steps": 2, "clip_batch": 2, "bootstrap": 50,
                           "eval_sam": "tiny", "eval_reference_saliency": "surgery", "pg_steps": 1, "vlm_steps": 2, "judge_pool_max": 4,
                           "sam_pretrain_steps": 2, "sam_pretrain_extra": {**MICRO_SAM, "train_batch_size": 2,
@@ -61,7 +65,8 @@ def test_results_contract(study):
     assert on_disk["n_test_positive"] == len(test_pos) > 0
     seg = on_disk["segmentation"]
     assert [(r["variant"], r["prompt"]) for r in seg] == [
-        (v, p) for v in ("base", "dpo_gen", "dpo_harmonic") for p in ("report", "word", "irrelevant")] + [
+        (v, p) for v in ("base", "dhn_nce_faithful", "dpo_gen", "dpo_harmonic")
+        for p in ("report", "word", "irrelevant")] + [
         ("base_reference", "report"), ("base_reference", "irrelevant"),  # the base CLIPs through another saliency
         ("pg_pseudo_base", "report"), ("pg_pseudo_best", "report"), ("pg_supervised", "report"),
         ("vlsam", "report"), ("vlsam", "word"), ("vlsam", "irrelevant")]  # prompt-free pg rows: report only
@@ -69,19 +74,41 @@ def test_results_contract(study):
         assert set(r) == SEG_KEYS and r["n_images"] == len(test_pos)
         assert r["n_seeds"] == (1 if r["variant"].startswith(("pg_", "vlsam")) else 2)  # stage 2: seed 0's chains
         assert set(r["dice_by_group"]) == {"mri_bright", "mri_dark", "us"}
+        assert r["n_by_group"] == {g: sum(1 for m in test_pos if m["group"] == g) for g in ("mri_bright", "mri_dark", "us")}
         lo, hi = r["dice_ci"]
         assert lo <= r["dice_mean"] <= hi
         has_gap = r["prompt"] == "report" and not r["variant"].startswith("pg_")  # prompt-free rows: no gap
         assert (r["prompt_gap"] is not None) == has_gap  # the gap is a report-row column
-    clip_pairs = (("dpo_gen", "base"), ("dpo_harmonic", "dpo_gen"))
-    assert [(c["metric"], c["a"], c["b"]) for c in on_disk["comparisons"]] == [
-        ("dice", a, b) for a, b in (*clip_pairs, ("pg_pseudo_base", "base"), ("pg_pseudo_best", "dpo_gen"),
-                                    ("pg_supervised", "base"), ("vlsam", "base"), ("base_reference", "base"))] + [
-        ("prompt_gap", a, b) for a, b in (*clip_pairs, ("vlsam", "base"), ("base_reference", "base"))]  # prompt-free rows have no gap
+    clip_pairs = (("dpo_gen", "dpo_harmonic"), ("dpo_gen", "dhn_nce_faithful"), ("dpo_harmonic", "dhn_nce_faithful"),
+                  ("dhn_nce_faithful", "base"), ("dpo_gen", "base"), ("dpo_harmonic", "base"))
+    stage2_pairs = (("pg_pseudo_base", "base"), ("pg_pseudo_best", "dpo_gen"), ("pg_supervised", "base"),
+                    ("vlsam", "base"), ("base_reference", "base"))
+    assert [(c["family"], c["metric"], c["a"], c["b"]) for c in on_disk["comparisons"]] == [
+        ("clip", m, a, b) for m in ("dice", "prompt_gap") for a, b in clip_pairs] + [
+        ("stage2", "dice", a, b) for a, b in stage2_pairs] + [
+        ("stage2", "prompt_gap", a, b) for a, b in stage2_pairs[3:]] + [  # prompt-free rows have no gap
+        ("clip_saliency", "sal_auroc", a, b) for a, b in clip_pairs]  # the raw map's lesion AUROC
+    diag = {(d["variant"], d["prompt"], d["group"]): d for d in on_disk["saliency_diagnostics"]}  # the raw maps
+    assert {("base", p, "all") for p in ("report", "irrelevant")} <= set(diag)
+    assert all(0.0 <= d["sal_auroc"] <= 1.0 for d in diag.values()) and "**Saliency diagnostics**" in (
+        Path(cfg.out) / "results.md").read_text()
+    noise = {(n["a"], n["b"]): n for n in on_disk["noise"]}  # variance components + MDE (base comparisons left out)
+    assert set(noise) == {p for p in clip_pairs if p[1] != "base"} and "**Noise and power**" in (
+        Path(cfg.out) / "results.md").read_text()
+    assert all(n["n_runs"] == 2 and set(n["components"]) == {"run", "subject", "image"} for n in noise.values())
+    for family in ("clip", "stage2", "clip_saliency"):  # Holm over each family
+        rows = [c for c in on_disk["comparisons"] if c["family"] == family]
+        adj = holm({str(i): c["p"] for i, c in enumerate(rows)})
+        assert [c["p_holm"] for c in rows] == pytest.approx([adj[str(i)] for i in range(len(rows))])
     for c in on_disk["comparisons"]:
-        assert c["verdict"] in ("better", "worse", "inconclusive")
+        assert set(c) == CMP_KEYS and c["verdict"] == verdict_p(c["diff_mean"], c["p_holm"])
         stage2 = c["a"].startswith(("pg_", "vlsam"))  # pairs with seed 0's rows of b only
-        assert c["n_pairs"] == (1 if stage2 else 2) * len(test_pos)  # images x seeds, paired
+        assert c["n_pairs"] == (1 if stage2 else 2) * len(test_pos)  # images x runs, paired
+        assert c["n_runs"] == (1 if stage2 else 2) and len(c["per_run"]) == c["n_runs"]
+        assert set(c["per_run"]) == ({"0"} if stage2 else {"0", "1"} if c["a"] == "base_reference" else {"0/0", "1/1"})
+        assert c["unit"] == (UNIT_ONE_RUN if stage2 else UNIT_CROSSED)
+        lo, hi = c["ci"]
+        assert lo <= c["diff_mean"] <= hi and c["subject_only"]["diff_mean"] == c["diff_mean"]
     gen = {(r["method"], r["paste_back"], r["modality"]) for r in on_disk["generator"]}
     for method in ("sft", "dpo_mi_sdpo", "dpo_mi_sdpo_noise"):  # quick samples at strength 0.5: + a pure-noise row
         assert {(method, p, m) for p in (True, False) for m in ("mri", "us", "all")} <= gen
@@ -90,26 +117,44 @@ def test_results_contract(study):
         lo, hi = r["lesion_free_rate_ci"]
         assert 0.0 <= lo <= r["lesion_free_rate"] <= hi <= 1.0
     assert set(on_disk["realism_auc"]) == {"identity", "harmonic", "sft", "sft_no_paste", "dpo_mi_sdpo",
-                                           "dpo_mi_sdpo_no_paste", "dpo_mi_sdpo_noise", "dpo_mi_sdpo_noise_no_paste"}
+                                           "dpo_mi_sdpo_no_paste", "dpo_mi_sdpo_noise", "dpo_mi_sdpo_noise_no_paste",
+                                           "harmonic_vae", "harmonic_vae_no_paste", "harmonic_untrained",
+                                           "harmonic_untrained_no_paste"}
+    # the rows that isolate learning, and the generator comparisons over the two generator seeds
+    for method in ("harmonic_vae", "harmonic_untrained"):
+        assert {(method, p, m) for p in (True, False) for m in ("mri", "us", "all")} <= gen
+    runs = {r["method"]: r["n_runs"] for r in on_disk["generator"] if r["paste_back"] is not False and r["modality"] == "all"}
+    assert runs == {"identity": 1, "harmonic": 1, "harmonic_vae": 1, "harmonic_untrained": 1, "sft": 2,
+                    "dpo_mi_sdpo": 2, "dpo_mi_sdpo_noise": 1}
+    gcmp = {(c["a"], c["b"], c["modality"]): c for c in on_disk["generator_comparisons"]}
+    assert set(gcmp) == {(a, b, m) for a, b in (("sft", "harmonic_vae"), ("dpo_mi_sdpo", "harmonic_vae"),
+                                                ("harmonic_untrained", "harmonic_vae"), ("sft", "harmonic_untrained"))
+                         for m in ("mri", "us")}
+    assert set(gcmp["sft", "harmonic_vae", "us"]["per_run"]) == {"0", "1"} and on_disk["generator_seeds"] == [0, 1]
+    assert gcmp["harmonic_untrained", "harmonic_vae", "mri"]["n_runs"] == 1
     assert all(0.0 <= v <= 1.0 for v in on_disk["realism_auc"].values())
     lo, hi = on_disk["oracle_box_dice_ci"]  # the pre-trained tiny SAM prompted with ground-truth boxes
     assert 0.0 <= lo <= on_disk["oracle_box_dice"] <= hi <= 1.0
     md = (Path(cfg.out) / "results.md").read_text()
-    for text in ("## Zero-shot segmentation", "| CLIP-DPO, harmonic-fill negatives (no generator) | report |",
-                 "## Comparisons", "harmonic-fill vs generated negatives", "| SFT only | yes | mri |",
+    for text in ("## Zero-shot segmentation", "| CLIP-DPO, harmonic-fill negatives (no generator) (`dpo_harmonic`) | "
+                 "masks | report |", "| DHN-NCE, MedCLIP-SAMv2 setting (in-batch negatives) (`dhn_nce_faithful`) | none |",
+                 "## Comparisons", "CLIP-DPO: generated vs harmonic-fill negatives", "| SFT only | yes | mri |",
                  "| DPO + MI + SDPO | no | us |", "| positive itself (no repair) | — | all |",
                  "| DPO + MI + SDPO, from pure noise (strength 1) | yes | us |",
                  "start from the positive with the mask harmonically filled (SDEdit), noised to strength 0.5",
                  "Realism AUC of a real-vs-generated classifier", "Oracle box: **", "Smoke preset",
-                 "| VL-SAM (tiny VLM trained on the pool) | report |", "— (prompt-free)", "**Stage 2**",
+                 "| VL-SAM (tiny VLM trained on the pool) (`vlsam`) | pool reports | report |", "— (prompt-free)",
+                 "**Stage 2**", "runs × subjects", "Holm p", "## Protocol: where each choice was made",
                  "stage 2 vs stage 1 (dpo_gen chain) (`pg_pseudo_best` − `dpo_gen`)", "*Lesion-free rate*: share"):
         assert text in md, text
     assert "| DPO + MI |" not in md  # variants that did not run are not reported
-    assert {"phantoms", "clip_base_s1", "clip_dpo_harmonic_s0", "harmonic_pairs", "evaluate", "evaluate_word"} <= set(
+    assert {"phantoms", "clip_base_s1", "clip_dpo_harmonic_s0", "clip_dhn_nce_faithful_s1", "harmonic_pairs",
+            "faithful_pairs", "evaluate", "evaluate_word"} <= set(
         on_disk["stage_seconds"]) and "## Run time per stage" in md
     figs = {p.name for p in (Path(cfg.out) / "figures").glob("*.png")}
     assert {"generator_sft.png", "generator_dpo_mi_sdpo.png", "generator_dpo_mi_sdpo_noise.png", "generator_curves.png",
-            "clip_curves.png"} <= figs
+            "clip_curves.png", "generator_harmonic_vae.png", "generator_harmonic_untrained.png"} <= figs
+    assert "generator_sft_g1.png" not in figs and "| harmonic fill through the autoencoder (no UNet) | yes | us |" in md
 
 
 def test_numbers_come_from_the_data(study):
@@ -146,13 +191,25 @@ def test_numbers_come_from_the_data(study):
     for g in ("mri_bright", "mri_dark", "us"):
         vals = [dice["dpo_gen", s, i, "word"] for s, i in keys if groups[i] == g]
         assert seg["dpo_gen", "word"]["dice_by_group"][g] == (pytest.approx(np.mean(vals)) if vals else None)
-    diff = np.mean([dice["dpo_gen", s, i, "report"] - dice["base", s, i, "report"] for s, i in keys])
+    def run_level(d: dict) -> tuple[float, dict]:  # per seed: mean over subjects of subject means; mean over seeds
+        per = {}
+        for sd in sorted({sd for sd, _ in d}):
+            subj: dict[str, list[float]] = {}
+            for (s2, i), v in d.items():
+                if s2 == sd:
+                    subj.setdefault(i.rsplit("_", 1)[0], []).append(v)
+            per[sd] = np.mean([np.mean(v) for v in subj.values()])
+        return float(np.mean(list(per.values()))), per
+
     comp = {(c["metric"], c["a"], c["b"]): c for c in results["comparisons"]}
-    assert comp["dice", "dpo_gen", "base"]["diff_mean"] == pytest.approx(diff, abs=1e-12)
+    mean, per = run_level({(s, i): dice["dpo_gen", s, i, "report"] - dice["base", s, i, "report"] for s, i in keys})
+    assert comp["dice", "dpo_gen", "base"]["diff_mean"] == pytest.approx(mean, abs=1e-12)
+    assert comp["dice", "dpo_gen", "base"]["per_run"] == pytest.approx({f"{s}/{s}": v for s, v in per.items()})
     gaps = {v: {(sd, i): dice[v, sd, i, "report"] - dice[v, sd, i, "irrelevant"] for sd, i in keys}
             for v in ("dpo_gen", "base")}
     assert comp["prompt_gap", "dpo_gen", "base"]["diff_mean"] == pytest.approx(
-        np.mean([gaps["dpo_gen"][k] - gaps["base"][k] for k in keys]), abs=1e-12)
+        run_level({k: gaps["dpo_gen"][k] - gaps["base"][k] for k in keys})[0], abs=1e-12)
+    assert {r["run"] for r in rows if r["variant"] == "dpo_gen"} == {"0/0", "1/1"}
     # the base CLIPs pre-trained on the pool, never on an evaluation subject
     stamp = json.loads((Path(cfg.work_dir) / "clip_base_s0" / "stage.json").read_text())
     assert stamp["settings"]["split"] == "pretrain" and results["clip_pretrain_split"] == "pretrain"
@@ -166,12 +223,12 @@ def test_rerun_is_cached_and_reproduces(study, monkeypatch):
         calls.append(1)
         return "at-start" if len(calls) == 1 else "later"
 
-    monkeypatch.setattr("negdpo.core.config.code_version", version)
+    monkeypatch.setattr("negdpo.study.pipeline.code_version", version)
     work = Path(cfg.work_dir)
     stamps = list(work.glob("*/stage.json"))
     assert all(json.loads(p.read_text())["settings"]["preset"] == "quick" for p in stamps)  # keys name the preset
     trained = {p: p.stat().st_mtime_ns for p in stamps if p.parent.name.startswith(("gen_", "clip_"))}
-    assert len([p for p in trained if p.parent.name.startswith("clip_")]) == 6  # 3 variants x 2 seeds
+    assert len([p for p in trained if p.parent.name.startswith("clip_")]) == 8  # 4 variants x 2 seeds
     for stage in [*work.glob("geneval_*"), work / "evaluate", work / "evaluate_word"]:
         (stage / "stage.json").unlink()  # recompute every number from the models
     again = run_study(cfg)
@@ -193,7 +250,7 @@ def _seg_rows(base: list[float], other: list[float], ctl: list[float]) -> list[d
     return rows
 
 
-def test_tables_hand_computed_and_verdicts():
+def test_segmentation_rows_hand_computed():
     base = [0.2, 0.3, 0.4, 0.5, 0.6, 0.1]
     rows = _seg_rows(base, [b + 0.1 + 0.01 * k for k, b in enumerate(base)], [b - 0.05 for b in base])
     seg = {(r["variant"], r["prompt"]): r for r in segmentation_rows(rows, 200, 0)}
@@ -203,29 +260,9 @@ def test_tables_hand_computed_and_verdicts():
     assert seg["base", "report"]["dice_by_group"] == {"mri_bright": pytest.approx(np.mean(base[1::2])),
                                                       "mri_dark": None, "us": pytest.approx(np.mean(base[0::2]))}
     assert seg["dpo_gen", "report"]["prompt_gap"] is None  # no irrelevant-prompt rows for it
-    (comp,) = comparisons(rows, 500, 0)
-    assert (comp["a"], comp["b"], comp["verdict"]) == ("dpo_gen", "base", "better")
-    assert comp["diff_mean"] == pytest.approx(0.125)  # 0.1 + 0.01 * mean(0..5)
-    assert comparisons(rows, 500, 0, "prompt_gap") == []  # dpo_gen has no irrelevant-prompt rows here
-    ctl = [{**r, "variant": "dpo_gen", "dice": r["dice"] - 0.02 * (k % 2)}
-           for k, r in enumerate(r for r in rows if r["variant"] == "base" and r["prompt"] == "irrelevant")]
-    (gap,) = comparisons(rows + ctl, 500, 0, "prompt_gap")
-    # image k: (dpo_gen report - its control) - (base report - base control) = 0.1 + 0.01 k + 0.02 (k % 2)
-    assert gap["metric"] == "prompt_gap" and gap["diff_mean"] == pytest.approx(0.125 + 0.01)
-    with pytest.raises(ValueError, match="metric"):
-        comparisons(rows, 10, 0, "iou")
-    # a stage-2 row trained from seed 0's chain pairs with seed 0's rows of b only (not with other seeds')
-    seed1 = [{**r, "seed": 1, "dice": r["dice"] + 1.0} for r in rows if r["variant"] == "base"]
-    pg = [{**r, "variant": "pg_supervised", "dice": r["dice"] + 0.2} for r in rows
-          if r["variant"] == "base" and r["prompt"] == "report"]
-    (sup,) = [c for c in comparisons(rows + seed1 + pg, 500, 0, "dice", stage2_comparisons("dpo_gen"))
-              if c["a"] == "pg_supervised"]
-    assert (sup["b"], sup["n_pairs"], sup["verdict"]) == ("base", len(base), "better")
-    assert sup["diff_mean"] == pytest.approx(0.2)
-    worse = _seg_rows(base, [b - 0.1 for b in base], base)
-    assert comparisons(worse, 500, 0)[0]["verdict"] == "worse"
-    mixed = _seg_rows(base, [b + d for b, d in zip(base, (0.1, -0.1, 0.1, -0.1, 0.1, -0.1))], base)
-    assert comparisons(mixed, 500, 0)[0]["verdict"] == "inconclusive"  # the CI contains 0
+    assert seg["base", "report"]["n_runs"] == 1 and seg["base", "report"]["supervision"] == "pool twins"
+    assert seg["base", "report"]["n_by_group"] == {"mri_bright": 3, "mri_dark": 0, "us": 3}  # group sizes, counted
+    # the comparisons: tests/test_study_stats.py
 
 
 def test_generator_rows_per_modality_and_paste():
@@ -271,7 +308,9 @@ def test_presets_medium_size_and_positives(tmp_path):
     assert cfg.pg_steps > 0 and set(cfg.pg_rows) == {"pg_pseudo_base", "pg_pseudo_best", "pg_supervised"}
     assert cfg.vlm_steps > 0 and cfg.pg_best_variant in cfg.clip_variants
     assert cfg.work_dir != load_study_config(CONFIG, "quick", []).work_dir
-    assert set(cfg.clip_variants) == {"base", "dhn_nce", "dpo_gen", "dpo_twin", "dpo_harmonic", "dpo_entropy", "stages"}
+    assert set(cfg.clip_variants) == {"base", "dhn_nce_faithful", "dhn_nce", "dhn_nce_gen", "dhn_nce_harmonic", "dpo_twin",
+                                      "dpo_gen", "dpo_harmonic", "dpo_entropy", "stages"}
+    assert cfg.clip_finetune_seeds >= 1 and set(cfg.protocol) == set(CHOICES)
     root = generate(PhantomConfig(out=str(tmp_path / "m"), n=cfg.phantoms_n, size=16, slices=cfg.phantoms_slices,
                                   seed=cfg.seed, preview=False))
     rows = list(csv.DictReader(open(root / "meta.csv")))
@@ -284,7 +323,7 @@ def test_oracle_box_prompts_sam_with_the_ground_truth_box(phantom_dir, monkeypat
     import negdpo.segmentation.sam_prompt as sam_prompt
     from negdpo.core.scans import ScanFolder
 
-    from negdpo.study_eval import oracle_box
+    from negdpo.study.segmentation import oracle_box
 
     class BoxFill:  # a "SAM" that fills the box of the coarse mask it is prompted with
         def __init__(self, sam, cfg):
@@ -414,10 +453,11 @@ def test_disabling_the_keys_removes_the_rows(study, tmp_path):
 
     cfg, results = study
     off = run_study(replace(cfg, out=str(tmp_path / "off"), pg_steps=0, vlm_steps=0, eval_reference_saliency=""))
-    assert {r["variant"] for r in off["segmentation"]} == {"base", "dpo_gen", "dpo_harmonic"}
+    assert {r["variant"] for r in off["segmentation"]} == {"base", "dhn_nce_faithful", "dpo_gen", "dpo_harmonic"}
     assert all(not c["a"].startswith(("pg_", "vlsam", "base_reference")) for c in off["comparisons"])
     assert off["stage2"]["pg"] == {} and "vlsam" not in off["stage2"]
-    clip_rows = [r for r in results["segmentation"] if r["variant"] in ("base", "dpo_gen", "dpo_harmonic")]
+    clip_rows = [r for r in results["segmentation"] if r["variant"] in ("base", "dhn_nce_faithful", "dpo_gen",
+                                                                        "dpo_harmonic")]
     assert json.dumps(off["segmentation"], sort_keys=True) == json.dumps(clip_rows, sort_keys=True)
     assert "not run (`pg_steps: 0`, `vlm_steps: 0`)" in (tmp_path / "off" / "results.md").read_text()
     only_sup = run_study(replace(cfg, out=str(tmp_path / "sup"), pg_rows=["pg_supervised"], vlm_steps=0))
@@ -453,3 +493,66 @@ def test_parallel_clip_stages_give_the_same_numbers(study):
     assert pids and os.getpid() not in pids  # trained in the worker processes
     for key in ("segmentation", "comparisons"):
         assert json.dumps(again[key], sort_keys=True) == json.dumps(results[key], sort_keys=True), key
+
+
+def test_protocol_and_locked_test_split(study):
+    """Every selection stage ran with the test split locked (a test read would have failed the run); only the
+    evaluation opened test files; the protocol names each choice with the split it was made on."""
+    cfg, results = study
+    proto = results["protocol"]
+    assert proto["locked_split"] == "test"
+    assert "test" not in proto["reads"]["selection"] and proto["reads"]["selection"]["train"] > 0
+    assert proto["reads"]["evaluation"]["test"] > 0
+    assert set(proto["choices"]) == set(CHOICES)
+    assert proto["choices"]["sampling_start_and_strength"] == {
+        "value": {"init": cfg.gen_init, "strength": cfg.gen_strength}, "chosen_on": cfg.protocol[
+            "sampling_start_and_strength"]}
+    assert all(c["chosen_on"] != "not recorded" for c in proto["choices"].values())
+    pairs = json.loads((Path(cfg.work_dir) / "pairs" / "stage.json").read_text())
+    assert pairs["settings"]["splits"] == "train,val"  # no pair is built from a test positive
+
+
+def test_no_absolute_path_in_results(study):
+    """results.json and the CSVs name no path of the machine they ran on (relative to the work dir / out)."""
+    cfg, results = study
+    out = Path(cfg.out)
+    strings: list[str] = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                strings.append(str(k))
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str):
+            strings.append(x)
+
+    walk(json.loads((out / "results.json").read_text()))
+    for name in ("segmentation_metrics.csv", "generator_metrics.csv"):
+        strings += [v for r in csv.DictReader(open(out / name)) for v in r.values()]
+    tmp = str(Path(cfg.out).resolve().parent).lstrip("/")
+    assert strings and not [s for s in strings if s.startswith("/") or ":/" in s or tmp in s]
+    assert (results["config"]["out"], results["config"]["work_dir"]) == (".", "../work")  # relative to out
+    assert (Path(cfg.work_dir) / results["stage2"]["pg"]["pg_supervised"]["checkpoint"]).exists()
+
+
+def test_finetune_seeds_are_training_runs(study, tmp_path):
+    """clip_finetune_seeds: 2 -> fine-tunes s/s (cached) and s/s+1000 per base seed; the comparisons resample the
+    four runs, each fine-tune paired with its own base."""
+    from dataclasses import replace
+
+    cfg, _ = study
+    work = Path(cfg.work_dir)
+    cached = (work / "clip_dpo_gen_s0" / "stage.json").stat().st_mtime_ns
+    res = run_study(replace(cfg, out=str(tmp_path / "ft"), clip_variants=["base", "dpo_gen"], clip_finetune_seeds=2,
+                            pg_steps=0, vlm_steps=0, eval_reference_saliency=""))
+    assert (work / "clip_dpo_gen_s0" / "stage.json").stat().st_mtime_ns == cached  # the old names stay valid
+    stamp = json.loads((work / "clip_dpo_gen_s1f1001" / "stage.json").read_text())["settings"]
+    assert (stamp["seed"], stamp["base_seed"]) == (1001, 1)
+    (c,) = [c for c in res["comparisons"] if c["metric"] == "dice" and (c["a"], c["b"]) == ("dpo_gen", "base")]
+    assert set(c["per_run"]) == {"0/0", "0/1000", "1/1", "1/1001"} and c["n_runs"] == 4
+    assert c["diff_mean"] == pytest.approx(np.mean(list(c["per_run"].values())))
+    seg = {(r["variant"], r["prompt"]): r for r in res["segmentation"]}
+    assert seg["dpo_gen", "report"]["n_runs"] == 4 and seg["base", "report"]["n_runs"] == 2

@@ -2,46 +2,27 @@
 pseudo-labels or on ground truth, evaluated prompt-free) and VL-SAM (a tiny VLM trained on the pre-training
 pool as a report generator, its attention flow -> SAM points / the coarse mask).
 
-Each function is the body of one cached stage of :func:`negdpo.study.run_study`; each returns JSON-able
-results (per-image evaluation rows under ``rows``) and writes only under the stage folder it is given.
-Evaluation rows are renamed to the study's checkpoint names ``<variant>.s<seed>``, so
-:func:`negdpo.study_eval.long_segmentation_rows` reads them like the CLIP rows.
+Each stage body returns JSON-able results (per-image evaluation rows under ``rows``) and writes only under the
+stage folder it is given. Evaluation rows are renamed to the study's checkpoint names ``<variant>.s<seed>``,
+so :func:`negdpo.study.segmentation.long_segmentation_rows` reads them like the CLIP rows.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PG_ROWS = ("pg_pseudo_base", "pg_pseudo_best", "pg_supervised")
-STAGE2_VARIANTS = (*PG_ROWS, "vlsam")
-
-
-def stamp_of(work: Path, stage: str) -> str | None:
-    """The cache key of a finished study stage (its ``stage.json``), None if it has not run."""
-    stamp = work / stage / "stage.json"
-    return json.loads(stamp.read_text())["key"] if stamp.exists() else None
-
-
-def json_rows(rows: list[dict], name: str | None = None) -> list[dict]:
-    """Rows as plain JSON (NaN -> float kept by ``default=float``), the checkpoint renamed to ``name``."""
-    out = json.loads(json.dumps(rows, default=float))
-    if name is not None:
-        for r in out:
-            r["checkpoint"] = name
-    return out
-
-
-def image_labels(phantoms: Path, split: str) -> dict[str, bool]:
-    """{file: the report says tumour} of a split, from ``meta.csv`` (image-level labels, not masks)."""
-    import csv
-
-    with open(Path(phantoms) / "meta.csv", newline="") as f:
-        return {r["file"]: r["positive"] == "1" for r in csv.DictReader(f) if r["split"] == split}
+from negdpo.core.imageio import read_mask, save_png
+from negdpo.core.scans import ScanFolder
+from negdpo.core.split_lock import locked_splits
+from negdpo.segmentation import metrics as M
+from negdpo.study.cache import StudyRun, json_rows
+from negdpo.study.data import image_labels, lesion_groups
+from negdpo.study.segmentation import long_segmentation_rows
+from negdpo.study.variants import PG_ROWS
 
 
 def pseudo_labels(phantoms: Path, clip: str, out: Path, options: dict[str, Any], split: str = "train") -> dict:
@@ -54,9 +35,6 @@ def pseudo_labels(phantoms: Path, clip: str, out: Path, options: dict[str, Any],
     the pseudo-labels' Dice against the ground truth (how good the weak supervision is; never used for
     training).
     """
-    from negdpo.core.imageio import read_mask, save_png
-    from negdpo.core.scans import ScanFolder
-    from negdpo.segmentation import metrics as M
     from negdpo.segmentation.evaluate import evaluate
 
     labels = image_labels(phantoms, split)
@@ -94,7 +72,8 @@ def train_and_eval_pg(phantoms: Path, targets: str, out: Path, name: str, *, ste
                 run_name=name, max_train_steps=steps, learning_rate=lr, train_batch_size=batch, seed=seed,
                 sam=sam, sam_checkpoint=sam_checkpoint, report_to="none", eval_images=0, checkpointing_steps=0,
                 resume_from_checkpoint=None, overwrite_output_dir=True)
-    summary = train(SegTrainConfig(**{**base, **extra}))
+    with locked_splits(("test",)):  # training sees train only; the test split is read by the evaluation below
+        summary = train(SegTrainConfig(**{**base, **extra}))
     t0 = time.perf_counter()
     res = evaluate(str(phantoms), {name: "tiny"}, str(out / "eval"), overwrite_output_dir=True, split="test",
                    segmenter=f"prompt-generator:{summary['checkpoint']}", sam_checkpoint=sam_checkpoint,
@@ -142,66 +121,56 @@ def eval_vlsam(phantoms: Path, vlm: str, out: Path, name: str, *, options: dict[
             "saliency_seconds": round(seconds, 2), "seconds_per_map": seconds / maps if maps else None}
 
 
-def run_stage2_rows(cfg: Any, stage: Any, work: Path, phantoms: Path, ckpts: dict[tuple[str, int], str], seed: int,
-                    eval_options: dict[str, Any], ph_settings: dict, pretrain_split: str) -> tuple[list[dict], dict]:
-    """The study's stage-2 and VL-SAM rows (each a cached ``stage``), as long segmentation rows + their info.
+def stage2_rows(run: StudyRun, ckpts: dict[tuple[str, str], str], seed: int, options: dict[str, Any],
+                pretrain_split: str) -> tuple[list[dict], dict]:
+    """Stages ``pseudo_<variant>_s<seed>``, ``pg_*``, ``vlm_pretrain``, ``vlsam``: the stage-2 and VL-SAM rows as
+    long segmentation rows + their info.
 
-    ``cfg``: the :class:`negdpo.study.StudyConfig`; ``ckpts``: {(variant, seed): CLIP folder}; ``seed``: the
-    CLIP seed whose chains give the pseudo-labels (rows are named ``<row>.s<seed>`` and pair with that
-    seed's rows in the comparisons). ``pg_steps: 0`` / ``vlm_steps: 0`` switch the rows off.
+    ``ckpts``: {(variant, tag): CLIP folder} (:func:`negdpo.study.clips.run_tag`); ``seed``: the CLIP seed whose chains give the pseudo-labels (rows
+    are named ``<row>.s<seed>`` and pair with that seed's rows in the comparisons); ``options``: the study's
+    evaluation settings. ``pg_steps: 0`` / ``vlm_steps: 0`` switch the rows off.
     """
-    from negdpo.study_eval import lesion_groups, long_segmentation_rows
-
+    cfg, phantoms, stage = run.cfg, run.phantoms, run.stage
     groups = lesion_groups(phantoms)
     rows: list[dict] = []
     info: dict[str, Any] = {"seed": seed, "pg_best_variant": cfg.pg_best_variant, "pseudo_labels": {}, "pg": {}}
-    sam_ckpt = eval_options.get("sam_checkpoint")
-    chain = {"saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": ph_settings,
-             "sam_stamp": stamp_of(work, "sam_pretrain")}
+    sam_ckpt = options.get("sam_checkpoint")
+    chain = {"saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": run.ph_settings,
+             "sam_stamp": run.stamp("sam_pretrain")}
     if cfg.pg_steps > 0:
         pg_sam = cfg.eval_sam if cfg.eval_sam != "none" else "tiny"  # the prompt generator always needs a SAM
-        pg_set = {"phantoms": ph_settings, "steps": cfg.pg_steps, "lr": cfg.pg_lr, "batch": cfg.pg_batch,
+        pg_set = {"phantoms": run.ph_settings, "steps": cfg.pg_steps, "lr": cfg.pg_lr, "batch": cfg.pg_batch,
                   "seed": seed, "sam": pg_sam, "sam_stamp": chain["sam_stamp"], "extra": cfg.pg_extra}
         sources = {"pg_pseudo_base": "base", "pg_pseudo_best": cfg.pg_best_variant}
         for row in (r for r in PG_ROWS if r in cfg.pg_rows):
             targets, t_stamp = "", "gt"
             if row in sources:
                 variant = sources[row]
-                if (variant, seed) not in ckpts:
+                if (variant, str(seed)) not in ckpts:
                     info["pg"][row] = f"skipped: CLIP variant {variant} did not run"
                     continue
                 name = f"pseudo_{variant}_s{seed}"
-                pl = stage(name, chain | {"clip": stamp_of(work, f"clip_{variant}_s{seed}")},
-                           lambda d, v=variant: pseudo_labels(phantoms, f"local-dir:{ckpts[v, seed]}", d, eval_options))
+                with run.selection():
+                    pl = stage(name, chain | {"clip": run.stamp(f"clip_{variant}_s{seed}")}, lambda d, v=variant:
+                               pseudo_labels(phantoms, f"local-dir:{ckpts[v, str(seed)]}", d, options))
                 info["pseudo_labels"][variant] = {k: v for k, v in pl.items() if k != "targets"}
-                targets, t_stamp = pl["targets"], stamp_of(work, name)
+                targets, t_stamp = pl["targets"], run.stamp(name)
             res = stage(row, pg_set | {"targets": t_stamp}, lambda d, r=row, t=targets: train_and_eval_pg(
                 phantoms, t, d, f"{r}.s{seed}", steps=cfg.pg_steps, lr=cfg.pg_lr, batch=cfg.pg_batch, seed=seed,
-                sam=pg_sam, sam_checkpoint=sam_ckpt, device=cfg.device, extra=cfg.pg_extra, eval_options=eval_options))
+                sam=pg_sam, sam_checkpoint=sam_ckpt, device=cfg.device, extra=cfg.pg_extra, eval_options=options))
             info["pg"][row] = {k: v for k, v in res.items() if k != "rows"}
             rows += long_segmentation_rows(res["rows"], [], groups, prompt_free=True)
     if cfg.vlm_steps > 0:
-        vlm_set = {"phantoms": ph_settings, "split": pretrain_split, "steps": cfg.vlm_steps, "lr": cfg.vlm_lr,
+        vlm_set = {"phantoms": run.ph_settings, "split": pretrain_split, "steps": cfg.vlm_steps, "lr": cfg.vlm_lr,
                    "batch": cfg.vlm_batch, "seed": seed, "extra": cfg.vlm_extra}
-        vlm = stage("vlm_pretrain", vlm_set, lambda d: train_vlm_on_pool(
-            phantoms, d, split=pretrain_split, steps=cfg.vlm_steps, lr=cfg.vlm_lr, batch=cfg.vlm_batch, seed=seed,
-            extra=cfg.vlm_extra))
-        res = stage("vlsam", chain | {"vlm": stamp_of(work, "vlm_pretrain"), "word": cfg.prompt_word,
+        with run.selection():
+            vlm = stage("vlm_pretrain", vlm_set, lambda d: train_vlm_on_pool(
+                phantoms, d, split=pretrain_split, steps=cfg.vlm_steps, lr=cfg.vlm_lr, batch=cfg.vlm_batch, seed=seed,
+                extra=cfg.vlm_extra))
+        res = stage("vlsam", chain | {"vlm": run.stamp("vlm_pretrain"), "word": cfg.prompt_word,
                                       "irrelevant": cfg.prompt_irrelevant}, lambda d: eval_vlsam(
-            phantoms, vlm["vlm"], d, f"vlsam.s{seed}", options=eval_options, word=cfg.prompt_word,
+            phantoms, vlm["vlm"], d, f"vlsam.s{seed}", options=options, word=cfg.prompt_word,
             irrelevant=cfg.prompt_irrelevant))
         info["vlsam"] = {"vlm": vlm, **{k: v for k, v in res.items() if not k.endswith("rows")}}
         rows += long_segmentation_rows(res["rows"], res["word_rows"], groups)
     return rows, info
-
-
-def pretrain_sam_on_pool(phantoms: Path, out: Path, *, steps: int, seed: int, extra: dict[str, Any]) -> dict:
-    """The tiny SAM pre-trained as a promptable segmenter on the ``pretrain`` split only
-    (:func:`negdpo.segmentation.sam_pretrain.pretrain_sam`; it refuses any other split)."""
-    from negdpo.segmentation.sam_pretrain import SamPretrainConfig, pretrain_sam
-
-    base = dict(data=str(phantoms), split="pretrain", output_dir=str(out / "run"), run_name="sam_pretrain",
-                max_train_steps=steps, seed=seed, report_to="none", checkpointing_steps=0, overwrite_output_dir=True)
-    res = pretrain_sam(SamPretrainConfig(**{**base, **extra}))
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in res.items()
-            if isinstance(v, (int, float, str, bool))}  # JSON has no NaN (no held-out pool lesion: no val Dice)

@@ -1,0 +1,3 @@
+from negdpo.study.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Stage bookkeeping: every stage writes into ``work_dir/<stage>/`` and leaves a ``stage.json`` stamp holding
+its settings; a rerun skips stamped stages whose settings are unchanged (training stages also resume from
+their last Accelerate checkpoint), so an interrupted study continues where it stopped.
+
+:class:`StudyRun` is what the stage functions share: the config, the folders, the device and the stage
+runner (:meth:`StudyRun.stage`, and :meth:`StudyRun.stages` for independent stages run in worker processes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from negdpo.core.console import setup_logging
+from negdpo.core.split_lock import active_lock, locked_splits
+
+logger = logging.getLogger("negdpo.study")
+
+StageFn = Callable[[Path], dict]
+Job = tuple[str, dict, StageFn]
+
+
+def stamp_key(settings: dict) -> str:
+    """The cache key of a stage's settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stamp_of(work: Path, stage: str) -> str | None:
+    """The cache key of a finished study stage (its ``stage.json``), None if it has not run."""
+    stamp = work / stage / "stage.json"
+    return json.loads(stamp.read_text())["key"] if stamp.exists() else None
+
+
+def cached_result(work: Path, name: str, settings: dict) -> dict | None:
+    """The stage's stored result if ``stage.json`` says it ran with these settings, else None."""
+    stamp = work / name / "stage.json"
+    if stamp.exists():
+        info = json.loads(stamp.read_text())
+        if info.get("key") == stamp_key(settings):
+            return info["result"]
+    return None
+
+
+def run_stage(work: Path, name: str, settings: dict, fn: StageFn) -> dict:
+    """Run ``fn(stage_dir)`` unless ``stage.json`` says it already ran with the same settings."""
+    stage_dir = work / name
+    stamp = stage_dir / "stage.json"
+    cached = cached_result(work, name, settings)
+    if cached is not None:
+        logger.info("stage %s: cached", name)
+        return cached
+    if stamp.exists():
+        logger.info("stage %s: settings changed, rerunning from scratch", name)
+        shutil.rmtree(stage_dir)  # never resume another setting's checkpoints
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = fn(stage_dir)
+    info = {"key": stamp_key(settings), "settings": settings, "result": result,
+            "seconds": round(time.perf_counter() - t0, 1), "pid": os.getpid()}
+    tmp = stamp.with_name(".stage.json.tmp")
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    tmp.replace(stamp)
+    print(f"[study] {name}: done in {info['seconds']:.0f}s", flush=True)
+    return result
+
+
+def json_rows(rows: list[dict], name: str | None = None) -> list[dict]:
+    """Rows as plain JSON (NaN -> float kept by ``default=float``), the checkpoint renamed to ``name``."""
+    out = json.loads(json.dumps(rows, default=float))
+    if name is not None:
+        for r in out:
+            r["checkpoint"] = name
+    return out
+
+
+# -- independent stages in worker processes ---------------------------------------------------------------------
+def _init_worker(threads: int) -> None:
+    import torch
+
+    setup_logging()
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _run_in_worker(work: Path, name: str, settings: dict, fn: StageFn, locked: frozenset[str]) -> str:
+    with locked_splits(locked):  # the parent's locked splits stay locked in the worker
+        run_stage(work, name, settings, fn)
+    return name
+
+
+def prefetch_parallel(work: Path, jobs: list[Job], workers: int, threads: int) -> list[str]:
+    """Run the uncached ``(name, settings, fn)`` stages in ``workers`` spawned processes; names run there.
+
+    ``settings`` are the full stamp settings (as :func:`run_stage` gets them) and every ``fn`` must pickle
+    (a module-level function or a ``functools.partial`` of one). With fewer than two uncached stages, or
+    ``workers`` <= 1, nothing runs here and the serial pass does the work. Each stage seeds itself and writes
+    only its own folder, so ``workers`` changes the wall time only.
+    """
+    todo = [j for j in jobs if cached_result(work, j[0], j[1]) is None]
+    if workers <= 1 or len(todo) < 2:
+        return []
+    logger.info("running %d stages in %d processes: %s", len(todo), workers, ", ".join(j[0] for j in todo))
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(_run_in_worker, work, *job, active_lock()) for job in todo]
+        return [f.result() for f in futures]  # a failed stage raises here, after the others finished
+
+
+@dataclass
+class StudyRun:
+    """One run of the study: its config (a :class:`negdpo.study.config.StudyConfig`), folders and stage runner."""
+
+    cfg: Any
+    work: Path
+    out: Path
+    device: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # as first computed (cached: the original time)
+    phantoms: Path = Path()  # the phantom folder (set by the phantoms stage) and its stage settings
+    ph_settings: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)  # how the learned generators sample: {init, strength}
+    reads: dict[str, Counter] = field(default_factory=dict)  # {phase: {split: files opened}} (this process)
+
+    def stamped(self, settings: dict) -> dict:
+        return {"preset": self.cfg.preset, **settings}  # no stage is shared between presets
+
+    def stage(self, name: str, settings: dict, fn: StageFn) -> dict:
+        """One cached stage (:func:`run_stage`); its seconds are recorded."""
+        result = run_stage(self.work, name, self.stamped(settings), fn)
+        self.stage_seconds[name] = json.loads((self.work / name / "stage.json").read_text())["seconds"]
+        return result
+
+    def stages(self, jobs: list[Job]) -> list[dict]:
+        """Independent stages: run in ``cfg.workers`` processes first (if > 1), then read in order."""
+        prefetch_parallel(self.work, [(n, self.stamped(st), f) for n, st, f in jobs], self.cfg.workers,
+                          self.cfg.threads)
+        return [self.stage(*job) for job in jobs]
+
+    def stamp(self, name: str) -> str | None:
+        return stamp_of(self.work, name)
+
+    @contextmanager
+    def phase(self, name: str, locked: tuple[str, ...] = ()) -> Iterator[None]:
+        """Stages run inside see ``locked`` splits locked (:mod:`negdpo.core.split_lock`; worker processes too);
+        the files they open per split are added to ``reads[name]``."""
+        with locked_splits(locked) as record:
+            yield
+        self.reads.setdefault(name, Counter()).update(record.reads)
+
+    def selection(self) -> Any:
+        """The phase every choice and every training run belongs to: the test split is locked."""
+        return self.phase("selection", ("test",))

@@ -1,0 +1,97 @@
+"""``run_study``: the phantom study as a pipeline of cached stages, one function call per stage, in order.
+
+    phantoms (+ a disjoint pre-training pool) -> (autoencoder adapted to the phantoms) -> SFT of the
+    inpainting model on healthy scans -> Diffusion-DPO variants (DPO, DPO+MI, DPO+MI+SDPO)
+    -> generator table on held-out (val+test) positives vs their twins
+    -> base CLIPs (contrastive pre-training on the pool, one per seed)
+    -> preference pairs of the pairs generator, judged with the first seed's base CLIP (+ the harmonic set)
+    -> fine-tunes of each seed's base -> the tiny SAM pre-trained on the pool
+    -> zero-shot segmentation of the test subjects per checkpoint and prompt (+ reference saliency, oracle box)
+    -> stage 2 (prompt generator) and VL-SAM rows -> results.json (the contract) + results.md
+
+Stage outputs live under ``work_dir/<stage>/`` (:mod:`negdpo.study.cache`). Same seed -> same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from negdpo.core.config import code_version, resolve_device, seed_everything
+from negdpo.core.phantoms import ensure_phantoms
+from negdpo.study.cache import StudyRun
+from negdpo.study.clips import Checkpoints, base_clips, clip_seeds, finetune_clips, pretrain_split
+from negdpo.study.config import StudyConfig
+from negdpo.study.data import lesion_groups
+from negdpo.study.generators import adapt_autoencoder, generator_seeds, generator_table, train_generators
+from negdpo.study.pairs import PairSets, build_pairs
+from negdpo.study.results import copy_figures, write_results
+from negdpo.study.segmentation import evaluate_checkpoints, long_segmentation_rows, pretrain_sam
+from negdpo.study.stage2 import stage2_rows
+from negdpo.study.variants import CLIP_VARIANTS, DESIGN, GEN_VARIANTS
+
+
+def start(cfg: StudyConfig) -> StudyRun:
+    """Folders, the global seed, torch threads and the device of one run."""
+    out = Path(cfg.out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    return StudyRun(cfg=cfg, work=Path(cfg.work_dir), out=out, device=resolve_device(cfg.device),
+                    sampling={"init": cfg.gen_init, "strength": cfg.gen_strength})
+
+
+def make_phantoms(run: StudyRun) -> None:
+    """Stage ``phantoms``: the phantom set (+ the pre-training pool), the same for every stage after it."""
+    cfg = run.cfg
+    area = tuple(cfg.phantoms_lesion_area) if cfg.phantoms_lesion_area else None
+    run.ph_settings = {"n": cfg.phantoms_n, "size": cfg.phantoms_size, "slices": cfg.phantoms_slices,
+                       "seed": cfg.seed, "pretrain_n": cfg.phantoms_pretrain_n, "lesion_area": area}
+    run.phantoms = Path(run.stage("phantoms", run.ph_settings, lambda d: {"path": str(ensure_phantoms(
+        d / "data", n=cfg.phantoms_n, size=cfg.phantoms_size, seed=cfg.seed, slices=cfg.phantoms_slices,
+        pretrain_n=cfg.phantoms_pretrain_n, lesion_area=area))})["path"])
+
+
+def finetune_data(run: StudyRun, sets: PairSets) -> dict[str, tuple[str, str, str]]:
+    """{CLIP variant: (training set, loss, source)} of the fine-tunes: the loss x negatives design
+    (:data:`negdpo.study.variants.DESIGN`), MedCLIP-SAMv2's DHN-NCE and the CLIP-DPO extensions."""
+    negatives = {"twin": (str(run.phantoms), "phantoms"), "gen": (sets.pairs["path"], "pairs"),
+                 "harmonic": (sets.harmonic or "", "harmonic")}
+    data = {variant: (negatives[neg][0], loss, negatives[neg][1]) for (loss, neg), variant in DESIGN.items()}
+    pairs = sets.pairs["path"]
+    return {"dhn_nce_faithful": (sets.faithful or "", "dhn_nce", "faithful"), **data,
+            "dpo_entropy": (pairs, "dpo+entropy", "pairs"), "stages": (pairs, "stages", "pairs")}
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    """Every stage of the study in order (cached stages are read back), then the results files."""
+    gen_variants = [v for v in GEN_VARIANTS if v in cfg.gen_variants or v == "sft"]  # SFT = every DPO's reference
+    clip_variants = [v for v in CLIP_VARIANTS if v in cfg.clip_variants or v == "base"]  # base = every fine-tune's start
+    t_start, version = time.perf_counter(), code_version()  # before the run's own outputs make the tree dirty
+    run = start(cfg)
+    make_phantoms(run)
+    with run.selection():  # every training run and every choice: the test split is locked
+        run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
+        by_seed = {gs: train_generators(run, gen_variants, gs) for gs in generator_seeds(cfg)}
+    adapters = by_seed[cfg.seed]  # the first generator seed makes the pairs
+    gen_table = generator_table(run, gen_variants, by_seed)  # reported on held-out val + test positives
+    first = clip_seeds(cfg)[0]
+    with run.selection():
+        ckpts: Checkpoints = base_clips(run)
+        sets = build_pairs(run, adapters, ckpts["base", str(first)], run.stamp(f"clip_base_s{first}"),
+                           harmonic=bool({"dpo_harmonic", "dhn_nce_harmonic"} & set(clip_variants)),
+                           faithful="dhn_nce_faithful" in clip_variants)
+        ckpts |= finetune_clips(run, clip_variants, ckpts, finetune_data(run, sets), sets.settings)
+        sam_checkpoint, sam_info = pretrain_sam(run)
+    with run.phase("evaluation"):  # the final evaluation: the only stages that read the test split
+        evaluation = evaluate_checkpoints(run, ckpts, sam_checkpoint)
+    copy_figures(run, adapters, ckpts, gen_variants, clip_variants)
+    long_rows = long_segmentation_rows(evaluation.rows, evaluation.word_rows, lesion_groups(run.phantoms))
+    extra_rows, stage2 = stage2_rows(run, ckpts, first, evaluation.options, pretrain_split(cfg))
+    return write_results(run, version=version, t_start=t_start, long_rows=long_rows + extra_rows,
+                         evaluation=evaluation, gen=gen_table, pairs_summary=sets.pairs["summary"], stage2=stage2,
+                         sam_info=sam_info)
