@@ -24,7 +24,7 @@ SEG_KEYS = {"variant", "prompt", "dice_mean", "dice_ci", "sal_auroc", "sal_auroc
             "supervision", "n_by_group",
             "dice_by_group", "prompt_gap", "prompt_gap_ci"}
 CMP_KEYS = {"a", "b", "question", "metric", "prompt", "n_pairs", "n_runs", "n_subjects", "diff_mean", "ci", "p",
-            "p_holm", "verdict", "unit", "per_run", "t_check", "subject_only", "family"}
+            "p_boot", "p_holm", "verdict", "unit", "per_run", "t_check", "subject_only", "family"}
 
 
 def _reduced(tmp: Path) -> StudyConfig:

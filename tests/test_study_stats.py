@@ -51,7 +51,7 @@ def test_runs_pair_with_their_base_and_their_chain():
 
 def test_comparison_is_run_level_with_per_run_differences():
     base = [0.2, 0.3, 0.4, 0.5, 0.6, 0.1]
-    shift = {"0/0": 0.10, "0/1000": 0.02, "1/1": 0.06}  # three fine-tune runs of two bases
+    shift = {"0/0": 0.10, "0/1000": 0.09, "1/1": 0.11}  # three fine-tune runs of two bases
     rows = _rows("base", "0", base) + _rows("base", "1", [b + 0.05 for b in base])
     for run, d in shift.items():
         ref = base if run.startswith("0") else [b + 0.05 for b in base]
@@ -63,12 +63,13 @@ def test_comparison_is_run_level_with_per_run_differences():
     a = {(r["run"], r["subject_id"], r["image"]): r["dice"] for r in rows if r["variant"] == "dpo_gen"}
     b = align_runs(a, {(r["run"], r["subject_id"], r["image"]): r["dice"] for r in rows if r["variant"] == "base"})
     st = run_level_diff(a, b, n_boot=400, seed=0, subjects="crossed")
-    assert c["ci"] == pytest.approx([st.lo, st.hi]) and c["p"] == pytest.approx(st.p) and c["unit"] == st.unit
+    assert c["ci"] == pytest.approx([st.lo, st.hi]) and c["unit"] == st.unit
+    assert c["p_boot"] == pytest.approx(st.p) and c["p"] == pytest.approx(max(st.p, st.p_t))
     assert c["subject_only"]["ci"] == pytest.approx(list(st.subject_only[1:]))
-    assert c["p_holm"] == pytest.approx(st.p)  # a family of one
-    assert c["verdict"] == verdict_p(st.mean, st.p) == "better"
+    assert c["p_holm"] == pytest.approx(c["p"])  # a family of one
+    assert c["verdict"] == verdict_p(st.mean, c["p"]) == "better"
     assert c["subject_only"]["ci"][1] - c["subject_only"]["ci"][0] < c["ci"][1] - c["ci"][0]  # runs add noise
-    assert "runs × subjects" in comparisons_md([c]) and "0/1000: +0.045" in comparisons_md([c])
+    assert "runs × subjects" in comparisons_md([c]) and "0/1000: +0.115" in comparisons_md([c])
     with pytest.raises(ValueError, match="metric"):
         comparisons(rows, 10, 0, "iou")
     auc = [{**r, "sal_auroc": 0.5 + 0.1 * (r["variant"] == "dpo_gen")} for r in rows]
@@ -215,3 +216,19 @@ def test_saliency_diagnostics_per_group():
     assert diag["report", "us"]["sal_auroc"] == pytest.approx(0.65) and diag["report", "all"]["n_images"] == 4
     assert diag["irrelevant", "all"]["sal_auroc"] == pytest.approx(0.5) and diag["irrelevant", "all"]["sal_partial_r"] is None
     assert saliency_diagnostics([{**r, "sal_auroc": None} for r in rows], 100, 0) == []
+
+
+def test_verdict_p_is_the_larger_of_bootstrap_and_t():
+    """Three runs that agree in sign but not in size: the bootstrap's p sits at its floor, the t test over the
+    run means does not reject; the verdict follows the larger p (docs/method.md#statistics)."""
+    base = [0.2, 0.3, 0.4, 0.5, 0.6, 0.1]
+    shift = {"0/0": 0.30, "1/1": 0.01, "2/2": 0.02}
+    rows = []
+    for run, d in shift.items():
+        rows += _rows("base", run.split("/")[0], base) + _rows("dpo_gen", run, [b + d for b in base])
+    (c,) = comparisons(rows, 400, 0, pairs=(("dpo_gen", "base", "q"),))
+    assert c["p_boot"] < 0.05 < c["t_check"]["p"]
+    assert c["p"] == c["t_check"]["p"] and c["verdict"] == "inconclusive"
+    one = [r for r in rows if r["run"] in ("0", "0/0")]
+    (c1,) = comparisons(one, 400, 0, pairs=(("dpo_gen", "base", "q"),))
+    assert c1["t_check"]["p"] is None and c1["p"] == c1["p_boot"]  # one run: no t test, the bootstrap's p

@@ -46,8 +46,8 @@ def comparisons_md(rows: list[dict]) -> str:
     if not rows:
         return "No comparison ran (each needs both of its variants)."
     lines = ["| family | comparison (a − b) | metric | runs × subjects | per-run differences | mean difference "
-             "[95% CI, runs × subjects] | p | Holm p | verdict for a | secondary: subject-only CI |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "[95% CI, runs × subjects] | p bootstrap | p t (runs) | Holm p | verdict for a | secondary: subject-only CI |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     units = []
     for r in rows:
         metric = {"dice": "Dice", "prompt_gap": "prompt gap", "sal_auroc": "lesion AUROC of the map"}[r["metric"]]
@@ -56,9 +56,10 @@ def comparisons_md(rows: list[dict]) -> str:
         units.append(r.get("unit"))
         lines.append(f"| {r.get('family', '')} | {r['question']} (`{r['a']}` − `{r['b']}`) | {metric} | "
                      f"{r.get('n_runs')} × {r.get('n_subjects')} | {per_run} | {fmt(r['diff_mean'], r['ci'])} | "
-                     f"{fmt_p(r.get('p'))} | {fmt_p(r.get('p_holm'))} | {r['verdict']} | "
-                     f"{fmt(sub.get('diff_mean'), sub.get('ci'))} |")
-    lines += ["", "Unit of the CIs and verdicts: " + "; ".join(sorted({u for u in units if u})) + "."]
+                     f"{fmt_p(r.get('p_boot', r.get('p')))} | {fmt_p((r.get('t_check') or {}).get('p'))} | "
+                     f"{fmt_p(r.get('p_holm'))} | {r['verdict']} | {fmt(sub.get('diff_mean'), sub.get('ci'))} |")
+    lines += ["", "Unit of the CIs and verdicts: " + "; ".join(sorted({u for u in units if u})) + ". Holm p: over "
+              "the family, of the larger of the two p-values (docs/method.md#statistics)."]
     return "\n".join(lines)
 
 
