@@ -26,6 +26,18 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _restore_negdpo_logger():
+    """A command run in-process (``run_main`` -> ``setup_logging``) stops the ``negdpo`` logger propagating to the
+    root; restore it after each test so a later test's ``caplog`` sees negdpo's warnings whatever ran before."""
+    import logging
+
+    log = logging.getLogger("negdpo")
+    saved = log.handlers[:], log.propagate, log.level
+    yield
+    log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """A small phantom set: 12 subjects (both modalities) x 2 slices at 64 px, seed 0."""
