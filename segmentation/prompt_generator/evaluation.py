@@ -40,7 +40,7 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
     from negdpo.core.imageio import save_png
 
     from .. import metrics as M
-    from ..evaluate import image_path, write_outputs
+    from ..eval_output import image_path, write_outputs
     from ..report import summarise, write_overlay
     from .inference import PromptGeneratorSegmenter, load_prompt_generator
 
