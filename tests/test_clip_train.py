@@ -133,6 +133,7 @@ def learned(tmp_path_factory):
                                  report_to="none", tsne=False, save_final=False, progress_bar=False))
 
 
+@pytest.mark.integration
 def test_clip_dpo_learns_preference(learned):
     """Tiny random-init model, phantom pairs: held-out preference accuracy rises from chance.
 
