@@ -43,7 +43,6 @@ import numpy as np
 from . import metrics as M
 from .eval_output import EvalResult, image_path, write_outputs
 from .postprocess import coarse_mask, foreground_mask
-from .prompt_generator.evaluation import generator_dir, run_prompt_free
 from .sam_prompt import SamConfig, SamSegmenter
 
 logger = logging.getLogger(__name__)
@@ -214,6 +213,8 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                         **({"out": str(out)} if out is not None else {})})
     # every input is checked before a model loads
     _check_names(cfg.clips)
+    from .prompt_generator.evaluation import generator_dir, run_prompt_free  # stage 2 (torchvision): on use
+
     prompt_free = generator_dir(cfg.segmenter) is not None  # a bad --segmenter / DIR fails here
     method = get(cfg.saliency)
     scan_list, skipped = load_scans(cfg, scans)
