@@ -49,6 +49,7 @@ from .config import (
     seed_everything,
     tracker_config,
 )
+from .launch import check_launch
 from .metrics_log import METRICS_FILE, MetricsLog, append_line, read_metrics, reduce_metrics  # noqa: F401
 from .outdir import LOCK, MARKER
 
@@ -127,16 +128,6 @@ class Run:
 
 def output_path(cfg: TrainConfig, kind: str) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else default_output_dir(kind, cfg.run_name)
-
-
-def check_launch(accelerator: Any) -> None:
-    """Refuse N independent single-process runs started by a multi-process launcher on one folder."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
-            f"the launcher started {world} processes but each runs alone (no process group: e.g. a multi-GPU "
-            "accelerate config on a machine without GPUs); they would all write one folder. Launch one process, or "
-            "for CPU DDP: ACCELERATE_USE_CPU=true torchrun --nproc_per_node N <script> ...")
 
 
 def start_run(cfg: TrainConfig, kind: str, owner: str | None = None) -> Run:

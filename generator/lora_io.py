@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import POLICY_ADAPTER
-
 logger = logging.getLogger(__name__)
+
+REF_ADAPTER = "reference"  # PEFT adapter names on the generator's UNet: the frozen reference LoRA ...
+POLICY_ADAPTER = "default"  # ... and the trained policy LoRA (PEFT's default name)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' load_lora_weights default name
 PEFT_CONFIG_NAME = "adapter_config.json"

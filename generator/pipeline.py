@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .lora_io import LORA_WEIGHT_NAME, POLICY_ADAPTER, REF_ADAPTER, load_adapter
+
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-REF_ADAPTER = "reference"
-POLICY_ADAPTER = "default"
 
 
 @dataclass
@@ -56,8 +56,6 @@ def load_components(model: str = "tiny", reference_adapter: str | None = None, r
     """Load the pipeline; optionally fuse (``fuse``) or keep named (``adapter``) a reference LoRA."""
     from diffusers import DDPMScheduler
     from negdpo.core.models import load_inpaint_pipeline
-
-    from .lora_io import LORA_WEIGHT_NAME, load_adapter
 
     pipe = load_inpaint_pipeline(model, torch_dtype=dtype)
     in_ch = int(pipe.unet.config.in_channels)

@@ -35,8 +35,6 @@ a lesion): ``sal_auroc``, ``sal_ap``, ``sal_pointing`` (tolerance = ``tolerance`
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import re
@@ -51,16 +49,13 @@ from negdpo.core.window import ScanReading, reading_options
 
 from . import metrics as M
 from . import saliency_metrics as SM
+from .eval_output import EvalResult, image_path, write_outputs
 from .postprocess import coarse_mask, foreground_mask
 from .sam_prompt import SamConfig, SamSegmenter
 
 logger = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "a medical scan showing a tumor"
 DEFAULT_CONTROL = "a photo of a cat sitting on a chair"
-CSV_COLUMNS = ["checkpoint", "image", "positive", "prompt", "gt_area", "coarse_area", "pred_area", "empty_coarse",
-               "n_prompts", "dice", "iou", "nsd", "nsd_parity", "hd95", "coarse_dice", "coarse_nsd",
-               "control_dice", "control_coarse_dice", "control_saliency_corr", *SM.COLUMNS,
-               *(f"control_{c}" for c in SM.COLUMNS), "saliency_path", "mask_path", "overlay_path"]
 OWNED = ("saliency", "coarse", "masks", "overlays", "metrics.csv", "summary.json", "report.md", "dice_bar.png",
          "config.json", "index.html")
 
@@ -113,13 +108,6 @@ class EvalConfig(ScanReading):
     save_images: bool = True
     bootstrap: int = 2000
     segmenter: str = "sam"  # "sam": the zero-shot chain; "prompt-generator:DIR": prompt-free (prompt_generator)
-
-
-@dataclass
-class EvalResult:
-    rows: list[dict[str, Any]]
-    summary: dict[str, Any]
-    out: Path | None = None
 
 
 def _check_names(clips: dict[str, str]) -> None:
@@ -186,12 +174,6 @@ def load_scans(cfg: EvalConfig, scans: Sequence | None = None) -> tuple[list, li
     return scans, skipped
 
 
-def image_path(out: Path, kind: str, ckpt: str, name: str, multi: bool) -> Path:
-    """Where an output image goes (flat with one checkpoint, per-checkpoint subfolder otherwise)."""
-    folder = out / kind / ckpt if multi else out / kind
-    return folder / f"{Path(name).stem}.png"
-
-
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     if a.std() == 0 or b.std() == 0:
@@ -239,7 +221,7 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                         **({"out": str(out)} if out is not None else {})})
     # every input is checked before a model loads
     _check_names(cfg.clips)
-    from .prompt_generator.evaluation import generator_dir
+    from .prompt_generator.evaluation import generator_dir, run_prompt_free  # stage 2 (torchvision): on use
 
     prompt_free = generator_dir(cfg.segmenter) is not None  # a bad --segmenter / DIR fails here
     method = get(cfg.saliency)
@@ -251,8 +233,6 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
               if out_dir is not None else contextlib.nullcontext())
     with folder:
         if prompt_free:  # a trained prompt generator: no CLIP, saliency or prompt
-            from .prompt_generator.evaluation import run_prompt_free
-
             return run_prompt_free(cfg, scan_list, skipped, out_dir)
         return _run(cfg, method, scan_list, skipped, prompts, out_dir)
 
@@ -363,38 +343,3 @@ def _run(cfg: EvalConfig, method: Any, scan_list: list, skipped: list, prompts: 
                    skipped=[{"file": f, "reason": why} for f, why in skipped],
                    layout="per-checkpoint subfolders" if multi else "flat")
     return write_outputs(out_dir, cfg, summary, rows)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    tmp.replace(path)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_outputs(out_dir: Path | None, cfg: EvalConfig, summary: dict[str, Any], rows: list[dict[str, Any]]
-                  ) -> EvalResult:
-    """``metrics.csv``, ``config.json``, ``summary.json`` and the report of one evaluation (any segmenter)."""
-    from .report import write_report
-
-    if out_dir is not None:
-        write_csv(out_dir / "metrics.csv", rows)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
-        write_report(out_dir, summary, rows)
-    return EvalResult(rows=rows, summary=summary, out=out_dir)

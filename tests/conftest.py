@@ -76,7 +76,15 @@ def adapted_tiny_sd(phantom_dir, tmp_path_factory) -> str:
 
 
 def pytest_configure(config):
-    """``slow``: real-size or long runs, deselected by default (run them with ``-m slow``)."""
+    """Test tiers (CONTRIBUTING.md, "Test tiers"):
+
+    * ``integration``: end-to-end runs (kill chains, the study, learning runs, benchmarks, the README demo);
+      part of the default run and of CI, left out of the inner loop with ``-m "not integration"``;
+    * ``slow``: real-size or long runs, deselected by default (run them with ``-m slow``).
+    """
     config.addinivalue_line("markers", "slow: real-size or long runs; deselected unless selected with -m slow")
-    if not config.option.markexpr:
-        config.option.markexpr = "not slow"
+    config.addinivalue_line("markers", "integration: end-to-end runs (kill chains, study, learning runs, "
+                                       "benchmarks); in the default run, skipped by -m 'not integration'")
+    expr = config.option.markexpr
+    if "slow" not in expr:  # -m "not integration" (the inner loop) leaves the slow runs out too
+        config.option.markexpr = f"({expr}) and not slow" if expr else "not slow"

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.integration
 def test_run_all_tiny_cpu_writes_every_comparison(tmp_path):
     run_all = _load("run_all")
     out = tmp_path / "cpu_tiny.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from negdpo.preference.clip.distributed import gather_ids, gather_with_grad
@@ -45,6 +46,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

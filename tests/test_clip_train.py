@@ -59,7 +59,7 @@ def test_train_mode_dropout_breaks_log2(phantom_dir):
     assert abs(loss.item() - math.log(2)) > 1e-6
 
 
-def test_checkpoint_roundtrip_open_clip(tiny_clip, tmp_path):
+def test_checkpoint_roundtrip_open_clip(tiny_clip, tmp_path, monkeypatch):
     import open_clip
     from negdpo.core.models import load_clip
 
@@ -67,7 +67,9 @@ def test_checkpoint_roundtrip_open_clip(tiny_clip, tmp_path):
     with torch.no_grad():
         model.visual.head.proj.weight.mul_(1.5)
     out = cm.save_clip_checkpoint(model, "tiny", tmp_path / "ckpt")
-    loaded, _ = open_clip.create_model_from_pretrained(f"local-dir:{out}")
+    monkeypatch.chdir(out)  # the preset's BERT is saved in the folder as "." (test_interop: moved folders)
+    loaded, _ = open_clip.create_model_from_pretrained("local-dir:.")
+    monkeypatch.chdir(tmp_path)
     again, _, tok = load_clip(str(out))
     x = torch.randn(2, 3, 224, 224)
     text = tok(["a tumour", "no tumour"])
@@ -131,6 +133,7 @@ def learned(tmp_path_factory):
                                  report_to="none", tsne=False, save_final=False, progress_bar=False))
 
 
+@pytest.mark.integration
 def test_clip_dpo_learns_preference(learned):
     """Tiny random-init model, phantom pairs: held-out preference accuracy rises from chance.
 

@@ -51,6 +51,29 @@ def test_tiny_presets_are_deterministic(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_building_presets_leaves_the_global_random_state_alone(tmp_path, monkeypatch):
+    """A first run (presets built now) and a later run (presets cached) draw the same random numbers:
+    building a preset neither reseeds nor consumes torch's global generator (README command 1)."""
+    from negdpo.core.models.presets import get_preset, param_counts
+    from negdpo.core.models.vlm import resolve_vlm
+
+    monkeypatch.setenv("NEGDPO_HOME", str(tmp_path))
+    torch.manual_seed(1234)
+    expected = torch.rand(8)  # what the run draws next when nothing touches the generator
+    for cached in (False, True):
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        resolve_diffusion("tiny")
+        resolve_clip("tiny")
+        resolve_sam("tiny")
+        resolve_vlm("tiny")
+        param_counts(get_preset("tiny", "diffusion"))
+        assert torch.equal(torch.get_rng_state(), state), f"cached={cached}"
+        assert torch.equal(torch.rand(8), expected)
+    assert {p.name.rsplit("-v", 1)[0] for p in (tmp_path / "presets").iterdir()} == {
+        "tiny-sd-inpaint", "tiny-clip", "tiny-sam", "tiny-vlm"}
+
+
 def test_tiny_sam_forward_with_predictor():
     from segment_anything import SamPredictor
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from negdpo.core.checkpoints import MARKER, list_checkpoints
 from safetensors.torch import load_file
@@ -59,6 +60,7 @@ def _yaml(path: Path, settings: dict) -> str:
     return str(path)
 
 
+@pytest.mark.integration
 def test_gen_train_survives_kills(phantom_dir, tmp_path):
     from negdpo.core.config import parse_config
     from negdpo.generator.train import GenTrainConfig, train
@@ -79,6 +81,7 @@ def test_gen_train_survives_kills(phantom_dir, tmp_path):
     assert not any(p.name.endswith(".partial") for p in out.iterdir())
 
 
+@pytest.mark.integration
 def test_clip_train_survives_kills(phantom_dir, tmp_path):
     from negdpo.core.config import parse_config
     from negdpo.preference.clip.train import ClipTrainConfig, train

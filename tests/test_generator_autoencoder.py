@@ -15,6 +15,7 @@ from negdpo.generator.autoencoder import (
 )
 
 
+@pytest.mark.integration
 def test_adaptation_raises_heldout_psnr_and_writes_a_loadable_pipeline(adapted_tiny_sd, phantom_dir, tiny_sd_path):
     from negdpo.core.models import load_inpaint_pipeline
     from negdpo.generator.sample import load_generator

@@ -193,6 +193,7 @@ def learn_cfg(data, model, out, **kw) -> GenTrainConfig:
     return GenTrainConfig(**(base | kw))
 
 
+@pytest.mark.integration
 def test_short_run_learns_heldout_preference(learn_setup, tmp_path):
     """40 DPO steps (batch 8) on 36 phantom pairs lift held-out strict implicit accuracy from 0 (all ties) to >= 0.7.
 

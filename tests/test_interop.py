@@ -214,7 +214,24 @@ def test_model_card_front_matter_and_snippet_runs(tiny_sd_path, tmp_path):
     assert (stacked - want).abs().max() > 1e-3  # the reference really was applied under the adapter
 
 
-def test_clip_checkpoint_loads_after_move(tiny_clip, tmp_path):
+def _strings(obj):
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
+
+
+def _outputs(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return (model.eval().encode_image(torch.randn(2, 3, 224, 224, generator=gen)),
+                model.encode_text(tokenizer(["a lesion", "healthy tissue"])))
+
+
+def test_clip_checkpoint_loads_after_move(tiny_clip, tmp_path, monkeypatch):
+    """A tower built locally (the tiny preset) is saved into the folder and named ``"."``: no absolute
+    path; plain open_clip loads the moved folder from inside it, negdpo's loader from anywhere."""
     import copy
 
     import open_clip
@@ -227,16 +244,25 @@ def test_clip_checkpoint_loads_after_move(tiny_clip, tmp_path):
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    merged = copy.deepcopy(policy).merge_and_unload().state_dict()
+    merged_model = copy.deepcopy(policy).merge_and_unload()
+    merged = merged_model.state_dict()
     first = save_clip_checkpoint(policy, "tiny", tmp_path / "run" / "final")
-    text_cfg = json.loads((first / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
-    assert text_cfg["hf_model_name"] == str(first.resolve())  # the preset's BERT now lives in the folder
+    cfg = json.loads((first / "open_clip_config.json").read_text())
+    text_cfg = cfg["model_cfg"]["text_cfg"]
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "."  # the BERT lives in the folder
+    assert not [v for v in _strings(cfg) if v.startswith("/") or str(tmp_path) in v or "presets" in v]
     assert {"config.json", "tokenizer_config.json"} <= {p.name for p in first.iterdir()}
-    in_place, _ = open_clip.create_model_from_pretrained(f"local-dir:{first}")  # plain open_clip, not moved
-    assert all(torch.equal(v, merged[k]) for k, v in in_place.state_dict().items())
     moved = tmp_path / "copied" / "final"
     shutil.copytree(first, moved)
     shutil.rmtree(tmp_path / "run")
+
+    monkeypatch.chdir(moved)  # plain open_clip, no negdpo code: relative to the folder it is in
+    plain, _ = open_clip.create_model_from_pretrained("local-dir:.")
+    plain_tok = open_clip.get_tokenizer("local-dir:.")
+    assert all(torch.equal(v, merged[k]) for k, v in plain.state_dict().items())
+    for a, b in zip(_outputs(plain, plain_tok), _outputs(merged_model, tokenizer), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    monkeypatch.chdir(tmp_path)
 
     loaded, _, tok = load_clip(str(moved))
     assert sorted(loaded.state_dict()) == sorted(merged)
@@ -245,5 +271,61 @@ def test_clip_checkpoint_loads_after_move(tiny_clip, tmp_path):
     assert torch.equal(tok(texts), tokenizer(texts))
     assert isinstance(open_clip.get_tokenizer(f"local-dir:{moved}"), open_clip.tokenizer.HFTokenizer)
     again = save_clip_checkpoint(load_clip(f"local-dir:{moved}")[0], str(moved), tmp_path / "second")
+    assert json.loads((again / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_model_name"] == "."
     reloaded = load_clip(f"local-dir:{again}")[0].state_dict()
     assert all(torch.equal(v, merged[k]) for k, v in reloaded.items())
+
+
+def _hub_cache(root: Path, repo: str, files_from: Path, names: tuple[str, ...]) -> None:
+    """A Hugging Face cache holding ``repo`` (what a download leaves behind), for offline tests."""
+    commit = "0" * 40
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in names:
+        shutil.copy(files_from / name, snap / name)
+
+
+def test_clip_checkpoint_from_a_hub_tower_loads_moved_in_plain_open_clip(tiny_clip, tmp_path, monkeypatch):
+    """A tower from the Hub keeps its Hub id, so plain ``local-dir:`` loads the moved folder from anywhere
+    (tower config from the Hub cache, tokenizer and weights from the folder)."""
+    import copy
+
+    import huggingface_hub.constants
+    import open_clip
+    from negdpo.core.models import load_clip, resolve_clip
+    from negdpo.preference.clip.model import save_clip_checkpoint
+
+    repo = "negdpo-test/tiny-bert"
+    preset = Path(resolve_clip("tiny").removeprefix("local-dir:"))
+    source = tmp_path / "source"  # a CLIP whose config names its BERT by Hub id, like BiomedCLIP's
+    shutil.copytree(preset, source)
+    cfg = json.loads((source / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["text_cfg"].update(hf_model_name=repo, hf_tokenizer_name=repo)
+    (source / "open_clip_config.json").write_text(json.dumps(cfg))
+    _hub_cache(tmp_path / "hub", repo, preset, ("config.json",))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    model, _, tokenizer = tiny_clip
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.visual.head.proj.weight.mul_(1.5)
+        tuned.text.proj[0].weight.add_(0.01)
+    saved = save_clip_checkpoint(tuned, str(source), tmp_path / "run" / "final")
+    saved_cfg = json.loads((saved / "open_clip_config.json").read_text())
+    assert saved_cfg["model_cfg"]["text_cfg"]["hf_model_name"] == saved_cfg["model_cfg"]["text_cfg"][
+        "hf_tokenizer_name"] == repo
+    assert not [v for v in _strings(saved_cfg) if v.startswith("/") or str(tmp_path) in v]
+    moved = tmp_path / "elsewhere" / "final"
+    shutil.move(str(saved), moved)
+    shutil.rmtree(source)
+    monkeypatch.chdir(tmp_path)  # not the folder: the Hub id resolves from any working directory
+    plain, _ = open_clip.create_model_from_pretrained(f"local-dir:{moved}")
+    plain_tok = open_clip.get_tokenizer(f"local-dir:{moved}")
+    for a, b in zip(_outputs(plain, plain_tok), _outputs(tuned, tokenizer), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    ours, _, tok = load_clip(str(moved))
+    for a, b in zip(_outputs(ours, tok), _outputs(tuned, tokenizer), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

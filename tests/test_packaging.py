@@ -66,3 +66,28 @@ def test_entry_scripts_run_from_the_checkout(script):
             "type(f).__name__)]; import negdpo.core, negdpo.configs, negdpo.preference.pairs; print(negdpo.core.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and Path(out.stdout.strip()).parent == ROOT / "core", out.stderr[-2000:]
+
+
+def test_lock_pins_every_declared_dependency_within_its_range():
+    """requirements.lock (README, "Quick start") pins each dependency of pyproject.toml, the dev extra
+    included, at one version its declared range accepts; CI installs from it."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = [line for line in (ROOT / "requirements.lock").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    pins = {}
+    for line in lines:
+        name, sep, version = line.partition("==")
+        assert sep and version and " " not in line, f"requirements.lock: '{line}' is not NAME==VERSION"
+        pins[canonicalize_name(name)] = version
+    assert len(pins) == len(lines), "requirements.lock names a package twice"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        req = Requirement(spec)
+        key = canonicalize_name(req.name)
+        assert key in pins, f"requirements.lock lacks {req.name} (pyproject.toml: {spec})"
+        assert req.specifier.contains(pins[key], prereleases=True), f"{req.name}=={pins[key]} outside {spec}"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -q -r requirements.lock" in ci and "pip install -q -e . --no-deps" in ci
+    assert "pip install -r requirements.lock && pip install -e . --no-deps" in (ROOT / "README.md").read_text()

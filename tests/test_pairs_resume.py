@@ -205,6 +205,7 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="SIGKILL / fork")
 def test_kill_at_five_points_then_resume_gives_the_uninterrupted_rows(phantom_dir, reference, tmp_path):
     """Real ``build-pairs`` processes killed with SIGKILL inside a shard write (twice), after a shard,

@@ -314,6 +314,7 @@ def _cfg(out: Path, data: Path, **kw):
     return SegTrainConfig(**{**base, **kw})
 
 
+@pytest.mark.integration
 def test_training_lowers_the_loss_and_raises_dice(phantom_dir, sam, tmp_path):
     """40 steps on 6 phantom training images (ground-truth targets) against the untrained generator.
 
@@ -354,6 +355,7 @@ def test_resume_is_exact(phantom_dir, sam, tmp_path):
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.integration
 def test_end_to_end_pseudo_labels_train_evaluate(phantom_dir, tmp_path):
     """Stage 2 on the tiny SAM preset: oracle zero-shot masks of the train split are the pseudo-labels; a
     2-step generator is evaluated prompt-free with the same outputs as the zero-shot chain."""

@@ -99,6 +99,7 @@ def test_held_out_pool_subjects_are_whole_subjects(pool_dir):
     assert all("_p" in p.name for p in pool)  # the pool only, never an eval subject
 
 
+@pytest.mark.integration
 def test_pretraining_learns_and_the_checkpoint_round_trips(pool_dir, tmp_path):
     cfg = micro_cfg(pool_dir, tmp_path / "run")
     summary = pretrain_sam(cfg)

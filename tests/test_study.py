@@ -54,6 +54,7 @@ def _meta(cfg: StudyConfig) -> list[dict]:
     return list(csv.DictReader(open(Path(cfg.work_dir) / "phantoms" / "data" / "meta.csv")))
 
 
+@pytest.mark.integration
 def test_results_contract(study):
     cfg, results = study
     on_disk = json.loads((Path(cfg.out) / "results.json").read_text())
@@ -157,6 +158,7 @@ def test_results_contract(study):
     assert "generator_sft_g1.png" not in figs and "| harmonic fill through the autoencoder (no UNet) | yes | us |" in md
 
 
+@pytest.mark.integration
 def test_numbers_come_from_the_data(study):
     """No-repair error recomputed from the files; paste-back keeps the outside exactly; the contract's
     prompt gap, group means and comparison are recomputed here from segmentation_metrics.csv."""
@@ -215,6 +217,7 @@ def test_numbers_come_from_the_data(study):
     assert stamp["settings"]["split"] == "pretrain" and results["clip_pretrain_split"] == "pretrain"
 
 
+@pytest.mark.integration
 def test_rerun_is_cached_and_reproduces(study, monkeypatch):
     cfg, results = study
     calls: list[int] = []  # the version is read before the run writes (and dirties) anything
@@ -381,6 +384,7 @@ def _png(path: Path) -> np.ndarray:
     return read_mask(path)
 
 
+@pytest.mark.integration
 def test_stage2_trains_on_pseudo_labels_and_supervised_on_ground_truth(study):
     """pg_pseudo_* learn from the masks of their own zero-shot chain (report-positive train images; empty masks
     for healthy reports), never from ground truth; pg_supervised learns from the ground-truth masks."""
@@ -419,6 +423,7 @@ def test_stage2_trains_on_pseudo_labels_and_supervised_on_ground_truth(study):
     assert results["stage2"]["vlsam"]["seconds_per_map"] > 0
 
 
+@pytest.mark.integration
 def test_pretraining_stages_see_the_pool_only(study):
     """Base CLIPs, the VLM and both frozen judges train on the pre-training pool, disjoint from every eval split."""
     cfg, results = study
@@ -446,6 +451,7 @@ def test_pretraining_stages_see_the_pool_only(study):
         assert json.loads((final / CONFIG_FILE).read_text())["generator"]["sam_checkpoint"] == ckpt
 
 
+@pytest.mark.integration
 def test_disabling_the_keys_removes_the_rows(study, tmp_path):
     """pg_steps: 0, vlm_steps: 0 and no reference saliency -> no stage-2 / VL-SAM / reference rows or comparisons
     (the rest comes from the cache)."""
@@ -476,6 +482,7 @@ def test_dice_bar_when_a_few_resample_ci_misses_the_mean(tmp_path):
     assert (tmp_path / "dice_bar.png").stat().st_size > 0
 
 
+@pytest.mark.integration
 def test_parallel_clip_stages_give_the_same_numbers(study):
     """``workers: 2`` trains the base CLIPs and the fine-tunes in spawned processes; every number is unchanged."""
     import os

@@ -226,6 +226,7 @@ def test_peak_points_of_an_empty_map_is_no_prompt():
 
 
 # -- end to end: train the tiny VLM a few steps, then negdpo evaluate --saliency vlsam --vlm <folder> --
+@pytest.mark.integration
 def test_train_reports_then_evaluate_with_vlsam(phantom_dir, tmp_path, capsys):
     import csv
     import json

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import ModelNotAvailableError, build_once, hub_snapshot
+from .common import ModelNotAvailableError, build_once, hub_snapshot, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,55 @@ BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_CONTEXT = 64
+PUBMEDBERT = dict(  # microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract config.json (BERT-base sizes)
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    max_position_embeddings=512, type_vocab_size=2)
+BIOMEDCLIP_CONTEXT = 256
+
+
+def biomedclip_model_cfg(bert_dir: Path | str, embed_dim: int = 512, timm_model: str = "vit_base_patch16_224",
+                         context: int = BIOMEDCLIP_CONTEXT) -> dict:
+    """BiomedCLIP's ``open_clip_config.json`` ``model_cfg`` with the text tower read from ``bert_dir``."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"timm_model_name": timm_model, "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": str(bert_dir), "hf_model_pretrained": False, "hf_tokenizer_name": str(bert_dir),
+                     "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                     "context_length": context},
+    }
+
+
+def _write_bert(folder: Path, bert: dict, context: int, vocab_size: int | None) -> None:
+    from transformers import BertConfig, BertTokenizer
+
+    from .vocab import write_bert_vocab
+
+    n = write_bert_vocab(folder, vocab_size)
+    BertConfig(**{**bert, "vocab_size": n}).save_pretrained(folder)
+    BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True,
+                  model_max_length=max(context, bert["max_position_embeddings"])).save_pretrained(folder)
+
+
+def biomedclip_model(bert_dir: Path):
+    """The open_clip ``CustomTextCLIP`` of BiomedCLIP's config, text tower from ``bert_dir``, seeded."""
+    import open_clip
+
+    with seeded(0):
+        return open_clip.CustomTextCLIP(**biomedclip_model_cfg(bert_dir))
+
+
+def write_biomedclip(folder: Path, final: Path) -> None:
+    """An open_clip ``local-dir:`` folder of BiomedCLIP's architecture (config points at ``final``)."""
+    from safetensors.torch import save_file
+
+    _write_bert(folder, PUBMEDBERT, BIOMEDCLIP_CONTEXT, PUBMEDBERT["vocab_size"])
+    model = biomedclip_model(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    preprocess_cfg = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic",
+                      "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": biomedclip_model_cfg(final), "preprocess_cfg": preprocess_cfg}, indent=2))
 
 
 TINY_WIDE_VIT = "negdpo_tiny_wide_vit"
@@ -72,21 +121,17 @@ def tiny_clip_model(bert_dir: Path):
     """The tiny preset's ``CustomTextCLIP`` (BiomedCLIP's config layout, small sizes), seeded."""
     import open_clip
 
-    from .presets import biomedclip_model_cfg
-
-    torch.manual_seed(0)
-    return open_clip.CustomTextCLIP(**biomedclip_model_cfg(bert_dir, 32, "test_vit", TINY_CONTEXT))
+    with seeded(0):
+        return open_clip.CustomTextCLIP(**biomedclip_model_cfg(bert_dir, 32, "test_vit", TINY_CONTEXT))
 
 
 def _build_small_clip(folder: Path, final: Path, bert: dict, embed: int, vit: str) -> None:
     import open_clip
     from safetensors.torch import save_file
 
-    from .presets import _write_bert, biomedclip_model_cfg
-
     _write_bert(folder, bert, TINY_CONTEXT, None)
-    torch.manual_seed(0)
-    model = open_clip.CustomTextCLIP(**biomedclip_model_cfg(folder, embed, vit, TINY_CONTEXT))  # temp folder's BERT
+    with seeded(0):  # the temp folder's BERT
+        model = open_clip.CustomTextCLIP(**biomedclip_model_cfg(folder, embed, vit, TINY_CONTEXT))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
     preprocess_cfg = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic",
                       "resize_mode": "shortest"}
@@ -110,8 +155,6 @@ def resolve_clip(name: str) -> str:
     if name == "tiny-wide":
         return f"local-dir:{build_once('tiny-wide-clip', _build_tiny_wide_clip)}"
     if name == "biomedclip-random":
-        from .presets import write_biomedclip
-
         return f"local-dir:{build_once(name, write_biomedclip)}"
     if name.startswith("local-dir:") or Path(name).is_dir():
         path = Path(name.removeprefix("local-dir:"))

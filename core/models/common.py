@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import torch
 
 PRESET_VERSION = "1"  # default preset version; bump a preset's own version when its architecture/init changes
 
@@ -23,10 +26,26 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+@contextlib.contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    """Seed torch's CPU generator for the block and give the caller's random state back afterwards.
+
+    Preset weights are a function of ``seed`` alone, and building one (on first use, inside a training
+    run) leaves the run's own random stream -- LoRA init, dropout, noise -- exactly where it was.
+    Only the CPU generator is seeded (``torch.manual_seed`` would also queue a CUDA reseed that
+    ``fork_rng`` cannot undo); models are built on the CPU or the meta device.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def build_once(name: str, builder: Callable[[Path, Path], None], version: str = PRESET_VERSION) -> Path:
     """Build a preset into ``cache_home()/presets/<name>-v<version>`` once; safe under concurrency.
 
-    ``builder(tmp, final)`` writes into ``tmp``, which is then renamed to ``final`` atomically.
+    ``builder(tmp, final)`` writes into ``tmp``, which is then renamed to ``final`` atomically. The
+    builder runs inside :func:`seeded`: the caller's random state is the same whether the preset was
+    already cached or built now (a first run prints what a second run prints).
     """
     target = cache_home() / "presets" / f"{name}-v{version}"
     if (target / ".complete").exists():
@@ -34,7 +53,8 @@ def build_once(name: str, builder: Callable[[Path, Path], None], version: str = 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        builder(tmp, target)
+        with seeded(0):
+            builder(tmp, target)
         (tmp / ".complete").write_text("ok\n")
         try:
             tmp.rename(target)

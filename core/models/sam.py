@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from .common import ModelNotAvailableError, build_once, cache_home
+from .common import ModelNotAvailableError, build_once, cache_home, seeded
 
 SAM_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth",
                    "vit_h": "sam_vit_h_4b8939.pth"}
+SAM_KINDS = {"sam-vit-b-random": "vit_b", "sam-vit-h-random": "vit_h"}  # real-size presets
 TINY_SAM = {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
             "encoder_global_attn_indexes": [1]}
 
@@ -76,9 +78,23 @@ def save_sam(model, arch: dict, path: str | Path) -> Path:
 def _build_tiny_sam(folder: Path, final: Path) -> None:
     from segment_anything.build_sam import _build_sam
 
-    torch.manual_seed(0)
-    model = _build_sam(checkpoint=None, **TINY_SAM)
+    with seeded(0):
+        model = _build_sam(checkpoint=None, **TINY_SAM)
     torch.save(model.state_dict(), folder / "sam_tiny.pth")
+
+
+def sam_model(kind: str):
+    """``segment_anything`` builder for ``vit_b`` / ``vit_l`` / ``vit_h``, no checkpoint, seeded."""
+    from segment_anything import sam_model_registry
+
+    with seeded(0):
+        return sam_model_registry[kind](checkpoint=None)
+
+
+def write_sam(kind: str) -> Callable[[Path, Path], None]:
+    def write(folder: Path, final: Path) -> None:
+        torch.save(sam_model(kind).state_dict(), folder / SAM_CHECKPOINTS[kind])
+    return write
 
 
 def _search_paths(model_type: str) -> list[Path]:
@@ -97,8 +113,6 @@ def resolve_sam(name: str, checkpoint: str | Path | None = None) -> tuple[str, P
                 raise ModelNotAvailableError(f"tiny SAM checkpoint {checkpoint} does not exist")
             return "tiny", Path(checkpoint)
         return "tiny", build_once("tiny-sam", _build_tiny_sam) / "sam_tiny.pth"
-    from .presets import SAM_KINDS, write_sam
-
     if name in SAM_KINDS:
         kind = SAM_KINDS[name]
         return kind, build_once(name, write_sam(kind)) / SAM_CHECKPOINTS[kind]

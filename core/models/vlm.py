@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .common import ModelNotAvailableError, build_once, hub_snapshot
+from .common import ModelNotAvailableError, build_once, hub_snapshot, seeded
 
 QWEN2_VL = "Qwen/Qwen2-VL-2B-Instruct"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -95,8 +95,8 @@ def _build_tiny_vlm(folder: Path, final: Path) -> None:
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
     processor = build_tiny_processor(folder)
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(tiny_config(processor))
+    with seeded(0):
+        model = Qwen2VLForConditionalGeneration(tiny_config(processor))
     tok = processor.tokenizer
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                                do_sample=False, max_new_tokens=24)

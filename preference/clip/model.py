@@ -118,15 +118,30 @@ def pair_sims(model: nn.Module, pos: torch.Tensor, neg: torch.Tensor, texts: tor
     return sims, {"img": img, "txt": txt, "tokens": tok}
 
 
+LOCAL_TOWER = "."  # hf_model_name of a text tower saved in the checkpoint folder itself (not a Hub model)
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` (or a bare ``name``) on the Hugging Face Hub, as opposed to a local folder path."""
+    path = Path(name)
+    return not (path.is_absolute() or path.exists() or name.startswith((".", "~")) or name.count("/") > 1
+                or "\\" in name)
+
+
 def save_clip_checkpoint(model: nn.Module, source: str, out: str | Path) -> Path:
     """Write an open_clip ``local-dir:`` folder that loads after a move or copy: ``open_clip_config.json``
     (the source's), ``open_clip_model.safetensors``, and the HF text tower's ``config.json`` and tokenizer
-    files, so the folder needs nothing outside itself.
+    files, so the folder needs nothing outside itself. The config holds no absolute path.
 
-    The config names the text tower as the source did: a Hub id stays (plain open_clip resolves it
-    anywhere), a local folder becomes this folder's absolute path (plain open_clip loads it in place);
-    ``negdpo.core.models.load_clip`` always takes the tower's config from the folder itself.
-    PEFT adapters are merged into a copy first, so the folder holds plain open_clip weights.
+    The config names the text tower as the source did when that is a Hub id (``hf_model_name`` /
+    ``hf_tokenizer_name``, e.g. BiomedCLIP's PubMedBERT): plain ``open_clip.create_model_from_pretrained(
+    "local-dir:<folder>")`` then loads the moved folder anywhere (tokenizer from the folder, tower config
+    from the Hub cache). A tower that came from a local folder (the presets) is named ``"."``: open_clip
+    3.x reads the tokenizer of a ``local-dir:`` from the folder itself but passes ``hf_model_name`` to
+    ``transformers.AutoConfig``, which resolves a path against the working directory, so plain open_clip
+    loads such a folder from inside it (``local-dir:.``); ``negdpo.core.models.load_clip`` loads it from
+    anywhere (it reads the tower's config from the folder). PEFT adapters are merged into a copy first, so
+    the folder holds plain open_clip weights.
     """
     import open_clip
     from negdpo.core.models import resolve_clip
@@ -156,8 +171,8 @@ def save_clip_checkpoint(model: nn.Module, source: str, out: str | Path) -> Path
         tokenizer = open_clip.get_tokenizer(src_name)
         tokenizer.save_pretrained(str(out))
         for key in ("hf_model_name", "hf_tokenizer_name"):
-            if text_cfg.get(key) and Path(str(text_cfg[key])).is_dir():
-                text_cfg[key] = str(out.resolve())
+            if text_cfg.get(key) and not is_hub_id(str(text_cfg[key])):
+                text_cfg[key] = LOCAL_TOWER
     (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     tmp = out / ".open_clip_model.safetensors.tmp"
     save_file(state, str(tmp))
