@@ -121,12 +121,12 @@ def test_resume_is_exact(phantom_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """One short CLIP-DPO run from the tiny random init on 24-subject phantoms, shared by the learning
+    """One short CLIP-DPO run from the tiny random init on 48-subject phantoms (16 held-out pairs), shared by the learning
     assertions (the expensive part of this file: keep it to one run)."""
     from negdpo.core.phantoms import ensure_phantoms
 
     root = tmp_path_factory.mktemp("clip_learn")
-    data = ensure_phantoms(root / "ph", n=24, size=64, seed=0, slices=2, preview=False)
+    data = ensure_phantoms(root / "ph", n=48, size=64, seed=0, slices=2, preview=False)
     return train(ClipTrainConfig(dataset_name=str(data), output_dir=str(root / "learn"), loss="dpo", beta=1.0,
                                  learning_rate=LEARN_LR, lr_scheduler="constant", max_train_steps=LEARN_STEPS,
                                  train_batch_size=LEARN_BATCH,
@@ -137,16 +137,18 @@ def learned(tmp_path_factory):
 def test_clip_dpo_learns_preference(learned):
     """Tiny random-init model, phantom pairs: held-out preference accuracy rises from chance.
 
-    Measured (16 held-out pairs, both directions; seeds 0/1/2): accuracy 0.44 -> 0.69/0.69/0.72, text->image
-    0.38 -> 0.875 for every seed, implicit-reward accuracy 0.69/0.63/0.66. (With the retention term at 0.1 the
-    same run gives 0.56-0.69: the contrastive term competes with the preference on 24 subjects.)"""
+    Measured with the locked versions (requirements.lock), 16 held-out pairs, both directions, seeds 0/1/2:
+    accuracy 0.34 -> 0.64 / 0.66 / 0.63, text->image 0.19 -> 0.75 / 0.81 / 0.75, implicit-reward accuracy
+    0.59 / 0.69 / 0.67. (On 24 subjects there were 8 held-out pairs, where one pair moves text->image by 0.125:
+    the earlier bound of 0.85 there held for one set of package versions and not the next.)"""
     before, after = learned["before"], learned["after"]
     print("CLIP-DPO held-out preference accuracy", before["eval/preference/accuracy"], "->",
           after["eval/preference/accuracy"], "t2i", before["eval/t2i/preference/accuracy"], "->",
           after["eval/t2i/preference/accuracy"])
-    assert learned["steps"] == LEARN_STEPS and learned["val_pairs"] >= 8
-    assert before["eval/preference/accuracy"] <= 0.6
-    assert after["eval/preference/accuracy"] >= 0.65
-    assert after["eval/preference/accuracy"] - before["eval/preference/accuracy"] >= 0.2
-    assert after["eval/t2i/preference/accuracy"] >= 0.85
-    assert after["eval/rewards/accuracies"] >= 0.6
+    assert learned["steps"] == LEARN_STEPS and learned["val_pairs"] >= 16
+    assert before["eval/preference/accuracy"] <= 0.5
+    assert after["eval/preference/accuracy"] >= 0.6
+    assert after["eval/preference/accuracy"] - before["eval/preference/accuracy"] >= 0.25
+    assert after["eval/t2i/preference/accuracy"] >= 0.7
+    assert after["eval/t2i/preference/accuracy"] - before["eval/t2i/preference/accuracy"] >= 0.45
+    assert after["eval/rewards/accuracies"] >= 0.55
