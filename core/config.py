@@ -66,6 +66,27 @@ def check_choice(cfg: Any, key: str, choices: typing.Iterable[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- types
+def parse_weights(spec: str, names: typing.Iterable[str], what: str = "judge") -> dict[str, float]:
+    """``"a=1,b=0.5,c"`` -> {a: 1.0, b: 0.5, c: 1.0}: names from ``names``, finite weights >= 0, at least one
+    positive; anything else raises one ValueError naming ``what`` and the spec."""
+    known = sorted(names)
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition("=")
+        name = name.strip()
+        if name not in known:
+            raise ValueError(f"unknown {what} '{name}' in '{spec}'; available: {known}")
+        try:
+            out[name] = float(w) if w.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"weight of '{name}' in '{spec}' is not a number: '{w}'") from None
+        if not math.isfinite(out[name]) or out[name] < 0:
+            raise ValueError(f"weight of '{name}' in '{spec}' must be a finite number >= 0")
+    if not out or sum(out.values()) <= 0:
+        raise ValueError(f"{what} spec '{spec}' names no {what} with a positive weight")
+    return out
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

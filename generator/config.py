@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from negdpo.core.config import check, check_choice, check_finite_positive, check_positive, check_probability
+from negdpo.core.config import (
+    check,
+    check_choice,
+    check_finite_positive,
+    check_positive,
+    check_probability,
+    parse_weights,
+)
 from negdpo.core.training import TrainConfig
 from negdpo.core.window import ScanReading
 
@@ -13,22 +20,7 @@ TRAINING_JUDGES = ("lesion", "realism", "mi_out", "fidelity_out")  # the on-poli
 
 def parse_judge_weights(spec: str) -> dict[str, float]:
     """``"lesion=1,realism=0.5"`` -> {lesion: 1.0, realism: 0.5}; names from ``TRAINING_JUDGES``, weights >= 0."""
-    import math
-
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition("=")
-        if name not in TRAINING_JUDGES:
-            raise ValueError(f"unknown training judge '{name}' (choose from {', '.join(TRAINING_JUDGES)})")
-        try:
-            out[name] = float(w) if w else 1.0
-        except ValueError:
-            raise ValueError(f"weight of '{name}' is not a number: '{w}'") from None
-        if not math.isfinite(out[name]) or out[name] < 0:
-            raise ValueError(f"weight of '{name}' must be a finite number >= 0")
-    if not out or sum(out.values()) <= 0:
-        raise ValueError("names no judge with a positive weight")
-    return out
+    return parse_weights(spec, TRAINING_JUDGES, "training judge")
 
 
 @dataclass

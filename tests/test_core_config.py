@@ -176,3 +176,17 @@ def test_study_extra_sections_fail_before_any_stage(tmp_path):
     with pytest.raises(ConfigError, match="gen_lr"):
         load_study_config(None, "quick", ["--gen_lr", "0"])
     assert load_study_config(None, "quick", ["--gen_lr", "1e-4"]).gen_lr == 1e-4
+
+
+def test_parse_weights_one_rule_for_every_weight_spec():
+    """One parser for the pair judges' and the training judges' specs: defaults to 1, unknown names, non-numbers,
+    negative / non-finite weights and an all-zero spec are one ValueError each."""
+    from negdpo.core.config import parse_weights
+
+    assert parse_weights(" a=2, b ,c=0", ("a", "b", "c")) == {"a": 2.0, "b": 1.0, "c": 0.0}
+    for spec, match in (("a,d", "unknown judge 'd'"), ("a=x", "not a number"), ("a=-1", ">= 0"),
+                        ("a=nan", ">= 0"), ("a=0", "no judge with a positive weight"), ("", "no judge")):
+        with pytest.raises(ValueError, match=match):
+            parse_weights(spec, ("a", "b"))
+    with pytest.raises(ValueError, match="unknown training judge"):
+        parse_weights("x", ("a",), "training judge")

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from negdpo.core.config import parse_weights
 from negdpo.core.fill import harmonic_fill
 from negdpo.core.imageio import to_gray
 from scipy import ndimage
@@ -202,20 +203,7 @@ def quantize(image: np.ndarray) -> np.ndarray:
 # -- composite -------------------------------------------------------------------------------------
 def parse_spec(spec: str) -> dict[str, float]:
     """``"a=1,b=0.5,c"`` -> {a: 1.0, b: 0.5, c: 1.0}; unknown names raise."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition("=")
-        if name not in JUDGES:
-            raise ValueError(f"unknown judge '{name}' in '{spec}'; available: {sorted(JUDGES)}")
-        try:
-            out[name] = float(w) if w else 1.0
-        except ValueError:
-            raise ValueError(f"weight of '{name}' in '{spec}' is not a number: '{w}'") from None
-        if not np.isfinite(out[name]) or out[name] < 0:
-            raise ValueError(f"weight of '{name}' in '{spec}' must be a finite number >= 0")
-    if not out or sum(out.values()) <= 0:
-        raise ValueError(f"judge spec '{spec}' names no judge with a positive weight")
-    return out
+    return parse_weights(spec, JUDGES, "judge")
 
 
 JUDGES = {"clip_lesion": ClipLesionJudge, "contrast": ContrastJudge, "mi_out": MaskedMIJudge,
