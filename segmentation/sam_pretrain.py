@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from negdpo.core.config import check, check_positive
 from negdpo.core.scans import SPLITS
 from negdpo.core.training import TrainConfig
+from negdpo.core.window import ScanReading
 
 logger = logging.getLogger(__name__)
 WEIGHTS = "sam_pretrained.pth"
 
 
 @dataclass
-class SamPretrainConfig(TrainConfig):
+class SamPretrainConfig(TrainConfig, ScanReading):
     """Promptable-segmentation pre-training of the tiny SAM on a scan folder's pre-training split."""
 
     run_name: str = "sam_pretrain"
@@ -94,6 +95,7 @@ class SamPretrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        ScanReading.__post_init__(self)
         check_positive(self, "prompts_per_image", "max_points", "img_size", "patch_size", "encoder_embed_dim",
                        "encoder_depth", "encoder_num_heads", "prompt_embed_dim", "decoder_mlp_dim", "decoder_num_heads",
                        "iou_head_hidden_dim", "phantoms_n", "phantoms_size", "phantoms_pretrain_n")
@@ -180,14 +182,15 @@ def subject_of(name: str) -> str:
     return Path(name).stem.rsplit("_", 1)[0]
 
 
-def load_pool(data: Path, split: str, img_size: int, min_area: float, max_area: float) -> list[PoolImage]:
+def load_pool(data: Path, split: str, img_size: int, min_area: float, max_area: float,
+              reading: dict | None = None) -> list[PoolImage]:
     from negdpo.core.imageio import to_rgb_uint8
     from negdpo.core.scans import ScanFolder
     from segment_anything.utils.transforms import ResizeLongestSide
 
     tf = ResizeLongestSide(img_size)
     out = []
-    for s in ScanFolder(data).load_split(split):
+    for s in ScanFolder(data, **(reading or {})).load_split(split):  # reading: ScanReading.reading()
         rgb = to_rgb_uint8(s.image)
         out.append(PoolImage(s.name, subject_of(s.name), rgb, torch.as_tensor(tf.apply_image(rgb)), rgb.shape[:2],
                              np.asarray(s.mask, bool) if s.positive else None,
@@ -389,7 +392,7 @@ def pretrain_sam(cfg: SamPretrainConfig) -> dict[str, Any]:
     try:
         with acc.main_process_first():
             data = resolve_data(cfg, run.out)
-        pool = load_pool(data, cfg.split, cfg.img_size, cfg.min_structure_area, cfg.max_structure_area)
+        pool = load_pool(data, cfg.split, cfg.img_size, cfg.min_structure_area, cfg.max_structure_area, cfg.reading())
         train, val = split_pool(pool, cfg.val_fraction, cfg.seed)
         train = [p for p in train if p.lesion is not None or p.structures]
         if not train:

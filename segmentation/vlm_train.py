@@ -38,6 +38,7 @@ from negdpo.core.training import (
     step_seed,
     update,
 )
+from negdpo.core.window import ScanReading
 
 from .saliency.vlsam import DEFAULT_QUESTION, chat_inputs
 
@@ -46,7 +47,7 @@ IGNORE = -100
 
 
 @dataclass
-class VlmTrainConfig(TrainConfig):
+class VlmTrainConfig(TrainConfig, ScanReading):
     """Report-generation fine-tuning of a VLM on a scan folder with ``prompts.json``."""
 
     model: str = "tiny"
@@ -66,6 +67,7 @@ class VlmTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        ScanReading.__post_init__(self)
         check_positive(self, "phantoms_n", "phantoms_size")
         check(bool(self.question.strip()), "question", self.question, "must not be empty")
 
@@ -121,10 +123,11 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, t
     return batch
 
 
-def load_examples(processor, data: Path, split: str, question: str) -> list[dict[str, torch.Tensor]]:
+def load_examples(processor, data: Path, split: str, question: str,
+                  reading: dict | None = None) -> list[dict[str, torch.Tensor]]:
     from negdpo.core.scans import ScanFolder
 
-    folder = ScanFolder(data)
+    folder = ScanFolder(data, **(reading or {}))  # reading: ScanReading.reading()
     prompts = folder.prompts
     scans = folder.load_split(split)
     missing = [s.name for s in scans if s.name not in prompts]
@@ -169,8 +172,8 @@ def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
         data = _data_dir(cfg, run.out)
         model, processor = load_vlm(cfg.model, "cpu")
         pad_id = processor.tokenizer.pad_token_id
-        train = load_examples(processor, data, cfg.split, cfg.question)
-        held = load_examples(processor, data, cfg.eval_split, cfg.question) if cfg.eval_split else []
+        train = load_examples(processor, data, cfg.split, cfg.question, cfg.reading())
+        held = load_examples(processor, data, cfg.eval_split, cfg.question, cfg.reading()) if cfg.eval_split else []
         model.train()
         params = [q for q in model.parameters() if q.requires_grad]
         guard = NonFiniteGuard(cfg.max_nonfinite_grad_steps)

@@ -228,3 +228,29 @@ def test_every_scan_reading_command_accepts_the_window(tmp_path):
     with pytest.raises((ValueError, ConfigError), match="--window"):
         parse_config(ClipTrainConfig, ["--window", "9,1"])
     assert ClipTrainConfig(window_preset="ct-lung").reading()["window"] == PRESETS["ct-lung"]
+
+
+def test_the_segmentation_trainers_read_through_the_window(tmp_path):
+    """pretrain-sam, seg_train and train-vlm take the same reading options, and they reach the scans they read."""
+    from negdpo.core.config import ConfigError, parse_config
+    from negdpo.segmentation.prompt_generator.train import SegTrainConfig
+    from negdpo.segmentation.sam_pretrain import SamPretrainConfig, load_pool
+    from negdpo.segmentation.vlm_train import VlmTrainConfig
+
+    root = tmp_path / "ct"
+    raw = np.full((32, 32), 1040, np.uint16)  # 16-bit CT stored as HU + 1000
+    raw[8:16, 8:16] = 1200
+    m = np.zeros((32, 32), np.uint8)
+    m[8:16, 8:16] = 255
+    _png(root / "train_images" / "a.png", raw)
+    _png(root / "train_masks" / "a.png", m)
+    for cls in (SamPretrainConfig, SegTrainConfig, VlmTrainConfig):
+        cfg = parse_config(cls, ["--window", "1000,1200", "--max_side", "64"])
+        assert cfg.reading() == {"window": Window(1000.0, 1200.0), "max_side": 64, "downscale": False}, cls
+        with pytest.raises((ValueError, ConfigError), match="--window"):
+            parse_config(cls, ["--window", "9,1"])
+    cfg = parse_config(SamPretrainConfig, ["--window", "1000,1200"])
+    (windowed,) = load_pool(root, "train", 32, 0.01, 0.5, cfg.reading())
+    (plain,) = load_pool(root, "train", 32, 0.01, 0.5)
+    assert windowed.rgb[10, 10, 0] == 255 and windowed.rgb[0, 0, 0] == 51  # (1040 - 1000) / 200 -> 0.2
+    assert plain.rgb[10, 10, 0] < 255  # without it the 16-bit range divides everything down

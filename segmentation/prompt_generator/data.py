@@ -133,12 +133,12 @@ class Sample:
 
 def load_samples(sam, data: str | Path, split: str = "train", targets: str = "", checkpoint: str = "",
                  class_values: list[int] | None = None, mode: TargetMode = "components", min_area: int = 1,
-                 limit: int | None = None) -> list[Sample]:
+                 limit: int | None = None, reading: dict | None = None) -> list[Sample]:
     """Every image of ``data``'s split with its targets (an image without a target mask is an error)."""
     from negdpo.core.imageio import is_scan_file, stem_of
     from negdpo.core.scans import ScanFolder
 
-    folder = ScanFolder(data)
+    folder = ScanFolder(data, **(reading or {}))  # reading: ScanReading.reading()
     mask_dir = resolve_target_dir(data, split, targets, checkpoint)
     masks = {stem_of(p): p for p in mask_dir.iterdir() if is_scan_file(p)}
     img_size = sam.image_encoder.img_size

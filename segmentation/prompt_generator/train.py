@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from negdpo.core.config import check, check_choice, check_positive
 from negdpo.core.training import TrainConfig
+from negdpo.core.window import ScanReading
 
 from .data import Sample, collate, load_samples, resolve_target_dir
 from .inference import load_trainable, save_prompt_generator
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SegTrainConfig(TrainConfig):
+class SegTrainConfig(TrainConfig, ScanReading):
     run_name: str = "seg_demo"
     learning_rate: float = 1e-3
     train_batch_size: int = 2
@@ -75,6 +76,7 @@ class SegTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        ScanReading.__post_init__(self)
         check_positive(self, "num_queries", "hidden_dim", "adapter_dim", "min_target_area")
         check_choice(self, "target_mode", ("components", "classes"))
         check_choice(self, "prompts", ("box+mask", "box", "mask"))
@@ -190,7 +192,7 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
     sam = load_sam(cfg.sam, cfg.sam_checkpoint, device) if sam is None else sam.to(device).eval()
     model = PromptSAM(sam, cfg.generator_config()).to(device)
     samples = load_samples(sam, data, cfg.train_split, cfg.targets, cfg.targets_checkpoint, cfg.class_values,
-                           cfg.target_mode, cfg.min_target_area, cfg.max_train_images)
+                           cfg.target_mode, cfg.min_target_area, cfg.max_train_images, reading=cfg.reading())
     n_targets = sum(int(s.target["labels"].numel()) for s in samples)
     logger.info("%d training images, %d targets (%s)", len(samples), n_targets, cfg.target_mode)
     cached = cfg.cache_features and cache_features(model, samples, cfg.cache_max_gb)
