@@ -502,6 +502,7 @@ def test_parallel_clip_stages_give_the_same_numbers(study):
         assert json.dumps(again[key], sort_keys=True) == json.dumps(results[key], sort_keys=True), key
 
 
+@pytest.mark.integration
 def test_protocol_and_locked_test_split(study):
     """Every selection stage ran with the test split locked (a test read would have failed the run); only the
     evaluation opened test files; the protocol names each choice with the split it was made on."""
@@ -519,6 +520,7 @@ def test_protocol_and_locked_test_split(study):
     assert pairs["settings"]["splits"] == "train,val"  # no pair is built from a test positive
 
 
+@pytest.mark.integration
 def test_no_absolute_path_in_results(study):
     """results.json and the CSVs name no path of the machine they ran on (relative to the work dir / out)."""
     cfg, results = study
@@ -545,6 +547,7 @@ def test_no_absolute_path_in_results(study):
     assert (Path(cfg.work_dir) / results["stage2"]["pg"]["pg_supervised"]["checkpoint"]).exists()
 
 
+@pytest.mark.integration
 def test_finetune_seeds_are_training_runs(study, tmp_path):
     """clip_finetune_seeds: 2 -> fine-tunes s/s (cached) and s/s+1000 per base seed; the comparisons resample the
     four runs, each fine-tune paired with its own base."""

@@ -235,6 +235,7 @@ def test_onpolicy_pairs_dataset_and_rejected_source(phantom_dir, tmp_path):
                           resume_from_checkpoint="latest"))
 
 
+@pytest.mark.integration
 def test_onpolicy_resumes_after_kills_at_sampling_training_and_pairs(phantom_dir, tmp_path):
     """kill -9 inside round 1's sampling, inside its DPO training and after round 2's pairs; each time the same
     command resumes; the rounds' candidates, pairs and adapters equal an uninterrupted run's."""
