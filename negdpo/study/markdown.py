@@ -40,6 +40,12 @@ def fmt_p(p: float | None) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def p_cells(r: dict) -> str:
+    """The bootstrap p, the t test's p over runs and the Holm-adjusted p of the larger (the verdict's) as cells."""
+    return (f"{fmt_p(r.get('p_boot', r.get('p')))} | {fmt_p((r.get('t_check') or {}).get('p'))} | "
+            f"{fmt_p(r.get('p_holm'))}")
+
+
 def comparisons_md(rows: list[dict]) -> str:
     """One line per comparison: per-run differences, the run-level CI, raw and Holm p, the verdict, the unit,
     and the subject-only CI (runs fixed) as the secondary number."""
@@ -56,8 +62,7 @@ def comparisons_md(rows: list[dict]) -> str:
         units.append(r.get("unit"))
         lines.append(f"| {r.get('family', '')} | {r['question']} (`{r['a']}` − `{r['b']}`) | {metric} | "
                      f"{r.get('n_runs')} × {r.get('n_subjects')} | {per_run} | {fmt(r['diff_mean'], r['ci'])} | "
-                     f"{fmt_p(r.get('p_boot', r.get('p')))} | {fmt_p((r.get('t_check') or {}).get('p'))} | "
-                     f"{fmt_p(r.get('p_holm'))} | {r['verdict']} | {fmt(sub.get('diff_mean'), sub.get('ci'))} |")
+                     f"{p_cells(r)} | {r['verdict']} | {fmt(sub.get('diff_mean'), sub.get('ci'))} |")
     lines += ["", "Unit of the CIs and verdicts: " + "; ".join(sorted({u for u in units if u})) + ". Holm p: over "
               "the family, of the larger of the two p-values (docs/method.md#statistics)."]
     return "\n".join(lines)
@@ -82,13 +87,14 @@ def generator_comparisons_md(rows: list[dict]) -> str:
     if not rows:
         return "No generator comparison ran."
     lines = ["| comparison (a − b) | modality | runs × subjects | per-run differences | mean difference [95% CI] | "
-             "p | Holm p | verdict for a | secondary: subject-only CI |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "p bootstrap | p t (runs) | Holm p | verdict for a | secondary: subject-only CI |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         per_run = ", ".join(f"{k or 'fixed'}: {v:+.3f}" for k, v in (r.get("per_run") or {}).items() if v is not None)
         sub = r.get("subject_only") or {}
         lines.append(f"| {r['question']} (`{r['a']}` − `{r['b']}`) | {r['modality']} | {r['n_runs']} × "
-                     f"{r['n_subjects']} | {per_run} | {fmt(r['diff_mean'], r['ci'])} | {fmt_p(r.get('p'))} | "
-                     f"{fmt_p(r.get('p_holm'))} | {r['verdict']} | {fmt(sub.get('diff_mean'), sub.get('ci'))} |")
+                     f"{r['n_subjects']} | {per_run} | {fmt(r['diff_mean'], r['ci'])} | {p_cells(r)} | "
+                     f"{r['verdict']} | {fmt(sub.get('diff_mean'), sub.get('ci'))} |")
     return "\n".join(lines)
 
 
