@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import CommandParser, current_prog
+
 T = TypeVar("T")
 
 
@@ -224,14 +226,19 @@ def _yaml_value(text: str) -> Any:
 
 
 def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default_config: str | None = None) -> T:
-    """Parse ``--config FILE`` (YAML) [``--preset NAME``] and flag overrides into one dataclass instance."""
+    """Parse ``--config FILE`` (YAML) [``--preset NAME``] and flag overrides into one dataclass instance.
+
+    A bad command line raises :class:`~negdpo.core.console.UsageError` (one line under ``run_main``)."""
     from transformers import HfArgumentParser
 
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    class Parser(HfArgumentParser):  # errors are one line (UsageError), the program is the running command
+        error = CommandParser.error
+
+    pre = CommandParser(add_help=False)
     pre.add_argument("--config", default=default_config)
     pre.add_argument("--preset", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_type, allow_abbrev=False)
+    parser = Parser(dataclass_type, allow_abbrev=False, prog=current_prog())
     parser.add_argument("--config", default=default_config, help="YAML run config (flags override it)")
     types_ = _field_types(dataclass_type)
     if "preset" not in types_:

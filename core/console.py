@@ -9,9 +9,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .errors import _PROG, CommandParser, UsageError, UserError, current_prog  # noqa: F401  (re-exported)
+
 QUIET = ("diffusers", "transformers", "accelerate", "peft", "httpx", "urllib3", "datasets", "open_clip", "timm",
          "torch", "matplotlib", "PIL", "fsspec", "filelock", "huggingface_hub")
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError,
+                                                IsADirectoryError, PermissionError, UserError)
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -49,12 +52,20 @@ def pop_debug(argv: list[str]) -> tuple[list[str], bool]:
     return [a for a in argv if a != "--debug"], "--debug" in argv
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a KeyError's key without quotes; line breaks joined with '; ')."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    parts = [p.strip() for p in text.splitlines() if p.strip()]
+    return "; ".join(parts) or type(err).__name__
+
+
 def run_main(prog: str, fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
     """Call ``fn(argv)``; a user error prints ``<prog>: error: <message>`` and returns 2 (3 for a NaN stop)."""
     from .training import NonFiniteError
 
     argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
     setup_logging(debug)
+    token = _PROG.set(prog)
     try:
         result = fn(argv)
     except NonFiniteError as err:
@@ -65,11 +76,14 @@ def run_main(prog: str, fn: Callable[[list[str]], Any], argv: list[str] | None =
     except USER_ERRORS as err:
         if debug:
             raise
-        print(f"{prog}: error: {err} (--debug for the traceback)", file=sys.stderr)
+        hint = "--help for the options" if isinstance(err, UsageError) else "--debug for the traceback"
+        print(f"{prog}: error: {one_line(err)} ({hint})", file=sys.stderr)
         return 2
     except OSError as err:
         if debug or err.errno != errno.ENOSPC:
             raise
         print(f"{prog}: error: {disk_full_message(err)}", file=sys.stderr)
         return 2
+    finally:
+        _PROG.reset(token)
     return int(result) if isinstance(result, int) else 0

@@ -11,14 +11,16 @@ runs out of one folder.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from .console import CommandParser, run_main
 from .phantoms import MODALITIES, PhantomConfig, generate
+
+PROG = "negdpo phantoms"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="negdpo phantoms", description=__doc__, allow_abbrev=False,
+    p = CommandParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (scan folder layout + twins)")
     p.add_argument("--n", type=int, default=40, help="number of subjects, split over modalities (default 40)")
@@ -39,22 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        cfg = PhantomConfig(out=a.out, n=a.n, size=a.size, seed=a.seed, slices=a.slices,
-                            healthy_fraction=a.healthy_fraction, modalities=tuple(a.modalities),
-                            preview=not a.no_preview, pretrain_n=a.pretrain_n,
-                            lesion_area=tuple(a.lesion_area) if a.lesion_area else None)
-        out = generate(cfg, overwrite=a.overwrite_output_dir)
-    except (ValueError, OSError) as err:
-        if a.debug:
-            raise
-        print(f"negdpo phantoms: error: {err}", file=sys.stderr)
-        return 1
+    cfg = PhantomConfig(out=a.out, n=a.n, size=a.size, seed=a.seed, slices=a.slices,
+                        healthy_fraction=a.healthy_fraction, modalities=tuple(a.modalities),
+                        preview=not a.no_preview, pretrain_n=a.pretrain_n,
+                        lesion_area=tuple(a.lesion_area) if a.lesion_area else None)
+    out = generate(cfg, overwrite=a.overwrite_output_dir)
     n_img = (a.n + a.pretrain_n) * a.slices
     dt = time.perf_counter() - t0
     preview = f"; preview: {out / 'preview.png'}" if not a.no_preview else ""
     print(f"wrote {n_img} images ({a.size}px) to {out} in {dt:.1f}s ({n_img / dt:.0f} img/s){preview}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad settings, a refused or unwritable --out: one line and exit 2 (``--debug``: the traceback)."""
+    return run_main(PROG, _main, argv)

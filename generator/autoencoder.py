@@ -189,6 +189,11 @@ def adapt_autoencoder(model: str, data: str, out: str, steps: int = 400, batch_s
         if any(out_path.iterdir()):
             raise FileExistsError(f"{out_path} exists and is not an adapted pipeline folder; pass overwrite=True "
                                   "(--overwrite) or another --out")
+    elif overwrite and out_path.is_dir() and any(out_path.iterdir()) and not stamp.is_file():
+        raise FileExistsError(f"{out_path}: not an adapted pipeline folder written by negdpo, so it is not "
+                              "replaced or deleted; choose another --out (or empty it yourself)")
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"{data}: scan folder does not exist")
     t0 = time.time()
     seed_everything(seed)
     pipe = load_inpaint_pipeline(model)
@@ -237,8 +242,13 @@ def read_record(folder: str | Path) -> dict:
     return json.loads((Path(folder) / STAMP).read_text())
 
 
+PROG = "python -m negdpo.generator.autoencoder"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m negdpo.generator.autoencoder", description=__doc__.split("\n\n")[0])
+    from negdpo.core.console import CommandParser
+
+    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="tiny | hub id | diffusers folder")
     p.add_argument("--data", required=True, help="scan folder (train split + negatives/ are used)")
     p.add_argument("--out", required=True, help="output diffusers pipeline folder")
@@ -256,11 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from negdpo.core.console import setup_logging
-
-    setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
     out = adapt_autoencoder(args.model, args.data, args.out, args.steps, args.batch_size, args.lr, args.seed,
                             args.device, kl_weight=args.kl_weight, hflip=not args.no_hflip, vflip=args.vflip,
                             size=args.size, overwrite=args.overwrite, twins=not args.no_twins)
@@ -269,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
           f"({rec['n_train_images']} training images, {rec['wall_s']} s); scaling_factor {rec['scaling_factor']:.4f}")
     print(f"  pipeline: {out}  (use it as --pretrained_model / load_generator('{out}'))")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """User errors (bad flag, missing data or model, a refused --out): one line and exit 2."""
+    from negdpo.core.console import run_main
+
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

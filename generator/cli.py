@@ -16,6 +16,9 @@ def _run(argv: list[str], onpolicy: Callable | None = None) -> int:
     from .config import GenTrainConfig
 
     cfg = parse_config(GenTrainConfig, argv, default_config=str(bundled_config("demo.yaml")))
+    from .sample import check_generator
+
+    check_generator(cfg.pretrained_model_name_or_path, None)  # before phantoms are made or --output_dir claimed
     if cfg.train_method == "onpolicy":
         if onpolicy is None:
             raise ValueError("--train_method onpolicy runs through gen_train.py (negdpo.onpolicy.run_onpolicy)")

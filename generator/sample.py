@@ -41,17 +41,20 @@ SCHEDULERS = {
 }
 
 
-def set_scheduler(pipe, name: str | None) -> None:
-    """Swap the pipeline's scheduler by short name (see ``SCHEDULERS``) or diffusers class name."""
-    if not name:
-        return
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class of a short name (see ``SCHEDULERS``) or class name; else ValueError."""
     import diffusers
 
-    cls_name = SCHEDULERS.get(name.lower(), name)
-    cls = getattr(diffusers, cls_name, None)
+    cls = getattr(diffusers, SCHEDULERS.get(name.lower(), name), None)
     if cls is None:
         raise ValueError(f"unknown scheduler '{name}'; choose one of {sorted(SCHEDULERS)} or a diffusers class")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return cls
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Swap the pipeline's scheduler by short name (see ``SCHEDULERS``) or diffusers class name."""
+    if name:
+        pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
 
 
 def _check_no_reference(folder: Path) -> None:
@@ -230,12 +233,16 @@ def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: li
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="negdpo sample", description=__doc__.split("\n\n")[0])
+    from negdpo.core.console import CommandParser
+
+    p = CommandParser(prog="negdpo sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="scan folder (MedCLIP-SAMv2 layout)")
     p.add_argument("--split", default="test")
     p.add_argument("--generator", default="tiny", help="tiny | hub id | local diffusers folder")
     p.add_argument("--adapter", default=None, help="folder with pytorch_lora_weights.safetensors")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace an earlier sample run in --out (files negdpo did not write are kept)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=1.0)
     p.add_argument("--strength", type=float, default=1.0, help="1 = from pure noise; < 1 = from the noised --init")
@@ -257,42 +264,74 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: sample negatives for every positive of a split; writes OUT/<name>.png and OUT/preview.png."""
+PROG = "negdpo sample"
+OWNED = ("*.png", "sample_args.json")  # what a sample run writes (and --overwrite_output_dir replaces)
+
+
+def check_generator(model: str, adapter: str | None) -> None:
+    """Fail fast, before any model loads: ``model`` resolves (preset, cached hub id or diffusers folder) and
+    ``adapter`` (and any reference adapter it was trained on) holds LoRA weights; else a one-line user error."""
+    from negdpo.core.models import ModelNotAvailableError, resolve_diffusion
+
+    try:
+        resolve_diffusion(model)
+    except ModelNotAvailableError as err:
+        raise ModelNotAvailableError(f"--generator: {err}") from err
+    if adapter:
+        if not Path(adapter).exists():
+            raise FileNotFoundError(f"--adapter {adapter}: no such file or folder")
+        try:
+            adapter_chain(adapter)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"--adapter: {err}") from err
+
+
+def _main(argv: list[str]) -> int:
     from negdpo.core.config import derive_seed
     from negdpo.core.figures import write_grid
     from negdpo.core.imageio import save_png
+    from negdpo.core.outdir import output_dir
     from negdpo.core.scans import ScanFolder
-
-    args = _parser().parse_args(argv)
-    from negdpo.core.console import setup_logging
-
-    setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
     from negdpo.core.window import reading_options
 
+    args = _parser().parse_args(argv)
+    if args.scheduler:
+        scheduler_class(args.scheduler)
     folder = ScanFolder(args.data, on_error="skip", **reading_options(args))
     scans = [s for s in folder.load_split(args.split) if s.positive]
     if args.limit is not None:
         scans = scans[: args.limit]
     if not scans:
-        print(f"negdpo sample: no positive scans (non-empty masks) in {args.data} split '{args.split}'")
-        return 1
-    pipe = load_generator(args.generator, args.adapter, device=args.device, dtype=getattr(torch, args.dtype))
-    seeds = [derive_seed(s.name, base=args.seed) for s in scans]
-    outs = inpaint(pipe, [s.image for s in scans], [s.mask for s in scans], [s.prompt or "" for s in scans], seeds,
-                   steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
-                   init=args.init, scheduler=args.scheduler, paste_back=not args.no_paste_back, seam_px=args.seam_px,
-                   size=args.size, batch_size=args.batch_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for scan, img in zip(scans, outs):
-        save_png(out / f"{Path(scan.name).stem}.png", img)
-    write_grid(out / "preview.png", [[s.image, s.mask.astype(np.float32), o] for s, o in list(zip(scans, outs))[:8]],
-               column_labels=["positive", "lesion mask", "generated negative"])
-    (out / "sample_args.json").write_text(json.dumps(vars(args) | {"seeds": dict(zip([s.name for s in scans], seeds))},
-                                                     indent=1))
+        raise ValueError(f"--data {args.data}: no positive scans (non-empty masks) in split '{args.split}'")
+    check_generator(args.generator, args.adapter)  # before any model loads or --out is claimed
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite_output_dir")}
+    with output_dir(args.out, "sample", args.overwrite_output_dir, owned=OWNED, settings=settings) as out:
+        pipe = load_generator(args.generator, args.adapter, device=args.device, dtype=getattr(torch, args.dtype))
+        seeds = [derive_seed(s.name, base=args.seed) for s in scans]
+        outs = inpaint(pipe, [s.image for s in scans], [s.mask for s in scans], [s.prompt or "" for s in scans],
+                       seeds, steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
+                       init=args.init, scheduler=args.scheduler, paste_back=not args.no_paste_back,
+                       seam_px=args.seam_px, size=args.size, batch_size=args.batch_size)
+        for scan, img in zip(scans, outs):
+            save_png(out / f"{Path(scan.name).stem}.png", img)
+        write_grid(out / "preview.png",
+                   [[s.image, s.mask.astype(np.float32), o] for s, o in list(zip(scans, outs))[:8]],
+                   column_labels=["positive", "lesion mask", "generated negative"])
+        (out / "sample_args.json").write_text(
+            json.dumps(vars(args) | {"seeds": dict(zip([s.name for s in scans], seeds))}, indent=1))
     print(f"wrote {len(outs)} negatives to {out} (preview: {out / 'preview.png'}); {folder.report()}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: sample negatives for every positive of a split; writes OUT/<name>.png and OUT/preview.png.
+
+    Inputs (scan folder, generator, adapter) are checked before any model loads; --out is claimed as every
+    command claims its folder (``core.outdir``): a folder of another command or an earlier sample run with
+    other settings is refused unless --overwrite_output_dir. User errors: one line, exit 2."""
+    from negdpo.core.console import run_main
+
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

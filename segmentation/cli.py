@@ -5,7 +5,7 @@ Example (offline, tiny models)::
     negdpo phantoms --out /tmp/ph
     negdpo evaluate --data /tmp/ph --split test --clip tiny=tiny --sam tiny --out /tmp/eval
     negdpo evaluate --data /tmp/ph --clip base=hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 \
-        dpo=local-dir:runs/clip_dpo --sam vit_h --sam-checkpoint sam_vit_h_4b8939.pth --out /tmp/eval
+        dpo=local-dir:runs/clip_dpo --sam vit_h --sam_checkpoint sam_vit_h_4b8939.pth --out /tmp/eval
 
 --out holds one evaluation: the same command again replaces its outputs; other settings are refused
 unless --overwrite_output_dir. Open OUT/index.html for the per-image overlays, sortable by Dice.
@@ -14,15 +14,18 @@ unless --overwrite_output_dir. Open OUT/index.html for the per-image overlays, s
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from dataclasses import fields
 
+from negdpo.core.console import CommandParser, UserError, one_line, run_main
 from negdpo.core.window import add_reading_args
 
 from .evaluate import DEFAULT_CONTROL, EvalConfig, evaluate
 
-USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)  # bad input, missing file or weights: one line
+PROG = "negdpo evaluate"
+USER_ERRORS = (KeyError, OSError, RuntimeError)  # besides run_main's: unreadable inputs or weights: one line
 
 
 def _clips(values: list[str]) -> dict[str, str]:
@@ -39,8 +42,7 @@ def _clips(values: list[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig()
-    p = argparse.ArgumentParser(prog="negdpo evaluate", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="scan folder ({split}_images, {split}_masks)")
     p.add_argument("--split", default=d.split)
     p.add_argument("--clip", nargs="+", action="extend", default=None, metavar="NAME=CKPT",
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sam: the zero-shot chain | prompt-generator:DIR: a generator trained by seg_train.py "
                         "(prompt-free; saliency and prompt options are ignored)")
     g.add_argument("--sam", default=d.sam, help="none | tiny | vit_b | vit_l | vit_h")
-    g.add_argument("--sam-checkpoint", default=None)
+    g.add_argument("--sam_checkpoint", "--sam-checkpoint", default=None)
     g.add_argument("--sam-prompt", choices=["box", "point", "both"], default=d.sam_prompt)
     g.add_argument("--box-mode", choices=["union", "per_component"], default=d.box_mode)
     g.add_argument("--num-points", type=int, default=d.num_points)
@@ -129,7 +131,7 @@ def _log_to_stderr() -> None:
         log.propagate = False  # a root handler some library installed would print each line twice
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     try:
@@ -140,11 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(a.data, clips, a.out, overwrite_output_dir=a.overwrite_output_dir, **_options(a))
     except USER_ERRORS as err:
-        if a.debug:
-            raise
-        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"negdpo evaluate: error: {text} (--debug shows the traceback)", file=sys.stderr)
-        return 1
+        if isinstance(err, (UserError, ValueError)) or getattr(err, "errno", None) == errno.ENOSPC:
+            raise  # run_main prints these (or the traceback with --debug)
+        raise UserError(one_line(err)) from err
     for name, s in result.summary["checkpoints"].items():
         dice = s["dice"]
         print(f"{name}: Dice {dice['mean']:.4f} ± {dice['std']:.4f} (n={dice['n']}), "
@@ -152,3 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {result.out}/report.md" + (f" and {result.out}/index.html" if (result.out / "index.html").exists()
                                                else ""))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """User errors (bad flag, missing data, checkpoint or weights, a refused --out): one line, exit 2."""
+    return run_main(PROG, _main, argv)

@@ -110,6 +110,22 @@ class EvalConfig(ScanReading):
     segmenter: str = "sam"  # "sam": the zero-shot chain; "prompt-generator:DIR": prompt-free (prompt_generator)
 
 
+def _check_models(cfg: EvalConfig) -> None:
+    """Every CLIP checkpoint (when the saliency uses CLIP) and the SAM weights resolve, before any folder is
+    claimed or a model loads; a missing one is a ``ModelNotAvailableError`` naming its flag."""
+    from negdpo.core.models import ModelNotAvailableError, resolve_clip, resolve_sam
+
+    checks = [(f"--clip {name}={ckpt}", lambda c=ckpt: resolve_clip(c)) for name, ckpt in cfg.clips.items()
+              if cfg.saliency not in ("oracle", "vlsam")]
+    if cfg.sam != "none":
+        checks.append((f"--sam {cfg.sam}", lambda: resolve_sam(cfg.sam, cfg.sam_checkpoint)))
+    for flag, resolve in checks:
+        try:
+            resolve()
+        except ModelNotAvailableError as err:
+            raise ModelNotAvailableError(f"{flag}: {err}") from err
+
+
 def _check_names(clips: dict[str, str]) -> None:
     if not clips:
         raise ValueError("no CLIP checkpoint given (use NAME=CKPT, e.g. tiny=tiny)")
@@ -224,6 +240,8 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
     from .prompt_generator.evaluation import generator_dir, run_prompt_free  # stage 2 (torchvision): on use
 
     prompt_free = generator_dir(cfg.segmenter) is not None  # a bad --segmenter / DIR fails here
+    if not prompt_free:
+        _check_models(cfg)
     method = get(cfg.saliency)
     scan_list, skipped = load_scans(cfg, scans)
     _check_scan_names(scan_list)

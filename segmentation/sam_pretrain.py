@@ -387,6 +387,8 @@ def pretrain_sam(cfg: SamPretrainConfig) -> dict[str, Any]:
     )
 
     t0 = time.time()
+    if cfg.data and not Path(cfg.data).is_dir():  # inputs before the output folder is claimed
+        raise FileNotFoundError(f"--data {cfg.data}: scan folder does not exist")
     run = start_run(cfg, kind="sam_pretrain")
     acc = run.accelerator
     try:
@@ -479,7 +481,7 @@ def _run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from negdpo.core.console import run_main
 
-    return run_main("pretrain-sam", _run, argv)
+    return run_main("negdpo pretrain-sam", _run, argv)
 
 
 if __name__ == "__main__":

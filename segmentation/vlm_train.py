@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,8 +163,11 @@ def save_model(model, processor, target: Path) -> Path:
 
 def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns {out, vlm (the saved folder), losses, eval_loss_before/after}."""
-    from negdpo.core.models.vlm import load_vlm
+    from negdpo.core.models.vlm import load_vlm, resolve_vlm
 
+    if cfg.data and not Path(cfg.data).is_dir():  # inputs before the output folder is claimed or a model loads
+        raise FileNotFoundError(f"--data {cfg.data}: scan folder does not exist")
+    resolve_vlm(cfg.model)
     run = start_run(cfg, kind="vlm")
     acc = run.accelerator
     try:
@@ -207,20 +209,20 @@ def train_vlm(cfg: VlmTrainConfig) -> dict[str, Any]:
         finish_run(run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from negdpo.core.config import ConfigError, parse_config
-    from negdpo.core.console import setup_logging
+def _run(argv: list[str]) -> int:
+    from negdpo.core.config import parse_config
 
-    setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
-    try:
-        cfg = parse_config(VlmTrainConfig, argv)
-        result = train_vlm(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"vlm_train: error: {err}", file=sys.stderr)
-        return 1
+    result = train_vlm(parse_config(VlmTrainConfig, argv))
     print(f"held-out report loss {result['eval_loss_before']:.3f} -> {result['eval_loss']:.3f}; "
           f"model in {result['vlm']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """User errors (bad flag or value, missing data or model): one line and exit 2."""
+    from negdpo.core.console import run_main
+
+    return run_main("negdpo train-vlm", _run, argv)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from ..console import CommandParser, run_main
 from . import ModelNotAvailableError, resolve_clip, resolve_diffusion, resolve_sam
+
+PROG = "negdpo models"
 
 
 def list_presets() -> list[dict]:
@@ -24,8 +26,8 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.2f}M"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="negdpo models", description=__doc__,
+def _main(argv: list[str]) -> int:
+    p = CommandParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="list the offline presets with parameter counts")
     p.add_argument("--json", action="store_true", help="with --list: print JSON")
@@ -44,12 +46,18 @@ def main(argv: list[str] | None = None) -> int:
             parts = ", ".join(f"{k} {_millions(v)}" for k, v in r["params"].items())
             print(f"{r['name']:<20} {r['role']:<10} {_millions(sum(r['params'].values())):>10}  {parts}")
         return 0
-    ok = True
+    missing = []
     for label, fn in (("clip", lambda: resolve_clip(a.clip)), ("sam", lambda: resolve_sam(a.sam, a.sam_checkpoint)),
                       ("diffusion", lambda: resolve_diffusion(a.diffusion))):
         try:
             print(f"{label:<10} {fn()}")
         except ModelNotAvailableError as err:
-            ok = False
-            print(f"{label:<10} NOT AVAILABLE: {err}", file=sys.stderr)
-    return 0 if ok else 1
+            missing.append(f"{label}: {err}")
+    if missing:  # one line for all of them (exit 2)
+        raise ModelNotAvailableError(f"not available: {' | '.join(missing)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every model available: 0; any missing: one ``error: not available: ...`` line and exit 2."""
+    return run_main(PROG, _main, argv)

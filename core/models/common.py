@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 PRESET_VERSION = "1"  # default preset version; bump a preset's own version when its architecture/init changes
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(RuntimeError, UserError):
     """Requested weights are not available locally (and the hub cannot be reached)."""
 
 

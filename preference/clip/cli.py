@@ -10,6 +10,12 @@ def _run(argv: list[str]) -> int:
     from .config import ClipTrainConfig
 
     cfg = parse_config(ClipTrainConfig, argv, default_config=str(bundled_config("clip_demo.yaml")))
+    from negdpo.core.models import ModelNotAvailableError, resolve_clip
+
+    try:  # before phantoms are made or --output_dir is claimed
+        resolve_clip(cfg.pretrained_model_name_or_path)
+    except ModelNotAvailableError as err:
+        raise ModelNotAvailableError(f"--pretrained_model_name_or_path: {err}") from err
     from accelerate import PartialState
 
     from .train import train

@@ -303,6 +303,23 @@ def cpu_only(device: str) -> bool:
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
+def check_inputs(cfg: BuildConfig) -> None:
+    """The generator, its adapter and (when a CLIP judge or boundary source uses it) the CLIP model are
+    resolvable: checked before the output folder is claimed, a model loads or a scan is read, so a wrong path
+    is one error, not one failure per scan."""
+    from negdpo.core.models import ModelNotAvailableError, resolve_clip
+    from negdpo.generator.sample import check_generator
+
+    from .judges import parse_spec
+
+    check_generator(cfg.generator, cfg.adapter)
+    if any(name.startswith("clip") for name in parse_spec(cfg.judges)) or "boundary" in cfg.source_list():
+        try:
+            resolve_clip(cfg.clip)
+        except ModelNotAvailableError as err:
+            raise ModelNotAvailableError(f"--clip: {err}") from err
+
+
 def run_build(cfg: BuildConfig, push_to_hub: str | None = None, report: bool = True,
               overwrite_output_dir: bool = False) -> dict:
     """Full build under Accelerate (any number of processes); returns the summary (main process).
@@ -317,6 +334,7 @@ def run_build(cfg: BuildConfig, push_to_hub: str | None = None, report: bool = T
     from negdpo.core.outdir import run_lock
 
     cfg.validate()
+    check_inputs(cfg)
     if not overwrite_output_dir:  # fail fast, before any model loads (plan() also checks the shards)
         check_settings(cfg.out, row_settings(cfg, adapter_sha(cfg.adapter)), set())
     state = PartialState(cpu=cpu_only(cfg.device))

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import sys
 
+from negdpo.core.console import CommandParser, run_main
 from negdpo.core.window import DOWNSCALE_HELP, MAX_SIDE_HELP, PRESET_HELP, WINDOW_HELP
 
 from .config import BuildConfig  # no torch: --help and setting errors stay fast
@@ -37,14 +38,16 @@ HELPS = {"generator": "tiny | hub id | local diffusers folder", "adapter": "LoRA
          "max_side": MAX_SIDE_HELP, "downscale": DOWNSCALE_HELP}
 
 
+PROG = "negdpo build-pairs"
+
+
 def _flags(name: str) -> list[str]:
     kebab = name.replace("_", "-")
     return [f"--{name}"] + ([f"--{kebab}"] if kebab != name else [])
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="negdpo build-pairs", description=__doc__.split("\n\n")[0],
-                                allow_abbrev=False)
+    p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="scan folder (MedCLIP-SAMv2 layout; phantoms work)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument(*_flags("overwrite_output_dir"), action="store_true",
@@ -68,30 +71,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(BuildConfig)}
     cfg = BuildConfig(**{k: v for k, v in vars(args).items() if k in fields}, progress=not args.no_progress)
-    try:
-        cfg.validate()
-    except ValueError as err:
-        print(f"negdpo build-pairs: error: {err}", file=sys.stderr)
-        return 2
-    from negdpo.core.console import setup_logging
-
-    setup_logging()  # negdpo loggers at INFO, libraries quiet, root logger untouched
-    from .build import run_build
+    cfg.validate()
+    from .build import run_build  # checks --generator, --adapter and --clip before any work
     from .shards import CorruptShardError
 
     try:
         summary = run_build(cfg, push_to_hub=args.push_to_hub, report=not args.no_report,
                             overwrite_output_dir=args.overwrite_output_dir)
     except CorruptShardError as err:
-        print(f"negdpo build-pairs: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
-        print(f"negdpo build-pairs: error: {err}", file=sys.stderr)
-        return 2
     except OSError as err:
         import errno
 
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from negdpo.core.console import disk_full_message
 
-        print(f"negdpo build-pairs: error: {disk_full_message(err, cfg.out)}", file=sys.stderr)
+        print(f"{PROG}: error: {disk_full_message(err, cfg.out)}", file=sys.stderr)
         return 2
     if not summary:  # non-main process
         return 0
@@ -121,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
               "not marked done: fix the cause and rerun the same command", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 done; 1 some scans failed or a corrupt shard was set aside; 2 (one line) bad settings or input."""
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -272,6 +272,14 @@ def _run(argv: list[str]) -> int:
     from negdpo.core.config import bundled_config, parse_config
 
     cfg = parse_config(SegTrainConfig, argv, default_config=str(bundled_config("seg_demo.yaml")))
+    from negdpo.core.models import ModelNotAvailableError, resolve_sam
+
+    if cfg.data and not Path(cfg.data).is_dir():  # inputs before --output_dir is claimed or a model loads
+        raise FileNotFoundError(f"--data {cfg.data}: no such folder")
+    try:
+        resolve_sam(cfg.sam, cfg.sam_checkpoint)
+    except ModelNotAvailableError as err:
+        raise ModelNotAvailableError(f"--sam: {err}") from err
     summary = train(cfg)
     if "checkpoint" in summary:
         b, a = summary.get("before", {}), summary.get("after", {})
