@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"negdpo: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        print(f"negdpo: error: unknown command '{name}' (commands: {', '.join(COMMANDS)}; negdpo --help)",
+              file=sys.stderr)
         return 2
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as err:
-        print(f"negdpo: command '{name}' is not available in this version ({err})", file=sys.stderr)
+        print(f"negdpo: error: command '{name}' is not available in this version ({err})", file=sys.stderr)
         return 2
     return int(module.main(rest) or 0)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from negdpo.core.config import derive_seed, parse_config, save_config, tracker_config
+from negdpo.core.console import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def test_unknown_yaml_key_and_unknown_flag_are_errors(tmp_path):
     cfg_file.write_text("data_dir: /d\nlearnin_rate: 0.5\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['learnin_rate'\]"):
         parse_config(Demo, ["--config", str(cfg_file)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="unrecognised arguments: --nope 1"):  # one line, not argparse's exit
         parse_config(Demo, ["--data_dir", "x", "--nope", "1"])
 
 
@@ -123,9 +124,9 @@ def test_ranges_and_nested_sections_are_checked(tmp_path):
 
 
 def test_no_abbreviated_flags():
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError):
         parse_config(Demo, ["--data_dir", "x", "--learning_rat", "1"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError):
         parse_config(Demo, ["--data_dir", "x", "--conf", "y.yaml"])
 
 
@@ -171,7 +172,7 @@ def test_study_extra_sections_fail_before_any_stage(tmp_path):
         load_study_config(None, "quick", ["--gen_extra", "{lora_rnk: 4}"])
     with pytest.raises(ConfigError, match=r"eval_extra: m2ib_steps='x'"):
         load_study_config(None, "quick", ["--eval_extra", "{m2ib_steps: x}"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--gen_dpo_steps.*: invalid int value: 'abc'"):
         load_study_config(None, "quick", ["--gen_dpo_steps", "abc"])
     with pytest.raises(ConfigError, match="gen_lr"):
         load_study_config(None, "quick", ["--gen_lr", "0"])

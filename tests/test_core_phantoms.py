@@ -88,7 +88,7 @@ def test_rerun_never_leaves_old_images(tmp_path, capsys):
     assert negdpo(["phantoms", "--out", str(out), "--n", "12", "--size", "32", "--no-preview"]) == 0
     (out / "notes.txt").write_text("mine")
     # other settings into the same folder: refused in one line, nothing touched
-    assert negdpo(["phantoms", "--out", str(out), "--n", "3", "--size", "32"]) == 1
+    assert negdpo(["phantoms", "--out", str(out), "--n", "3", "--size", "32"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings" in err and "--overwrite_output_dir" in err
     assert len(list((out / "train_images").iterdir())) > 3
@@ -108,13 +108,16 @@ def test_rerun_never_leaves_old_images(tmp_path, capsys):
 def test_cli_user_errors_one_line(tmp_path, capsys):
     from negdpo.cli import main as negdpo
 
-    assert negdpo(["phantoms", "--out", str(tmp_path / "x"), "--n", "0", "--size", "8"]) == 1
+    assert negdpo(["phantoms", "--out", str(tmp_path / "x"), "--n", "0", "--size", "8"]) == 2
     err = capsys.readouterr().err
-    assert err == "negdpo phantoms: error: phantoms: n=0: need at least 1 subject; size=8: need at least 16 px\n"
+    assert err == ("negdpo phantoms: error: phantoms: n=0: need at least 1 subject; size=8: need at least 16 px "
+                   "(--debug for the traceback)\n")
     with pytest.raises(ValueError, match="need at least 1 subject"):
         negdpo(["phantoms", "--out", str(tmp_path / "x"), "--n", "0", "--debug"])
-    with pytest.raises(SystemExit):  # no abbreviations: --overwrite is not --overwrite_output_dir
-        negdpo(["phantoms", "--out", str(tmp_path / "x"), "--overwrite"])
+    # no abbreviations: --overwrite is not --overwrite_output_dir (one line, exit 2)
+    assert negdpo(["phantoms", "--out", str(tmp_path / "x"), "--overwrite"]) == 2
+    assert capsys.readouterr().err == ("negdpo phantoms: error: unrecognized arguments: --overwrite "
+                                       "(--help for the options)\n")
 
 
 def test_ensure_phantoms_replaces_other_settings_refuses_foreign_folder(tmp_path):

@@ -39,9 +39,16 @@ TOTALS_M = {"sd15-inpaint-random": None, "sam-vit-b-random": 93.7, "sam-vit-h-ra
 
 @pytest.fixture(scope="module")
 def listed() -> dict[tuple[str, str], dict]:
+    import logging
+
+    log = logging.getLogger("negdpo")  # module scope: outside conftest's per-test logger restore
+    saved = log.handlers[:], log.propagate, log.level
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert models_main(["--list", "--json"]) == 0
+    try:
+        with contextlib.redirect_stdout(buf):
+            assert models_main(["--list", "--json"]) == 0
+    finally:
+        log.handlers[:], log.propagate, log.level = saved
     rows = json.loads(buf.getvalue())
     return {(r["name"], r["role"]): r for r in rows}
 

@@ -380,5 +380,5 @@ def test_end_to_end_pseudo_labels_train_evaluate(phantom_dir, tmp_path):
         assert 0 <= float(r["dice"]) <= 1 and (ev / r["mask_path"]).is_file() and (ev / r["overlay_path"]).is_file()
     assert "prompt-generator" in json.loads((ev / "summary.json").read_text())["checkpoints"]
     for bad in ("prompt-generator", f"prompt-generator:{tmp_path / 'missing'}"):  # fails before writing
-        assert evaluate_main(["--data", str(phantom_dir), "--segmenter", bad, "--out", str(tmp_path / "bad")]) == 1
+        assert evaluate_main(["--data", str(phantom_dir), "--segmenter", bad, "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()

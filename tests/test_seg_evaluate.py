@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from negdpo.core.console import UserError
 
 from negdpo.cli import main as negdpo
 
@@ -91,14 +92,14 @@ def test_cli_errors_one_line_before_models_load(phantom_dir, tmp_path, capsys, m
 
     _no_models(monkeypatch)
     root_handlers = list(logging.getLogger().handlers)
-    with pytest.raises(SystemExit):
-        negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "nonsense", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):  # the same name twice would overwrite each other's images
-        negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "a=tiny", "--clip", "a=other", "--out", str(tmp_path)])
+    assert negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "--clip expects NAME=CKPT" in capsys.readouterr().err
+    # the same name twice would overwrite each other's images
+    assert negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "a=tiny", "--clip", "a=other",
+                   "--out", str(tmp_path)]) == 2
     assert "--clip name 'a' given twice" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # no abbreviations
-        negdpo(["evaluate", "--data", str(phantom_dir), "--out", str(tmp_path), "--overwrite"])
-    capsys.readouterr()
+    assert negdpo(["evaluate", "--data", str(phantom_dir), "--out", str(tmp_path), "--overwrite"]) == 2  # no abbrev.
+    assert capsys.readouterr().err.count("\n") == 1
     cases = [(["--saliency", "nope"], "unknown saliency method 'nope'"),
              (["--data", str(tmp_path / "missing")], "missing: scan folder does not exist"),
              (["--clip", "A=tiny", "a=tiny"], "'A' and 'a' differ only in case"),
@@ -109,9 +110,10 @@ def test_cli_errors_one_line_before_models_load(phantom_dir, tmp_path, capsys, m
         rc = negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "x=tiny", "--out", str(tmp_path / "o"),
                      *extra])
         err = capsys.readouterr().err
-        assert rc == 1 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
-    with pytest.raises(KeyError, match="unknown saliency method"):
+        assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    with pytest.raises(UserError, match="unknown saliency method") as raised:  # --debug: the traceback
         negdpo(["evaluate", "--data", str(phantom_dir), "--out", str(tmp_path / "o"), "--saliency", "nope", "--debug"])
+    assert isinstance(raised.value.__cause__, KeyError)
     assert logging.getLogger().handlers == root_handlers  # library loggers are not configured at the root
     assert not (tmp_path / "o").exists()  # nothing written for a failed check
 
@@ -137,7 +139,7 @@ def test_output_folder_holds_one_evaluation(phantom_dir, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert negdpo(base + ["--clip", "a=tiny", "b=tiny"]) == 0  # the same run again: replaced in place
     capsys.readouterr()
-    assert negdpo(base + ["--clip", "a=tiny"]) == 1  # other settings: refused, nothing touched
+    assert negdpo(base + ["--clip", "a=tiny"]) == 2  # other settings: refused, nothing touched
     err = capsys.readouterr().err
     assert "earlier `negdpo evaluate` run with other settings" in err and "--overwrite_output_dir" in err
     assert (out / "overlays" / "b").is_dir()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from negdpo.core.console import UsageError
 from negdpo.core.stats import UNIT_CROSSED, UNIT_ONE_RUN, holm, subject_ci, verdict_p
 from negdpo.generator.sample import paste_back_blend
 
@@ -371,7 +372,7 @@ def test_unknown_variant_and_key_are_errors(tmp_path):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_strength=0.0)
     with pytest.raises(ValueError, match=r"\['control_prompt'\] are set by the study"):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), eval_extra={"control_prompt": "a dog"})
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--nope"):
         load_study_config(CONFIG, "quick", ["--nope", "1"])
     cfg = load_study_config(CONFIG, "full", ["--gen_dpo_steps", "7"])
     assert cfg.preset == "full" and cfg.gen_dpo_steps == 7 and cfg.phantoms_n == 200

@@ -33,7 +33,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="with --list: print JSON")
     p.add_argument("--clip", default="tiny")
     p.add_argument("--sam", default="tiny")
-    p.add_argument("--sam-checkpoint", default=None)
+    p.add_argument("--sam_checkpoint", "--sam-checkpoint", default=None)
     p.add_argument("--diffusion", default="tiny")
     a = p.parse_args(argv)
     if a.list:
