@@ -230,3 +230,16 @@ def test_unknown_command_is_one_line(capsys):
     assert main(["evalute", "--data", "x"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("negdpo: error: unknown command 'evalute' (commands: phantoms, ")
+
+
+def test_build_pairs_refuses_a_folder_of_another_command(phantom_dir, tmp_path, monkeypatch):
+    from negdpo.core.outdir import prepare_output_dir
+    from negdpo.preference.pairs import build
+
+    monkeypatch.setattr(build, "list_items", lambda *a, **k: pytest.fail("a scan was listed"))
+    evaluation = prepare_output_dir(tmp_path / "eval", "evaluate", settings={"clips": {"a": "tiny"}})
+    (evaluation / "report.md").write_text("the evaluation")
+    before = sorted(p.name for p in evaluation.iterdir())
+    rc, lines, _ = run("build-pairs", ["--data", "{data}", "--out", str(evaluation)], tmp_path, phantom_dir)
+    assert rc == 2 and len(lines) == 1 and "holds the output of `negdpo evaluate`" in lines[0]
+    assert sorted(p.name for p in evaluation.iterdir()) == before

@@ -331,10 +331,14 @@ def run_build(cfg: BuildConfig, push_to_hub: str | None = None, report: bool = T
     import contextlib
 
     from accelerate import PartialState
-    from negdpo.core.outdir import run_lock
+    from negdpo.core.outdir import OutputDirError, read_marker, run_lock
 
     cfg.validate()
     check_inputs(cfg)
+    owner = (read_marker(cfg.out) or {}).get("owner")
+    if owner and owner != "build-pairs" and not overwrite_output_dir:  # core.outdir's rule for a foreign folder
+        raise OutputDirError(f"{cfg.out}: holds the output of `negdpo {owner}`; choose an empty folder or add "
+                             "--overwrite_output_dir to build beside it (its files are kept)")
     if not overwrite_output_dir:  # fail fast, before any model loads (plan() also checks the shards)
         check_settings(cfg.out, row_settings(cfg, adapter_sha(cfg.adapter)), set())
     state = PartialState(cpu=cpu_only(cfg.device))
