@@ -41,15 +41,19 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "seg_train": ("seg_train", "negdpo.segmentation.prompt_generator.train", ["--output_dir", "{tmp}/out"]),
     "autoencoder": ("python -m negdpo.generator.autoencoder", "negdpo.generator.autoencoder",
                     ["--data", "{data}", "--out", "{tmp}/out"]),
+    "pairs-report": ("python -m negdpo.preference.pairs.report", "negdpo.preference.pairs.report", []),
+    "pickapic": ("python -m negdpo.preference.pairs.pickapic", "negdpo.preference.pairs.pickapic", []),
 }
-BAD_VALUE = {name: ["--seed", "x"] for name in COMMANDS if name != "models"}  # models has no typed option
+UNTYPED = ("models", "pairs-report", "pickapic")  # no typed option to give a bad value
+BAD_VALUE = {name: ["--seed", "x"] for name in COMMANDS if name not in UNTYPED}
 MISSING_DATA = {  # the scan folder (or source) a command reads does not exist
     "import": ["--src", "{tmp}/missing"], "sample": ["--data", "{tmp}/missing"],
     "build-pairs": ["--data", "{tmp}/missing"], "evaluate": ["--data", "{tmp}/missing"],
     "pretrain-sam": ["--data", "{tmp}/missing"], "train-vlm": ["--data", "{tmp}/missing"],
     "gen_train": ["--dataset_name", "{tmp}/missing", "--make_phantoms", "false"],
     "clip_train": ["--dataset_name", "{tmp}/missing"], "seg_train": ["--data", "{tmp}/missing"],
-    "autoencoder": ["--data", "{tmp}/missing"],
+    "autoencoder": ["--data", "{tmp}/missing"], "pairs-report": ["{tmp}/missing"],
+    "pickapic": ["{tmp}/missing", "{tmp}/out"],
 }
 TYPO_MODEL = {  # a mistyped preset / model name
     "models": ["--clip", TYPO], "sample": ["--generator", TYPO], "build-pairs": ["--generator", TYPO],

@@ -12,7 +12,6 @@ the default ``"jpeg"`` (quality 95, the original layout).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from io import BytesIO
 from pathlib import Path
@@ -74,15 +73,23 @@ def convert(out: str | Path, dest: str | Path, fmt: str = "jpeg") -> Path:
     return dest
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negdpo.preference.pairs.pickapic", description=__doc__.split("\n\n")[0],
-                                allow_abbrev=False)
+def _main(argv: list[str]) -> int:
+    from negdpo.core.console import CommandParser
+
+    p = CommandParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="a build-pairs output folder")
     p.add_argument("dest")
     p.add_argument("--format", default="jpeg", choices=["jpeg", "png"])
     a = p.parse_args(argv)
     print(convert(a.out, a.dest, a.format))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """User errors: one line and exit 2 (``--debug``: the traceback)."""
+    from negdpo.core.console import run_main
+
+    return run_main("python -m negdpo.preference.pairs.pickapic", _main, argv)
 
 
 if __name__ == "__main__":

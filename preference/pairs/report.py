@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -155,12 +154,23 @@ def write_report(out: str | Path, n_grid: int = 8, seed: int = 0) -> Path:
     return md
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negdpo.preference.pairs.report", allow_abbrev=False,
-                                description="Write the quality report of a build-pairs output folder.")
+def _main(argv: list[str]) -> int:
+    from negdpo.core.console import CommandParser
+
+    p = CommandParser(description="Write the quality report of a build-pairs output folder.")
     p.add_argument("out", help="a build-pairs output folder")
-    print(write_report(p.parse_args(argv).out))
+    out = Path(p.parse_args(argv).out)
+    if not out.is_dir():  # write_report would create it and report an empty build
+        raise FileNotFoundError(f"{out}: no such folder (expected a build-pairs output folder)")
+    print(write_report(out))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """User errors: one line and exit 2 (``--debug``: the traceback)."""
+    from negdpo.core.console import run_main
+
+    return run_main("python -m negdpo.preference.pairs.report", _main, argv)
 
 
 if __name__ == "__main__":
