@@ -228,7 +228,7 @@ def _yaml_value(text: str) -> Any:
 def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default_config: str | None = None) -> T:
     """Parse ``--config FILE`` (YAML) [``--preset NAME``] and flag overrides into one dataclass instance.
 
-    A bad command line raises :class:`~negdpo.core.console.UsageError` (one line under ``run_main``)."""
+    A bad command line raises :class:`~negdpo.core.errors.UsageError` (one line under ``run_main``)."""
     from transformers import HfArgumentParser
 
     class Parser(HfArgumentParser):  # errors are one line (UsageError), the program is the running command
