@@ -247,3 +247,13 @@ def test_build_pairs_refuses_a_folder_of_another_command(phantom_dir, tmp_path, 
     rc, lines, _ = run("build-pairs", ["--data", "{data}", "--out", str(evaluation)], tmp_path, phantom_dir)
     assert rc == 2 and len(lines) == 1 and "holds the output of `negdpo evaluate`" in lines[0]
     assert sorted(p.name for p in evaluation.iterdir()) == before
+
+
+def test_pickapic_never_deletes_a_folder_it_did_not_write(tmp_path):
+    """The converter removed ``dest`` whatever it held before writing; now a foreign folder is refused."""
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    rc, lines, _ = run("pickapic", [str(tmp_path / "build"), str(dest)], tmp_path, tmp_path)
+    assert rc == 2 and len(lines) == 1 and "not a Pick-a-Pic conversion" in lines[0]
+    assert (dest / "notes.txt").read_text() == "mine"

@@ -56,15 +56,19 @@ def to_pickapic(ds, fmt: str = "jpeg"):
 
 
 def convert(out: str | Path, dest: str | Path, fmt: str = "jpeg") -> Path:
-    """``OUT/generator`` (DatasetDict) -> ``dest`` (save_to_disk) in the Pick-a-Pic layout."""
+    """``OUT/generator`` (DatasetDict) -> ``dest`` (save_to_disk) in the Pick-a-Pic layout; an earlier conversion
+    in ``dest`` is replaced, any other non-empty folder is refused (never deleted)."""
     import datasets
 
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "dataset_dict.json").is_file())):
+        raise FileExistsError(f"{dest}: not a Pick-a-Pic conversion (no dataset_dict.json), so it is not replaced "
+                              "or deleted; choose another destination (or remove it yourself)")
     path = find_dataset(out, "generator")
     if path is None:
         raise FileNotFoundError(f"{out}: no generator pairs (expected {dataset_dir(out, 'generator')})")
     dsd = datasets.load_from_disk(str(path))
     conv = datasets.DatasetDict({s: to_pickapic(d, fmt) for s, d in dsd.items()})
-    dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     conv.save_to_disk(str(tmp))
