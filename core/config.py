@@ -16,9 +16,11 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import subprocess
+import sys
 import types
 import typing
 from pathlib import Path
@@ -223,15 +225,69 @@ def _yaml_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default_config: str | None = None) -> T:
-    """Parse ``--config FILE`` (YAML) [``--preset NAME``] and flag overrides into one dataclass instance."""
+# ---------------------------------------------------------------------------------------------- flags
+DASH_ALIAS_NOTE = ("Flags are spelled with underscores (--max_side); the dash spelling (--max-side) is a deprecated "
+                   "alias, accepted for one release.")
+
+
+def underscore_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Drop every ``--foo-bar`` spelling of an option that also has ``--foo_bar``: one spelling in ``--help``.
+
+    The dash form still parses: :func:`canonical_argv` rewrites it (with a warning) before the parser sees it.
+    """
+    for action in parser._actions:
+        kept = [s for s in action.option_strings
+                if not (s.startswith("--") and "-" in s[2:] and "--" + s[2:].replace("-", "_") in action.option_strings)]
+        for s in set(action.option_strings) - set(kept):
+            parser._option_string_actions.pop(s, None)
+        action.option_strings = kept
+    if parser.epilog is None:
+        parser.epilog = DASH_ALIAS_NOTE
+    return parser
+
+
+def canonical_argv(argv: typing.Sequence[str], parser: argparse.ArgumentParser,
+                   renamed: typing.Mapping[str, str] | None = None) -> list[str]:
+    """``argv`` with deprecated spellings replaced, one warning line each.
+
+    ``--foo-bar`` becomes ``--foo_bar`` when the parser has ``--foo_bar``; a flag in ``renamed``
+    (``{"--steps": "--sample_steps"}``, old -> new, either spelling of the old one) becomes its new name.
+    ``--flag=value`` keeps its value; everything after ``--`` is left alone.
+    """
+    options = set(parser._option_string_actions)
+    renamed = {"--" + k[2:].replace("-", "_"): v for k, v in (renamed or {}).items()}
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            out += argv[i:]
+            break
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag not in options:
+            under = "--" + flag[2:].replace("-", "_")
+            new = renamed.get(under) or (under if under in options else None)
+            if new is not None:
+                _log_deprecated(parser.prog, flag, new)
+                arg = new + eq + value
+        out.append(arg)
+    return out
+
+
+def _log_deprecated(prog: str, old: str, new: str) -> None:
+    logging.getLogger("negdpo.config").warning("%s: %s is deprecated and will be removed in the next release; "
+                                               "use %s", prog, old, new)
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: typing.Sequence[str] | None = None,
+                renamed: typing.Mapping[str, str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` of an argparse command, accepting the deprecated spellings (:func:`canonical_argv`)."""
+    return parser.parse_args(canonical_argv(list(sys.argv[1:] if argv is None else argv), parser, renamed))
+
+
+def config_parser(dataclass_type: type, default_config: str | None = None, prog: str | None = None) -> Any:
+    """The ``HfArgumentParser`` of a config dataclass (+ ``--config``): its fields' ``help`` metadata is ``--help``."""
     from transformers import HfArgumentParser
 
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=default_config)
-    pre.add_argument("--preset", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_type, allow_abbrev=False)
+    parser = HfArgumentParser(dataclass_type, allow_abbrev=False, prog=prog)
     parser.add_argument("--config", default=default_config, help="YAML run config (flags override it)")
     types_ = _field_types(dataclass_type)
     if "preset" not in types_:
@@ -239,6 +295,23 @@ def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default
     for action in parser._actions:  # mappings on the command line are YAML/JSON: --gen_extra '{lora_rank: 4}'
         if action.dest in types_ and (types_[action.dest] is dict or typing.get_origin(types_[action.dest]) is dict):
             action.type = _yaml_value
+    return underscore_flags(parser)
+
+
+def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default_config: str | None = None,
+                 prog: str | None = None) -> T:
+    """Parse ``--config FILE`` (YAML) [``--preset NAME``] and flag overrides into one dataclass instance.
+
+    Dash spellings of the fields' flags and the class's ``RENAMED_FLAGS`` (old -> new) are deprecated aliases.
+    """
+    parser = config_parser(dataclass_type, default_config, prog)
+    argv = canonical_argv(list(sys.argv[1:] if argv is None else argv), parser,
+                          getattr(dataclass_type, "RENAMED_FLAGS", None))
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=default_config)
+    pre.add_argument("--preset", default=None)
+    known, rest = pre.parse_known_args(argv)
+    types_ = _field_types(dataclass_type)
     if known.config:
         values = read_yaml_config(known.config, known.preset, dataclass_type)
         values = check_mapping(dataclass_type, values, str(known.config))
