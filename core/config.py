@@ -292,10 +292,25 @@ def config_parser(dataclass_type: type, default_config: str | None = None, prog:
     types_ = _field_types(dataclass_type)
     if "preset" not in types_:
         parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    helps = field_helps(dataclass_type)
     for action in parser._actions:  # mappings on the command line are YAML/JSON: --gen_extra '{lora_rank: 4}'
         if action.dest in types_ and (types_[action.dest] is dict or typing.get_origin(types_[action.dest]) is dict):
             action.type = _yaml_value
+        if action.dest in helps:
+            action.help = helps[action.dest]
     return underscore_flags(parser)
+
+
+def field_helps(dataclass_type: type) -> dict[str, str]:
+    """``{field: help}``: a field's ``metadata["help"]``, or, where a subclass only changes the default, the
+    help of the same field in the nearest base class that has one (the one description of the option)."""
+    out: dict[str, str] = {}
+    for cls in reversed(dataclass_type.__mro__):
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                if f.metadata.get("help"):
+                    out[f.name] = f.metadata["help"]
+    return out
 
 
 def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default_config: str | None = None,

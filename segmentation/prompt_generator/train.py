@@ -40,39 +40,52 @@ class SegTrainConfig(TrainConfig, ScanReading):
     max_train_steps: int = 100
     # data
     data: str = field(default="", metadata={"help": "scan folder; empty = phantoms next to the output folder"})
-    phantoms_n: int = 12
-    phantoms_size: int = 64
-    phantoms_seed: int = 0
-    train_split: str = "train"
+    phantoms_n: int = field(default=12, metadata={"help": "without data: phantom subjects to generate"})
+    phantoms_size: int = field(default=64, metadata={"help": "without data: phantom image side in px"})
+    phantoms_seed: int = field(default=0, metadata={"help": "without data: seed of the phantoms"})
+    train_split: str = field(default="train", metadata={"help": "split the generator is trained on"})
     targets: str = field(default="", metadata={"help": "'' = ground truth | a negdpo evaluate output | a mask folder"})
     targets_checkpoint: str = field(default="", metadata={"help": "checkpoint subfolder of an evaluate output"})
     class_values: list[int] = field(default_factory=list, metadata={
         "help": "mask pixel value of each class (empty: any non-zero pixel is the one class)"})
     target_mode: str = field(default="components", metadata={"help": "components | classes: what one target is"})
-    min_target_area: int = 1
-    max_train_images: int | None = None
+    min_target_area: int = field(
+        default=1, metadata={"help": "smallest target component in px (smaller ones are dropped)"})
+    max_train_images: int | None = field(
+        default=None, metadata={"help": "at most this many training images (default: all)"})
     eval_images: int = field(default=16, metadata={"help": "training images scored before / after (0 = none)"})
     cache_features: bool = field(default=True, metadata={
         "help": "encode each image once (frozen encoder, no encoder adapters) if it fits cache_max_gb"})
-    cache_max_gb: float = 4.0
+    cache_max_gb: float = field(
+        default=4.0, metadata={"help": "largest feature cache in GB (larger: no cache)"})
     # model
     sam: str = field(default="tiny", metadata={"help": "tiny | vit_b | vit_l | vit_h"})
-    sam_checkpoint: str | None = None
-    num_queries: int = 4
-    hidden_dim: int = 64
+    sam_checkpoint: str | None = field(
+        default=None, metadata={"help": "SAM weights file (.pth) (default: the preset's, or found in ./checkpoints or $SAM_CHECKPOINT_DIR)"})
+    num_queries: int = field(default=4, metadata={"help": "queries N: the most targets per image"})
+    hidden_dim: int = field(default=64, metadata={"help": "width of the fused features and the query head"})
     prompts: str = field(default="box+mask", metadata={"help": "box+mask | box | mask: prompts given to SAM"})
-    encoder_adapters: bool = False
-    decoder_adapters: bool = True
-    adapter_dim: int = 16
-    score_threshold: float = 0.5
+    encoder_adapters: bool = field(
+        default=False, metadata={"help": "train adapters after SAM's encoder blocks (turns the feature cache off)"})
+    decoder_adapters: bool = field(
+        default=True, metadata={"help": "train adapters after the mask decoder's transformer layers"})
+    adapter_dim: int = field(default=16, metadata={"help": "bottleneck width of the adapters"})
+    score_threshold: float = field(
+        default=0.5, metadata={"help": "inference: queries scoring at least this give the prediction"})
     # loss (cost and loss weights, DETR / MaskSAM)
-    weight_class: float = 2.0
-    weight_l1: float = 5.0
-    weight_giou: float = 2.0
-    weight_bce: float = 5.0
-    weight_dice: float = 5.0
-    no_object_weight: float = 0.1
-    aux_weight: float = 1.0
+    weight_class: float = field(
+        default=2.0, metadata={"help": "matching cost and loss weight of the class term"})
+    weight_l1: float = field(
+        default=5.0, metadata={"help": "matching cost and loss weight of the box L1 term"})
+    weight_giou: float = field(
+        default=2.0, metadata={"help": "matching cost and loss weight of the box GIoU term"})
+    weight_bce: float = field(
+        default=5.0, metadata={"help": "matching cost and loss weight of the mask BCE term"})
+    weight_dice: float = field(
+        default=5.0, metadata={"help": "matching cost and loss weight of the mask Dice term"})
+    no_object_weight: float = field(
+        default=0.1, metadata={"help": "class weight of \"no object\" in the cross-entropy, in [0, 1]"})
+    aux_weight: float = field(default=1.0, metadata={"help": "weight of the auxiliary-mask BCE + Dice terms"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
