@@ -266,15 +266,15 @@ def canonical_argv(argv: typing.Sequence[str], parser: argparse.ArgumentParser,
             under = "--" + flag[2:].replace("-", "_")
             new = renamed.get(under) or (under if under in options else None)
             if new is not None:
-                _log_deprecated(parser.prog, flag, new)
+                _log_deprecated(flag, new)
                 arg = new + eq + value
         out.append(arg)
     return out
 
 
-def _log_deprecated(prog: str, old: str, new: str) -> None:
-    logging.getLogger("negdpo.config").warning("%s: %s is deprecated and will be removed in the next release; "
-                                               "use %s", prog, old, new)
+def _log_deprecated(old: str, new: str) -> None:
+    logging.getLogger("negdpo.config").warning("%s is deprecated and will be removed in the next release; use %s",
+                                               old, new)
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: typing.Sequence[str] | None = None,
