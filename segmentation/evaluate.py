@@ -181,7 +181,7 @@ def resolve_prompts(scans: Sequence, cfg: EvalConfig) -> list[str]:
         elif cfg.prompts:
             text = table.get(s.name, table.get(stem))
             if text is None:
-                raise ValueError(f"{cfg.prompts}: no prompt for image '{s.name}' (add it or use --prompt-template)")
+                raise ValueError(f"{cfg.prompts}: no prompt for image '{s.name}' (add it or use --prompt_template)")
             out.append(text)
         else:
             out.append(getattr(s, "prompt", None) or DEFAULT_TEMPLATE)

@@ -105,7 +105,7 @@ def test_offline_real_models_fail_with_one_clear_message(monkeypatch, tmp_path):
     with pytest.raises(ModelNotAvailableError, match=r"Stable Diffusion model .* not available.*local diffusers folder"):
         resolve_diffusion("stable-diffusion-v1-5/stable-diffusion-inpainting")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelNotAvailableError, match=r"SAM vit_h checkpoint not found: looked at .*sam_vit_h_4b8939\.pth.*--sam-checkpoint"):
+    with pytest.raises(ModelNotAvailableError, match=r"SAM vit_h checkpoint not found: looked at .*sam_vit_h_4b8939\.pth.*--sam_checkpoint"):
         resolve_sam("vit_h")
     with pytest.raises(ModelNotAvailableError, match="no open_clip_config.json"):
         resolve_clip(f"local-dir:{tmp_path}")

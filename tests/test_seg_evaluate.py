@@ -103,7 +103,7 @@ def test_cli_errors_one_line_before_models_load(phantom_dir, tmp_path, capsys, m
              (["--data", str(tmp_path / "missing")], "missing: scan folder does not exist"),
              (["--clip", "A=tiny", "a=tiny"], "'A' and 'a' differ only in case"),
              (["--prompts", str(tmp_path / "p.json")], "p.json: not valid JSON"),
-             (["--prompt-template", "{nope}"], "only {name} and {stem} can be filled in")]
+             (["--prompt_template", "{nope}"], "only {name} and {stem} can be filled in")]
     (tmp_path / "p.json").write_text("{'single': 'quotes'}")
     for extra, message in cases:
         rc = negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "x=tiny", "--out", str(tmp_path / "o"),

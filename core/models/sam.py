@@ -124,7 +124,7 @@ def resolve_sam(name: str, checkpoint: str | Path | None = None) -> tuple[str, P
             return name, path
     raise ModelNotAvailableError(
         f"SAM {name} checkpoint not found: looked at {', '.join(str(c) for c in candidates)}. Download "
-        f"{SAM_CHECKPOINTS[name]} from the segment-anything release page and pass --sam-checkpoint PATH "
+        f"{SAM_CHECKPOINTS[name]} from the segment-anything release page and pass --sam_checkpoint PATH "
         "(or put it in ./checkpoints or $SAM_CHECKPOINT_DIR), or use --sam tiny.")
 
 
