@@ -366,7 +366,7 @@ def test_end_to_end_pseudo_labels_train_evaluate(phantom_dir, tmp_path):
 
     pseudo, run, ev = tmp_path / "pseudo", tmp_path / "gen", tmp_path / "eval"
     assert evaluate_main(["--data", str(phantom_dir), "--split", "train", "--saliency", "oracle", "--sam", "none",
-                          "--post", "threshold", "--no-control", "--bootstrap", "0", "--limit", "3", "--out", str(pseudo)]) == 0
+                          "--post", "threshold", "--no_control", "--bootstrap", "0", "--limit", "3", "--out", str(pseudo)]) == 0
     assert train_main(["--data", str(phantom_dir), "--targets", str(pseudo), "--output_dir", str(run),
                        "--max_train_steps", "2", "--num_queries", "2", "--train_batch_size", "1",
                        "--max_train_images", "3", "--eval_images", "0", "--report_to", "none"]) == 0

@@ -133,8 +133,8 @@ def test_evaluate_cli_exposes_the_levers():
     """The three lever keys reach EvalConfig from `negdpo evaluate` flags; the defaults stay MedCLIP-SAMv2's."""
     from negdpo.segmentation.cli import _options, build_parser
 
-    on = _options(build_parser().parse_args(["--data", "d", "--out", "o", "--m2ib-target", "contrast",
-                                             "--m2ib-readout", "lambda", "--post-foreground"]))
+    on = _options(build_parser().parse_args(["--data", "d", "--out", "o", "--m2ib_target", "contrast",
+                                             "--m2ib_readout", "lambda", "--post_foreground"]))
     assert (on["m2ib_target"], on["m2ib_readout"], on["post_foreground"]) == ("contrast", "lambda", True)
     off = _options(build_parser().parse_args(["--data", "d", "--out", "o"]))
     assert (off["m2ib_target"], off["m2ib_readout"], off["post_foreground"]) == ("prompt", "capacity", False)

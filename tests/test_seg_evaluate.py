@@ -51,7 +51,7 @@ def test_oracle_without_sam_scores_high(phantom_dir):
 def test_negdpo_evaluate_writes_everything(phantom_dir, tmp_path):
     out = tmp_path / "eval"
     rc = negdpo(["evaluate", "--data", str(phantom_dir), "--split", "test", "--clip", "base=tiny", "--clip", "dpo=tiny",
-                 "--sam", "tiny", "--out", str(out), "--limit", "2", "--m2ib-steps", "2", "--m2ib-samples", "2",
+                 "--sam", "tiny", "--out", str(out), "--limit", "2", "--m2ib_steps", "2", "--m2ib_samples", "2",
                  "--bootstrap", "200"])
     assert rc == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
