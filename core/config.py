@@ -296,8 +296,9 @@ def config_parser(dataclass_type: type, default_config: str | None = None, prog:
     for action in parser._actions:  # mappings on the command line are YAML/JSON: --gen_extra '{lora_rank: 4}'
         if action.dest in types_ and (types_[action.dest] is dict or typing.get_origin(types_[action.dest]) is dict):
             action.type = _yaml_value
-        if action.dest in helps:
-            action.help = helps[action.dest]
+        if action.dest in helps:  # HfArgumentParser's --no_<flag> of a bool field: say what it does
+            negated = isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_")
+            action.help = f"turn --{action.dest} off" if negated else helps[action.dest]
     return underscore_flags(parser)
 
 
