@@ -249,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_train_steps", type=int, default=400, help="optimisation steps")
     p.add_argument("--batch_size", type=int, default=8, help="images per step")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="random seed (batch order and flips)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (batches, flips, posterior noise)")
     p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the KL term next to the reconstruction loss")
     p.add_argument("--no_hflip", action="store_true", help="no random horizontal flips")
     p.add_argument("--vflip", action="store_true", help="also random vertical flips")

@@ -55,7 +55,7 @@ class BuildConfig:
     judges: str = field(
         default="clip_lesion=1,contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2", metadata={"help": "judge mix name=weight,... (negdpo.preference.pairs.judges) that ranks the candidates"})
     clip: str = field(
-        default="tiny", metadata={"help": "CLIP used by the CLIP judges and the clip_* pair texts: tiny | hf-hub:<id> | local-dir:<folder>"})
+        default="tiny", metadata={"help": "CLIP of the clip_lesion judge and of the latent-boundary negatives: tiny | hf-hub:<id> | local-dir:<folder>"})
     sources: str = field(
         default="inpaint", metadata={"help": "comma list of candidate sources: inpaint (generator fills) and/or boundary (latent-boundary negatives)"})
     rejected: str = field(
@@ -75,7 +75,7 @@ class BuildConfig:
     tie_eps: float = field(
         default=1e-4, metadata={"help": "judge scores closer than this are a tie and give no pair"})
     store_arrays: bool = field(
-        default=False, metadata={"help": "also store float32 image arrays next to the PNGs (grayscale scans of one size only)"})
+        default=False, metadata={"help": "also store the exact float32 intensities as array columns (grayscale scans of one size only)"})
     subject_pattern: str | None = field(
         default=None, metadata={"help": "regex on the file stem whose group 1 is the subject id (keeps a subject's scans together)"})
     resplit: bool = field(
@@ -83,7 +83,7 @@ class BuildConfig:
     boundary_steps: int = field(
         default=20, metadata={"help": "optimisation steps of a latent-boundary negative (--sources boundary)"})
     boundary_eps: float = field(
-        default=0.5, metadata={"help": "largest latent change of a latent-boundary negative (--sources boundary)"})
+        default=0.5, metadata={"help": "largest RMS of a latent-boundary change, relative to the lesion latent's RMS (--sources boundary)"})
     device: str = field(
         default="auto", metadata={"help": "torch device: auto (cuda when available) | cpu | cuda[:N]"})
     dtype: str = field(
