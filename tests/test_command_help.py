@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import ClassVar
 
 import pytest
 from negdpo.core.config import canonical_argv, config_parser, field_helps, parse_config, parse_flags
@@ -175,3 +176,39 @@ def test_build_pairs_names_the_new_flag_in_its_errors():
     with pytest.raises(ValueError, match=r"^--sample_steps must be an integer >= 1 \(got 0\)$"):
         BuildConfig(data="d", out="o", steps=0).validate()
     assert settings_diff({"steps": 10}, {"steps": 20}) == ["--sample_steps: 10 -> 20"]
+
+
+def test_a_config_class_can_rename_a_field_flag():
+    """``RENAMED_FLAGS`` on a config dataclass: the old flag (either spelling) parses as the new one, with a warning."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Demo:
+        RENAMED_FLAGS: ClassVar[dict[str, str]] = {"--steps": "--sample_steps"}
+        sample_steps: int = field(default=1, metadata={"help": "sampling steps"})
+
+    assert parse_config(Demo, ["--steps", "4"]) == parse_config(Demo, ["--sample-steps", "4"]) == Demo(4)
+    with pytest.raises(SystemExit):
+        parse_config(Demo, ["--step", "4"])  # no abbreviations, old or new
+
+
+def test_canonical_argv_is_idempotent_and_keeps_every_value():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    parser = PARSERS["evaluate"]()
+    flags = sorted({f for a in _options(parser) for f in a.option_strings})
+    spelled = st.sampled_from(flags).flatmap(lambda f: st.sampled_from([f, "--" + f[2:].replace("_", "-")]))
+    token = st.one_of(spelled, st.text("abc-_=0123456789", max_size=6), spelled.map(lambda f: f + "=v-w"))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(token, max_size=8))
+    def law(argv):
+        once = canonical_argv(argv, parser)
+        assert canonical_argv(once, parser) == once and len(once) == len(argv)
+        for before, after in zip(argv, once):
+            flag, eq, value = before.partition("=")
+            if after != before:  # only a dashed flag changes, to its underscore spelling; the value stays
+                assert flag.startswith("--") and after == "--" + flag[2:].replace("-", "_") + eq + value
+                assert after.partition("=")[0] in flags
+    law()
