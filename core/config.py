@@ -7,7 +7,9 @@ The YAML supplies defaults; explicit flags win. A YAML may hold ``presets: {name
 ``--preset`` (when the dataclass has a ``preset`` field). Unknown keys, values of the wrong type (in every
 preset, selected or not), a key given twice, an empty file and abbreviated flags are errors that name the
 key, the value and the file; each dataclass checks its ranges
-in ``__post_init__`` (see :func:`check`). Parsing is ``transformers.HfArgumentParser``.
+in ``__post_init__`` (see :func:`check`). Parsing is ``transformers.HfArgumentParser``; ``--help`` shows each
+field's ``metadata["help"]``. Flags are spelled with underscores; dash spellings and renamed flags are
+deprecated aliases rewritten by :func:`canonical_argv` (argparse commands use it through :func:`parse_flags`).
 """
 
 from __future__ import annotations
