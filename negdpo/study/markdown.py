@@ -261,9 +261,11 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "`<seed>`), the mean over subjects of each subject's mean image difference, then the mean over runs. "
         "The 95% CI and the p-value come from a hierarchical bootstrap that resamples training runs and the "
         "test subjects (one subject draw shared by the drawn runs: every run is scored on the same subjects; "
-        "docs/method.md#statistics); p is adjusted by Holm over each family (`clip`: "
-        "the CLIP design, Dice and prompt gap; `stage2`: the stage-2 and reference rows; `clip_saliency`: the CLIP "
-        "design on the report map's lesion AUROC, a continuous score without k-means/SAM noise) and the verdict "
+        "docs/method.md#statistics); p is adjusted by Holm over each family, fixed before the test split was read (`clip`, the primary "
+        "question: the data-matched design -- loss at fixed data, data at fixed loss, each against MedCLIP-SAMv2's "
+        "DHN-NCE -- on Dice; `clip_secondary`: the same on the prompt gap, and fine-tune vs base and the CLIP-DPO "
+        "extensions on both; `clip_saliency`: every CLIP comparison on the report map's lesion AUROC, a continuous "
+        "score without k-means/SAM noise; `stage2`: the stage-2 and reference rows) and the verdict "
         "is *better* / *worse* when the Holm p < 0.05, else *inconclusive*. With one run the CI is over "
         "subjects only and the unit says so. The subject-only CI (runs fixed: how sure we are about these "
         "trained checkpoints, not about the method) is a secondary number. *Dice*: with the report prompt; "
@@ -272,7 +274,8 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         comparisons_md(results["comparisons"]), "",
         "**Noise and power** (Dice, report prompt): nested variance components of each paired difference (training "
         "run, subject within run, image within subject; `negdpo.core.stats.variance_components`, on this run's "
-        "test evaluation: the issue asks for them on validation) and the minimum detectable effect at 80 % power "
+        "test evaluation; the validation estimates that chose the design: results/tuning_val/README.md) of the "
+        "`clip` family's comparisons and the minimum detectable effect at 80 % power "
         "with alpha 0.05 / the `clip` family size (`design_mde`); NaN / n/a with one run.", "",
         noise_md(results.get("noise") or []), "",
         "## Generator: tumour removal on held-out positives (val + test subjects)", "",
