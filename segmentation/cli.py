@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kmeans-parity", action="store_true", help="8-bit, 256x256 nearest resampling as public")
     g = p.add_argument_group("SAM")
     g.add_argument("--segmenter", default=d.segmenter,
-                   help="sam: the zero-shot chain | prompt-generator:DIR: a generator trained by seg_train.py "
+                   help="sam: the zero-shot chain | prompt-free:DIR: a model trained by seg_train.py "
                         "(prompt-free; saliency and prompt options are ignored)")
     g.add_argument("--sam", default=d.sam, help="none | tiny | vit_b | vit_l | vit_h")
     g.add_argument("--sam-checkpoint", default=None)

@@ -80,7 +80,7 @@ class StudyConfig:
     prompt_word: str = "tumor"  # the one-word prompt of the prompt-sensitivity rows
     prompt_irrelevant: str = "a photo of a cat sitting on a chair"
     bootstrap: int = 2000
-    # stage 2 (negdpo.segmentation.prompt_generator, prompt-free, on the first seed's chains) and VL-SAM rows
+    # stage 2 (negdpo.segmentation.prompt_free, prompt-free, on the first seed's chains) and VL-SAM rows
     pg_steps: int = 0  # prompt-generator training steps per row (0 = no pg_* rows)
     pg_lr: float = 1e-2
     pg_batch: int = 2
@@ -142,7 +142,7 @@ def _extra_targets() -> dict[str, type]:
     from negdpo.preference.clip.config import ClipTrainConfig
     from negdpo.preference.pairs.config import BuildConfig
     from negdpo.segmentation.evaluate import EvalConfig
-    from negdpo.segmentation.prompt_generator.train import SegTrainConfig
+    from negdpo.segmentation.prompt_free.train import SegTrainConfig
     from negdpo.segmentation.sam_pretrain import SamPretrainConfig
     from negdpo.segmentation.vlm_train import VlmTrainConfig
 
