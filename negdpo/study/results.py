@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from negdpo.core.stats import subject_ci
+from negdpo.core.tables import write_csv
 from negdpo.study.cache import StudyRun
 from negdpo.study.clips import Checkpoints, clip_seeds, pretrain_split
 from negdpo.study.generators import GeneratorTable, generator_seeds
 from negdpo.study.markdown import render_markdown
 from negdpo.study.protocol import protocol
-from negdpo.study.report import plot_curves, write_csv
+from negdpo.study.report import plot_curves
 from negdpo.study.segmentation import Evaluation
 from negdpo.study.tables import (
     adjust_family,
