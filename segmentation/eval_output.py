@@ -1,6 +1,6 @@
 """The files of one segmentation evaluation, whatever the segmenter (``docs/method.md#evaluation-output``).
 
-``evaluate`` (saliency -> SAM) and the prompt-free generator (``prompt_free.evaluation``) both write
+``evaluate`` (saliency -> SAM) and the prompt-free stage 2 (``prompt_free.evaluation``) both write
 through here: ``metrics.csv`` (one row per checkpoint and scan), ``config.json``, ``summary.json`` and
 the report, with image paths laid out by :func:`image_path`.
 """

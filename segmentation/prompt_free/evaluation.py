@@ -1,4 +1,4 @@
-"""``negdpo evaluate --segmenter prompt-free:DIR``: prompt-free segmentation with a trained generator.
+"""``negdpo evaluate --segmenter prompt-free:DIR``: prompt-free segmentation with a trained stage-2 model.
 
 No CLIP, saliency or prompt: every scan goes through SAM's encoder once and the generator's queries
 give the masks. The outputs are those of the zero-shot chain (``metrics.csv``, ``summary.json``,
@@ -75,7 +75,7 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
             save_png(paths["coarse"], coarse)
             save_png(paths["masks"], pred)
             write_overlay(paths["overlays"], scan.image, prob, coarse, pred, gt, row["dice"],
-                          title=f"{scan.name} | prompt generator {label}")
+                          title=f"{scan.name} | prompt-free {label}")
             for key, kind in (("saliency_path", "saliency"), ("mask_path", "masks"), ("overlay_path", "overlays")):
                 row[key] = paths[kind].relative_to(out_dir).as_posix()
         rows.append(row)
