@@ -49,6 +49,7 @@ from .config import (
     seed_everything,
     tracker_config,
 )
+from .faults import fault_point
 from .launch import check_launch
 from .metrics_log import METRICS_FILE, MetricsLog, append_line, read_metrics, reduce_metrics  # noqa: F401
 from .outdir import LOCK, MARKER
@@ -295,15 +296,6 @@ def apply_learning_rate(run: Run, learning_rate: float) -> None:
     if getattr(run.accelerator, "is_main_process", True):
         logger.warning("resume: learning_rate %g (checkpoint) -> %g (this run's config), applied to the optimizer "
                        "and the scheduler", old, learning_rate)
-
-
-def fault_point(name: str, step: int = -1) -> None:
-    """Test hook: ``NEGDPO_FAULT=<name>:<step>[,...]`` kills this process (SIGKILL) when it gets there."""
-    spec = os.environ.get("NEGDPO_FAULT")
-    if spec and f"{name}:{step}" in {s.strip() for s in spec.split(",")}:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_checkpoint(run: Run, step: int, limit: int | None) -> Path:

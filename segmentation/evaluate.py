@@ -138,7 +138,7 @@ class EvalConfig(ScanReading):
         default=True, metadata={"help": "write PNG overlays and index.html next to the metrics"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples of the confidence intervals"})
     segmenter: str = field(
-        default="sam", metadata={"help": "sam: the zero-shot chain | prompt-generator:DIR: a generator trained by seg_train.py (prompt-free; saliency and prompt options are ignored)"})
+        default="sam", metadata={"help": "sam: the zero-shot chain | prompt-free:DIR: a model trained by seg_train.py (prompt-free; saliency and prompt options are ignored)"})
 
 
 def _check_names(clips: dict[str, str]) -> None:
@@ -252,9 +252,9 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                         **({"out": str(out)} if out is not None else {})})
     # every input is checked before a model loads
     _check_names(cfg.clips)
-    from .prompt_generator.evaluation import generator_dir, run_prompt_free  # stage 2 (torchvision): on use
+    from .prompt_free.evaluation import prompt_free_dir, run_prompt_free  # stage 2 (torchvision): on use
 
-    prompt_free = generator_dir(cfg.segmenter) is not None  # a bad --segmenter / DIR fails here
+    prompt_free = prompt_free_dir(cfg.segmenter) is not None  # a bad --segmenter / DIR fails here
     method = get(cfg.saliency)
     scan_list, skipped = load_scans(cfg, scans)
     _check_scan_names(scan_list)

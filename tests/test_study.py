@@ -388,7 +388,7 @@ def _png(path: Path) -> np.ndarray:
 def test_stage2_trains_on_pseudo_labels_and_supervised_on_ground_truth(study):
     """pg_pseudo_* learn from the masks of their own zero-shot chain (report-positive train images; empty masks
     for healthy reports), never from ground truth; pg_supervised learns from the ground-truth masks."""
-    from negdpo.segmentation.prompt_generator.inference import CONFIG_FILE
+    from negdpo.segmentation.prompt_free.inference import CONFIG_FILE
 
     cfg, results = study
     work, root = Path(cfg.work_dir), Path(cfg.work_dir) / "phantoms" / "data"
@@ -445,7 +445,7 @@ def test_pretraining_stages_see_the_pool_only(study):
     assert json.loads((work / "evaluate" / "eval" / "config.json").read_text())["sam_checkpoint"] == ckpt
     assert json.loads((work / "oracle_box" / "stage.json").read_text())["settings"]["checkpoint"] == ckpt
     for row in ("pg_pseudo_base", "pg_supervised"):
-        from negdpo.segmentation.prompt_generator.inference import CONFIG_FILE
+        from negdpo.segmentation.prompt_free.inference import CONFIG_FILE
 
         final = Path(json.loads((work / row / "stage.json").read_text())["result"]["checkpoint"])
         assert json.loads((final / CONFIG_FILE).read_text())["generator"]["sam_checkpoint"] == ckpt

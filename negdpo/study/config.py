@@ -118,17 +118,17 @@ class StudyConfig:
         default="a photo of a cat sitting on a chair", metadata={"help": "the irrelevant prompt of the control rows"})
     bootstrap: int = field(
         default=2000, metadata={"help": "bootstrap resamples of every confidence interval and p value"})
-    # stage 2 (negdpo.segmentation.prompt_generator, prompt-free, on the first seed's chains) and VL-SAM rows
+    # stage 2 (negdpo.segmentation.prompt_free, prompt-free, on the first seed's chains) and VL-SAM rows
     pg_steps: int = field(
-        default=0, metadata={"help": "prompt-generator training steps per stage-2 row (0 = no pg_* rows)"})
-    pg_lr: float = field(default=1e-2, metadata={"help": "prompt-generator learning rate"})
-    pg_batch: int = field(default=2, metadata={"help": "prompt-generator batch size"})
+        default=0, metadata={"help": "training steps of each stage-2 (prompt-free) row (0 = no pg_* rows)"})
+    pg_lr: float = field(default=1e-2, metadata={"help": "stage-2 (prompt-free) learning rate"})
+    pg_batch: int = field(default=2, metadata={"help": "stage-2 (prompt-free) batch size"})
     pg_rows: list[str] = field(
         default_factory=lambda: list(PG_ROWS), metadata={"help": "stage-2 rows to run (negdpo/study/variants.py PG_ROWS)"})
     pg_best_variant: str = field(
         default="dpo_gen", metadata={"help": "the fine-tuned chain of pg_pseudo_best, fixed in advance (no peek at test)"})
     pg_extra: dict = field(
-        default_factory=dict, metadata={"help": "SegTrainConfig overrides of the prompt generators (mapping)"})
+        default_factory=dict, metadata={"help": "SegTrainConfig overrides of the stage-2 rows (mapping)"})
     vlm_steps: int = field(
         default=0, metadata={"help": "report-generation steps of the tiny VLM on the pre-training pool (0 = no vlsam row)"})
     vlm_lr: float = field(default=2e-3, metadata={"help": "VLM learning rate"})
@@ -190,7 +190,7 @@ def _extra_targets() -> dict[str, type]:
     from negdpo.preference.clip.config import ClipTrainConfig
     from negdpo.preference.pairs.config import BuildConfig
     from negdpo.segmentation.evaluate import EvalConfig
-    from negdpo.segmentation.prompt_generator.train import SegTrainConfig
+    from negdpo.segmentation.prompt_free.train import SegTrainConfig
     from negdpo.segmentation.sam_pretrain import SamPretrainConfig
     from negdpo.segmentation.vlm_train import VlmTrainConfig
 

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from negdpo.core.stats import subject_ci
+from negdpo.core.tables import write_csv
 from negdpo.study.cache import StudyRun
 from negdpo.study.clips import Checkpoints, clip_seeds, pretrain_split
 from negdpo.study.generators import GeneratorTable, generator_seeds
 from negdpo.study.markdown import render_markdown
 from negdpo.study.protocol import protocol
-from negdpo.study.report import plot_curves, write_csv
+from negdpo.study.report import plot_curves
 from negdpo.study.segmentation import Evaluation
 from negdpo.study.tables import (
     adjust_family,
@@ -38,7 +39,7 @@ def copy_figures(run: StudyRun, adapters: dict[str, str], ckpts: Checkpoints, ge
     """Training curves of the generators and of the first seed's CLIPs, and the fine-tunes' t-SNE plots."""
     figures, first = run.out / "figures", str(clip_seeds(run.cfg)[0])
     plot_curves({v: Path(adapters[v]) / "metrics.jsonl" for v in gen_variants}, figures / "generator_curves.png",
-                ("loss", "implicit_acc"), "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
+                ("loss", "rewards/accuracies"), "Generator training (SFT: denoising loss; DPO variants: Diffusion-DPO)")
     plot_curves({v: Path(ckpts[v, first]).parent / "metrics.jsonl" for v in clip_variants},
                 figures / "clip_curves.png", ("loss", "rewards/accuracies"), f"CLIP training (seed {first})")
     for name in ("dpo_gen", "dpo_twin", "stages"):

@@ -6,7 +6,7 @@
 ``targets``: empty = the scan folder's ground-truth masks; a ``negdpo evaluate`` output folder = its
 pseudo-labels (``masks/``; ``targets_checkpoint`` picks one when it holds several); any other folder =
 one mask per image. SAM stays frozen; the generator (and optional adapters) train with the Hungarian-
-matched set loss. Outputs: ``final/`` (load with ``prompt-generator:DIR``), ``checkpoint-*/``,
+matched set loss. Outputs: ``final/`` (load with ``prompt-free:DIR``), ``checkpoint-*/``,
 ``metrics.jsonl``, ``summary.json`` (loss and Dice on the training images before / after), ``config.yaml``.
 """
 
@@ -25,9 +25,9 @@ from negdpo.core.training import TrainConfig
 from negdpo.core.window import ScanReading
 
 from .data import Sample, collate, load_samples, resolve_target_dir
-from .inference import load_trainable, save_prompt_generator
+from .inference import load_trainable, save_prompt_free
 from .matching import LossWeights, set_loss
-from .model import GeneratorConfig, PromptSAM
+from .model import PromptFreeConfig, PromptSAM
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ class SegTrainConfig(TrainConfig, ScanReading):
         check(0 <= self.no_object_weight <= 1, "no_object_weight", self.no_object_weight, "must be in [0, 1]")
         check(self.eval_images >= 0, "eval_images", self.eval_images, "must be >= 0")
 
-    def generator_config(self) -> GeneratorConfig:
+    def generator_config(self) -> PromptFreeConfig:
         ckpt = str(Path(self.sam_checkpoint).resolve()) if self.sam_checkpoint else None
-        return GeneratorConfig(num_queries=self.num_queries, num_classes=max(1, len(self.class_values)),
+        return PromptFreeConfig(num_queries=self.num_queries, num_classes=max(1, len(self.class_values)),
                                hidden_dim=self.hidden_dim, prompts=self.prompts, encoder_adapters=self.encoder_adapters,
                                decoder_adapters=self.decoder_adapters, adapter_dim=self.adapter_dim, sam=self.sam,
                                sam_checkpoint=ckpt)
@@ -219,7 +219,7 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
     def save_hook(models, state, output_dir):  # only the generator + adapters, not SAM
         if accelerator.is_main_process:
             for m in models:
-                save_prompt_generator(accelerator.unwrap_model(m), output_dir)
+                save_prompt_free(accelerator.unwrap_model(m), output_dir)
         while state:
             state.pop()
 
@@ -273,7 +273,7 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
         meta = {"score_threshold": cfg.score_threshold, "steps": step, "data": str(data), "targets": cfg.targets or "gt",
                 "targets_checkpoint": cfg.targets_checkpoint, "class_values": cfg.class_values,
                 "target_mode": cfg.target_mode}
-        save_prompt_generator(base, out / "final", meta)
+        save_prompt_free(base, out / "final", meta)
         summary.update(steps=step, checkpoint=str((out / "final").resolve()), metrics=str(metrics_log.path),
                        wall_s=round(time.time() - t_start, 1))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -293,7 +293,7 @@ def _run(argv: list[str]) -> int:
         if a:
             print(f"  training images: loss {b['loss']:.4f} -> {a['loss']:.4f}; Dice of SAM's masks {b['dice']:.4f} -> "
                   f"{a['dice']:.4f}, of the generator's own masks {b['aux_dice']:.4f} -> {a['aux_dice']:.4f}")
-        print(f"  generator: {summary['checkpoint']} (negdpo evaluate --segmenter prompt-generator:{summary['checkpoint']})")
+        print(f"  generator: {summary['checkpoint']} (negdpo evaluate --segmenter prompt-free:{summary['checkpoint']})")
     return 0
 
 
