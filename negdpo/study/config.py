@@ -149,6 +149,14 @@ class StudyConfig:
     protocol: dict = field(
         default_factory=dict, metadata={"help": "the split (or pool) each choice was made on, by choice (negdpo.study.protocol.CHOICES); results.json repeats it"})
 
+    # the twin-free rows (issue 23, negdpo.study.twinfree): generator rows sft_healthy, dpo_onpolicy[_mi]_r1..rR and
+    # the CLIP rows dpo_twinfree / dhn_nce_twinfree on their pairs; off by default, sized for the quick preset
+    twinfree_rows: bool = False
+    twinfree_rounds: int = 1  # on-policy rounds R per chain
+    twinfree_candidates: int = 2  # candidates K per training positive and round (best vs worst: >= 2)
+    twinfree_sft_steps: int = 300  # self-supervised SFT steps per generator seed
+    twinfree_dpo_steps: int = 40  # Diffusion-DPO steps per round
+
     def __post_init__(self) -> None:
         """Types, ranges, variant names and every ``*_extra`` key are checked before any stage runs."""
         check_positive(self, "workers", "phantoms_n", "phantoms_size", "phantoms_slices", "gen_sft_steps", "gen_dpo_steps",
@@ -179,6 +187,10 @@ class StudyConfig:
         check(not bad, "protocol", self.protocol, f"unknown choices {bad}; choose from {list(CHOICES)}")
         for key, cls in _extra_targets().items():
             setattr(self, key, check_mapping(cls, getattr(self, key), key))
+        for key in ("twinfree_rounds", "twinfree_sft_steps", "twinfree_dpo_steps"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        check(self.twinfree_candidates >= 2, "twinfree_candidates", self.twinfree_candidates,
+              "must be >= 2 (the best and the worst candidate make a pair)")
         owned = sorted(set(self.eval_extra) & {"control_prompt", "prompt_template", "prompts", "split", "clips"})
         check(not owned, "eval_extra", self.eval_extra, f"{owned} are set by the study (prompts: prompt_word, "
               "prompt_irrelevant; the scans' reports are the report prompt)")

@@ -68,6 +68,19 @@ def comparisons_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def twinfree_md(cfg: dict) -> str:
+    """What the *(oracle)* and *(no twins)* generator rows saw in training (empty without ``twinfree_rows``)."""
+    if not cfg.get("twinfree_rows"):
+        return "Rows marked *(oracle)* learn from the healthy twins (SFT target, DPO's chosen image)."
+    return ("Rows marked *(oracle)* learn from the healthy twins (SFT target, DPO's chosen image). Rows marked *(no "
+            "twins)* never read a twin nor a val/test scan in training (docs/method.md#the-twin-free-generator): an "
+            "autoencoder adapted without twins, self-supervised SFT on healthy tissue "
+            f"({cfg.get('twinfree_sft_steps')} steps, `sft_healthy`), then {cfg.get('twinfree_rounds')} on-policy "
+            f"round(s) of Diffusion-DPO ({cfg.get('twinfree_candidates')} candidates per training positive judged by "
+            f"the training judges, {cfg.get('twinfree_dpo_steps')} steps per round) without and with the masked-MI "
+            "regulariser (`dpo_onpolicy_r<r>`, `dpo_onpolicy_mi_r<r>`). The twins score them here only.")
+
+
 def generator_md(rows: list[dict]) -> str:
     lines = ["| generator | paste-back | modality | n img | inside-mask error vs twin ↓ | outside PSNR (dB) ↑ | "
              "outside MI (nats) ↑ | residual-lesion score ↓ | lesion-free rate |",
@@ -293,6 +306,7 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "a row that trains nothing pairs with every run), Holm over the family (`generator`): "
         "`harmonic_vae` is the harmonic fill through the generator's autoencoder (what the latent space alone "
         "gives), `harmonic_untrained` the learned rows' sampling with no adapter.", "",
+        twinfree_md(cfg), "",
         generator_comparisons_md(results.get("generator_comparisons") or []), "",
         realism_md(results.get("realism") or []), "",
         "## Preference pairs", "",

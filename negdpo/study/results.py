@@ -31,7 +31,13 @@ from negdpo.study.tables import (
     segmentation_rows,
     twin_outside_mi,
 )
-from negdpo.study.variants import COMPARISONS, DESIGN_COMPARISONS, OTHER_COMPARISONS, stage2_comparisons
+from negdpo.study.variants import (
+    COMPARISONS,
+    DESIGN_COMPARISONS,
+    OTHER_COMPARISONS,
+    gen_comparisons,
+    stage2_comparisons,
+)
 
 
 def copy_figures(run: StudyRun, adapters: dict[str, str], ckpts: Checkpoints, gen_variants: list[str],
@@ -105,7 +111,8 @@ def write_results(run: StudyRun, *, version: str, t_start: float, long_rows: lis
                "noise": noise(long_rows, DESIGN_COMPARISONS,
                               n_comparisons=len(compared[0])),
                "generator": generator_rows(gen.rows, cfg.bootstrap, cfg.seed, judged=gen.judges is not None),
-               "generator_comparisons": generator_comparisons(gen.rows, n_boot, seed),
+               "generator_comparisons": generator_comparisons(
+                   gen.rows, n_boot, seed, pairs=gen_comparisons(cfg.twinfree_rounds if cfg.twinfree_rows else 0)),
                "twin_outside_mi": twin_outside_mi(gen.rows, cfg.bootstrap, cfg.seed),
                "realism_auc": {r["method"] + ("_no_paste" if r["paste_back"] is False else ""): r["auc"]
                                for r in gen.realism if r.get("run") in ("", str(cfg.seed))},
