@@ -8,7 +8,7 @@ and outputs land in outputs/segmentation/seg_demo. ``--targets EVAL_OUT`` trains
 
 import sys
 
-from negdpo.segmentation.prompt_generator.train import main
+from negdpo.segmentation.prompt_free.train import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -7,7 +7,9 @@ The YAML supplies defaults; explicit flags win. A YAML may hold ``presets: {name
 ``--preset`` (when the dataclass has a ``preset`` field). Unknown keys, values of the wrong type (in every
 preset, selected or not), a key given twice, an empty file and abbreviated flags are errors that name the
 key, the value and the file; each dataclass checks its ranges
-in ``__post_init__`` (see :func:`check`). Parsing is ``transformers.HfArgumentParser``.
+in ``__post_init__`` (see :func:`check`). Parsing is ``transformers.HfArgumentParser``; ``--help`` shows each
+field's ``metadata["help"]``. Flags are spelled with underscores; dash spellings and renamed flags are
+deprecated aliases rewritten by :func:`canonical_argv` (argparse commands use it through :func:`parse_flags`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import subprocess
+import sys
 import types
 import typing
 from pathlib import Path
@@ -225,27 +229,116 @@ def _yaml_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default_config: str | None = None) -> T:
-    """Parse ``--config FILE`` (YAML) [``--preset NAME``] and flag overrides into one dataclass instance.
+# ---------------------------------------------------------------------------------------------- flags
+DASH_ALIAS_NOTE = ("Flags are spelled with underscores (--max_side); the dash spelling (--max-side) is a deprecated "
+                   "alias, accepted for one release.")
 
-    A bad command line raises :class:`~negdpo.core.errors.UsageError` (one line under ``run_main``)."""
+
+def underscore_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Drop every ``--foo-bar`` spelling of an option that also has ``--foo_bar``: one spelling in ``--help``.
+
+    The dash form still parses: :func:`canonical_argv` rewrites it (with a warning) before the parser sees it.
+    """
+    for action in parser._actions:
+        kept = [s for s in action.option_strings
+                if not (s.startswith("--") and "-" in s[2:] and "--" + s[2:].replace("-", "_") in action.option_strings)]
+        for s in set(action.option_strings) - set(kept):
+            parser._option_string_actions.pop(s, None)
+        action.option_strings = kept
+    if parser.epilog is None:
+        parser.epilog = DASH_ALIAS_NOTE
+    return parser
+
+
+def canonical_argv(argv: typing.Sequence[str], parser: argparse.ArgumentParser,
+                   renamed: typing.Mapping[str, str] | None = None) -> list[str]:
+    """``argv`` with deprecated spellings replaced, one warning line each.
+
+    ``--foo-bar`` becomes ``--foo_bar`` when the parser has ``--foo_bar``; a flag in ``renamed``
+    (``{"--steps": "--sample_steps"}``, old -> new, either spelling of the old one) becomes its new name.
+    ``--flag=value`` keeps its value; everything after ``--`` is left alone.
+    """
+    options = set(parser._option_string_actions)
+    renamed = {"--" + k[2:].replace("-", "_"): v for k, v in (renamed or {}).items()}
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            out += argv[i:]
+            break
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag not in options:
+            under = "--" + flag[2:].replace("-", "_")
+            new = renamed.get(under) or (under if under in options else None)
+            if new is not None:
+                _log_deprecated(flag, new)
+                arg = new + eq + value
+        out.append(arg)
+    return out
+
+
+def _log_deprecated(old: str, new: str) -> None:
+    logging.getLogger("negdpo.config").warning("%s is deprecated and will be removed in the next release; use %s",
+                                               old, new)
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: typing.Sequence[str] | None = None,
+                renamed: typing.Mapping[str, str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` of an argparse command, accepting the deprecated spellings (:func:`canonical_argv`)."""
+    return parser.parse_args(canonical_argv(list(sys.argv[1:] if argv is None else argv), parser, renamed))
+
+
+def config_parser(dataclass_type: type, default_config: str | None = None, prog: str | None = None) -> Any:
+    """The ``HfArgumentParser`` of a config dataclass (+ ``--config``): its fields' ``help`` metadata is ``--help``.
+
+    Its errors raise :class:`~negdpo.core.errors.UsageError` (one line under ``run_main``); ``prog`` defaults to
+    the running command's name."""
     from transformers import HfArgumentParser
 
     class Parser(HfArgumentParser):  # errors are one line (UsageError), the program is the running command
         error = CommandParser.error
 
-    pre = CommandParser(add_help=False)
-    pre.add_argument("--config", default=default_config)
-    pre.add_argument("--preset", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = Parser(dataclass_type, allow_abbrev=False, prog=current_prog())
+    parser = Parser(dataclass_type, allow_abbrev=False, prog=prog or current_prog())
     parser.add_argument("--config", default=default_config, help="YAML run config (flags override it)")
     types_ = _field_types(dataclass_type)
     if "preset" not in types_:
         parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    helps = field_helps(dataclass_type)
     for action in parser._actions:  # mappings on the command line are YAML/JSON: --gen_extra '{lora_rank: 4}'
         if action.dest in types_ and (types_[action.dest] is dict or typing.get_origin(types_[action.dest]) is dict):
             action.type = _yaml_value
+        if action.dest in helps:  # HfArgumentParser's --no_<flag> of a bool field: say what it does
+            negated = isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_")
+            action.help = f"turn --{action.dest} off" if negated else helps[action.dest]
+    return underscore_flags(parser)
+
+
+def field_helps(dataclass_type: type) -> dict[str, str]:
+    """``{field: help}``: a field's ``metadata["help"]``, or, where a subclass only changes the default, the
+    help of the same field in the nearest base class that has one (the one description of the option)."""
+    out: dict[str, str] = {}
+    for cls in reversed(dataclass_type.__mro__):
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                if f.metadata.get("help"):
+                    out[f.name] = f.metadata["help"]
+    return out
+
+
+def parse_config(dataclass_type: type[T], argv: list[str] | None = None, default_config: str | None = None,
+                 prog: str | None = None) -> T:
+    """Parse ``--config FILE`` (YAML) [``--preset NAME``] and flag overrides into one dataclass instance.
+
+    Dash spellings of the fields' flags and the class's ``RENAMED_FLAGS`` (old -> new) are deprecated aliases.
+    A bad command line raises :class:`~negdpo.core.errors.UsageError` (one line under ``run_main``).
+    """
+    parser = config_parser(dataclass_type, default_config, prog)
+    argv = canonical_argv(list(sys.argv[1:] if argv is None else argv), parser,
+                          getattr(dataclass_type, "RENAMED_FLAGS", None))
+    pre = CommandParser(add_help=False)
+    pre.add_argument("--config", default=default_config)
+    pre.add_argument("--preset", default=None)
+    known, rest = pre.parse_known_args(argv)
+    types_ = _field_types(dataclass_type)
     if known.config:
         values = read_yaml_config(known.config, known.preset, dataclass_type)
         values = check_mapping(dataclass_type, values, str(known.config))

@@ -48,6 +48,7 @@ from scipy import ndimage
 from .figures import write_grid  # noqa: F401  (re-exported: ``negdpo.core.phantoms.write_grid`` is an alias)
 from .imageio import save_png
 from .outdir import MARKER, prepare_output_dir, run_lock
+from .prompts import HEALTHY_TEXT
 
 MODALITIES = ("mri", "us")
 EDGE_PX = 1.5  # width of the lesion's soft edge; alpha > 0 only within EDGE_PX/2 outside the mask
@@ -250,21 +251,20 @@ def lesion_group(modality: str, lesion: Lesion | None) -> str:
     return "us"
 
 
-# Report templates; the first of each list is the wording of the train/val/test scans, the pre-training
-# pool draws among all of them (varied wording, as in web-scale image/report pairs).
+# Report templates; the first of each list is the wording of the train/val/test scans (the healthy ones are
+# core.prompts.HEALTHY_TEXT), the pre-training pool draws among all of them (varied wording, as in web-scale
+# image/report pairs).
 REPORTS = {
     ("mri", True): ("A T1-weighted axial brain MRI showing a {size} {kind} {ring}tumour in the {side} {region} lobe.",
                     "Axial T1 brain MRI: {size} {kind} {ring}lesion in the {side} {region} lobe.",
                     "{Kind} {ring}tumour, {size}, {side} {region} lobe, on an axial brain MRI.",
                     "Brain MRI with a {size} {kind} {ring}mass in the {region} lobe, {side} side."),
-    ("mri", False): ("A T1-weighted axial brain MRI with no tumour.", "Normal axial brain MRI: no tumour.",
-                     "Axial T1 brain MRI, no tumour seen."),
+    ("mri", False): (HEALTHY_TEXT["mri"], "Normal axial brain MRI: no tumour.", "Axial T1 brain MRI, no tumour seen."),
     ("us", True): ("A breast ultrasound image showing a {size} hypoechoic mass with {margin} margins.",
                    "Breast ultrasound: {size} hypoechoic lesion with {margin} margins.",
                    "A dark, {size} breast mass with {margin} borders on ultrasound.",
                    "Hypoechoic {size} mass, {margin} margins, breast ultrasound."),
-    ("us", False): ("A breast ultrasound image with no mass.", "Normal breast ultrasound: no mass.",
-                    "Breast ultrasound, no mass seen."),
+    ("us", False): (HEALTHY_TEXT["us"], "Normal breast ultrasound: no mass.", "Breast ultrasound, no mass seen."),
 }
 
 

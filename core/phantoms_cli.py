@@ -1,4 +1,4 @@
-"""``negdpo phantoms --out DIR [--n N] [--size S] [--seed K] [--slices M] [--pretrain-n P] [--lesion-area LO HI]
+"""``negdpo phantoms --out DIR [--n N] [--size S] [--seed K] [--slices M] [--pretrain_n P] [--lesion_area LO HI]
 [--overwrite_output_dir]``.
 
 The command owns what it writes in DIR (see ``negdpo.core.phantoms``). The same settings again
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from .config import parse_flags, underscore_flags
 from .console import CommandParser, run_main
 from .phantoms import MODALITIES, PhantomConfig, generate
 
@@ -27,22 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--slices", type=int, default=2, help="images per subject (default 2)")
-    p.add_argument("--healthy-fraction", type=float, default=0.25,
+    p.add_argument("--healthy_fraction", type=float, default=0.25,
                    help="share of healthy-only subjects (default 0.25)")
-    p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
-    p.add_argument("--pretrain-n", "--pretrain_n", type=int, default=0,
+    p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES,
+                   help="modalities to draw, subjects split evenly over them (default: all)")
+    p.add_argument("--pretrain_n", type=int, default=0,
                    help="extra subjects in a disjoint 'pretrain' split (default 0: none)")
-    p.add_argument("--lesion-area", "--lesion_area", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    p.add_argument("--lesion_area", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="lesion area drawn log-uniformly from LO..HI of the image (default: radius 4-13%% of the side)")
-    p.add_argument("--no-preview", action="store_true", help="skip preview.png")
-    p.add_argument("--overwrite_output_dir", "--overwrite-output-dir", action="store_true",
+    p.add_argument("--no_preview", action="store_true", help="skip preview.png")
+    p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace an earlier phantom set (other files in --out are kept)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return p
+    return underscore_flags(p)
 
 
 def _main(argv: list[str]) -> int:
-    a = build_parser().parse_args(argv)
+    a = parse_flags(build_parser(), argv)
     t0 = time.perf_counter()
     cfg = PhantomConfig(out=a.out, n=a.n, size=a.size, seed=a.seed, slices=a.slices,
                         healthy_fraction=a.healthy_fraction, modalities=tuple(a.modalities),

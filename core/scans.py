@@ -22,6 +22,7 @@ Formulas and sources: docs/method.md#scan-folder.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Iterator
@@ -36,6 +37,31 @@ from .window import WindowLike
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+#: Split names that mean the dataset split ``validation`` (the scan folders' ``val``, the Hub's ``validation``).
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+
+
+def dataset_split(name: str) -> str:
+    """The dataset split of a folder or user split name: ``val`` (``valid``, ``dev``) -> ``validation``, others
+    unchanged."""
+    return SPLIT_ALIASES.get(str(name), str(name))
+
+
+def split_matches(name: str, wanted: str) -> bool:
+    """Whether split ``name`` is ``wanted`` (``val`` and ``validation`` are one split)."""
+    return dataset_split(name) == dataset_split(wanted)
+
+
+def read_meta(root: str | Path) -> dict[str, dict]:
+    """``meta.csv`` rows by file name (empty when absent)."""
+    path = Path(root) / "meta.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "file" not in rows[0]:
+        raise ValueError(f"{path}: no 'file' column (have {sorted(rows[0])})")
+    return {r["file"]: r for r in rows}
 
 
 class ScanFolderError(ValueError):

@@ -28,6 +28,7 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 2000, seed: int = 0, lev
     """Mean and percentile-bootstrap CI of the mean over finite ``values``.
 
     No value: (nan, nan, nan). One value, or all equal: (v, v, v) — there is nothing to resample.
+    ``n_boot`` <= 0 (no resampling asked for, e.g. ``negdpo evaluate --bootstrap 0``): (mean, nan, nan).
     """
     from scipy.stats import bootstrap
 
@@ -38,6 +39,8 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 2000, seed: int = 0, lev
     mean = float(x.mean())
     if x.size == 1 or np.all(x == x[0]):
         return mean, mean, mean
+    if n_boot <= 0:
+        return mean, NAN, NAN
     res = bootstrap((x,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
                     random_state=np.random.default_rng(seed), vectorized=True)
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)

@@ -49,6 +49,7 @@ from .config import (
     seed_everything,
     tracker_config,
 )
+from .faults import fault_point
 from .launch import check_launch
 from .metrics_log import METRICS_FILE, MetricsLog, append_line, read_metrics, reduce_metrics  # noqa: F401
 from .outdir import LOCK, MARKER
@@ -66,20 +67,23 @@ class TrainConfig:
     """Fields every trainer shares, under the names of diffusers' example scripts."""
 
     output_dir: str = field(default="", metadata={"help": "default: $NEGDPO_OUTPUT/<kind>/<run_name> (outputs/...)"})
-    run_name: str = "run"
+    run_name: str = field(
+        default="run", metadata={"help": "run name: names the default output folder and the tracker run"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a previous run in output_dir"})
-    seed: int = 0
-    learning_rate: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 100
+    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch on every process)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (after warm-up)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    use_8bit_adam: bool = field(
+        default=False, metadata={"help": "bitsandbytes 8-bit AdamW (needs a GPU and the gpu extra)"})
+    lr_scheduler: str = field(
+        default="constant", metadata={"help": "diffusers learning-rate schedule: constant | linear | cosine | constant_with_warmup | ..."})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "optimizer steps of linear warm-up"})
+    train_batch_size: int = field(default=4, metadata={"help": "examples per device and micro-batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_train_steps: int = field(default=100, metadata={"help": "optimizer steps of the run"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     mixed_precision: str | None = field(default=None, metadata={"help": "no | fp16 | bf16 (default: the launcher's)"})
     checkpointing_steps: int = field(default=0, metadata={"help": "save a resumable state every N steps (0 = off)"})
@@ -87,7 +91,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | none"})
     tracker_name: str = field(default="", metadata={"help": "tracker project name (default negdpo-<kind>)"})
-    logging_steps: int = 1
+    logging_steps: int = field(default=1, metadata={"help": "log metrics every N optimizer steps"})
     validation_steps: int = field(default=0, metadata={"help": "validate every N steps (0 = only at the end)"})
     max_nonfinite_grad_steps: int = field(default=3, metadata={"help": "stop after N consecutive inf/NaN grad norms"})
     torch_threads: int = field(default=0, metadata={"help": "intra-op CPU threads for this run (0 = leave as is)"})
@@ -292,15 +296,6 @@ def apply_learning_rate(run: Run, learning_rate: float) -> None:
     if getattr(run.accelerator, "is_main_process", True):
         logger.warning("resume: learning_rate %g (checkpoint) -> %g (this run's config), applied to the optimizer "
                        "and the scheduler", old, learning_rate)
-
-
-def fault_point(name: str, step: int = -1) -> None:
-    """Test hook: ``NEGDPO_FAULT=<name>:<step>[,...]`` kills this process (SIGKILL) when it gets there."""
-    spec = os.environ.get("NEGDPO_FAULT")
-    if spec and f"{name}:{step}" in {s.strip() for s in spec.split(",")}:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_checkpoint(run: Run, step: int, limit: int | None) -> Path:

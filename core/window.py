@@ -124,8 +124,8 @@ def add_reading_args(parser: argparse.ArgumentParser) -> None:
     """The ``ScanReading`` options on an argparse command (dests: window, window_preset, max_side, downscale)."""
     g = parser.add_argument_group("reading scans")
     g.add_argument("--window", default=None, metavar="LO,HI", help=WINDOW_HELP)
-    g.add_argument("--window_preset", "--window-preset", default=None, choices=list(PRESETS), help=PRESET_HELP)
-    g.add_argument("--max_side", "--max-side", type=int, default=MAX_SIDE, help=MAX_SIDE_HELP)
+    g.add_argument("--window_preset", default=None, choices=list(PRESETS), help=PRESET_HELP)
+    g.add_argument("--max_side", type=int, default=MAX_SIDE, help=MAX_SIDE_HELP)
     g.add_argument("--downscale", action="store_true", help=DOWNSCALE_HELP)
 
 

@@ -10,7 +10,7 @@ folder (original components + adapted VAE, safetensors) usable anywhere a model 
     out = adapt_autoencoder("tiny", "data/phantoms", "outputs/vae/tiny-phantoms", steps=300)
     load_generator(out);  accelerate launch gen_train.py --pretrained_model <out>
 
-    python -m negdpo.generator.autoencoder --model tiny --data data/phantoms --out outputs/vae/tiny-phantoms --steps 300
+    python -m negdpo.generator.autoencoder --model tiny --data data/phantoms --out outputs/vae/tiny-phantoms --max_train_steps 300
 
 The folder is written to a temporary sibling and renamed when complete; rerunning with the same settings
 returns the existing folder (``negdpo_autoencoder.json`` records settings and the held-out PSNR before/after).
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from negdpo.core.config import parse_flags, underscore_flags
 
 logger = logging.getLogger(__name__)
 STAMP = "negdpo_autoencoder.json"
@@ -243,6 +244,7 @@ def read_record(folder: str | Path) -> dict:
 
 
 PROG = "python -m negdpo.generator.autoencoder"
+RENAMED_FLAGS = {"--steps": "--max_train_steps"}  # old flag -> new (deprecated alias for one release)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -252,23 +254,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="tiny | hub id | diffusers folder")
     p.add_argument("--data", required=True, help="scan folder (train split + negatives/ are used)")
     p.add_argument("--out", required=True, help="output diffusers pipeline folder")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kl_weight", type=float, default=1e-6)
-    p.add_argument("--no_hflip", action="store_true")
-    p.add_argument("--vflip", action="store_true")
+    p.add_argument("--max_train_steps", type=int, default=400, help="optimisation steps")
+    p.add_argument("--batch_size", type=int, default=8, help="images per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="random seed (batches, flips, posterior noise)")
+    p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the KL term next to the reconstruction loss")
+    p.add_argument("--no_hflip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--vflip", action="store_true", help="also random vertical flips")
     p.add_argument("--size", type=int, default=None, help="training resolution (default: the UNet's native size)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no_twins", action="store_true", help="train on no healthy twin (nothing in *_twins/ is read)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+    return underscore_flags(p)
 
 
 def _main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    out = adapt_autoencoder(args.model, args.data, args.out, args.steps, args.batch_size, args.lr, args.seed,
+    args = parse_flags(_parser(), argv, RENAMED_FLAGS)
+    out = adapt_autoencoder(args.model, args.data, args.out, args.max_train_steps, args.batch_size, args.lr, args.seed,
                             args.device, kl_weight=args.kl_weight, hflip=not args.no_hflip, vflip=args.vflip,
                             size=args.size, overwrite=args.overwrite, twins=not args.no_twins)
     rec = read_record(out)

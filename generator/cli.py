@@ -39,7 +39,7 @@ def _run(argv: list[str], onpolicy: Callable | None = None) -> int:
         if "heldout_after" in summary:
             b, a = summary.get("heldout_before", {}), summary["heldout_after"]
             print(f"  held-out implicit accuracy (z > 0; ties count as wrong): "
-                  f"{b.get('implicit_acc', float('nan')):.3f} -> {a['implicit_acc']:.3f}")
+                  f"{b.get('implicit_acc_strict', float('nan')):.3f} -> {a['implicit_acc_strict']:.3f}")
     return 0
 
 

@@ -34,14 +34,17 @@ class GenTrainConfig(TrainConfig, ScanReading):
     dataset_name: str = field(default="data/phantoms", metadata={
         "help": "scan folder or pair dataset from build-pairs (save_to_disk/parquet)", "aliases": ["--data"]})
     make_phantoms: bool = field(default=False, metadata={"help": "generate phantoms into dataset_name if absent"})
-    phantoms_n: int = 24
-    phantoms_size: int = 64
-    train_split: str = "train"
+    phantoms_n: int = field(default=24, metadata={"help": "with make_phantoms: phantom subjects to generate"})
+    phantoms_size: int = field(default=64, metadata={"help": "with make_phantoms: phantom image side in px"})
+    train_split: str = field(
+        default="train", metadata={"help": "split (or dataset split) the pairs are trained on"})
     val_split: str = field(default="val", metadata={"help": "held-out split(s), comma-separated (e.g. val,test)"})
     chosen_source: str = field(default="auto", metadata={"help": "scan folders: auto | twin | classical"})
-    max_train_pairs: int | None = None
+    max_train_pairs: int | None = field(
+        default=None, metadata={"help": "at most this many training pairs (default: all)"})
     resolution: int = field(default=0, metadata={"help": "training resolution in px (0 = the UNet's native size)"})
-    run_name: str = "demo"
+    run_name: str = field(
+        default="demo", metadata={"help": "run name: names the default output folder and the tracker run"})
     # method
     train_method: str = field(default="dpo", metadata={
         "help": "dpo | sft | onpolicy (R rounds: sample K candidates, judge, DPO on the best vs worst; no twins)"})
@@ -54,21 +57,34 @@ class GenTrainConfig(TrainConfig, ScanReading):
     beta: float = field(default=5000.0, metadata={"help": "DPO beta, convention WITH the 1/2 (= 2 x diffusers' beta_dpo)"})
     beta_dpo: float | None = field(default=None, metadata={"help": "diffusers' scale (no 1/2); sets beta = 2 x beta_dpo"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid | hinge | ipo"})
-    mask_weighted_error: bool = True
-    mask_dilate_latent: int = 1
-    outside_gamma: float = 0.0
-    sdpo: bool = True
-    sdpo_mu: float = 0.9
-    mi_weight: float = 0.0
-    mi_bins: int = 23
-    mi_t_max: int = 500
-    mi_dilate_latent: int = 1
-    fidelity_weight: float = 0.0
-    proportion_empty_prompts: float = 0.0
-    hflip_prob: float = 0.5
-    curriculum_stages: int = 1
-    curriculum_every: int = 0
-    sft_include_healthy: bool = True
+    mask_weighted_error: bool = field(
+        default=True, metadata={"help": "per-sample error averaged over the (dilated) lesion mask, not the whole latent (docs/method.md#diffusion-dpo)"})
+    mask_dilate_latent: int = field(
+        default=1, metadata={"help": "latent px the mask of the mask-weighted error is dilated by"})
+    outside_gamma: float = field(
+        default=0.0, metadata={"help": "weight of the outside-mask error added to the mask-weighted error (0 = inside only)"})
+    sdpo: bool = field(
+        default=True, metadata={"help": "Diffusion-SDPO: scale the loser's gradient so the winner's error does not grow (docs/method.md#sdpo)"})
+    sdpo_mu: float = field(
+        default=0.9, metadata={"help": "SDPO safeguard mu in (0, 1): larger keeps the winner's error down more"})
+    mi_weight: float = field(
+        default=0.0, metadata={"help": "weight of the masked-MI hinge keeping the anatomy outside the lesion (0 = off; docs/method.md#masked-mi)"})
+    mi_bins: int = field(default=23, metadata={"help": "Parzen bins of the MI estimator"})
+    mi_t_max: int = field(
+        default=500, metadata={"help": "MI and fidelity terms only at timesteps below this"})
+    mi_dilate_latent: int = field(
+        default=1, metadata={"help": "latent px the lesion is dilated by before its outside is weighted in MI and fidelity"})
+    fidelity_weight: float = field(
+        default=0.0, metadata={"help": "weight of the reference-relative outside-mask L1 term (0 = off; docs/method.md#fidelity)"})
+    proportion_empty_prompts: float = field(
+        default=0.0, metadata={"help": "share of prompts replaced by the empty text (classifier-free guidance training)"})
+    hflip_prob: float = field(default=0.5, metadata={"help": "probability of a horizontal flip of a pair"})
+    curriculum_stages: int = field(
+        default=1, metadata={"help": "curriculum groups, easy to hard by judge margin (1 = off; docs/method.md#curriculum)"})
+    curriculum_every: int = field(
+        default=0, metadata={"help": "optimizer steps per curriculum stage (0 = off)"})
+    sft_include_healthy: bool = field(
+        default=True, metadata={"help": "sft: also train on the split's healthy scans, repainting a random blob with the scan itself"})
     # on-policy rounds (train_method=onpolicy; docs/method.md#on-policy-rounds)
     rounds: int = field(default=2, metadata={"help": "onpolicy: number of rounds R"})
     candidates: int = field(default=4, metadata={"help": "onpolicy: candidates K per training positive and round"})
@@ -88,18 +104,28 @@ class GenTrainConfig(TrainConfig, ScanReading):
     reference_model: str | None = field(default=None, metadata={"help": "explicit frozen reference (reference=model)"})
     # LoRA
     rank: int = field(default=8, metadata={"help": "LoRA rank", "aliases": ["--lora_rank"]})
-    lora_alpha: float | None = None
-    lora_targets: str = "to_q,to_k,to_v,to_out.0"
-    lora_init: str = "gaussian"
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha (default: the rank, i.e. scale 1)"})
+    lora_targets: str = field(
+        default="to_q,to_k,to_v,to_out.0", metadata={"help": "comma list of UNet module names that get LoRA"})
+    lora_init: str = field(
+        default="gaussian", metadata={"help": "LoRA init that leaves the base weights untouched: gaussian | true (PEFT's default)"})
     # memory / speed
-    gradient_checkpointing: bool = False
-    cache_latents: bool = False
-    enable_xformers_memory_efficient_attention: bool = False
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute UNet activations in the backward pass (less memory, slower)"})
+    cache_latents: bool = field(
+        default=False, metadata={"help": "encode every image once with the VAE before training (faster, more memory)"})
+    enable_xformers_memory_efficient_attention: bool = field(
+        default=False, metadata={"help": "xformers attention (needs a GPU and the gpu extra)"})
     # validation
-    num_validation_images: int = 4
-    validation_inference_steps: int = 10
-    eval_pairs: int = 16
-    eval_draws: int = 4
+    num_validation_images: int = field(
+        default=4, metadata={"help": "held-out pairs sampled into the validation grid"})
+    validation_inference_steps: int = field(
+        default=10, metadata={"help": "sampling steps of the validation images"})
+    eval_pairs: int = field(
+        default=16, metadata={"help": "held-out pairs of the implicit-accuracy evaluation before/after training (0 = off)"})
+    eval_draws: int = field(
+        default=4, metadata={"help": "noise/timestep draws per held-out pair of that evaluation"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from negdpo.core.fill import classical_fill
+from negdpo.core.scans import split_matches
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -120,11 +121,6 @@ def pairs_from_scan_folder(root: str | Path, split: str, size: int, chosen: str 
 # wrote ``OUT/dataset`` and ``OUT/data/*.parquet``. The dataset split ``validation`` is the folder's ``val``.
 _SAVED = ("generator", "dataset")
 _SHARDS = ("data/generator", "data")
-_SPLIT_ALIASES = {"val": "validation", "validation": "validation"}
-
-
-def _same_split(a: str, b: str) -> bool:
-    return _SPLIT_ALIASES.get(str(a), str(a)) == _SPLIT_ALIASES.get(str(b), str(b))
 
 
 def _is_saved(p: Path) -> bool:
@@ -171,14 +167,14 @@ def load_hf_pairs(path: str | Path, split: str | None, size: int, limit: int | N
 
     ds = _open_hf(path)
     if isinstance(ds, datasets.DatasetDict):
-        key = next((k for k in ds if split and _same_split(k, split)), "train" if "train" in ds else next(iter(ds)))
+        key = next((k for k in ds if split and split_matches(k, split)), "train" if "train" in ds else next(iter(ds)))
         ds = ds[key]
     need = {"source", "mask", "chosen", "rejected"}
     missing = need - set(ds.column_names)
     if missing:
         raise PairDataError(f"{path}: missing column(s) {sorted(missing)}; have {ds.column_names}")
     if split and "split" in ds.column_names:
-        ds = ds.filter(lambda s: _same_split(s, split), input_columns="split")
+        ds = ds.filter(lambda s: split_matches(s, split), input_columns="split")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     pairs = []
@@ -205,7 +201,7 @@ def load_pairs(data: str | Path, split: str, size: int, chosen: str = "auto", in
     """Pairs of ``split`` from a pair dataset (see ``load_hf_pairs``) or a scan folder (on the fly)."""
     if is_hf_dataset(data):
         return load_hf_pairs(data, split, size, limit)
-    if not (Path(data) / f"{split}_images").is_dir() and _same_split(split, "val"):
+    if not (Path(data) / f"{split}_images").is_dir() and split_matches(split, "val"):
         split = "val"  # the dataset split 'validation' is the scan folder's val_images
     return pairs_from_scan_folder(data, split, size, chosen, include_healthy, limit, reading)
 

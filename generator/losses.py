@@ -54,14 +54,12 @@ def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref
     zd = z.detach()
     metrics = {
         "loss": losses.detach().mean(),
-        "margin": zd.mean(),
-        "margin_std": zd.std(unbiased=False),
-        "implicit_acc": ((zd > 0).float() + 0.5 * (zd == 0).float()).mean(),  # ties count half (diffusers)
-        "implicit_acc_strict": (zd > 0).float().mean(),  # TRL / Salesforce rule
-        "rewards/chosen": reward_w.detach().mean(),
+        "rewards/chosen": reward_w.detach().mean(),  # TRL's names (docs/method.md#conventions)
         "rewards/rejected": reward_l.detach().mean(),
-        "rewards/margins": zd.mean(),  # TRL's names for the same quantities
-        "rewards/accuracies": (zd > 0).float().mean(),
+        "rewards/margins": zd.mean(),
+        "rewards/accuracies": (zd > 0).float().mean(),  # strict: ties count as wrong (TRL)
+        "implicit_acc_ties_half": ((zd > 0).float() + 0.5 * (zd == 0).float()).mean(),  # ties count half (diffusers)
+        "margin_std": zd.std(unbiased=False),
         "sigma_neg_margin": torch.sigmoid(-zd).mean(),
         "winner_degradation": (model_err_w - ref_err_w).detach().mean(),  # > 0: chosen got worse than ref
         "model_err": 0.5 * (model_err_w.detach().mean() + model_err_l.detach().mean()),

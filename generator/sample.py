@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from negdpo.core.config import parse_flags, underscore_flags
 from negdpo.core.fill import INITS
 from PIL import Image
 
@@ -232,36 +233,42 @@ def inpaint(pipe, images: list[np.ndarray], masks: list[np.ndarray], prompts: li
     return results
 
 
+RENAMED_FLAGS = {"--steps": "--sample_steps"}  # old flag -> new (deprecated alias for one release)
+
+
 def _parser() -> argparse.ArgumentParser:
     from negdpo.core.console import CommandParser
 
     p = CommandParser(prog="negdpo sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="scan folder (MedCLIP-SAMv2 layout)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split of the folder whose positives are inpainted")
     p.add_argument("--generator", default="tiny", help="tiny | hub id | local diffusers folder")
     p.add_argument("--adapter", default=None, help="folder with pytorch_lora_weights.safetensors")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder: one PNG per positive, preview.png, sample_args.json")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace an earlier sample run in --out (files negdpo did not write are kept)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=1.0)
+    p.add_argument("--sample_steps", type=int, default=20, help="denoising (sampling) steps per image")
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--strength", type=float, default=1.0, help="1 = from pure noise; < 1 = from the noised --init")
     p.add_argument("--init", default="source", choices=INITS,
                    help="what a strength < 1 starts from: the positive (source) or its harmonic fill (harmonic)")
     p.add_argument("--scheduler", default=None, help=f"one of {sorted(SCHEDULERS)}")
     p.add_argument("--size", type=int, default=None, help="model resolution (default: the UNet's native)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="images per generator call")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its name")
     p.add_argument("--limit", type=int, default=None, help="at most this many positives")
-    p.add_argument("--no_paste_back", action="store_true")
+    p.add_argument("--no_paste_back", action="store_true",
+                   help="keep the generator's whole output (default: only the masked region replaces the positive)")
     p.add_argument("--seam_px", type=float, default=2.0,
                    help="width of the soft seam inside the mask when pasting back (default 2; <= 1: hard paste)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights' dtype (half precision needs a GPU)")
     from negdpo.core.window import add_reading_args
 
     add_reading_args(p)
-    return p
+    return underscore_flags(p)
 
 
 PROG = "negdpo sample"
@@ -294,7 +301,7 @@ def _main(argv: list[str]) -> int:
     from negdpo.core.scans import ScanFolder
     from negdpo.core.window import reading_options
 
-    args = _parser().parse_args(argv)
+    args = parse_flags(_parser(), argv, RENAMED_FLAGS)
     if args.scheduler:
         scheduler_class(args.scheduler)
     folder = ScanFolder(args.data, on_error="skip", **reading_options(args))
@@ -309,7 +316,7 @@ def _main(argv: list[str]) -> int:
         pipe = load_generator(args.generator, args.adapter, device=args.device, dtype=getattr(torch, args.dtype))
         seeds = [derive_seed(s.name, base=args.seed) for s in scans]
         outs = inpaint(pipe, [s.image for s in scans], [s.mask for s in scans], [s.prompt or "" for s in scans],
-                       seeds, steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
+                       seeds, steps=args.sample_steps, guidance_scale=args.guidance_scale, strength=args.strength,
                        init=args.init, scheduler=args.scheduler, paste_back=not args.no_paste_back,
                        seam_px=args.seam_px, size=args.size, batch_size=args.batch_size)
         for scan, img in zip(scans, outs):

@@ -141,10 +141,10 @@ def train(cfg: GenTrainConfig) -> dict:
 
 def _train(cfg: GenTrainConfig) -> dict:
     from negdpo.core.config import derive_seed
+    from negdpo.core.faults import fault_point
     from negdpo.core.training import (
         MetricsLog,
         NonFiniteGuard,
-        fault_point,
         finish_run,
         make_optimizer,
         make_scheduler,
@@ -156,7 +156,7 @@ def _train(cfg: GenTrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     from .lora_io import load_lora_into, model_card, save_lora
-    from .objective import compute_loss, implicit_accuracy
+    from .objective import compute_loss, heldout_record, implicit_accuracy
     from .pipeline import UNetReference, add_lora, load_components
     from .validation import validation_grid
 
@@ -227,7 +227,7 @@ def _train(cfg: GenTrainConfig) -> dict:
             if run.is_main:
                 before_file.write_text(json.dumps(summary["heldout_before"]))
         else:
-            summary["heldout_before"] = json.loads(before_file.read_text())
+            summary["heldout_before"] = heldout_record(json.loads(before_file.read_text()))
         accelerator.print(f"held-out implicit accuracy before training: {summary['heldout_before']}")
 
     guard = NonFiniteGuard(cfg.max_nonfinite_grad_steps)
@@ -252,7 +252,7 @@ def _train(cfg: GenTrainConfig) -> dict:
         progress.update(1)
         step_metrics.update(lr=lr_scheduler.get_last_lr()[0], curriculum_stage=curriculum.stage(global_step - 1))
         progress.set_postfix(loss=f"{step_metrics['loss']:.4f}",
-                             acc=f"{step_metrics.get('implicit_acc', float('nan')):.2f}")
+                             acc=f"{step_metrics.get('rewards/accuracies', float('nan')):.2f}")
         fault_point("step_end", global_step)
         if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
             metrics_log.log(global_step, step_metrics)

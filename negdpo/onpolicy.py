@@ -102,7 +102,7 @@ def repaint_mask(lesion: np.ndarray, dilate: int) -> np.ndarray:
 def sample_round(cfg: Any, data: TrainingData, rdir: Path, r: int, policy: str | None) -> list[np.ndarray]:
     """K candidates per positive (array (K, H, W[, 3]) each), chunk by chunk; finished chunks are kept."""
     from negdpo.core.config import derive_seed, resolve_device
-    from negdpo.core.training import fault_point
+    from negdpo.core.faults import fault_point
     from negdpo.generator.sample import inpaint, load_generator
 
     cdir = rdir / "candidates"
@@ -168,8 +168,8 @@ def build_round_pairs(cfg: Any, data: TrainingData, out: Path, rdir: Path, r: in
     import datasets
 
     from negdpo.core.config import code_version, derive_seed
+    from negdpo.core.faults import fault_point
     from negdpo.core.imageio import to_uint8
-    from negdpo.core.training import fault_point
     from negdpo.preference.pairs.generate import adapter_sha
     from negdpo.preference.pairs.schema import difficulty_of, features_for
 

@@ -19,10 +19,11 @@ import logging
 import sys
 from dataclasses import fields
 
+from negdpo.core.config import parse_flags, underscore_flags
 from negdpo.core.console import CommandParser, UserError, one_line, run_main
 from negdpo.core.window import add_reading_args
 
-from .evaluate import DEFAULT_CONTROL, EvalConfig, evaluate
+from .evaluate import EvalConfig, evaluate
 
 PROG = "negdpo evaluate"
 USER_ERRORS = (KeyError, OSError, RuntimeError)  # besides run_main's: unreadable inputs or weights: one line
@@ -41,74 +42,72 @@ def _clips(values: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags; an option that is an :class:`EvalConfig` field takes its default and help from the field."""
     d = EvalConfig()
+    helps = {f.name: f.metadata["help"] for f in fields(EvalConfig)}
     p = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="scan folder ({split}_images, {split}_masks)")
-    p.add_argument("--split", default=d.split)
+
+    def opt(group: argparse._ActionsContainer, name: str, **kwargs: object) -> None:
+        if kwargs.get("action") != "store_true":
+            kwargs.setdefault("default", getattr(d, name))
+        group.add_argument(f"--{name}", help=helps[name], **kwargs)
+
+    opt(p, "data", required=True, default=None)
+    opt(p, "split")
     p.add_argument("--clip", nargs="+", action="extend", default=None, metavar="NAME=CKPT",
-                   help="checkpoints (repeatable; names unique): report name = tiny | hf-hub:<id> | "
-                        "local-dir:<folder> (default tiny=tiny)")
-    p.add_argument("--out", required=True, help="output folder (one evaluation per folder)")
-    p.add_argument("--overwrite_output_dir", "--overwrite-output-dir", action="store_true",
+                   help=helps["clips"])
+    opt(p, "out", required=True, default=None)
+    p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace the outputs of an earlier evaluation with other settings in --out")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     g = p.add_argument_group("saliency")
-    g.add_argument("--saliency", default=d.saliency,
-                   help="m2ib | surgery | vlsam (VLM attention flow) | oracle (blurred ground truth)")
-    g.add_argument("--align", choices=["crop", "stretch"], default=d.align,
-                   help="crop: map aligned with the preprocessing crop; stretch: the public code's stretch")
-    g.add_argument("--seed", type=int, default=d.seed, help="base seed (per-image seeds derive from it)")
-    g.add_argument("--m2ib-layer", type=int, default=None, help="bottleneck after this block (default n_blocks-3)")
-    g.add_argument("--m2ib-beta", type=float, default=d.m2ib_beta,
-                   help="bottleneck weight (default per modality: brain MRI 2.0, breast US 1.0, other 1.0)")
-    g.add_argument("--m2ib-steps", type=int, default=d.m2ib_steps)
-    g.add_argument("--m2ib-lr", type=float, default=d.m2ib_lr)
-    g.add_argument("--m2ib-samples", type=int, default=d.m2ib_samples)
-    g.add_argument("--m2ib-target", choices=["prompt", "contrast"], default=d.m2ib_target,
-                   help="contrast: the prompt's embedding minus the healthy report's of its modality (not in "
-                        "MedCLIP-SAMv2; docs/saliency_levers.md)")
-    g.add_argument("--m2ib-readout", choices=["capacity", "lambda"], default=d.m2ib_readout,
-                   help="capacity (MedCLIP-SAMv2) | lambda: the kept share of each token")
-    g.add_argument("--surgery-start", type=int, default=None, help="first v-v block (default n_blocks//2)")
-    g.add_argument("--oracle-sigma", type=float, default=d.oracle_sigma)
-    g.add_argument("--vlm", default=d.vlm, help="vlsam: tiny | a Qwen2-VL hub id | a folder (e.g. from vlm_train)")
-    g.add_argument("--vlsam-points", type=int, default=d.vlsam_points, help="vlsam: positive SAM points (peaks)")
-    g.add_argument("--vlsam-negative", type=int, default=d.vlsam_negative, help="vlsam: negative SAM points")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per saliency batch")
+    opt(g, "saliency")
+    opt(g, "align", choices=["crop", "stretch"])
+    opt(g, "seed", type=int)
+    opt(g, "m2ib_layer", type=int)
+    opt(g, "m2ib_beta", type=float)
+    opt(g, "m2ib_steps", type=int)
+    opt(g, "m2ib_lr", type=float)
+    opt(g, "m2ib_samples", type=int)
+    opt(g, "m2ib_target", choices=["prompt", "contrast"])
+    opt(g, "m2ib_readout", choices=["capacity", "lambda"])
+    opt(g, "surgery_start", type=int)
+    opt(g, "oracle_sigma", type=float)
+    opt(g, "vlm")
+    opt(g, "vlsam_points", type=int)
+    opt(g, "vlsam_negative", type=int)
+    opt(g, "batch_size", type=int)
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompts", default=None, help="JSON {file name: text} (default: the folder's prompts.json)")
-    g.add_argument("--prompt-template", default=None, help="one text for all, {name}/{stem} filled in")
-    g.add_argument("--control-prompt", default=DEFAULT_CONTROL, help="irrelevant prompt for the control")
-    g.add_argument("--no-control", action="store_true", help="skip the irrelevant-prompt control")
+    opt(g, "prompts")
+    opt(g, "prompt_template")
+    opt(g, "control_prompt")
+    g.add_argument("--no_control", action="store_true", help="skip the irrelevant-prompt control")
     g = p.add_argument_group("post-processing")
-    g.add_argument("--post", choices=["kmeans", "threshold", "otsu"], default=d.post)
-    g.add_argument("--threshold", type=float, default=d.threshold)
-    g.add_argument("--num-components", type=int, default=d.num_components, help="K largest components (0 = all)")
-    g.add_argument("--ties", choices=["exact", "parity"], default=d.ties)
-    g.add_argument("--post-foreground", action="store_true",
-                   help="keep the coarse mask inside the scan's anatomy (Otsu foreground, filled hull)")
-    g.add_argument("--kmeans-parity", action="store_true", help="8-bit, 256x256 nearest resampling as public")
+    opt(g, "post", choices=["kmeans", "threshold", "otsu"])
+    opt(g, "threshold", type=float)
+    opt(g, "num_components", type=int)
+    opt(g, "ties", choices=["exact", "parity"])
+    opt(g, "post_foreground", action="store_true")
+    opt(g, "kmeans_parity", action="store_true")
     g = p.add_argument_group("SAM")
-    g.add_argument("--segmenter", default=d.segmenter,
-                   help="sam: the zero-shot chain | prompt-generator:DIR: a generator trained by seg_train.py "
-                        "(prompt-free; saliency and prompt options are ignored)")
-    g.add_argument("--sam", default=d.sam, help="none | tiny | vit_b | vit_l | vit_h")
-    g.add_argument("--sam_checkpoint", "--sam-checkpoint", default=None)
-    g.add_argument("--sam-prompt", choices=["box", "point", "both"], default=d.sam_prompt)
-    g.add_argument("--box-mode", choices=["union", "per_component"], default=d.box_mode)
-    g.add_argument("--num-points", type=int, default=d.num_points)
-    g.add_argument("--num-negative", type=int, default=d.num_negative)
-    g.add_argument("--multimask", action="store_true")
-    g.add_argument("--multimask-select", choices=["best", "union"], default=d.multimask_select)
+    opt(g, "segmenter")
+    opt(g, "sam")
+    opt(g, "sam_checkpoint")
+    opt(g, "sam_prompt", choices=["box", "point", "both"])
+    opt(g, "box_mode", choices=["union", "per_component"])
+    opt(g, "num_points", type=int)
+    opt(g, "num_negative", type=int)
+    opt(g, "multimask", action="store_true")
+    opt(g, "multimask_select", choices=["best", "union"])
     g = p.add_argument_group("run")
-    g.add_argument("--tolerance", type=float, default=d.tolerance, help="NSD tolerance in pixels")
-    g.add_argument("--device", default=d.device)
-    g.add_argument("--limit", type=int, default=None, help="first N scans only")
-    g.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable/mismatched files")
-    g.add_argument("--no-images", action="store_true", help="metrics only, no PNG outputs")
-    g.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    opt(g, "tolerance", type=float)
+    opt(g, "device")
+    opt(g, "limit", type=int)
+    g.add_argument("--skip_bad", action="store_true", help="skip (and count) unreadable/mismatched files")
+    g.add_argument("--no_images", action="store_true", help="metrics only, no PNG outputs")
+    opt(g, "bootstrap", type=int)
     add_reading_args(p)
-    return p
+    return underscore_flags(p)
 
 
 def _options(a: argparse.Namespace) -> dict:
@@ -133,7 +132,7 @@ def _log_to_stderr() -> None:
 
 def _main(argv: list[str]) -> int:
     p = build_parser()
-    a = p.parse_args(argv)
+    a = parse_flags(p, argv)
     try:
         clips = _clips(a.clip or ["tiny=tiny"])
     except argparse.ArgumentTypeError as err:

@@ -1,13 +1,12 @@
 """The files of one segmentation evaluation, whatever the segmenter (``docs/method.md#evaluation-output``).
 
-``evaluate`` (saliency -> SAM) and the prompt-free generator (``prompt_generator.evaluation``) both write
+``evaluate`` (saliency -> SAM) and the prompt-free stage 2 (``prompt_free.evaluation``) both write
 through here: ``metrics.csv`` (one row per checkpoint and scan), ``config.json``, ``summary.json`` and
 the report, with image paths laid out by :func:`image_path`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from negdpo.core.tables import write_csv
 
 from . import saliency_metrics as SM
 
@@ -37,16 +37,6 @@ def image_path(out: Path, kind: str, ckpt: str, name: str, multi: bool) -> Path:
     return folder / f"{Path(name).stem}.png"
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    tmp.replace(path)
-
-
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -65,7 +55,7 @@ def write_outputs(out_dir: Path | None, cfg: Any, summary: dict[str, Any], rows:
     from .report import write_report
 
     if out_dir is not None:
-        write_csv(out_dir / "metrics.csv", rows)
+        write_csv(out_dir / "metrics.csv", rows, CSV_COLUMNS, float_format=".6f")
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
         write_report(out_dir, summary, rows)

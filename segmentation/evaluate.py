@@ -64,50 +64,81 @@ OWNED = ("saliency", "coarse", "masks", "overlays", "metrics.csv", "summary.json
 class EvalConfig(ScanReading):
     """All options of one evaluation (``negdpo evaluate --help`` documents each); window/size: ScanReading."""
 
-    data: str | None = None
-    split: str = "test"
-    clips: dict[str, str] = field(default_factory=lambda: {"tiny": "tiny"})
-    out: str | None = None
-    saliency: str = "m2ib"
-    align: Literal["crop", "stretch"] = "crop"
-    seed: int = 12
-    m2ib_layer: int | None = None
-    m2ib_beta: float | None = None  # None = per modality (saliency.m2ib.BETA_BY_MODALITY)
-    m2ib_steps: int = 10
-    m2ib_lr: float = 1.0
-    m2ib_samples: int = 10
-    m2ib_target: Literal["prompt", "contrast"] = "prompt"  # contrast: prompt - healthy report (saliency.m2ib)
-    m2ib_readout: Literal["capacity", "lambda"] = "capacity"  # lambda: kept share, not capacity (saliency.m2ib)
-    surgery_start: int | None = None
-    oracle_sigma: float = 0.02
-    vlm: str = "tiny"
-    vlsam_points: int = 3
-    vlsam_negative: int = 3
-    post: Literal["kmeans", "threshold", "otsu"] = "kmeans"
-    threshold: float = 0.3
-    post_foreground: bool = False  # restrict the coarse mask to the scan's anatomy (postprocess.foreground_mask)
-    num_components: int = 1
-    ties: Literal["exact", "parity"] = "exact"
-    kmeans_parity: bool = False
-    sam: str = "tiny"
-    sam_checkpoint: str | None = None
-    sam_prompt: Literal["box", "point", "both"] = "box"
-    box_mode: Literal["union", "per_component"] = "union"
-    num_points: int = 10
-    num_negative: int = 0
-    multimask: bool = False
-    multimask_select: Literal["best", "union"] = "best"
-    prompts: str | None = None
-    prompt_template: str | None = None
-    control_prompt: str | None = DEFAULT_CONTROL
-    tolerance: float = 2.0
-    batch_size: int = 8
-    device: str = "auto"
-    limit: int | None = None
-    on_error: Literal["raise", "skip"] = "raise"
-    save_images: bool = True
-    bootstrap: int = 2000
-    segmenter: str = "sam"  # "sam": the zero-shot chain; "prompt-generator:DIR": prompt-free (prompt_generator)
+    data: str | None = field(default=None, metadata={"help": "scan folder ({split}_images, {split}_masks)"})
+    split: str = field(default="test", metadata={"help": "split of the folder to evaluate"})
+    clips: dict[str, str] = field(
+        default_factory=lambda: {"tiny": "tiny"}, metadata={"help": "checkpoints NAME=CKPT (repeatable; names unique): report name = tiny | hf-hub:<id> | local-dir:<folder> (default tiny=tiny)"})
+    out: str | None = field(default=None, metadata={"help": "output folder (one evaluation per folder)"})
+    saliency: str = field(
+        default="m2ib", metadata={"help": "m2ib | surgery | vlsam (VLM attention flow) | oracle (blurred ground truth)"})
+    align: Literal["crop", "stretch"] = field(
+        default="crop", metadata={"help": "crop: map aligned with the preprocessing crop; stretch: the public code's stretch"})
+    seed: int = field(default=12, metadata={"help": "base seed (per-image seeds derive from it)"})
+    m2ib_layer: int | None = field(
+        default=None, metadata={"help": "M2IB bottleneck after this vision block (default n_blocks-3)"})
+    m2ib_beta: float | None = field(
+        default=None, metadata={"help": "M2IB bottleneck weight (default per modality: brain MRI 2.0, breast US 1.0, other 1.0)"})
+    m2ib_steps: int = field(default=10, metadata={"help": "M2IB optimisation steps per image"})
+    m2ib_lr: float = field(default=1.0, metadata={"help": "M2IB learning rate of the bottleneck parameters"})
+    m2ib_samples: int = field(default=10, metadata={"help": "M2IB fresh noise draws per step"})
+    m2ib_target: Literal["prompt", "contrast"] = field(
+        default="prompt", metadata={"help": "prompt | contrast: the prompt's embedding minus the healthy report's of its modality (not in MedCLIP-SAMv2; docs/saliency_levers.md)"})
+    m2ib_readout: Literal["capacity", "lambda"] = field(
+        default="capacity", metadata={"help": "capacity (MedCLIP-SAMv2) | lambda: the kept share of each token"})
+    surgery_start: int | None = field(
+        default=None, metadata={"help": "CLIP Surgery: first v-v attention block (default n_blocks//2)"})
+    oracle_sigma: float = field(
+        default=0.02, metadata={"help": "oracle: blur sigma as a fraction of min(H, W)"})
+    vlm: str = field(
+        default="tiny", metadata={"help": "vlsam: tiny | a Qwen2-VL hub id | a folder (e.g. from vlm_train)"})
+    vlsam_points: int = field(default=3, metadata={"help": "vlsam: positive SAM points (peaks)"})
+    vlsam_negative: int = field(default=3, metadata={"help": "vlsam: negative SAM points"})
+    post: Literal["kmeans", "threshold", "otsu"] = field(
+        default="kmeans", metadata={"help": "saliency -> coarse mask: kmeans (2 clusters) | threshold (--threshold) | otsu"})
+    threshold: float = field(
+        default=0.3, metadata={"help": "with --post threshold: saliency cut-off in [0, 1]"})
+    post_foreground: bool = field(
+        default=False, metadata={"help": "keep the coarse mask inside the scan's anatomy (Otsu foreground, filled hull)"})
+    num_components: int = field(
+        default=1, metadata={"help": "K largest components of the coarse mask kept (0 = all)"})
+    ties: Literal["exact", "parity"] = field(
+        default="exact", metadata={"help": "components of equal area at the K-th place: exact (keep K) | parity (keep all, as the public code)"})
+    kmeans_parity: bool = field(
+        default=False, metadata={"help": "8-bit, 256x256 nearest resampling before k-means, as the public code"})
+    sam: str = field(
+        default="tiny", metadata={"help": "none (the coarse mask is the prediction) | tiny | vit_b | vit_l | vit_h"})
+    sam_checkpoint: str | None = field(
+        default=None, metadata={"help": "SAM weights file (.pth) (default: the preset's, or found in ./checkpoints or $SAM_CHECKPOINT_DIR)"})
+    sam_prompt: Literal["box", "point", "both"] = field(
+        default="box", metadata={"help": "SAM prompts from the coarse mask: box | point | both"})
+    box_mode: Literal["union", "per_component"] = field(
+        default="union", metadata={"help": "box prompts: union (one box) | per_component (one box per component)"})
+    num_points: int = field(
+        default=10, metadata={"help": "point prompts: positive points sampled in the coarse mask"})
+    num_negative: int = field(
+        default=0, metadata={"help": "point prompts: negative points sampled in the background"})
+    multimask: bool = field(
+        default=False, metadata={"help": "SAM returns 3 masks per prompt (--multimask_select picks)"})
+    multimask_select: Literal["best", "union"] = field(
+        default="best", metadata={"help": "with --multimask: best (highest predicted IoU) | union"})
+    prompts: str | None = field(
+        default=None, metadata={"help": "JSON {file name: text} (default: the folder's prompts.json)"})
+    prompt_template: str | None = field(
+        default=None, metadata={"help": "one text for all, {name}/{stem} filled in"})
+    control_prompt: str | None = field(
+        default=DEFAULT_CONTROL, metadata={"help": "irrelevant prompt for the control"})
+    tolerance: float = field(default=2.0, metadata={"help": "NSD tolerance in pixels"})
+    batch_size: int = field(default=8, metadata={"help": "images per saliency batch"})
+    device: str = field(
+        default="auto", metadata={"help": "torch device: auto (cuda when available) | cpu | cuda[:N]"})
+    limit: int | None = field(default=None, metadata={"help": "first N scans only (default: all)"})
+    on_error: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "unreadable or mismatched files: raise (stop) | skip (and count)"})
+    save_images: bool = field(
+        default=True, metadata={"help": "write PNG overlays and index.html next to the metrics"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples of the confidence intervals"})
+    segmenter: str = field(
+        default="sam", metadata={"help": "sam: the zero-shot chain | prompt-free:DIR: a model trained by seg_train.py (prompt-free; saliency and prompt options are ignored)"})
 
 
 def _check_models(cfg: EvalConfig) -> None:
@@ -166,7 +197,7 @@ def resolve_prompts(scans: Sequence, cfg: EvalConfig) -> list[str]:
         elif cfg.prompts:
             text = table.get(s.name, table.get(stem))
             if text is None:
-                raise ValueError(f"{cfg.prompts}: no prompt for image '{s.name}' (add it or use --prompt-template)")
+                raise ValueError(f"{cfg.prompts}: no prompt for image '{s.name}' (add it or use --prompt_template)")
             out.append(text)
         else:
             out.append(getattr(s, "prompt", None) or DEFAULT_TEMPLATE)
@@ -237,9 +268,9 @@ def evaluate(data: str | Path | None = None, clips: dict[str, str] | None = None
                         **({"out": str(out)} if out is not None else {})})
     # every input is checked before a model loads
     _check_names(cfg.clips)
-    from .prompt_generator.evaluation import generator_dir, run_prompt_free  # stage 2 (torchvision): on use
+    from .prompt_free.evaluation import prompt_free_dir, run_prompt_free  # stage 2 (torchvision): on use
 
-    prompt_free = generator_dir(cfg.segmenter) is not None  # a bad --segmenter / DIR fails here
+    prompt_free = prompt_free_dir(cfg.segmenter) is not None  # a bad --segmenter / DIR fails here
     if not prompt_free:
         _check_models(cfg)
     method = get(cfg.saliency)

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+from negdpo.core.stats import bootstrap_ci
 
 SALIENCY_METRICS = ("sal_auroc", "sal_ap", "sal_pointing", "sal_partial_r")  # saliency_metrics.COLUMNS
 METRICS = ("dice", "iou", "nsd", "nsd_parity", "hd95", "coarse_dice", "control_dice", "control_saliency_corr",
@@ -37,23 +38,12 @@ LABELS = {"dice": "Dice", "iou": "IoU", "nsd": "NSD (2-D)", "nsd_parity": "NSD (
           "sal_partial_r": "partial r given brightness"}
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean (:func:`negdpo.core.stats.bootstrap_ci`); (nan, nan) if empty."""
-    from negdpo.core import stats
-
-    values = np.asarray(values, np.float64)
-    if values.size > 1 and n_boot <= 0:
-        return float(values.mean()), float(values.mean())
-    _, lo, hi = stats.bootstrap_ci(values, n_boot, seed, level)
-    return lo, hi
-
-
 def describe(values: list[float], n_boot: int) -> dict[str, Any]:
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
     if arr.size == 0:
         return {"n": 0, "mean": math.nan, "std": math.nan, "ci95": [math.nan, math.nan]}
     return {"n": int(arr.size), "mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-            "ci95": list(bootstrap_ci(arr, n_boot))}
+            "ci95": list(bootstrap_ci(arr, n_boot)[1:])}
 
 
 def summarise(rows: list[dict[str, Any]], checkpoints: list[str], n_boot: int = 2000) -> dict[str, Any]:
@@ -80,7 +70,8 @@ def _fmt(stat: dict[str, Any], digits: int = 3) -> str:
     if not stat["n"]:
         return "–"
     lo, hi = stat["ci95"]
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else ""  # --bootstrap 0
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}{ci}"
 
 
 def _saliency_section(ckpts: dict[str, dict[str, Any]]) -> list[str]:
@@ -121,7 +112,8 @@ def bar_plot(path: Path, summary: dict[str, Any]) -> None:
         stats = [summary["checkpoints"][n][key] for n in names]
         means = np.array([s["mean"] if s["n"] else 0.0 for s in stats])
         err = np.array([[m - s["ci95"][0], s["ci95"][1] - m] if s["n"] else [0, 0] for m, s in zip(means, stats)]).T
-        err = np.clip(err, 0.0, None)  # a few-resample CI can miss the mean; matplotlib refuses negative bars
+        err = np.clip(np.nan_to_num(err), 0.0, None)  # no CI (--bootstrap 0): no bar; a few-resample CI can miss
+        # the mean, and matplotlib refuses negative bars
         bars = ax.bar(x + off, means, width=width, yerr=err, capsize=4, label=label, color=color)
         ax.bar_label(bars, labels=[f"{m:.3f}" if s["n"] else "–" for m, s in zip(means, stats)], fontsize=7,
                      padding=2)

@@ -63,35 +63,42 @@ class SamPretrainConfig(TrainConfig, ScanReading):
     # data
     data: str = field(default="", metadata={"help": "scan folder; empty = phantoms next to the output folder"})
     split: str = field(default="pretrain", metadata={"help": "the pre-training split (train/val/test are refused)"})
-    phantoms_n: int = 200
-    phantoms_size: int = 128
-    phantoms_seed: int = 0
-    phantoms_pretrain_n: int = 120
+    phantoms_n: int = field(
+        default=200, metadata={"help": "without data: phantom subjects of the train/val/test splits"})
+    phantoms_size: int = field(default=128, metadata={"help": "without data: phantom image side in px"})
+    phantoms_seed: int = field(default=0, metadata={"help": "without data: seed of the phantoms"})
+    phantoms_pretrain_n: int = field(
+        default=120, metadata={"help": "without data: phantom subjects of the disjoint pre-training pool"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the pool's subjects held out for val Dice"})
     # prompts and targets
-    prompts_per_image: int = 8
+    prompts_per_image: int = field(
+        default=8, metadata={"help": "prompts (and targets) sampled per image and step"})
     lesion_share: float = field(default=0.7, metadata={"help": "chance that a prompt of a positive targets its lesion"})
     box_share: float = field(default=0.7, metadata={"help": "chance that an image's prompts are boxes (else points)"})
     box_jitter: float = field(default=0.1, metadata={"help": "box corner noise, std as a share of the box side"})
-    max_points: int = 3
-    negative_point_prob: float = 0.3
+    max_points: int = field(
+        default=3, metadata={"help": "point prompts: 1 to this many positive points inside the target"})
+    negative_point_prob: float = field(
+        default=0.3, metadata={"help": "point prompts: chance of one negative point outside the target"})
     min_structure_area: float = field(default=0.004, metadata={"help": "smallest generic target, share of the image"})
-    max_structure_area: float = 0.7
+    max_structure_area: float = field(
+        default=0.7, metadata={"help": "largest generic target, share of the image"})
     flip: bool = field(default=True, metadata={"help": "random horizontal flips"})
     # architecture (saved next to the weights)
-    img_size: int = 128
-    patch_size: int = 8
-    encoder_embed_dim: int = 64
-    encoder_depth: int = 4
-    encoder_num_heads: int = 4
+    img_size: int = field(default=128, metadata={"help": "SAM input side in px"})
+    patch_size: int = field(
+        default=8, metadata={"help": "ViT patch side in px (img_size must be a multiple)"})
+    encoder_embed_dim: int = field(default=64, metadata={"help": "image-encoder width"})
+    encoder_depth: int = field(default=4, metadata={"help": "image-encoder blocks"})
+    encoder_num_heads: int = field(default=4, metadata={"help": "image-encoder attention heads"})
     window_size: int = field(default=0, metadata={"help": "0 = global attention in every block"})
-    prompt_embed_dim: int = 128
-    decoder_mlp_dim: int = 512
-    decoder_num_heads: int = 4
-    iou_head_hidden_dim: int = 128
+    prompt_embed_dim: int = field(default=128, metadata={"help": "prompt-encoder and mask-decoder width"})
+    decoder_mlp_dim: int = field(default=512, metadata={"help": "mask-decoder MLP width"})
+    decoder_num_heads: int = field(default=4, metadata={"help": "mask-decoder attention heads"})
+    iou_head_hidden_dim: int = field(default=128, metadata={"help": "IoU-prediction head width"})
     # loss
-    dice_weight: float = 1.0
-    iou_weight: float = 1.0
+    dice_weight: float = field(default=1.0, metadata={"help": "weight of the Dice term next to BCE"})
+    iou_weight: float = field(default=1.0, metadata={"help": "weight of the IoU-prediction MSE term"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

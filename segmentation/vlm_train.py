@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,18 @@ IGNORE = -100
 class VlmTrainConfig(TrainConfig, ScanReading):
     """Report-generation fine-tuning of a VLM on a scan folder with ``prompts.json``."""
 
-    model: str = "tiny"
-    data: str = ""  # empty -> phantoms generated next to the output folder
-    split: str = "train"
-    eval_split: str = "val"
-    question: str = DEFAULT_QUESTION
-    phantoms_n: int = 24
-    phantoms_size: int = 64
-    phantoms_seed: int = 0
+    model: str = field(
+        default="tiny", metadata={"help": "VLM to fine-tune: tiny | a Qwen2-VL hub id | a folder"})
+    data: str = field(
+        default="", metadata={"help": "scan folder with prompts.json (the reports); empty = phantoms generated next to the output folder"})
+    split: str = field(default="train", metadata={"help": "split the reports are trained on"})
+    eval_split: str = field(
+        default="val", metadata={"help": "held-out split of the before/after report evaluation"})
+    question: str = field(
+        default=DEFAULT_QUESTION, metadata={"help": "the question the VLM answers with the scan's report"})
+    phantoms_n: int = field(default=24, metadata={"help": "without data: phantom subjects to generate"})
+    phantoms_size: int = field(default=64, metadata={"help": "without data: phantom image side in px"})
+    phantoms_seed: int = field(default=0, metadata={"help": "without data: seed of the phantoms"})
     run_name: str = "vlm_reports"
     learning_rate: float = 2e-3
     train_batch_size: int = 8

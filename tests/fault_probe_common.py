@@ -60,4 +60,4 @@ def one_error_line(err: str, prog: str) -> str:
 
 
 BUILD = ["--splits", "test", "--judges", "contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2", "--k", "2",
-         "--steps", "2", "--batch_items", "1", "--chunk_size", "1", "--no_progress", "--no_report"]
+         "--sample_steps", "2", "--batch_items", "1", "--chunk_size", "1", "--no_progress", "--no_report"]

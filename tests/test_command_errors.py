@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "study": ("negdpo study", "negdpo.study.cli", ["--work_dir", "{tmp}/work", "--out", "{tmp}/out"]),
     "gen_train": ("gen_train", "negdpo.generator.cli", ["--output_dir", "{tmp}/out"]),
     "clip_train": ("clip_train", "negdpo.preference.clip.cli", ["--output_dir", "{tmp}/out"]),
-    "seg_train": ("seg_train", "negdpo.segmentation.prompt_generator.train", ["--output_dir", "{tmp}/out"]),
+    "seg_train": ("seg_train", "negdpo.segmentation.prompt_free.train", ["--output_dir", "{tmp}/out"]),
     "autoencoder": ("python -m negdpo.generator.autoencoder", "negdpo.generator.autoencoder",
                     ["--data", "{data}", "--out", "{tmp}/out"]),
     "pairs-report": ("python -m negdpo.preference.pairs.report", "negdpo.preference.pairs.report", []),
@@ -183,13 +183,16 @@ def test_build_pairs_with_a_missing_adapter_fails_before_any_work(phantom_dir, t
 
 
 def test_evaluate_takes_the_sam_checkpoint_flag_pretrain_sam_prints(tmp_path):
-    """pretrain-sam's closing hint says ``--sam tiny --sam_checkpoint PATH``: evaluate parses it (and the dash form)."""
+    """pretrain-sam's closing hint says ``--sam tiny --sam_checkpoint PATH``: evaluate parses it (and the deprecated
+    dash form, which --help does not list)."""
+    from negdpo.core.config import parse_flags
     from negdpo.segmentation.cli import build_parser
 
     ckpt = str(tmp_path / "sam_pretrained.pth")
     for flag in ("--sam_checkpoint", "--sam-checkpoint"):
-        a = build_parser().parse_args(["--data", "d", "--out", "o", "--sam", "tiny", flag, ckpt])
+        a = parse_flags(build_parser(), ["--data", "d", "--out", "o", "--sam", "tiny", flag, ckpt])
         assert a.sam_checkpoint == ckpt
+    assert "--sam-checkpoint" not in build_parser().format_help()
     source = (ROOT / "segmentation" / "sam_pretrain.py").read_text()
     assert "--sam tiny --sam_checkpoint" in source
 
@@ -210,7 +213,7 @@ def test_sample_refuses_a_folder_of_another_command(phantom_dir, tmp_path):
 
 def test_sample_reruns_in_its_own_folder_and_refuses_other_settings(phantom_dir, tmp_path):
     out = tmp_path / "neg"
-    args = ["--data", "{data}", "--out", str(out), "--limit", "1", "--steps", "1", "--device", "cpu"]
+    args = ["--data", "{data}", "--out", str(out), "--limit", "1", "--sample_steps", "1", "--device", "cpu"]
     rc, _, _ = run("sample", args, tmp_path, phantom_dir)
     written = sorted(p.name for p in out.iterdir())
     assert rc == 0 and ".negdpo-run.json" in written and "sample_args.json" in written
@@ -257,3 +260,25 @@ def test_pickapic_never_deletes_a_folder_it_did_not_write(tmp_path):
     rc, lines, _ = run("pickapic", [str(tmp_path / "build"), str(dest)], tmp_path, tmp_path)
     assert rc == 2 and len(lines) == 1 and "not a Pick-a-Pic conversion" in lines[0]
     assert (dest / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("name", "old", "new", "message"), [
+    ("build-pairs", ["--steps", "0"], ["--sample_steps", "0"],
+     "--sample_steps must be an integer >= 1 (got 0) (--debug for the traceback)"),
+    ("sample", ["--steps", "x"], ["--sample_steps", "x"],
+     "argument --sample_steps: invalid int value: 'x' (--help for the options)"),
+    ("autoencoder", ["--steps", "x"], ["--max_train_steps", "x"],
+     "argument --max_train_steps: invalid int value: 'x' (--help for the options)"),
+    ("evaluate", ["--m2ib-steps", "x"], ["--m2ib_steps", "x"],
+     "argument --m2ib_steps: invalid int value: 'x' (--help for the options)"),
+])
+def test_a_deprecated_spelling_fails_as_its_new_flag(name, old, new, message, phantom_dir, tmp_path):
+    """An old flag (renamed or dashed) goes through the same one-line error as the new one and names the new flag;
+    the only other line is the deprecation warning."""
+    prog, _, base = COMMANDS[name]
+    rc, lines, _ = run(name, base + new, tmp_path, phantom_dir)
+    assert rc == 2 and lines == [f"{prog}: error: {message}"]
+    rc, lines, _ = run(name, base + old, tmp_path, phantom_dir)
+    assert rc == 2 and lines[-1] == f"{prog}: error: {message}" and len(lines) == 2
+    assert f"{old[0]} is deprecated" in lines[0] and f"use {new[0]}" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -85,7 +85,7 @@ def test_rerun_never_leaves_old_images(tmp_path, capsys):
     from negdpo.cli import main as negdpo
 
     out = tmp_path / "ph"
-    assert negdpo(["phantoms", "--out", str(out), "--n", "12", "--size", "32", "--no-preview"]) == 0
+    assert negdpo(["phantoms", "--out", str(out), "--n", "12", "--size", "32", "--no_preview"]) == 0
     (out / "notes.txt").write_text("mine")
     # other settings into the same folder: refused in one line, nothing touched
     assert negdpo(["phantoms", "--out", str(out), "--n", "3", "--size", "32"]) == 2

@@ -228,3 +228,14 @@ def test_prompts_by_name_or_stem(tmp_path):
     (root / "prompts.json").write_text('{"a.png": "by name", "b": "by stem"}')
     scans = ScanFolder(root).load_split("test")
     assert [s.prompt for s in scans] == ["by name", "by stem", None]
+
+
+def test_one_split_alias_table_for_folders_and_datasets():
+    """``val`` / ``valid`` / ``dev`` are the dataset split ``validation`` everywhere (the pair builder, the
+    CLIP and the generator readers all use core.scans); other names stay themselves."""
+    from negdpo.core.scans import dataset_split, split_matches
+
+    assert [dataset_split(s) for s in ("val", "valid", "dev", "validation", "train", "test", "pool")] == [
+        "validation", "validation", "validation", "validation", "train", "test", "pool"]
+    assert split_matches("val", "validation") and split_matches("dev", "val") and split_matches("test", "test")
+    assert not split_matches("val", "test") and not split_matches("train", "training")

@@ -44,6 +44,20 @@ def test_degenerate_inputs():
     assert fmt_ci((float("nan"),) * 3) == "n/a" and fmt_ci((0.5, 0.25, 0.75), 2) == "0.50 [0.25, 0.75]"
 
 
+def test_no_resampling_gives_no_interval_and_the_evaluation_summary_agrees():
+    """``n_boot`` 0 (``negdpo evaluate --bootstrap 0``): the mean and no interval (NaN), in core.stats and in the
+    evaluation summary that uses it (its own copy used to report the zero-width [mean, mean])."""
+    from negdpo.segmentation.report import _fmt, describe
+
+    mean, lo, hi = bootstrap_ci([0.2, 0.4, 0.9], n_boot=0)
+    assert mean == pytest.approx(0.5) and np.isnan(lo) and np.isnan(hi)
+    d = describe([0.2, 0.4, 0.9], n_boot=0)
+    assert d["mean"] == pytest.approx(0.5) and all(np.isnan(d["ci95"]))
+    assert _fmt(d, 2) == "0.50 ± 0.36"
+    d = describe([0.2, 0.4, 0.9], n_boot=300)  # with resampling: core.stats' interval, unchanged
+    assert d["ci95"] == list(bootstrap_ci([0.2, 0.4, 0.9], 300)[1:]) and _fmt(d, 2).startswith("0.50 ± 0.36 [")
+
+
 def test_subjects_weigh_equally():
     vals = {"a": [1.0, 1.0, 1.0, 1.0], "b": [0.0]}
     np.testing.assert_allclose(cluster_means(vals), [1.0, 0.0])

@@ -233,7 +233,7 @@ def test_every_scan_reading_command_accepts_the_window(tmp_path):
 def test_the_segmentation_trainers_read_through_the_window(tmp_path):
     """pretrain-sam, seg_train and train-vlm take the same reading options, and they reach the scans they read."""
     from negdpo.core.config import ConfigError, parse_config
-    from negdpo.segmentation.prompt_generator.train import SegTrainConfig
+    from negdpo.segmentation.prompt_free.train import SegTrainConfig
     from negdpo.segmentation.sam_pretrain import SamPretrainConfig, load_pool
     from negdpo.segmentation.vlm_train import VlmTrainConfig
 

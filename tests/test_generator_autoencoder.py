@@ -52,5 +52,5 @@ def test_adaptation_raises_heldout_psnr_and_writes_a_loadable_pipeline(adapted_t
 def test_autoencoder_cli_help():
     from negdpo.generator.autoencoder import _parser
 
-    args = _parser().parse_args(["--data", "d", "--out", "o", "--steps", "5"])
-    assert (args.model, args.steps, args.batch_size) == ("tiny", 5, 8)
+    args = _parser().parse_args(["--data", "d", "--out", "o", "--max_train_steps", "5"])
+    assert (args.model, args.max_train_steps, args.batch_size) == ("tiny", 5, 8)

@@ -30,7 +30,7 @@ def test_log2_and_other_types_at_equal_policy_and_reference():
     loss, m = diffusion_dpo_loss(ew, el, ew.clone(), el.clone(), beta=5000)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
     assert LOG2 == pytest.approx(loss.item(), abs=1e-7)  # the constant trainers compare the step-0 loss with
-    assert m["implicit_acc"] == 0.5 and m["implicit_acc_strict"] == 0.0
+    assert m["implicit_acc_ties_half"] == 0.5 and m["rewards/accuracies"] == 0.0  # ties: half vs wrong (TRL)
     assert diffusion_dpo_loss(ew, el, ew, el, 5000, "hinge")[0].item() == pytest.approx(1.0)
     assert diffusion_dpo_loss(ew, el, ew, el, 5000, "ipo")[0].item() == pytest.approx(1 / (4 * 2500**2), rel=1e-5)
     with pytest.raises(ValueError, match=r"^loss_type must be one of \('sigmoid', 'hinge', 'ipo'\), got 'dpo'$"):
@@ -52,16 +52,16 @@ def test_loss_types_and_metrics_against_hand_formulas():
     torch.testing.assert_close(diffusion_dpo_loss(ew, el, rw, rl, beta, "ipo")[0], ((h - 1 / beta) ** 2).mean())
     zs = z.tolist()  # [-0.6, 0.2, 0.0]: one win, one loss, one tie
     assert zs == pytest.approx([-0.6, 0.2, 0.0], abs=1e-9)
-    expect = {"loss": sig.item(), "margin": sum(zs) / 3, "margin_std": float(z.std(unbiased=False)),
-              "implicit_acc": 1.5 / 3, "implicit_acc_strict": 1 / 3, "rewards/chosen": rew_w.mean().item(),
+    expect = {"loss": sig.item(), "margin_std": float(z.std(unbiased=False)),
+              "implicit_acc_ties_half": 1.5 / 3, "rewards/chosen": rew_w.mean().item(),
               "rewards/rejected": rew_l.mean().item(), "rewards/margins": sum(zs) / 3, "rewards/accuracies": 1 / 3,
               "sigma_neg_margin": torch.sigmoid(-z).mean().item(),
               "winner_degradation": (ew - rw).mean().item(), "model_err": ((ew + el) / 2).mean().item(),
               "ref_err": ((rw + rl) / 2).mean().item()}
-    assert set(m) == set(expect)
+    assert set(m) == set(expect)  # each quantity under one name (no margin / implicit_acc_strict copies)
     for k, v in expect.items():
         assert m[k].item() == pytest.approx(v, abs=1e-7), k  # accuracies are float32 means
-    for k in ("rewards/chosen", "margin", "model_err", "winner_degradation"):
+    for k in ("rewards/chosen", "rewards/margins", "model_err", "winner_degradation"):
         assert not m[k].requires_grad
 
 
@@ -87,8 +87,8 @@ def test_swap_negates_margin():
     ew, el, rw, rl = _errs(2)
     _, a = diffusion_dpo_loss(ew, el, rw, rl, 5000)
     _, b = diffusion_dpo_loss(el, ew, rl, rw, 5000)
-    torch.testing.assert_close(a["margin"], -b["margin"])
-    assert (a["implicit_acc"] + b["implicit_acc"]).item() == pytest.approx(1.0)
+    torch.testing.assert_close(a["rewards/margins"], -b["rewards/margins"])
+    assert (a["implicit_acc_ties_half"] + b["implicit_acc_ties_half"]).item() == pytest.approx(1.0)
 
 
 def test_sdpo_keeps_value_and_scales_only_loser_gradient():
@@ -101,7 +101,7 @@ def test_sdpo_keeps_value_and_scales_only_loser_gradient():
     lam = torch.tensor(0.3)
     plain, m0 = diffusion_dpo_loss(ew, el, rw, rl, 100)
     safe, m1 = diffusion_dpo_loss(ew, scale_gradient(el, lam), rw, rl, 100)
-    assert plain.item() == safe.item() and m0["margin"].item() == m1["margin"].item()
+    assert plain.item() == safe.item() and m0["rewards/margins"].item() == m1["rewards/margins"].item()
     gw0, gl0 = torch.autograd.grad(plain, [pw, pl], retain_graph=True)
     gw1, gl1 = torch.autograd.grad(safe, [pw, pl])
     torch.testing.assert_close(gw1, gw0)
@@ -193,3 +193,15 @@ def test_x0_recovery(ptype):
     xt = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * eps
     pred = training_target(eps, x0, a, s, ptype)
     torch.testing.assert_close(x0_from_prediction(pred, xt, a, s, ptype), x0, atol=1e-4, rtol=1e-4)
+
+
+def test_heldout_records_of_old_runs_read_under_the_new_name():
+    """A ``heldout_before.json`` written before the rename (strict accuracy as ``implicit_acc``) is read with
+    the strict value under ``implicit_acc_strict``; a current record passes unchanged."""
+    from negdpo.generator.objective import heldout_record
+
+    old = {"implicit_acc": 0.25, "implicit_acc_ties_half": 0.5, "margin_mean": 0.0, "n": 4}
+    assert heldout_record(old) == {"implicit_acc_strict": 0.25, "implicit_acc_ties_half": 0.5, "margin_mean": 0.0,
+                                   "n": 4}
+    new = {"implicit_acc_strict": 0.75, "implicit_acc_ties_half": 0.75, "margin_mean": 1.0, "n": 4}
+    assert heldout_record(dict(new)) == new

@@ -38,7 +38,7 @@ def test_step0_log2_zero_lora_a_grad_and_shared_noise(tiny_sd_path, pairs):
     loss, metrics, aux = compute_loss(comp, comp.unet, UNetReference(comp.unet), _batch(comp, pairs, cfg), cfg)
     assert loss.item() == torch.tensor(LOG2, dtype=torch.float32).item()  # exactly log 2 (+ 0 MI + 0 fidelity)
     assert metrics["mi/hinge"].item() == 0.0 and metrics["fidelity"].item() == 0.0
-    assert metrics["implicit_acc"].item() == 0.5
+    assert metrics["implicit_acc_ties_half"].item() == 0.5 and metrics["rewards/accuracies"].item() == 0.0
     b = 2
     assert torch.equal(aux["t"][:b], aux["t"][b:]) and torch.equal(aux["noise"][:b], aux["noise"][b:])
     assert torch.equal(aux["pred"], aux["ref_pred"])

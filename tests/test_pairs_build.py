@@ -88,7 +88,7 @@ def test_hub_layout_load_dataset_equals_load_from_disk(built):
 
 
 def test_subject_level_split(built, phantom_dir):
-    from negdpo.preference.pairs.schema import split_matches
+    from negdpo.core.scans import split_matches
 
     out, _ = built
     meta = {r["file"]: r for r in csv.DictReader(open(phantom_dir / "meta.csv"))}

@@ -44,7 +44,7 @@ def _same_rows(a: Path, b: Path) -> None:
 
 # -- settings --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, flag", [
-    ({"k": 0}, "--k"), ({"steps": 0}, "--steps"), ({"k": 1}, "--k"), ({"chunk_size": 0}, "--chunk_size"),
+    ({"k": 0}, "--k"), ({"steps": 0}, "--sample_steps"), ({"k": 1}, "--k"), ({"chunk_size": 0}, "--chunk_size"),
     ({"batch_items": -1}, "--batch_items"), ({"strength": 0.0}, "--strength"), ({"init": "telea"}, "--init"), ({"dilate": -1}, "--dilate"),
     ({"size": 60}, "--size"), ({"rejected": "best"}, "--rejected"), ({"judges": "contrast=x"}, "--judges"),
     ({"judges": "bogus"}, "--judges"), ({"kinds": "generator,x"}, "--kinds"), ({"boundary_steps": 0}, "--boundary_steps"),
@@ -64,9 +64,9 @@ def test_cli_rejects_bad_settings_before_any_work(phantom_dir, tmp_path, capsys)
     from negdpo.preference.pairs.build_cli import main
 
     out = tmp_path / "out"
-    assert main(["--data", str(phantom_dir), "--out", str(out), "--steps", "0"]) == 2
+    assert main(["--data", str(phantom_dir), "--out", str(out), "--sample_steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["negdpo build-pairs: error: --steps must be an integer >= 1 (got 0) (--debug for the traceback)"]
+    assert err == ["negdpo build-pairs: error: --sample_steps must be an integer >= 1 (got 0) (--debug for the traceback)"]
     assert not out.exists()  # nothing written, nothing marked done
     assert main(["--data", str(phantom_dir), "--out", str(out), "--step", "2"]) == 2  # no abbreviations
     assert "unrecognized arguments: --step 2" in capsys.readouterr().err
@@ -87,7 +87,7 @@ def test_cli_refuses_to_extend_a_build_with_other_settings(phantom_dir, referenc
     shutil.copytree(reference, out)
     before = sorted(p.name for p in out.rglob("*"))
     assert main(["--data", str(phantom_dir), "--out", str(out), "--splits", "test", "--judges", NO_CLIP,
-                 "--k", "3", "--steps", "2", "--no_progress", "--no_report"]) == 2
+                 "--k", "3", "--sample_steps", "2", "--no_progress", "--no_report"]) == 2
     err = capsys.readouterr().err
     assert "--k: 2 -> 3" in err and "--overwrite_output_dir" in err
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing touched
@@ -136,7 +136,7 @@ def test_failed_generation_not_done_and_retried(phantom_dir, builder, reference,
 
     out = tmp_path / "out"
     args = ["--data", str(phantom_dir), "--out", str(out), "--splits", "test", "--judges", NO_CLIP, "--k", "2",
-            "--steps", "2", "--batch_items", "1", "--chunk_size", "1", "--no_progress", "--no_report"]
+            "--sample_steps", "2", "--batch_items", "1", "--chunk_size", "1", "--no_progress", "--no_report"]
     with monkeypatch.context() as m:
         m.setattr(CandidateGenerator, "candidates", broken)
         assert main(args) == 1
@@ -212,7 +212,7 @@ def test_kill_at_five_points_then_resume_gives_the_uninterrupted_rows(phantom_di
     while swapping a merged dataset and before the card; each rerun resumes, and the final dataset
     equals the uninterrupted in-process build's, row for row."""
     out = tmp_path / "killed"
-    args = ["--data", str(phantom_dir), "--splits", "test", "--judges", NO_CLIP, "--k", "2", "--steps", "2",
+    args = ["--data", str(phantom_dir), "--splits", "test", "--judges", NO_CLIP, "--k", "2", "--sample_steps", "2",
             "--batch_items", "1", "--chunk_size", "1", "--threads", "1", "--no_progress", "--no_report"]
     points = ["shard_write:1", "shard_done:3", "shard_write:2", "merge:2", "card:1"]
     driver = tmp_path / "driver.py"

@@ -33,15 +33,15 @@ def test_diffusion_dpo_log2_at_init_and_swap_symmetry(seed, n, beta):
     ew, el, rw, rl = (torch.rand(n, generator=g, dtype=torch.float64) * 0.2 for _ in range(4))
     loss, m = diffusion_dpo_loss(ew, el, ew.clone(), el.clone(), beta)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
-    assert m["margin"].item() == 0.0
+    assert m["rewards/margins"].item() == 0.0
     for i in range(n):  # per pair: sigma(z) + sigma(-z) = 1, margins and rewards swap
         one = [x[i:i + 1] for x in (ew, el, rw, rl)]
         a, ma = diffusion_dpo_loss(*one, beta)
         b, mb = diffusion_dpo_loss(one[1], one[0], one[3], one[2], beta)
         assert math.exp(-a.item()) + math.exp(-b.item()) == pytest.approx(1.0, abs=1e-9)
-        assert ma["margin"].item() == pytest.approx(-mb["margin"].item(), abs=1e-9)
+        assert ma["rewards/margins"].item() == pytest.approx(-mb["rewards/margins"].item(), abs=1e-9)
         assert ma["rewards/chosen"].item() == pytest.approx(mb["rewards/rejected"].item(), abs=1e-9)
-        assert ma["implicit_acc"].item() + mb["implicit_acc"].item() == 1.0
+        assert ma["implicit_acc_ties_half"].item() + mb["implicit_acc_ties_half"].item() == 1.0
 
 
 @FAST

@@ -54,14 +54,15 @@ def test_region_keeps_kmeans_off_a_bright_rim_outside_the_anatomy():
 def test_contrast_target_is_prompt_minus_healthy_report(tiny_clip):
     """target="contrast": unit prompt embedding - unit embedding of the modality's healthy report (computed
     here straight from encode_text); "prompt" is the prompt embedding itself; unknown modality is refused."""
-    from negdpo.segmentation.saliency.m2ib import HEALTHY_BY_MODALITY, target_features
+    from negdpo.core.prompts import HEALTHY_TEXT
+    from negdpo.segmentation.saliency.m2ib import target_features
 
     model, _, tok = tiny_clip
     prompts = ["a bright tumour in the left frontal lobe", "a hypoechoic mass"]
     names = ["mri_0001_0.png", "us_0002_1.png"]
     with torch.no_grad():
         t = model.encode_text(tok(prompts)).float()
-        hl = model.encode_text(tok([HEALTHY_BY_MODALITY["mri"], HEALTHY_BY_MODALITY["us"]])).float()
+        hl = model.encode_text(tok([HEALTHY_TEXT["mri"], HEALTHY_TEXT["us"]])).float()
     want = F.normalize(t, dim=-1) - F.normalize(hl, dim=-1)
     got = target_features(model, tok, prompts, names, "contrast", "cpu")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -133,8 +134,8 @@ def test_evaluate_cli_exposes_the_levers():
     """The three lever keys reach EvalConfig from `negdpo evaluate` flags; the defaults stay MedCLIP-SAMv2's."""
     from negdpo.segmentation.cli import _options, build_parser
 
-    on = _options(build_parser().parse_args(["--data", "d", "--out", "o", "--m2ib-target", "contrast",
-                                             "--m2ib-readout", "lambda", "--post-foreground"]))
+    on = _options(build_parser().parse_args(["--data", "d", "--out", "o", "--m2ib_target", "contrast",
+                                             "--m2ib_readout", "lambda", "--post_foreground"]))
     assert (on["m2ib_target"], on["m2ib_readout"], on["post_foreground"]) == ("contrast", "lambda", True)
     off = _options(build_parser().parse_args(["--data", "d", "--out", "o"]))
     assert (off["m2ib_target"], off["m2ib_readout"], off["post_foreground"]) == ("prompt", "capacity", False)

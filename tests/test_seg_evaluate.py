@@ -52,7 +52,7 @@ def test_oracle_without_sam_scores_high(phantom_dir):
 def test_negdpo_evaluate_writes_everything(phantom_dir, tmp_path):
     out = tmp_path / "eval"
     rc = negdpo(["evaluate", "--data", str(phantom_dir), "--split", "test", "--clip", "base=tiny", "--clip", "dpo=tiny",
-                 "--sam", "tiny", "--out", str(out), "--limit", "2", "--m2ib-steps", "2", "--m2ib-samples", "2",
+                 "--sam", "tiny", "--out", str(out), "--limit", "2", "--m2ib_steps", "2", "--m2ib_samples", "2",
                  "--bootstrap", "200"])
     assert rc == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
@@ -104,7 +104,7 @@ def test_cli_errors_one_line_before_models_load(phantom_dir, tmp_path, capsys, m
              (["--data", str(tmp_path / "missing")], "missing: scan folder does not exist"),
              (["--clip", "A=tiny", "a=tiny"], "'A' and 'a' differ only in case"),
              (["--prompts", str(tmp_path / "p.json")], "p.json: not valid JSON"),
-             (["--prompt-template", "{nope}"], "only {name} and {stem} can be filled in")]
+             (["--prompt_template", "{nope}"], "only {name} and {stem} can be filled in")]
     (tmp_path / "p.json").write_text("{'single': 'quotes'}")
     for extra, message in cases:
         rc = negdpo(["evaluate", "--data", str(phantom_dir), "--clip", "x=tiny", "--out", str(tmp_path / "o"),

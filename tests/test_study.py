@@ -41,7 +41,8 @@ def _reduced(tmp: Path) -> StudyConfig:
                                                                           "val_fraction": 0.3, "lr_warmup_steps": 0},
                           "gen_extra": {**cfg.gen_extra, "eval_pairs": 4, "eval_draws": 1},
                           "clip_extra": {**cfg.clip_extra, "tsne": False, "eval_batch_size": 8},
-                          "eval_extra": {**cfg.eval_extra, "m2ib_steps": 2, "m2ib_samples": 2}})
+                          "eval_extra": {**cfg.eval_extra, "m2ib_steps": 2, "m2ib_samples": 2},
+                          "twinfree_rows": False})  # the twin-free chain: tests/test_study_twinfree.py
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +141,16 @@ def test_results_contract(study):
     md = (Path(cfg.out) / "results.md").read_text()
     for text in ("## Zero-shot segmentation", "| CLIP-DPO, harmonic-fill negatives (no generator) (`dpo_harmonic`) | "
                  "masks | report |", "| DHN-NCE, MedCLIP-SAMv2 setting (in-batch negatives) (`dhn_nce_faithful`) | none |",
-                 "## Comparisons", "CLIP-DPO: generated vs harmonic-fill negatives", "| SFT only | yes | mri |",
-                 "| DPO + MI + SDPO | no | us |", "| positive itself (no repair) | — | all |",
-                 "| DPO + MI + SDPO, from pure noise (strength 1) | yes | us |",
+                 "## Comparisons", "CLIP-DPO: generated vs harmonic-fill negatives", "| SFT on twins (oracle) | yes | mri |",
+                 "| DPO + MI + SDPO (oracle) | no | us |", "| positive itself (no repair) | — | all |",
+                 "| DPO + MI + SDPO (oracle), from pure noise (strength 1) | yes | us |",
                  "start from the positive with the mask harmonically filled (SDEdit), noised to strength 0.5",
                  "Realism AUC of a real-vs-generated classifier", "Oracle box: **", "Smoke preset",
                  "| VL-SAM (tiny VLM trained on the pool) (`vlsam`) | pool reports | report |", "— (prompt-free)",
                  "**Stage 2**", "runs × subjects", "Holm p", "## Protocol: where each choice was made",
                  "stage 2 vs stage 1 (dpo_gen chain) (`pg_pseudo_best` − `dpo_gen`)", "*Lesion-free rate*: share"):
         assert text in md, text
-    assert "| DPO + MI |" not in md  # variants that did not run are not reported
+    assert "| DPO + MI (oracle) |" not in md  # variants that did not run are not reported
     assert {"phantoms", "clip_base_s1", "clip_dpo_harmonic_s0", "clip_dhn_nce_faithful_s1", "harmonic_pairs",
             "faithful_pairs", "evaluate", "evaluate_word"} <= set(
         on_disk["stage_seconds"]) and "## Run time per stage" in md
@@ -389,7 +390,7 @@ def _png(path: Path) -> np.ndarray:
 def test_stage2_trains_on_pseudo_labels_and_supervised_on_ground_truth(study):
     """pg_pseudo_* learn from the masks of their own zero-shot chain (report-positive train images; empty masks
     for healthy reports), never from ground truth; pg_supervised learns from the ground-truth masks."""
-    from negdpo.segmentation.prompt_generator.inference import CONFIG_FILE
+    from negdpo.segmentation.prompt_free.inference import CONFIG_FILE
 
     cfg, results = study
     work, root = Path(cfg.work_dir), Path(cfg.work_dir) / "phantoms" / "data"
@@ -446,7 +447,7 @@ def test_pretraining_stages_see_the_pool_only(study):
     assert json.loads((work / "evaluate" / "eval" / "config.json").read_text())["sam_checkpoint"] == ckpt
     assert json.loads((work / "oracle_box" / "stage.json").read_text())["settings"]["checkpoint"] == ckpt
     for row in ("pg_pseudo_base", "pg_supervised"):
-        from negdpo.segmentation.prompt_generator.inference import CONFIG_FILE
+        from negdpo.segmentation.prompt_free.inference import CONFIG_FILE
 
         final = Path(json.loads((work / row / "stage.json").read_text())["result"]["checkpoint"])
         assert json.loads((final / CONFIG_FILE).read_text())["generator"]["sam_checkpoint"] == ckpt

@@ -103,7 +103,7 @@ def test_holm_over_the_family_decides_the_verdict():
 def test_design_rows_and_comparisons():
     """Loss x negatives: every cell of the design is a row with its supervision; the comparisons hold the loss
     or the data fixed, and every design row meets MedCLIP-SAMv2's DHN-NCE and the base."""
-    assert set(DESIGN) == {(loss, neg) for loss in ("dhn_nce", "dpo") for neg in ("twin", "gen", "harmonic")}
+    assert set(DESIGN) == {(loss, neg) for loss in ("dhn_nce", "dpo") for neg in ("twin", "gen", "harmonic", "twinfree")}
     assert DESIGN["dhn_nce", "twin"] == "dhn_nce" and DESIGN["dpo", "gen"] == "dpo_gen"  # old names kept
     assert set(VARIANTS) <= set(SUPERVISION) and SUPERVISION["dhn_nce_faithful"] == "none"
     pairs = {(a, b) for a, b, _ in COMPARISONS}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..config import parse_flags, underscore_flags
 from ..console import CommandParser, run_main
 from . import ModelNotAvailableError, resolve_clip, resolve_diffusion, resolve_sam
 
@@ -26,16 +27,21 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.2f}M"
 
 
-def _main(argv: list[str]) -> int:
-    p = CommandParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="list the offline presets with parameter counts")
     p.add_argument("--json", action="store_true", help="with --list: print JSON")
-    p.add_argument("--clip", default="tiny")
-    p.add_argument("--sam", default="tiny")
-    p.add_argument("--sam_checkpoint", "--sam-checkpoint", default=None)
-    p.add_argument("--diffusion", default="tiny")
-    a = p.parse_args(argv)
+    p.add_argument("--clip", default="tiny", help="CLIP to check: a preset (see --list) | hf-hub:<id> | local-dir:<folder>")
+    p.add_argument("--sam", default="tiny", help="SAM to check: a preset (see --list) | vit_b | vit_l | vit_h")
+    p.add_argument("--sam_checkpoint", default=None,
+                   help="SAM weights file (.pth) to check instead of the preset's or the cached one")
+    p.add_argument("--diffusion", default="tiny",
+                   help="inpainting generator to check: a preset (see --list) | hub id | local diffusers folder")
+    return underscore_flags(p)
+
+
+def _main(argv: list[str]) -> int:
+    a = parse_flags(build_parser(), argv)
     if a.list:
         rows = list_presets()
         if a.json:

@@ -82,7 +82,8 @@ def finetune_clips(run: StudyRun, clip_variants: list[str], base: Checkpoints,
                    data: dict[str, tuple[str, str, str]], pairs_settings: dict) -> Checkpoints:
     """Stages ``clip_<variant>_s<seed>``: each fine-tune of each seed's base.
 
-    ``data``: {variant: (training set folder, loss, source)}, source = phantoms | pairs | harmonic | faithful
+    ``data``: {variant: (training set folder, loss, source)}, source = phantoms | pairs | harmonic | faithful |
+    twinfree
     (what the stage key names besides the folder). Each base seed ``s`` gets ``clip_finetune_seeds`` fine-tunes
     (:func:`finetune_seeds`), each its own training run."""
     cfg = run.cfg
@@ -96,7 +97,8 @@ def finetune_clips(run: StudyRun, clip_variants: list[str], base: Checkpoints,
                 tag = run_tag(sd, ft)
                 settings = {"base": run.stamp(f"clip_base_s{sd}"), "seed": ft, "variant": name, "loss": loss,
                             "data": Path(folder).name, "pairs": pairs_settings if source == "pairs" else None,
-                            "harmonic": run.stamp(f"{source}_pairs") if source in ("harmonic", "faithful") else None,
+                            "harmonic": run.stamp(f"{source}_pairs") if source in ("harmonic", "faithful", "twinfree")
+                            else None,
                             "steps": cfg.clip_finetune_steps, "lr": cfg.clip_finetune_lr, "batch": cfg.clip_batch,
                             "extra": cfg.clip_extra}
                 if ft != sd:

@@ -21,85 +21,145 @@ from negdpo.study.variants import CLIP_VARIANTS, GEN_VARIANTS, PG_ROWS
 class StudyConfig:
     """Settings of one study; the presets in configs/phantom_study.yaml fill these."""
 
-    preset: str = "quick"
-    out: str = "results/phantom_study"
-    work_dir: str = "outputs/phantom_study"
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0  # torch intra-op threads (0 = torch default; 1 is much faster on a shared 2-core CPU)
-    workers: int = 1  # processes for independent CLIP stages (base per seed, fine-tunes); same numbers, less wall time
+    preset: str = field(
+        default="quick", metadata={"help": "preset of the config's presets: section (quick | medium | full in configs/phantom_study.yaml)"})
+    out: str = field(
+        default="results/phantom_study", metadata={"help": "results folder: results.json, results.md, CSVs and figures"})
+    work_dir: str = field(
+        default="outputs/phantom_study", metadata={"help": "cache of every stage's outputs (reused by a rerun with the same settings)"})
+    seed: int = field(
+        default=0, metadata={"help": "base seed of every stage (seeds of repeated runs count up from it)"})
+    device: str = field(
+        default="auto", metadata={"help": "torch device: auto (cuda when available) | cpu | cuda[:N]"})
+    threads: int = field(
+        default=0, metadata={"help": "torch intra-op threads (0 = torch default; 1 is much faster on a shared 2-core CPU)"})
+    workers: int = field(
+        default=1, metadata={"help": "processes for independent CLIP stages (base per seed, fine-tunes): same numbers, less wall time"})
     # phantoms
-    phantoms_n: int = 40
-    phantoms_size: int = 64
-    phantoms_slices: int = 2
-    phantoms_pretrain_n: int = 0  # subjects of the disjoint pre-training pool (0: the base CLIP pre-trains on train)
-    phantoms_lesion_area: list[float] | None = None  # [lo, hi] share of the image; None = the original radius law
+    phantoms_n: int = field(default=40, metadata={"help": "phantom subjects of the train/val/test splits"})
+    phantoms_size: int = field(default=64, metadata={"help": "phantom image side in px"})
+    phantoms_slices: int = field(default=2, metadata={"help": "images per phantom subject"})
+    phantoms_pretrain_n: int = field(
+        default=0, metadata={"help": "subjects of the disjoint pre-training pool (0: the base CLIP pre-trains on train)"})
+    phantoms_lesion_area: list[float] | None = field(
+        default=None, metadata={"help": "[lo, hi] lesion area as a share of the image (null = the original radius law)"})
     # which variants to run (a reduced study runs a subset; the tables show what ran)
-    gen_variants: list[str] = field(default_factory=lambda: list(GEN_VARIANTS))
-    clip_variants: list[str] = field(default_factory=lambda: list(CLIP_VARIANTS))
+    gen_variants: list[str] = field(
+        default_factory=lambda: list(GEN_VARIANTS), metadata={"help": "learned generators to train (negdpo/study/variants.py GEN_VARIANTS); the tables show what ran"})
+    clip_variants: list[str] = field(
+        default_factory=lambda: list(CLIP_VARIANTS), metadata={"help": "CLIP rows to train (negdpo/study/variants.py CLIP_VARIANTS); the tables show what ran"})
     # generator (tiny or a real SD-inpainting id/folder)
-    gen_model: str = "tiny"
-    gen_autoencoder_steps: int = 0  # > 0: adapt the VAE to the phantoms first (negdpo.generator.autoencoder)
-    gen_autoencoder_lr: float = 1e-3
-    gen_sft_steps: int = 60
-    gen_dpo_steps: int = 60
-    gen_batch: int = 4
-    gen_lr: float = 1e-3
-    gen_beta: float = 5000.0
-    gen_mi_weight: float = 0.1
-    gen_fidelity_weight: float = 0.01
-    gen_sdpo_mu: float = 0.9
-    gen_sample_steps: int = 20
-    gen_seam_px: float = 2.0  # soft seam of the paste-back rows (generator.sample.paste_back_blend)
-    gen_init: str = "source"  # what the learned generators' sampling (table rows and pairs) starts from: source |
-    gen_strength: float = 1.0  # harmonic (generator.sample.inpaint's init), noised to this strength (1 = pure noise)
-    gen_extra: dict = field(default_factory=dict)
-    gen_seeds: int = 1  # generator training seeds seed, seed + 1, ...: the generator comparisons resample them
-    gen_isolation_rows: bool = True  # rows harmonic_vae (fill through the autoencoder) and harmonic_untrained
+    gen_model: str = field(
+        default="tiny", metadata={"help": "inpainting generator: tiny | hub id | diffusers folder"})
+    gen_autoencoder_steps: int = field(
+        default=0, metadata={"help": "> 0: adapt the generator's VAE to the phantoms for this many steps first (0 = off)"})
+    gen_autoencoder_lr: float = field(default=1e-3, metadata={"help": "learning rate of that VAE adaptation"})
+    gen_sft_steps: int = field(
+        default=60, metadata={"help": "SFT steps of the generator (the sft row and every DPO row's start)"})
+    gen_dpo_steps: int = field(default=60, metadata={"help": "DPO steps of each DPO generator row"})
+    gen_batch: int = field(default=4, metadata={"help": "generator training batch size"})
+    gen_lr: float = field(default=1e-3, metadata={"help": "generator learning rate (SFT and DPO)"})
+    gen_beta: float = field(default=5000.0, metadata={"help": "Diffusion-DPO beta, convention WITH the 1/2"})
+    gen_mi_weight: float = field(default=0.1, metadata={"help": "masked-MI weight of the dpo_mi rows"})
+    gen_fidelity_weight: float = field(
+        default=0.01, metadata={"help": "outside-mask fidelity weight of the dpo_mi rows"})
+    gen_sdpo_mu: float = field(default=0.9, metadata={"help": "SDPO safeguard mu of the dpo_mi_sdpo row"})
+    gen_sample_steps: int = field(
+        default=20, metadata={"help": "sampling steps of the learned generators (table rows and pairs)"})
+    gen_seam_px: float = field(
+        default=2.0, metadata={"help": "soft seam of the paste-back rows, px inside the repaint mask"})
+    gen_init: str = field(
+        default="source", metadata={"help": "what the learned generators' sampling (table rows and pairs) starts from: source | harmonic"})
+    gen_strength: float = field(
+        default=1.0, metadata={"help": "noise strength of that start (1 = pure noise)"})
+    gen_extra: dict = field(
+        default_factory=dict, metadata={"help": "GenTrainConfig overrides of every generator run (mapping)"})
+    gen_seeds: int = field(
+        default=1, metadata={"help": "generator training seeds seed, seed + 1, ...: the generator comparisons resample them"})
+    gen_isolation_rows: bool = field(
+        default=True, metadata={"help": "add the rows harmonic_vae (fill through the autoencoder) and harmonic_untrained (no adapter)"})
     # pairs
-    pairs_k: int = 2
-    pairs_steps: int = 10
-    pairs_adapter: str = "dpo_mi_sdpo"
-    pairs_extra: dict = field(default_factory=dict)  # BuildConfig overrides
+    pairs_k: int = field(default=2, metadata={"help": "build-pairs candidates per positive"})
+    pairs_steps: int = field(default=10, metadata={"help": "build-pairs sampling steps per candidate"})
+    pairs_adapter: str = field(
+        default="dpo_mi_sdpo", metadata={"help": "learned generator whose samples make the CLIP pairs"})
+    pairs_extra: dict = field(
+        default_factory=dict, metadata={"help": "BuildConfig overrides of the pair build (mapping)"})
     # CLIP
-    clip_model: str = "tiny"
-    clip_pretrain_steps: int = 150
-    clip_finetune_steps: int = 60
-    clip_batch: int = 8
-    clip_pretrain_lr: float = 5e-4
-    clip_finetune_lr: float = 5e-5
-    clip_seeds: int = 1  # every CLIP variant (base included) is trained with seeds seed, seed+1, ...
-    clip_finetune_seeds: int = 1  # fine-tunes per base seed s: seeds s, s + 1000, s + 2000, ... (run "s/<ft seed>")
-    clip_extra: dict = field(default_factory=dict)
+    clip_model: str = field(
+        default="tiny", metadata={"help": "CLIP: tiny | hf-hub:<id> | local-dir:<folder>"})
+    clip_pretrain_steps: int = field(
+        default=150, metadata={"help": "contrastive pre-training steps of the base CLIP"})
+    clip_finetune_steps: int = field(default=60, metadata={"help": "steps of each fine-tuned CLIP row"})
+    clip_batch: int = field(default=8, metadata={"help": "CLIP training batch size"})
+    clip_pretrain_lr: float = field(
+        default=5e-4, metadata={"help": "learning rate of the base CLIP's pre-training"})
+    clip_finetune_lr: float = field(default=5e-5, metadata={"help": "learning rate of the CLIP fine-tunes"})
+    clip_seeds: int = field(
+        default=1, metadata={"help": "every CLIP variant (base included) is trained with seeds seed, seed+1, ..."})
+    clip_finetune_seeds: int = field(
+        default=1, metadata={"help": "fine-tunes per base seed s: seeds s, s + 1000, s + 2000, ... (run \"s/<ft seed>\")"})
+    clip_extra: dict = field(
+        default_factory=dict, metadata={"help": "ClipTrainConfig overrides of every CLIP run (mapping)"})
     # segmentation
-    eval_saliency: str = "m2ib"
-    eval_sam: str = "none"
-    eval_extra: dict = field(default_factory=dict)
-    eval_reference_saliency: str = ""  # e.g. m2ib: the base CLIPs also through this saliency (row base_reference)
-    eval_reference_extra: dict = field(default_factory=dict)  # EvalConfig overrides of that reference evaluation
-    prompt_word: str = "tumor"  # the one-word prompt of the prompt-sensitivity rows
-    prompt_irrelevant: str = "a photo of a cat sitting on a chair"
-    bootstrap: int = 2000
-    # stage 2 (negdpo.segmentation.prompt_generator, prompt-free, on the first seed's chains) and VL-SAM rows
-    pg_steps: int = 0  # prompt-generator training steps per row (0 = no pg_* rows)
-    pg_lr: float = 1e-2
-    pg_batch: int = 2
-    pg_rows: list[str] = field(default_factory=lambda: list(PG_ROWS))
-    pg_best_variant: str = "dpo_gen"  # the fine-tuned chain of pg_pseudo_best, fixed in advance (no peek at test)
-    pg_extra: dict = field(default_factory=dict)  # SegTrainConfig overrides
-    vlm_steps: int = 0  # report-generation steps of the tiny VLM on the pre-training pool (0 = no vlsam row)
-    vlm_lr: float = 2e-3
-    vlm_batch: int = 8
-    vlm_extra: dict = field(default_factory=dict)  # VlmTrainConfig overrides
+    eval_saliency: str = field(
+        default="m2ib", metadata={"help": "saliency of the evaluation: m2ib | surgery | vlsam | oracle"})
+    eval_sam: str = field(
+        default="none", metadata={"help": "SAM of the evaluation: none | tiny (pre-trained on the pool when sam_pretrain_steps > 0) | vit_b | ..."})
+    eval_extra: dict = field(
+        default_factory=dict, metadata={"help": "EvalConfig overrides of every evaluation (mapping; prompts are the study's)"})
+    eval_reference_saliency: str = field(
+        default="", metadata={"help": "e.g. m2ib: the base CLIPs also through this saliency (row base_reference; empty = off)"})
+    eval_reference_extra: dict = field(
+        default_factory=dict, metadata={"help": "EvalConfig overrides of that reference evaluation (mapping)"})
+    prompt_word: str = field(
+        default="tumor", metadata={"help": "the one-word prompt of the prompt-sensitivity rows"})
+    prompt_irrelevant: str = field(
+        default="a photo of a cat sitting on a chair", metadata={"help": "the irrelevant prompt of the control rows"})
+    bootstrap: int = field(
+        default=2000, metadata={"help": "bootstrap resamples of every confidence interval and p value"})
+    # stage 2 (negdpo.segmentation.prompt_free, prompt-free, on the first seed's chains) and VL-SAM rows
+    pg_steps: int = field(
+        default=0, metadata={"help": "training steps of each stage-2 (prompt-free) row (0 = no pg_* rows)"})
+    pg_lr: float = field(default=1e-2, metadata={"help": "stage-2 (prompt-free) learning rate"})
+    pg_batch: int = field(default=2, metadata={"help": "stage-2 (prompt-free) batch size"})
+    pg_rows: list[str] = field(
+        default_factory=lambda: list(PG_ROWS), metadata={"help": "stage-2 rows to run (negdpo/study/variants.py PG_ROWS)"})
+    pg_best_variant: str = field(
+        default="dpo_gen", metadata={"help": "the fine-tuned chain of pg_pseudo_best, fixed in advance (no peek at test)"})
+    pg_extra: dict = field(
+        default_factory=dict, metadata={"help": "SegTrainConfig overrides of the stage-2 rows (mapping)"})
+    vlm_steps: int = field(
+        default=0, metadata={"help": "report-generation steps of the tiny VLM on the pre-training pool (0 = no vlsam row)"})
+    vlm_lr: float = field(default=2e-3, metadata={"help": "VLM learning rate"})
+    vlm_batch: int = field(default=8, metadata={"help": "VLM batch size"})
+    vlm_extra: dict = field(default_factory=dict, metadata={"help": "VlmTrainConfig overrides (mapping)"})
     # frozen judges of the generator table (negdpo.generator.frozen_judges), fitted on the pool only
-    judges: bool = True  # needs phantoms_pretrain_n > 0
-    judge_pool_max: int = 48  # pool positives each generator repairs to fit the realism judge (0 = no realism AUC)
+    judges: bool = field(
+        default=True, metadata={"help": "fit the frozen judges of the generator table on the pool (needs phantoms_pretrain_n > 0)"})
+    judge_pool_max: int = field(
+        default=48, metadata={"help": "pool positives each generator repairs to fit the realism judge (0 = no realism AUC)"})
     # the tiny SAM pre-trained on the pool (negdpo.segmentation.sam_pretrain); 0 = off (random tiny SAM)
-    sam_pretrain_steps: int = 0
-    sam_pretrain_extra: dict = field(default_factory=dict)  # SamPretrainConfig overrides (architecture, prompts, lr)
+    sam_pretrain_steps: int = field(
+        default=0, metadata={"help": "steps of the tiny SAM's pre-training on the pool (0 = off: random tiny SAM)"})
+    sam_pretrain_extra: dict = field(
+        default_factory=dict, metadata={"help": "SamPretrainConfig overrides (architecture, prompts, lr; mapping)"})
 
     # the split (or pool) each choice was made on, by choice (negdpo.study.protocol.CHOICES); results.json repeats it
-    protocol: dict = field(default_factory=dict)
+    protocol: dict = field(
+        default_factory=dict, metadata={"help": "the split (or pool) each choice was made on, by choice (negdpo.study.protocol.CHOICES); results.json repeats it"})
+
+    # the twin-free rows (issue 23, negdpo.study.twinfree): generator rows sft_healthy, dpo_onpolicy[_mi]_r1..rR and
+    # the CLIP rows dpo_twinfree / dhn_nce_twinfree on their pairs; off by default, sized for the quick preset
+    twinfree_rows: bool = field(
+        default=False, metadata={"help": "also run the twin-free rows (sft_healthy, dpo_onpolicy[_mi]_r1..rR, "
+                                         "dpo_twinfree, dhn_nce_twinfree)"})
+    twinfree_rounds: int = field(default=1, metadata={"help": "twin-free rows: on-policy rounds R per chain"})
+    twinfree_candidates: int = field(
+        default=2, metadata={"help": "twin-free rows: candidates K per training positive and round (best vs worst: >= 2)"})
+    twinfree_sft_steps: int = field(
+        default=300, metadata={"help": "twin-free rows: self-supervised SFT steps per generator seed"})
+    twinfree_dpo_steps: int = field(default=40, metadata={"help": "twin-free rows: Diffusion-DPO steps per round"})
 
     def __post_init__(self) -> None:
         """Types, ranges, variant names and every ``*_extra`` key are checked before any stage runs."""
@@ -131,6 +191,10 @@ class StudyConfig:
         check(not bad, "protocol", self.protocol, f"unknown choices {bad}; choose from {list(CHOICES)}")
         for key, cls in _extra_targets().items():
             setattr(self, key, check_mapping(cls, getattr(self, key), key))
+        for key in ("twinfree_rounds", "twinfree_sft_steps", "twinfree_dpo_steps"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        check(self.twinfree_candidates >= 2, "twinfree_candidates", self.twinfree_candidates,
+              "must be >= 2 (the best and the worst candidate make a pair)")
         owned = sorted(set(self.eval_extra) & {"control_prompt", "prompt_template", "prompts", "split", "clips"})
         check(not owned, "eval_extra", self.eval_extra, f"{owned} are set by the study (prompts: prompt_word, "
               "prompt_irrelevant; the scans' reports are the report prompt)")
@@ -142,7 +206,7 @@ def _extra_targets() -> dict[str, type]:
     from negdpo.preference.clip.config import ClipTrainConfig
     from negdpo.preference.pairs.config import BuildConfig
     from negdpo.segmentation.evaluate import EvalConfig
-    from negdpo.segmentation.prompt_generator.train import SegTrainConfig
+    from negdpo.segmentation.prompt_free.train import SegTrainConfig
     from negdpo.segmentation.sam_pretrain import SamPretrainConfig
     from negdpo.segmentation.vlm_train import VlmTrainConfig
 

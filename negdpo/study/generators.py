@@ -18,7 +18,7 @@ from negdpo.core.imageio import to_gray
 from negdpo.generator.evaluate import repair_metrics
 from negdpo.study.cache import StudyRun
 from negdpo.study.data import held_out_positives, lesion_groups, pool_positives, repaint_mask, subject_of
-from negdpo.study.variants import GEN_VARIANTS
+from negdpo.study.variants import GEN_VARIANTS, training_stage
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -211,14 +211,18 @@ class GeneratorTable:
     judges: dict | None = None
 
 
-def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, dict[str, str]]) -> GeneratorTable:
+def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, dict[str, str]],
+                    models: dict[str, str] | None = None) -> GeneratorTable:
     """Stages ``frozen_judges`` and ``geneval_<row>``: every method repairs the held-out positives (learned
     generators with and without paste-back, sampled from ``gen_init`` at ``gen_strength``).
 
     ``adapters``: {generator seed: {variant: adapter}}. Rows that isolate learning: ``harmonic_vae`` (the
     harmonic fill through the generator's autoencoder, no UNet) and ``harmonic_untrained`` (the same sampling
     as the learned rows with no adapter). Rows carry ``run``: the generator seed of a learned row, ``""`` for
-    a row that trains nothing (it pairs with every run)."""
+    a row that trains nothing (it pairs with every run). ``models``: {learned row: the base model its adapter
+    belongs to} where it is not ``gen_model`` (the twin-free rows: the twin-free autoencoder, which their training
+    stage's stamp, hence ``adapter_stamp``, already names)."""
+    models = models or {}
     cfg, phantoms = run.cfg, run.phantoms
     scans = held_out_positives(phantoms)
     table, detector, pool = GeneratorTable(), None, []
@@ -238,7 +242,8 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, 
         evals += [("harmonic_vae", None, None, first), ("harmonic_untrained", None, run.sampling, first)]
     evals += [(f"{v}_g{gs}", v, run.sampling, gs) for gs in adapters if gs != first for v in gen_variants]
     for name, variant, how, gs in evals:
-        settings = {"variant": variant, "adapter_stamp": run.stamp(f"gen_{variant}{gen_suffix(cfg, gs)}"),
+        settings = {"variant": variant, "adapter_stamp": variant and run.stamp(
+                        f"gen_{training_stage(variant)}{gen_suffix(cfg, gs)}"),
                     "phantoms": run.ph_settings, "steps": cfg.gen_sample_steps, "seam_px": cfg.gen_seam_px,
                     "seed": cfg.seed, "sampling": how, "judges": table.judges and run.stamp("frozen_judges"),
                     "pool": [s.name for s in pool]}
@@ -246,10 +251,11 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, 
             settings |= {"variant": name, "model": run.stamp("gen_autoencoder") or cfg.gen_model}
         method = name.rsplit("_g", 1)[0] if gs != first else name
         res = run.stage(f"geneval_{name}", settings, lambda d, m=method, v=variant, how=how, gs=gs: score_generator(
-            m, scans, d, model=cfg.gen_model, adapter=adapters[gs].get(v) if v else None, device=run.device,
+            m, scans, d, model=models.get(v, cfg.gen_model), adapter=adapters[gs].get(v) if v else None,
+            device=run.device,
             steps=cfg.gen_sample_steps, seed=cfg.seed, seam_px=cfg.gen_seam_px, sampling=how, detector=detector,
             pool_scans=pool, n_boot=cfg.bootstrap))
-        learned = variant in GEN_VARIANTS or name.endswith("_noise")
+        learned = variant in GEN_VARIANTS or variant in models or name.endswith("_noise")
         table.rows += [{**r, "run": str(gs) if learned else ""} for r in res["rows"]]
         table.realism += [{**r, "run": str(gs) if learned else ""} for r in res.get("realism", [])]
         if how is not None and gs == first or name == "harmonic_vae":

@@ -68,6 +68,19 @@ def comparisons_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def twinfree_md(cfg: dict) -> str:
+    """What the *(oracle)* and *(no twins)* generator rows saw in training (empty without ``twinfree_rows``)."""
+    if not cfg.get("twinfree_rows"):
+        return "Rows marked *(oracle)* learn from the healthy twins (SFT target, DPO's chosen image)."
+    return ("Rows marked *(oracle)* learn from the healthy twins (SFT target, DPO's chosen image). Rows marked *(no "
+            "twins)* never read a twin nor a val/test scan in training (docs/method.md#the-twin-free-generator): an "
+            "autoencoder adapted without twins, self-supervised SFT on healthy tissue "
+            f"({cfg.get('twinfree_sft_steps')} steps, `sft_healthy`), then {cfg.get('twinfree_rounds')} on-policy "
+            f"round(s) of Diffusion-DPO ({cfg.get('twinfree_candidates')} candidates per training positive judged by "
+            f"the training judges, {cfg.get('twinfree_dpo_steps')} steps per round) without and with the masked-MI "
+            "regulariser (`dpo_onpolicy_r<r>`, `dpo_onpolicy_mi_r<r>`). The twins score them here only.")
+
+
 def generator_md(rows: list[dict]) -> str:
     lines = ["| generator | paste-back | modality | n img | inside-mask error vs twin ↓ | outside PSNR (dB) ↑ | "
              "outside MI (nats) ↑ | residual-lesion score ↓ | lesion-free rate |",
@@ -261,9 +274,11 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "`<seed>`), the mean over subjects of each subject's mean image difference, then the mean over runs. "
         "The 95% CI and the p-value come from a hierarchical bootstrap that resamples training runs and the "
         "test subjects (one subject draw shared by the drawn runs: every run is scored on the same subjects; "
-        "docs/method.md#statistics); p is adjusted by Holm over each family (`clip`: "
-        "the CLIP design, Dice and prompt gap; `stage2`: the stage-2 and reference rows; `clip_saliency`: the CLIP "
-        "design on the report map's lesion AUROC, a continuous score without k-means/SAM noise) and the verdict "
+        "docs/method.md#statistics); p is adjusted by Holm over each family, fixed before the test split was read (`clip`, the primary "
+        "question: the data-matched design -- loss at fixed data, data at fixed loss, each against MedCLIP-SAMv2's "
+        "DHN-NCE -- on Dice; `clip_secondary`: the same on the prompt gap, and fine-tune vs base and the CLIP-DPO "
+        "extensions on both; `clip_saliency`: every CLIP comparison on the report map's lesion AUROC, a continuous "
+        "score without k-means/SAM noise; `stage2`: the stage-2 and reference rows) and the verdict "
         "is *better* / *worse* when the Holm p < 0.05, else *inconclusive*. With one run the CI is over "
         "subjects only and the unit says so. The subject-only CI (runs fixed: how sure we are about these "
         "trained checkpoints, not about the method) is a secondary number. *Dice*: with the report prompt; "
@@ -272,7 +287,8 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         comparisons_md(results["comparisons"]), "",
         "**Noise and power** (Dice, report prompt): nested variance components of each paired difference (training "
         "run, subject within run, image within subject; `negdpo.core.stats.variance_components`, on this run's "
-        "test evaluation: the issue asks for them on validation) and the minimum detectable effect at 80 % power "
+        "test evaluation; the validation estimates that chose the design: results/tuning_val/README.md) of the "
+        "`clip` family's comparisons and the minimum detectable effect at 80 % power "
         "with alpha 0.05 / the `clip` family size (`design_mde`); NaN / n/a with one run.", "",
         noise_md(results.get("noise") or []), "",
         "## Generator: tumour removal on held-out positives (val + test subjects)", "",
@@ -290,6 +306,7 @@ def render_markdown(results: dict, figures: list[str], seconds: float) -> str:
         "a row that trains nothing pairs with every run), Holm over the family (`generator`): "
         "`harmonic_vae` is the harmonic fill through the generator's autoencoder (what the latent space alone "
         "gives), `harmonic_untrained` the learned rows' sampling with no adapter.", "",
+        twinfree_md(cfg), "",
         generator_comparisons_md(results.get("generator_comparisons") or []), "",
         realism_md(results.get("realism") or []), "",
         "## Preference pairs", "",

@@ -21,6 +21,7 @@ class PairSets:
     settings: dict
     harmonic: str | None = None
     faithful: str | None = None
+    twinfree: str | None = None  # pairs of the twin-free generator (negdpo.study.twinfree.build_twinfree_pairs)
 
 
 def build_pairs(run: StudyRun, adapters: dict[str, str], judge_clip: str, judge_stamp: str | None,

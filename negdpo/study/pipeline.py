@@ -2,6 +2,7 @@
 
     phantoms (+ a disjoint pre-training pool) -> (autoencoder adapted to the phantoms) -> SFT of the
     inpainting model on healthy scans -> Diffusion-DPO variants (DPO, DPO+MI, DPO+MI+SDPO)
+    -> (``twinfree_rows``: the twin-free chain, :mod:`negdpo.study.twinfree`, val + test locked)
     -> generator table on held-out (val+test) positives vs their twins
     -> base CLIPs (contrastive pre-training on the pool, one per seed)
     -> preference pairs of the pairs generator, judged with the first seed's base CLIP (+ the harmonic set)
@@ -25,11 +26,12 @@ from negdpo.study.clips import Checkpoints, base_clips, clip_seeds, finetune_cli
 from negdpo.study.config import StudyConfig
 from negdpo.study.data import lesion_groups
 from negdpo.study.generators import adapt_autoencoder, generator_seeds, generator_table, train_generators
-from negdpo.study.pairs import PairSets, build_pairs
+from negdpo.study.pairs import PAIR_SPLITS, PairSets, build_pairs
 from negdpo.study.results import copy_figures, write_results
 from negdpo.study.segmentation import evaluate_checkpoints, long_segmentation_rows, pretrain_sam
 from negdpo.study.stage2 import stage2_rows
-from negdpo.study.variants import CLIP_VARIANTS, DESIGN, GEN_VARIANTS
+from negdpo.study.twinfree import build_twinfree_pairs, train_twinfree_rows
+from negdpo.study.variants import CLIP_VARIANTS, DESIGN, GEN_VARIANTS, TWINFREE_CLIP, twinfree_rows
 
 
 def start(cfg: StudyConfig) -> StudyRun:
@@ -60,7 +62,7 @@ def finetune_data(run: StudyRun, sets: PairSets) -> dict[str, tuple[str, str, st
     """{CLIP variant: (training set, loss, source)} of the fine-tunes: the loss x negatives design
     (:data:`negdpo.study.variants.DESIGN`), MedCLIP-SAMv2's DHN-NCE and the CLIP-DPO extensions."""
     negatives = {"twin": (str(run.phantoms), "phantoms"), "gen": (sets.pairs["path"], "pairs"),
-                 "harmonic": (sets.harmonic or "", "harmonic")}
+                 "harmonic": (sets.harmonic or "", "harmonic"), "twinfree": (sets.twinfree or "", "twinfree")}
     data = {variant: (negatives[neg][0], loss, negatives[neg][1]) for (loss, neg), variant in DESIGN.items()}
     pairs = sets.pairs["path"]
     return {"dhn_nce_faithful": (sets.faithful or "", "dhn_nce", "faithful"), **data,
@@ -70,21 +72,32 @@ def finetune_data(run: StudyRun, sets: PairSets) -> dict[str, tuple[str, str, st
 def run_study(cfg: StudyConfig) -> dict:
     """Every stage of the study in order (cached stages are read back), then the results files."""
     gen_variants = [v for v in GEN_VARIANTS if v in cfg.gen_variants or v == "sft"]  # SFT = every DPO's reference
-    clip_variants = [v for v in CLIP_VARIANTS if v in cfg.clip_variants or v == "base"]  # base = every fine-tune's start
+    # base = every fine-tune's start; the twin-free CLIP rows come with the twin-free generator rows
+    clip_variants = [v for v in CLIP_VARIANTS
+                     if v == "base" or (cfg.twinfree_rows if v in TWINFREE_CLIP else v in cfg.clip_variants)]
+    tf_rows = list(twinfree_rows(cfg.twinfree_rounds)) if cfg.twinfree_rows else []
     t_start, version = time.perf_counter(), code_version()  # before the run's own outputs make the tree dirty
     run = start(cfg)
     make_phantoms(run)
+    tf_model = ""  # the twin-free autoencoder (tf_rows)
     with run.selection():  # every training run and every choice: the test split is locked
         run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
         by_seed = {gs: train_generators(run, gen_variants, gs) for gs in generator_seeds(cfg)}
+        if tf_rows:  # from the untrained model: the twin-free chain adapts its own autoencoder
+            twinfree, tf_model = train_twinfree_rows(run, generator_seeds(cfg), cfg.gen_model)
+            by_seed = {gs: by_seed[gs] | twinfree[gs] for gs in by_seed}
     adapters = by_seed[cfg.seed]  # the first generator seed makes the pairs
-    gen_table = generator_table(run, gen_variants, by_seed)  # reported on held-out val + test positives
+    gen_table = generator_table(run, gen_variants + tf_rows, by_seed,  # reported on held-out val + test positives
+                                {row: tf_model for row in tf_rows})
     first = clip_seeds(cfg)[0]
     with run.selection():
         ckpts: Checkpoints = base_clips(run)
         sets = build_pairs(run, adapters, ckpts["base", str(first)], run.stamp(f"clip_base_s{first}"),
                            harmonic=bool({"dpo_harmonic", "dhn_nce_harmonic"} & set(clip_variants)),
                            faithful="dhn_nce_faithful" in clip_variants)
+        if tf_rows:  # the twin-free generator's last round (first seed), judged without twins
+            last = f"dpo_onpolicy_r{cfg.twinfree_rounds}"
+            sets.twinfree = build_twinfree_pairs(run, tf_model, adapters[last], last, PAIR_SPLITS)["path"]
         ckpts |= finetune_clips(run, clip_variants, ckpts, finetune_data(run, sets), sets.settings)
         sam_checkpoint, sam_info = pretrain_sam(run)
     with run.phase("evaluation"):  # the final evaluation: the only stages that read the test split

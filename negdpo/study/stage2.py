@@ -66,7 +66,7 @@ def train_and_eval_pg(phantoms: Path, targets: str, out: Path, name: str, *, ste
     """Train the prompt generator on the train split (``targets``: ``""`` = ground truth, else a mask folder),
     then segment the test split prompt-free; rows are named ``name``."""
     from negdpo.segmentation.evaluate import evaluate
-    from negdpo.segmentation.prompt_generator.train import SegTrainConfig, train
+    from negdpo.segmentation.prompt_free.train import SegTrainConfig, train
 
     base = dict(data=str(phantoms), targets=targets, train_split="train", output_dir=str(out / "run"),
                 run_name=name, max_train_steps=steps, learning_rate=lr, train_batch_size=batch, seed=seed,
@@ -76,7 +76,7 @@ def train_and_eval_pg(phantoms: Path, targets: str, out: Path, name: str, *, ste
         summary = train(SegTrainConfig(**{**base, **extra}))
     t0 = time.perf_counter()
     res = evaluate(str(phantoms), {name: "tiny"}, str(out / "eval"), overwrite_output_dir=True, split="test",
-                   segmenter=f"prompt-generator:{summary['checkpoint']}", sam_checkpoint=sam_checkpoint,
+                   segmenter=f"prompt-free:{summary['checkpoint']}", sam_checkpoint=sam_checkpoint,
                    device=device, seed=seed, save_images=False, bootstrap=eval_options.get("bootstrap", 200),
                    tolerance=eval_options.get("tolerance", 2.0))
     return {"rows": json_rows(res.rows, name), "checkpoint": summary["checkpoint"], "targets": targets or "gt",

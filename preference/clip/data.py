@@ -18,14 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from negdpo.core.imageio import to_rgb_uint8
-from negdpo.core.scans import ScanFolder
+from negdpo.core.prompts import FALLBACK_LESION_TEXT, default_healthy_text, folder_healthy_texts, modality_of
+from negdpo.core.scans import ScanFolder, read_meta, split_matches
 from negdpo.preference.pairs import schema
 from PIL import Image
 
 logger = logging.getLogger(__name__)
-DEFAULT_NEGATIVE_TEXT = {"mri": "A T1-weighted axial brain MRI with no tumour.",
-                         "us": "A breast ultrasound image with no mass."}
-FALLBACK_NEGATIVE_TEXT = "A medical image with no tumour."
 CLIP_KINDS = ("clip", "t2i", "text_to_image", "text2image", schema.KIND_T2I)  # kind prefixes of t2i rows
 
 
@@ -40,33 +38,22 @@ class ClipPair:
     ref_sims: list[float] | None = field(default=None)  # cached s_ref 2x2 block, row-major
 
 
-def _modality(name: str) -> str:
-    return name.split("_", 1)[0]
-
-
-def healthy_texts(folder: ScanFolder) -> dict[str, str]:
-    """One healthy prompt per modality prefix from prompts.json (file name prefix before '_')."""
-    out: dict[str, str] = {}
-    for name, text in sorted(folder.prompts.items()):
-        low = text.lower()
-        if " no " in f" {low}" and _modality(name) not in out:
-            out[_modality(name)] = text
-    return out
-
-
 def pairs_from_scans(root: str | Path, split: str, negative_text: str | None = None,
                      reading: dict | None = None) -> list[ClipPair]:
     """Positive scans with a healthy twin in ``split``: chosen = scan, rejected = twin (phantoms).
-    ``reading``: ``ScanFolder`` options (``negdpo.core.window.ScanReading.reading``)."""
+    ``reading``: ``ScanFolder`` options (``negdpo.core.window.ScanReading.reading``). The rejected text is
+    ``negative_text`` or the healthy text of the scan's modality (``negdpo.core.prompts.folder_healthy_texts``
+    over meta.csv's healthy scans, keyed by file-name prefix)."""
     folder = ScanFolder(root, **(reading or {}))
-    neg_texts = {**DEFAULT_NEGATIVE_TEXT, **healthy_texts(folder)}
+    healthy = [name for name, row in read_meta(folder.root).items() if str(row.get("positive")) == "0"]
+    neg_texts = folder_healthy_texts(folder.prompts, healthy)
     pairs = []
     for scan in folder.load_split(split):
         if not scan.positive or scan.twin is None:
             continue
-        neg = negative_text or neg_texts.get(_modality(scan.name), FALLBACK_NEGATIVE_TEXT)
+        neg = negative_text or neg_texts[modality_of(scan.name)]
         pairs.append(ClipPair(pair_id=f"{split}/{scan.name}", positive=scan.image, negative=scan.twin,
-                              text_pos=scan.prompt or "A medical image showing a tumour.", text_neg=neg,
+                              text_pos=scan.prompt or FALLBACK_LESION_TEXT, text_neg=neg,
                               mask=scan.mask))
     if not pairs:
         raise ValueError(f"{root}: no positive scans with healthy twins in split '{split}' "
@@ -148,7 +135,7 @@ def read_pair_dataset(path: str | Path, split: str, negative_text: str | None = 
         if schema.KIND in cols and not any(str(row[schema.KIND]).lower().startswith(k) for k in CLIP_KINDS):
             skipped["other kind"] += 1
             continue
-        if schema.SPLIT in cols and not schema.split_matches(row[schema.SPLIT], split):
+        if schema.SPLIT in cols and not split_matches(row[schema.SPLIT], split):
             skipped["split"] += 1
             continue
         if isinstance(row[schema.CHOSEN], str):
@@ -156,7 +143,7 @@ def read_pair_dataset(path: str | Path, split: str, negative_text: str | None = 
             continue
         mod = row.get(schema.MODALITY) or ""
         neg = (row.get(schema.NEGATIVE_PROMPT) or neg_by_file.get(row.get(schema.FILE) or "") or negative_text
-               or DEFAULT_NEGATIVE_TEXT.get(mod, FALLBACK_NEGATIVE_TEXT))
+               or default_healthy_text(mod))
         mask = np.asarray(row[schema.MASK].convert("L")) > 0 if row.get(schema.MASK) is not None else None
         try:
             pairs.append(ClipPair(pair_id=str(row.get(schema.PAIR_ID, i)),
@@ -197,7 +184,7 @@ def _pick_split(dsd, split: str):
     if "clip" in dsd:
         return dsd["clip"]
     for name in dsd:
-        if schema.split_matches(name, split):
+        if split_matches(name, split):
             return dsd[name]
     return datasets.concatenate_datasets(list(dsd.values()))
 
@@ -223,7 +210,7 @@ def load_pairs(data: str | Path, split: str, negative_text: str | None = None,
     """A scan folder with twins (``*_twins/``) or a pair dataset folder (``val`` = ``validation``);
     ``reading``: how the folder's scans are read (``ScanReading.reading``)."""
     data = Path(data)
-    folder_split = next((s for s in (split, "val" if schema.split_matches(split, "val") else None)
+    folder_split = next((s for s in (split, "val" if split_matches(split, "val") else None)
                          if s and (data / f"{s}_images").is_dir()), None)
     if folder_split is not None:
         return pairs_from_scans(data, folder_split, negative_text, reading)

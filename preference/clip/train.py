@@ -230,10 +230,10 @@ def train(cfg: ClipTrainConfig) -> dict:
 
 
 def _train(cfg: ClipTrainConfig) -> dict:
+    from negdpo.core.faults import fault_point
     from negdpo.core.training import (
         MetricsLog,
         NonFiniteGuard,
-        fault_point,
         finish_run,
         make_optimizer,
         make_scheduler,

@@ -20,59 +20,46 @@ import dataclasses
 import json
 import sys
 
+from negdpo.core.config import parse_flags, underscore_flags
 from negdpo.core.console import CommandParser, run_main
-from negdpo.core.window import DOWNSCALE_HELP, MAX_SIDE_HELP, PRESET_HELP, WINDOW_HELP
 
-from .config import BuildConfig  # no torch: --help and setting errors stay fast
-
-HELPS = {"generator": "tiny | hub id | local diffusers folder", "adapter": "LoRA folder (gen_train output)",
-         "k": "candidates per positive and source (>= 2 with --rejected worst)",
-         "steps": "sampling steps of the generator (>= 1)",
-         "judges": "name=weight,... (negdpo.preference.pairs.judges)",
-         "sources": "inpaint and/or boundary (latent-boundary negatives)",
-         "rejected": "worst (worst-scoring fill) | positive (the positive itself)",
-         "kinds": "generator,clip_t2i,clip_i2t", "batch_items": "scans per generator call",
-         "chunk_size": "scans per parquet shard", "splits": "folder splits to build (default: all present)",
-         "threads": "torch threads per process; pin it (e.g. 1) for CPU runs bit-identical across world sizes",
-         "dilate": "mask dilation in px (stored as `mask`)", "window": WINDOW_HELP, "window_preset": PRESET_HELP,
-         "max_side": MAX_SIDE_HELP, "downscale": DOWNSCALE_HELP}
-
+from .config import FLAGS, BuildConfig  # no torch: --help and setting errors stay fast
 
 PROG = "negdpo build-pairs"
+RENAMED_FLAGS = {"--steps": "--sample_steps"}  # old flag -> new (deprecated alias for one release)
 
 
-def _flags(name: str) -> list[str]:
-    kebab = name.replace("_", "-")
-    return [f"--{name}"] + ([f"--{kebab}"] if kebab != name else [])
+def _help(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(BuildConfig) if f.name == name)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="scan folder (MedCLIP-SAMv2 layout; phantoms work)")
-    p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument(*_flags("overwrite_output_dir"), action="store_true",
+    p.add_argument("--data", required=True, help=_help("data"))
+    p.add_argument("--out", required=True, help=_help("out"))
+    p.add_argument("--overwrite_output_dir", action="store_true",
                    help="discard an existing build in --out (e.g. to change its settings)")
-    p.add_argument(*_flags("push_to_hub"), default=None, metavar="REPO",
+    p.add_argument("--push_to_hub", default=None, metavar="REPO",
                    help="upload the dataset repo (card + parquet shards) as a private Hub dataset")
-    p.add_argument(*_flags("no_report"), action="store_true", help="skip the quality report")
+    p.add_argument("--no_report", action="store_true", help="skip the quality report")
     p.add_argument("--pickapic", action="store_true", help="also write OUT/pickapic (Pick-a-Pic layout)")
     defaults = BuildConfig(data="", out="")
-    for f in dataclasses.fields(BuildConfig):
+    for f in dataclasses.fields(BuildConfig):  # the field's help metadata is the option's only description
         if f.name in ("data", "out", "progress"):
             continue
-        default = getattr(defaults, f.name)
+        flag, default, help_ = f"--{FLAGS.get(f.name, f.name)}", getattr(defaults, f.name), f.metadata["help"]
         if isinstance(default, bool):
-            p.add_argument(*_flags(f.name), action="store_true", help=HELPS.get(f.name))
+            p.add_argument(flag, dest=f.name, action="store_true", help=help_)
             continue
         ann = str(f.type)
         typ = type(default) if default is not None else (int if "int" in ann else float if "float" in ann else str)
-        p.add_argument(*_flags(f.name), type=typ, default=default, help=HELPS.get(f.name, f"default {default}"))
-    p.add_argument(*_flags("no_progress"), action="store_true")
-    return p
+        p.add_argument(flag, dest=f.name, type=typ, default=default, help=help_)
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return underscore_flags(p)
 
 
 def _main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_flags(_parser(), argv, RENAMED_FLAGS)
     fields = {f.name for f in dataclasses.fields(BuildConfig)}
     cfg = BuildConfig(**{k: v for k, v in vars(args).items() if k in fields}, progress=not args.no_progress)
     cfg.validate()

@@ -17,8 +17,9 @@ import re
 import shutil
 from pathlib import Path
 
+from negdpo.core.faults import fault_point
+
 from .config import settings_diff, settings_sha
-from .faults import fault_point
 from .schema import KINDS, SPLITS, features_for, shard_dir, shard_path
 
 SETTINGS_FILE = "build_settings.json"

@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from negdpo.core.fill import INITS
-from negdpo.core.window import MAX_SIDE
+from negdpo.core.window import DOWNSCALE_HELP, MAX_SIDE, MAX_SIDE_HELP, PRESET_HELP, WINDOW_HELP
 
 from .schema import KINDS
 
@@ -20,6 +20,7 @@ SOURCES = ("inpaint", "boundary")
 REJECTED = ("worst", "positive")
 GEN_PROMPTS = ("source", "healthy")
 DTYPES = ("float32", "float16", "bfloat16")
+FLAGS = {"steps": "sample_steps"}  # field -> its command-line flag where the two differ (``--steps`` is deprecated)
 # Settings that do not change any row: resuming with other values is allowed.
 NOT_ROW_SETTINGS = frozenset({"data", "out", "splits", "limit", "chunk_size", "batch_items", "kinds", "device",
                               "threads", "progress"})
@@ -27,44 +28,74 @@ NOT_ROW_SETTINGS = frozenset({"data", "out", "splits", "limit", "chunk_size", "b
 
 @dataclass
 class BuildConfig:
-    data: str
-    out: str
-    generator: str = "tiny"
-    adapter: str | None = None
-    k: int = 4  # candidates per positive and source
-    steps: int = 20
-    guidance: float = 1.0
-    strength: float = 1.0
-    init: str = "source"  # what a strength < 1 starts from: the positive | its harmonic fill
-    scheduler: str | None = None
-    size: int | None = None  # model resolution (default: the generator's native)
-    dilate: int = 2  # px added to the lesion mask before repainting (stored as `mask`)
-    seed: int = 0
-    judges: str = "clip_lesion=1,contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2"
-    clip: str = "tiny"
-    sources: str = "inpaint"  # comma list of: inpaint, boundary
-    rejected: str = "worst"  # worst fill | the positive itself
-    kinds: str = "generator,clip_t2i,clip_i2t"
-    gen_prompt: str = "source"  # conditioning text: the scan's prompt | the healthy text
-    healthy_text: str | None = None  # default: from prompts of healthy scans per modality
-    splits: str | None = None  # comma list of folder splits; default all present
-    limit: int | None = None  # at most this many scans per split (smoke runs)
-    chunk_size: int = 16  # items per shard
-    batch_items: int = 1  # items per generator call
-    tie_eps: float = 1e-4
-    store_arrays: bool = False
-    subject_pattern: str | None = None  # regex on the file stem; group 1 = subject id
-    resplit: bool = False
-    boundary_steps: int = 20
-    boundary_eps: float = 0.5
-    device: str = "auto"
-    dtype: str = "float32"
-    window: str | None = None  # reading scans: negdpo.core.window.ScanReading (the same four fields)
-    window_preset: str | None = None
-    max_side: int = MAX_SIDE
-    downscale: bool = False
-    threads: int | None = None  # torch intra-op threads per process (pin it for CPU bit-reproducibility)
-    progress: bool = True
+    data: str = field(metadata={"help": "scan folder (MedCLIP-SAMv2 layout; phantoms work)"})
+    out: str = field(metadata={"help": "output folder (resumable)"})
+    generator: str = field(
+        default="tiny", metadata={"help": "inpainting generator: tiny | hub id | local diffusers folder"})
+    adapter: str | None = field(
+        default=None, metadata={"help": "LoRA folder (gen_train output) loaded into the generator (default: none)"})
+    k: int = field(
+        default=4, metadata={"help": "candidates per positive and source (>= 2 with --rejected worst)"})
+    steps: int = field(
+        default=20, metadata={"help": "sampling (denoising) steps of the generator per candidate"})
+    guidance: float = field(
+        default=1.0, metadata={"help": "classifier-free guidance scale of the generator (1 = off)"})
+    strength: float = field(
+        default=1.0, metadata={"help": "1 = sample from pure noise; < 1 = from the noised --init image"})
+    init: str = field(
+        default="source", metadata={"help": "what a strength < 1 starts from: source (the positive) | harmonic (its harmonic fill)"})
+    scheduler: str | None = field(
+        default=None, metadata={"help": "sampling scheduler name (default: the generator's own)"})
+    size: int | None = field(
+        default=None, metadata={"help": "model resolution in px, a multiple of 8 (default: the generator's native)"})
+    dilate: int = field(
+        default=2, metadata={"help": "px added to the lesion mask before repainting (stored as `mask`)"})
+    seed: int = field(
+        default=0, metadata={"help": "base seed; each candidate's seed derives from it and the scan's name"})
+    judges: str = field(
+        default="clip_lesion=1,contrast=1,mi_out=0.5,fidelity_out=0.5,twin=2", metadata={"help": "judge mix name=weight,... (negdpo.preference.pairs.judges) that ranks the candidates"})
+    clip: str = field(
+        default="tiny", metadata={"help": "CLIP of the clip_lesion judge and of the latent-boundary negatives: tiny | hf-hub:<id> | local-dir:<folder>"})
+    sources: str = field(
+        default="inpaint", metadata={"help": "comma list of candidate sources: inpaint (generator fills) and/or boundary (latent-boundary negatives)"})
+    rejected: str = field(
+        default="worst", metadata={"help": "rejected image of a generator pair: worst (worst-scoring fill) | positive (the positive itself)"})
+    kinds: str = field(
+        default="generator,clip_t2i,clip_i2t", metadata={"help": "comma list of pair datasets to write: generator, clip_t2i, clip_i2t"})
+    gen_prompt: str = field(
+        default="source", metadata={"help": "text the generator is conditioned on: source (the scan's prompt) | healthy (the healthy text)"})
+    healthy_text: str | None = field(
+        default=None, metadata={"help": "healthy (tumour-free) text of the pairs (default: from prompts of healthy scans per modality)"})
+    splits: str | None = field(
+        default=None, metadata={"help": "comma list of folder splits to build (default: all present)"})
+    limit: int | None = field(
+        default=None, metadata={"help": "at most this many scans per split (smoke runs; default: all)"})
+    chunk_size: int = field(default=16, metadata={"help": "scans per parquet shard"})
+    batch_items: int = field(default=1, metadata={"help": "scans per generator call"})
+    tie_eps: float = field(
+        default=1e-4, metadata={"help": "judge scores closer than this are a tie and give no pair"})
+    store_arrays: bool = field(
+        default=False, metadata={"help": "also store the exact float32 intensities as array columns (grayscale scans of one size only)"})
+    subject_pattern: str | None = field(
+        default=None, metadata={"help": "regex on the file stem whose group 1 is the subject id (keeps a subject's scans together)"})
+    resplit: bool = field(
+        default=False, metadata={"help": "reassign splits by a hash of the subject instead of keeping the folder's splits"})
+    boundary_steps: int = field(
+        default=20, metadata={"help": "optimisation steps of a latent-boundary negative (--sources boundary)"})
+    boundary_eps: float = field(
+        default=0.5, metadata={"help": "largest RMS of a latent-boundary change, relative to the lesion latent's RMS (--sources boundary)"})
+    device: str = field(
+        default="auto", metadata={"help": "torch device: auto (cuda when available) | cpu | cuda[:N]"})
+    dtype: str = field(
+        default="float32", metadata={"help": "generator weights' dtype: float32 | float16 | bfloat16"})
+    # reading scans: negdpo.core.window.ScanReading (the same four fields)
+    window: str | None = field(default=None, metadata={"help": WINDOW_HELP})
+    window_preset: str | None = field(default=None, metadata={"help": PRESET_HELP})
+    max_side: int = field(default=MAX_SIDE, metadata={"help": MAX_SIDE_HELP})
+    downscale: bool = field(default=False, metadata={"help": DOWNSCALE_HELP})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch threads per process; pin it (e.g. 1) for CPU runs bit-identical across world sizes"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (--no_progress hides it)"})
 
     def kind_list(self) -> list[str]:
         return choices(self.kinds, KINDS, "--kinds")
@@ -76,7 +107,7 @@ class BuildConfig:
         """Raise ``ValueError`` with a one-line message naming the flag for the first bad setting."""
         def need(ok: bool, flag: str, rule: str, value: object) -> None:
             if not ok:
-                raise ValueError(f"--{flag} must be {rule} (got {value!r})")
+                raise ValueError(f"--{FLAGS.get(flag, flag)} must be {rule} (got {value!r})")
 
         for name in ("k", "steps", "boundary_steps", "chunk_size", "batch_items"):
             v = getattr(self, name)
@@ -137,7 +168,7 @@ def settings_sha(settings: dict) -> str:
 def settings_diff(old: dict, new: dict) -> list[str]:
     """``--flag: old -> new`` for every differing setting."""
     keys = sorted(set(old) | set(new))
-    return [f"--{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return [f"--{FLAGS.get(k, k)}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def config_fields() -> list[str]:

@@ -8,21 +8,21 @@ folder's, checked to be subject-level (``meta.csv`` or ``subject_pattern`` gives
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from negdpo.core.prompts import folder_healthy_texts
+from negdpo.core.scans import dataset_split, read_meta
+
 from .config import BuildConfig
-from .schema import dataset_split
 
 logger = logging.getLogger(__name__)
-DEFAULT_HEALTHY_TEXT = "A medical scan with no tumour."
 
 
 @dataclass(frozen=True)
@@ -35,18 +35,6 @@ class Item:
     folder_split: str
     subject_id: str
     modality: str
-
-
-def read_meta(root: Path) -> dict[str, dict]:
-    """``meta.csv`` rows by file name (empty when absent)."""
-    path = root / "meta.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and "file" not in rows[0]:
-        raise ValueError(f"{path}: no 'file' column (have {sorted(rows[0])})")
-    return {r["file"]: r for r in rows}
 
 
 def hash_split(subject: str) -> str:
@@ -151,17 +139,13 @@ def check_subject_splits(items: Iterable[Item]) -> None:
 
 
 def healthy_texts(root: Path, default: str | None) -> dict[str, str]:
-    """Per-modality healthy text: the most common prompt of healthy scans (meta.csv ``positive`` = 0)."""
+    """Per-modality healthy text: ``default`` for all, else the rule of :func:`negdpo.core.prompts.folder_healthy_texts`
+    over the healthy scans of meta.csv (``positive`` = 0), keyed by its ``modality`` column."""
     if default:
         return defaultdict(lambda: default)
     from negdpo.core.scans import ScanFolder
 
     meta = read_meta(root)
     prompts = ScanFolder(root, on_error="skip").prompts  # a malformed prompts.json raises, naming it
-    counts: dict[str, Counter] = defaultdict(Counter)
-    for name, row in meta.items():
-        if str(row.get("positive")) == "0" and name in prompts:
-            counts[row.get("modality") or "unknown"][prompts[name]] += 1
-    out: dict[str, str] = defaultdict(lambda: DEFAULT_HEALTHY_TEXT)
-    out.update({mod: c.most_common(1)[0][0] for mod, c in counts.items()})
-    return out
+    healthy = [name for name, row in meta.items() if str(row.get("positive")) == "0"]
+    return folder_healthy_texts(prompts, healthy, lambda name: meta[name].get("modality") or "unknown")

@@ -17,7 +17,7 @@ Layout of a build folder ``OUT``::
     OUT/<kind>/                             the same rows as a DatasetDict; ``load_from_disk(OUT/<kind>)``
 
 Dataset splits are ``train`` / ``validation`` / ``test`` (the scan folder's ``val_images`` is the
-``validation`` split); readers accept ``val`` for ``validation``.
+``validation`` split); readers accept ``val`` for ``validation`` (``negdpo.core.scans.SPLIT_ALIASES``).
 
 Images are ``datasets.Image`` (8-bit PNG: mode L for grayscale, RGB otherwise); ``mask`` is L 0/255
 with 255 = repaint, the dilation actually used. Exact float intensities are optional
@@ -33,7 +33,6 @@ from datasets import Array2D, Features, Image, Value
 KINDS = ("generator", "clip_t2i", "clip_i2t")
 KIND_GENERATOR, KIND_T2I, KIND_I2T = KINDS
 SPLITS = ("train", "validation", "test")
-_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 
 # column names shared with the readers (negdpo.preference.clip.data)
 PAIR_ID, PROMPT, KIND, SPLIT, FILE, MODALITY = "pair_id", "prompt", "kind", "split", "file", "modality"
@@ -117,16 +116,6 @@ def difficulty_of(margin: float) -> tuple[float, int]:
     d = 1.0 / (1.0 + max(float(margin), 0.0) / DIFFICULTY_TAU)
     bucket = sum(d >= e for e in BUCKET_EDGES)
     return d, int(bucket)
-
-
-def dataset_split(name: str) -> str:
-    """The dataset split of a folder or user split name: ``val`` -> ``validation``, others unchanged."""
-    return _SPLIT_ALIASES.get(name, name)
-
-
-def split_matches(name: str, wanted: str) -> bool:
-    """Whether split ``name`` is ``wanted`` (``val`` and ``validation`` are one split)."""
-    return dataset_split(str(name)) == dataset_split(str(wanted))
 
 
 def dataset_dir(out: str | Path, kind: str) -> str:

@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .faults import fault_point
+from negdpo.core.faults import fault_point
+
 from .schema import dataset_dir, shard_dir
 
 logger = logging.getLogger(__name__)

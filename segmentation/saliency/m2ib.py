@@ -21,8 +21,8 @@ not depend on which images share its batch (up to float rounding of batched matm
 
 Target (``target``): ``"prompt"`` (MedCLIP-SAMv2) is the prompt's embedding. ``"contrast"`` (a departure
 from MedCLIP-SAMv2, off by default) is the unit prompt embedding minus the unit embedding of the healthy
-report of the scan's modality (``HEALTHY_BY_MODALITY``): the bottleneck then keeps what makes the image
-match *this report rather than a normal scan of the same kind*, not what makes it match the modality --
+report of the scan's modality (``negdpo.core.prompts.HEALTHY_TEXT``): the bottleneck then keeps what makes
+the image match *this report rather than a normal scan of the same kind*, not what makes it match the modality --
 a small CLIP's prompt embeddings are dominated by their shared modality direction, which gives the same
 map for any prompt. An irrelevant prompt minus the healthy report points nowhere in particular, so the
 paired prompt gap shows whether the map became prompt-specific.
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from negdpo.core.config import derive_seed
+from negdpo.core.prompts import default_healthy_text
 
 from .base import SaliencyContext, register
 from .common import (
@@ -58,11 +59,6 @@ from .common import (
 #: breast ultrasound; any other modality gets ``DEFAULT_BETA``. An explicit ``beta`` overrides it.
 BETA_BY_MODALITY = {"mri": 2.0, "brain": 2.0, "us": 1.0, "breast": 1.0}
 DEFAULT_BETA = 1.0
-#: The healthy report of each modality (the phantoms' first healthy template) for ``target="contrast"``.
-HEALTHY_BY_MODALITY = {"mri": "A T1-weighted axial brain MRI with no tumour.",
-                       "brain": "A T1-weighted axial brain MRI with no tumour.",
-                       "us": "A breast ultrasound image with no mass.",
-                       "breast": "A breast ultrasound image with no mass."}
 
 
 def modality_beta(name: str) -> float:
@@ -170,10 +166,9 @@ def _optimise(visual, images: torch.Tensor, text_feats: torch.Tensor, seeds: Seq
 def healthy_prompt(name: str) -> str:
     """The healthy report of a scan's modality (file-name prefix), for ``target="contrast"``."""
     try:
-        return HEALTHY_BY_MODALITY[name.split("_", 1)[0].lower()]
-    except KeyError:
-        raise ValueError(f"M2IB target 'contrast' needs a known modality prefix ({', '.join(HEALTHY_BY_MODALITY)}) "
-                         f"in the scan name; got '{name}'") from None
+        return default_healthy_text(name, strict=True)
+    except ValueError as err:
+        raise ValueError(f"M2IB target 'contrast' needs a known modality prefix in the scan name: {err}") from None
 
 
 def target_features(model, tokenizer, prompts: Sequence[str], names: Sequence[str], target: str,

@@ -6,7 +6,7 @@
 ``targets``: empty = the scan folder's ground-truth masks; a ``negdpo evaluate`` output folder = its
 pseudo-labels (``masks/``; ``targets_checkpoint`` picks one when it holds several); any other folder =
 one mask per image. SAM stays frozen; the generator (and optional adapters) train with the Hungarian-
-matched set loss. Outputs: ``final/`` (load with ``prompt-generator:DIR``), ``checkpoint-*/``,
+matched set loss. Outputs: ``final/`` (load with ``prompt-free:DIR``), ``checkpoint-*/``,
 ``metrics.jsonl``, ``summary.json`` (loss and Dice on the training images before / after), ``config.yaml``.
 """
 
@@ -25,9 +25,9 @@ from negdpo.core.training import TrainConfig
 from negdpo.core.window import ScanReading
 
 from .data import Sample, collate, load_samples, resolve_target_dir
-from .inference import load_trainable, save_prompt_generator
+from .inference import load_trainable, save_prompt_free
 from .matching import LossWeights, set_loss
-from .model import GeneratorConfig, PromptSAM
+from .model import PromptFreeConfig, PromptSAM
 
 logger = logging.getLogger(__name__)
 
@@ -40,39 +40,52 @@ class SegTrainConfig(TrainConfig, ScanReading):
     max_train_steps: int = 100
     # data
     data: str = field(default="", metadata={"help": "scan folder; empty = phantoms next to the output folder"})
-    phantoms_n: int = 12
-    phantoms_size: int = 64
-    phantoms_seed: int = 0
-    train_split: str = "train"
+    phantoms_n: int = field(default=12, metadata={"help": "without data: phantom subjects to generate"})
+    phantoms_size: int = field(default=64, metadata={"help": "without data: phantom image side in px"})
+    phantoms_seed: int = field(default=0, metadata={"help": "without data: seed of the phantoms"})
+    train_split: str = field(default="train", metadata={"help": "split the generator is trained on"})
     targets: str = field(default="", metadata={"help": "'' = ground truth | a negdpo evaluate output | a mask folder"})
     targets_checkpoint: str = field(default="", metadata={"help": "checkpoint subfolder of an evaluate output"})
     class_values: list[int] = field(default_factory=list, metadata={
         "help": "mask pixel value of each class (empty: any non-zero pixel is the one class)"})
     target_mode: str = field(default="components", metadata={"help": "components | classes: what one target is"})
-    min_target_area: int = 1
-    max_train_images: int | None = None
+    min_target_area: int = field(
+        default=1, metadata={"help": "smallest target component in px (smaller ones are dropped)"})
+    max_train_images: int | None = field(
+        default=None, metadata={"help": "at most this many training images (default: all)"})
     eval_images: int = field(default=16, metadata={"help": "training images scored before / after (0 = none)"})
     cache_features: bool = field(default=True, metadata={
         "help": "encode each image once (frozen encoder, no encoder adapters) if it fits cache_max_gb"})
-    cache_max_gb: float = 4.0
+    cache_max_gb: float = field(
+        default=4.0, metadata={"help": "largest feature cache in GB (larger: no cache)"})
     # model
     sam: str = field(default="tiny", metadata={"help": "tiny | vit_b | vit_l | vit_h"})
-    sam_checkpoint: str | None = None
-    num_queries: int = 4
-    hidden_dim: int = 64
+    sam_checkpoint: str | None = field(
+        default=None, metadata={"help": "SAM weights file (.pth) (default: the preset's, or found in ./checkpoints or $SAM_CHECKPOINT_DIR)"})
+    num_queries: int = field(default=4, metadata={"help": "queries N: the most targets per image"})
+    hidden_dim: int = field(default=64, metadata={"help": "width of the fused features and the query head"})
     prompts: str = field(default="box+mask", metadata={"help": "box+mask | box | mask: prompts given to SAM"})
-    encoder_adapters: bool = False
-    decoder_adapters: bool = True
-    adapter_dim: int = 16
-    score_threshold: float = 0.5
+    encoder_adapters: bool = field(
+        default=False, metadata={"help": "train adapters after SAM's encoder blocks (turns the feature cache off)"})
+    decoder_adapters: bool = field(
+        default=True, metadata={"help": "train adapters after the mask decoder's transformer layers"})
+    adapter_dim: int = field(default=16, metadata={"help": "bottleneck width of the adapters"})
+    score_threshold: float = field(
+        default=0.5, metadata={"help": "inference: queries scoring at least this give the prediction"})
     # loss (cost and loss weights, DETR / MaskSAM)
-    weight_class: float = 2.0
-    weight_l1: float = 5.0
-    weight_giou: float = 2.0
-    weight_bce: float = 5.0
-    weight_dice: float = 5.0
-    no_object_weight: float = 0.1
-    aux_weight: float = 1.0
+    weight_class: float = field(
+        default=2.0, metadata={"help": "matching cost and loss weight of the class term"})
+    weight_l1: float = field(
+        default=5.0, metadata={"help": "matching cost and loss weight of the box L1 term"})
+    weight_giou: float = field(
+        default=2.0, metadata={"help": "matching cost and loss weight of the box GIoU term"})
+    weight_bce: float = field(
+        default=5.0, metadata={"help": "matching cost and loss weight of the mask BCE term"})
+    weight_dice: float = field(
+        default=5.0, metadata={"help": "matching cost and loss weight of the mask Dice term"})
+    no_object_weight: float = field(
+        default=0.1, metadata={"help": "class weight of \"no object\" in the cross-entropy, in [0, 1]"})
+    aux_weight: float = field(default=1.0, metadata={"help": "weight of the auxiliary-mask BCE + Dice terms"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,9 +96,9 @@ class SegTrainConfig(TrainConfig, ScanReading):
         check(0 <= self.no_object_weight <= 1, "no_object_weight", self.no_object_weight, "must be in [0, 1]")
         check(self.eval_images >= 0, "eval_images", self.eval_images, "must be >= 0")
 
-    def generator_config(self) -> GeneratorConfig:
+    def generator_config(self) -> PromptFreeConfig:
         ckpt = str(Path(self.sam_checkpoint).resolve()) if self.sam_checkpoint else None
-        return GeneratorConfig(num_queries=self.num_queries, num_classes=max(1, len(self.class_values)),
+        return PromptFreeConfig(num_queries=self.num_queries, num_classes=max(1, len(self.class_values)),
                                hidden_dim=self.hidden_dim, prompts=self.prompts, encoder_adapters=self.encoder_adapters,
                                decoder_adapters=self.decoder_adapters, adapter_dim=self.adapter_dim, sam=self.sam,
                                sam_checkpoint=ckpt)
@@ -206,7 +219,7 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
     def save_hook(models, state, output_dir):  # only the generator + adapters, not SAM
         if accelerator.is_main_process:
             for m in models:
-                save_prompt_generator(accelerator.unwrap_model(m), output_dir)
+                save_prompt_free(accelerator.unwrap_model(m), output_dir)
         while state:
             state.pop()
 
@@ -260,7 +273,7 @@ def train(cfg: SegTrainConfig, sam: torch.nn.Module | None = None) -> dict[str, 
         meta = {"score_threshold": cfg.score_threshold, "steps": step, "data": str(data), "targets": cfg.targets or "gt",
                 "targets_checkpoint": cfg.targets_checkpoint, "class_values": cfg.class_values,
                 "target_mode": cfg.target_mode}
-        save_prompt_generator(base, out / "final", meta)
+        save_prompt_free(base, out / "final", meta)
         summary.update(steps=step, checkpoint=str((out / "final").resolve()), metrics=str(metrics_log.path),
                        wall_s=round(time.time() - t_start, 1))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -288,7 +301,7 @@ def _run(argv: list[str]) -> int:
         if a:
             print(f"  training images: loss {b['loss']:.4f} -> {a['loss']:.4f}; Dice of SAM's masks {b['dice']:.4f} -> "
                   f"{a['dice']:.4f}, of the generator's own masks {b['aux_dice']:.4f} -> {a['aux_dice']:.4f}")
-        print(f"  generator: {summary['checkpoint']} (negdpo evaluate --segmenter prompt-generator:{summary['checkpoint']})")
+        print(f"  generator: {summary['checkpoint']} (negdpo evaluate --segmenter prompt-free:{summary['checkpoint']})")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Prompt-free SAM (negdpo.segmentation.prompt_generator): matching and loss against hand-computed cases,
+"""Prompt-free SAM (negdpo.segmentation.prompt_free): matching and loss against hand-computed cases,
 targets, the frozen-SAM wiring, save/load, learning, exact resume, and a tiny end-to-end stage 2 run
-(pseudo-labels from `negdpo evaluate` -> seg_train -> `negdpo evaluate --segmenter prompt-generator:DIR`)."""
+(pseudo-labels from `negdpo evaluate` -> seg_train -> `negdpo evaluate --segmenter prompt-free:DIR`)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from negdpo.segmentation.prompt_generator.data import (
+from negdpo.segmentation.prompt_free.data import (
     box_of,
     make_targets,
     read_label_mask,
     resolve_target_dir,
     split_targets,
 )
-from negdpo.segmentation.prompt_generator.inference import load_trainable, save_prompt_generator
-from negdpo.segmentation.prompt_generator.matching import LossWeights, hungarian_match, match_cost, set_loss
-from negdpo.segmentation.prompt_generator.model import GeneratorConfig, PromptSAM, level_indices, moment_boxes
+from negdpo.segmentation.prompt_free.inference import load_trainable, save_prompt_free
+from negdpo.segmentation.prompt_free.matching import LossWeights, hungarian_match, match_cost, set_loss
+from negdpo.segmentation.prompt_free.model import PromptFreeConfig, PromptSAM, level_indices, moment_boxes
 from PIL import Image
 
 
@@ -231,7 +231,7 @@ def test_frozen_sam_hooks_and_zero_init_adapters(sam):
     x = torch.randn(1, 3, 128, 128)
     hw = torch.tensor([[128, 96]])
     torch.manual_seed(0)
-    plain = PromptSAM(sam, GeneratorConfig(num_queries=3, hidden_dim=16, decoder_adapters=False))
+    plain = PromptSAM(sam, PromptFreeConfig(num_queries=3, hidden_dim=16, decoder_adapters=False))
     assert plain.levels == [0, 1, 2]
     assert not any(p.requires_grad for p in sam.parameters())
     # the hooked features are the blocks' outputs and the neck's (checked against a manual pass)
@@ -248,7 +248,7 @@ def test_frozen_sam_hooks_and_zero_init_adapters(sam):
     with torch.no_grad():
         a = plain(images=x, input_hw=hw)
     torch.manual_seed(0)
-    adapted = PromptSAM(sam, GeneratorConfig(num_queries=3, hidden_dim=16, decoder_adapters=True,
+    adapted = PromptSAM(sam, PromptFreeConfig(num_queries=3, hidden_dim=16, decoder_adapters=True,
                                              encoder_adapters=True))
     assert all(not k.startswith("sam.") for k in adapted.trainable_state_dict())
     with pytest.raises(KeyError):  # one generator per SAM: building the second detached the first
@@ -272,9 +272,9 @@ def test_frozen_sam_hooks_and_zero_init_adapters(sam):
 
 def test_target_frame_matches_the_valid_region(sam):
     """A full-image target covers exactly the region the model treats as image (not SAM's padding)."""
-    from negdpo.segmentation.prompt_generator.data import input_size, to_mask_frame
+    from negdpo.segmentation.prompt_free.data import input_size, to_mask_frame
 
-    model = PromptSAM(sam, GeneratorConfig(num_queries=1, hidden_dim=8))
+    model = PromptSAM(sam, PromptFreeConfig(num_queries=1, hidden_dim=8))
     for hw in ((300, 200), (301, 200), (90, 128), (64, 64)):
         ihw = input_size(hw, 128)
         full = to_mask_frame(np.ones((1, *hw), bool), ihw, 128, 32)[0]
@@ -284,15 +284,15 @@ def test_target_frame_matches_the_valid_region(sam):
 
 def test_save_load_round_trip(sam, tmp_path):
     torch.manual_seed(3)
-    model = PromptSAM(sam, GeneratorConfig(num_queries=2, hidden_dim=16))
+    model = PromptSAM(sam, PromptFreeConfig(num_queries=2, hidden_dim=16))
     for p in model.generator.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
-    save_prompt_generator(model, tmp_path, {"score_threshold": 0.4})
+    save_prompt_free(model, tmp_path, {"score_threshold": 0.4})
     x, hw = torch.randn(1, 3, 128, 128), torch.tensor([[128, 128]])
     with torch.no_grad():
         expected = model(images=x, input_hw=hw)["masks"]
     torch.manual_seed(4)
-    other = PromptSAM(sam, GeneratorConfig(num_queries=2, hidden_dim=16))
+    other = PromptSAM(sam, PromptFreeConfig(num_queries=2, hidden_dim=16))
     with torch.no_grad():
         assert not torch.allclose(other(images=x, input_hw=hw)["masks"], expected)
     load_trainable(other, tmp_path / "prompt_generator.safetensors")
@@ -301,13 +301,13 @@ def test_save_load_round_trip(sam, tmp_path):
     meta = json.loads((tmp_path / "prompt_generator.json").read_text())
     assert meta["generator"]["num_queries"] == 2 and meta["score_threshold"] == 0.4
     with pytest.raises(ValueError, match="do not fit"):
-        load_trainable(PromptSAM(sam, GeneratorConfig(num_queries=3, hidden_dim=16)),
+        load_trainable(PromptSAM(sam, PromptFreeConfig(num_queries=3, hidden_dim=16)),
                        tmp_path / "prompt_generator.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------ training
 def _cfg(out: Path, data: Path, **kw):
-    from negdpo.segmentation.prompt_generator.train import SegTrainConfig
+    from negdpo.segmentation.prompt_free.train import SegTrainConfig
 
     base = dict(output_dir=str(out), data=str(data), report_to="none", num_queries=2, hidden_dim=32,
                 train_batch_size=4, max_train_images=8, eval_images=8, learning_rate=1e-2, logging_steps=10)
@@ -322,7 +322,7 @@ def test_training_lowers_the_loss_and_raises_dice(phantom_dir, sam, tmp_path):
     +0.27 / +0.44 (seed 0: 0.33 -> 0.79; 0.33 = the two lesion-free images, empty = empty); learning rate
     1e-9: no change. SAM's final masks are not asserted: the micro SAM is random and frozen, so its
     decoder barely follows prompts (with real SAM weights it does)."""
-    from negdpo.segmentation.prompt_generator.train import train
+    from negdpo.segmentation.prompt_free.train import train
 
     summary = train(_cfg(tmp_path / "run", phantom_dir, max_train_steps=40, max_train_images=6, eval_images=6,
                          train_batch_size=2, learning_rate=0.02), sam=sam)
@@ -337,7 +337,7 @@ def test_training_lowers_the_loss_and_raises_dice(phantom_dir, sam, tmp_path):
 
 def test_resume_is_exact(phantom_dir, sam, tmp_path):
     """3 steps straight == 2 steps, checkpoint, resume for the third (data order is a function of the step)."""
-    from negdpo.segmentation.prompt_generator.train import train
+    from negdpo.segmentation.prompt_free.train import train
     from safetensors.torch import load_file
 
     kw = dict(max_train_steps=3, eval_images=0, max_train_images=6, train_batch_size=2, logging_steps=1)
@@ -362,23 +362,59 @@ def test_end_to_end_pseudo_labels_train_evaluate(phantom_dir, tmp_path):
     import csv
 
     from negdpo.segmentation.cli import main as evaluate_main
-    from negdpo.segmentation.prompt_generator.train import main as train_main
+    from negdpo.segmentation.prompt_free.train import main as train_main
 
     pseudo, run, ev = tmp_path / "pseudo", tmp_path / "gen", tmp_path / "eval"
     assert evaluate_main(["--data", str(phantom_dir), "--split", "train", "--saliency", "oracle", "--sam", "none",
-                          "--post", "threshold", "--no-control", "--bootstrap", "0", "--limit", "3", "--out", str(pseudo)]) == 0
+                          "--post", "threshold", "--no_control", "--bootstrap", "0", "--limit", "3", "--out", str(pseudo)]) == 0
     assert train_main(["--data", str(phantom_dir), "--targets", str(pseudo), "--output_dir", str(run),
                        "--max_train_steps", "2", "--num_queries", "2", "--train_batch_size", "1",
                        "--max_train_images", "3", "--eval_images", "0", "--report_to", "none"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["targets"] >= 1
-    assert evaluate_main(["--data", str(phantom_dir), "--split", "val", "--segmenter", f"prompt-generator:{run}",
+    assert evaluate_main(["--data", str(phantom_dir), "--split", "val", "--segmenter", f"prompt-free:{run}",
                           "--limit", "2", "--bootstrap", "0", "--out", str(ev)]) == 0
     rows = list(csv.DictReader((ev / "metrics.csv").open()))
     assert [r["checkpoint"] for r in rows] == ["prompt-generator"] * 2 and all(r["positive"] == "1" for r in rows)
     for r in rows:
         assert 0 <= float(r["dice"]) <= 1 and (ev / r["mask_path"]).is_file() and (ev / r["overlay_path"]).is_file()
     assert "prompt-generator" in json.loads((ev / "summary.json").read_text())["checkpoints"]
-    for bad in ("prompt-generator", f"prompt-generator:{tmp_path / 'missing'}"):  # fails before writing
+    for bad in ("prompt-free", f"prompt-free:{tmp_path / 'missing'}"):  # fails before writing
         assert evaluate_main(["--data", str(phantom_dir), "--segmenter", bad, "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_old_package_name_is_a_deprecated_alias_of_prompt_free(tmp_path):
+    """``negdpo.segmentation.prompt_generator`` (renamed to ``prompt_free``) still imports for one release: it
+    warns, its submodules are the renamed ones (the same objects) and the old object names resolve."""
+    import subprocess
+    import sys
+
+    code = ("import warnings\nwarnings.simplefilter('error', DeprecationWarning)\n"
+            "try:\n    import negdpo.segmentation.prompt_generator\nexcept DeprecationWarning as e:\n"
+            "    print('warned', 'prompt_free' in str(e))\n"
+            "warnings.simplefilter('ignore')\n"
+            "import negdpo.segmentation.prompt_generator as old, negdpo.segmentation.prompt_free as new\n"
+            "from negdpo.segmentation.prompt_generator.train import SegTrainConfig\n"
+            "import negdpo.segmentation.prompt_free.train as t\n"
+            "print(SegTrainConfig is t.SegTrainConfig, old.GeneratorConfig is new.PromptFreeConfig,\n"
+            "      old.load_prompt_generator is new.load_prompt_free, old.PromptSAM is new.PromptSAM)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split() == ["warned", "True", "True", "True", "True", "True"], out.stderr[-2000:]
+
+
+def test_segmenter_spelling_old_prefix_warns_and_bad_ones_fail(tmp_path):
+    from negdpo.segmentation.prompt_free.evaluation import prompt_free_dir
+
+    assert prompt_free_dir("sam") is None
+    for bad in ("prompt-free:", "prompt-free", "generator:x", ""):
+        with pytest.raises(ValueError, match="use sam or prompt-free:DIR"):
+            prompt_free_dir(bad)
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "prompt_generator.json").write_text("{}")  # the saved file keeps its name
+    assert prompt_free_dir(f"prompt-free:{tmp_path / 'run'}") == tmp_path / "run" / "final"
+    with pytest.warns(DeprecationWarning, match="prompt-free:DIR"):  # the old spelling reaches the same folder
+        assert prompt_free_dir(f"prompt-generator:{tmp_path / 'run'}") == tmp_path / "run" / "final"
+    with pytest.raises(FileNotFoundError):
+        prompt_free_dir(f"prompt-free:{tmp_path / 'missing'}")

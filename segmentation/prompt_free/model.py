@@ -27,7 +27,7 @@ PromptKind = Literal["box+mask", "box", "mask"]
 
 
 @dataclass
-class GeneratorConfig:
+class PromptFreeConfig:
     """Architecture of the generator and its adapters (saved next to the weights)."""
 
     num_queries: int = 4
@@ -47,7 +47,7 @@ class GeneratorConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
+    def from_dict(cls, d: dict[str, Any]) -> PromptFreeConfig:
         d = dict(d)
         d["level_fractions"] = tuple(d.get("level_fractions", (0.25, 0.5, 0.75)))
         return cls(**d)
@@ -75,7 +75,7 @@ class Adapter(nn.Module):
 class Generator(nn.Module):
     """Features (3 block levels + neck) -> aux mask logits, boxes, class logits for N queries."""
 
-    def __init__(self, encoder_dim: int, neck_dim: int, upsample: int, cfg: GeneratorConfig) -> None:
+    def __init__(self, encoder_dim: int, neck_dim: int, upsample: int, cfg: PromptFreeConfig) -> None:
         super().__init__()
         h, n = cfg.hidden_dim, cfg.num_queries
         levels = len(cfg.level_fractions)
@@ -147,7 +147,7 @@ class PromptSAM(nn.Module):
     detaches the previous; ``remove_hooks`` detaches explicitly).
     """
 
-    def __init__(self, sam: nn.Module, cfg: GeneratorConfig) -> None:
+    def __init__(self, sam: nn.Module, cfg: PromptFreeConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.sam = sam

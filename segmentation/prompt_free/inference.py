@@ -2,7 +2,7 @@
 
 A saved generator is a folder with ``prompt_generator.json`` (architecture, the SAM it was trained on,
 inference threshold) and ``prompt_generator.safetensors`` (generator + adapter weights; SAM's own weights
-are not copied). ``load_prompt_generator`` accepts that folder or a training output folder (``final/``).
+are not copied). ``load_prompt_free`` accepts that folder or a training output folder (``final/``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .model import GeneratorConfig, PromptSAM
+from .model import PromptFreeConfig, PromptSAM
 
 CONFIG_FILE = "prompt_generator.json"
 WEIGHTS_FILE = "prompt_generator.safetensors"
 
 
-def save_prompt_generator(model: PromptSAM, folder: str | Path, meta: dict[str, Any] | None = None) -> Path:
+def save_prompt_free(model: PromptSAM, folder: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write the config and trainable weights (atomic per file)."""
     from safetensors.torch import save_file
 
@@ -60,14 +60,14 @@ def find_saved(folder: str | Path) -> Path:
     raise FileNotFoundError(f"{folder}: no {CONFIG_FILE} (neither in the folder nor in its final/ subfolder)")
 
 
-def load_prompt_generator(folder: str | Path, sam_checkpoint: str | None = None,
-                          device: str | torch.device = "cpu") -> tuple[PromptSAM, dict[str, Any]]:
+def load_prompt_free(folder: str | Path, sam_checkpoint: str | None = None,
+                     device: str | torch.device = "cpu") -> tuple[PromptSAM, dict[str, Any]]:
     """(model in eval mode, saved meta). SAM is loaded by its saved name; ``sam_checkpoint`` overrides the path."""
     from negdpo.core.models import load_sam
 
     folder = find_saved(folder)
     meta = json.loads((folder / CONFIG_FILE).read_text())
-    cfg = GeneratorConfig.from_dict(meta["generator"])
+    cfg = PromptFreeConfig.from_dict(meta["generator"])
     sam = load_sam(cfg.sam, sam_checkpoint or cfg.sam_checkpoint, device)
     model = PromptSAM(sam, cfg)
     load_trainable(model, folder / WEIGHTS_FILE)
@@ -84,7 +84,7 @@ class Prediction:
     prob: np.ndarray  # (H, W) max over queries of score x mask probability
 
 
-class PromptGeneratorSegmenter:
+class PromptFreeSegmenter:
     """Prompt-free segmentation: union of the final masks of queries with score >= ``score_threshold``."""
 
     def __init__(self, model: PromptSAM, score_threshold: float = 0.5) -> None:

@@ -1,4 +1,4 @@
-"""``negdpo evaluate --segmenter prompt-generator:DIR``: prompt-free segmentation with a trained generator.
+"""``negdpo evaluate --segmenter prompt-free:DIR``: prompt-free segmentation with a trained stage-2 model.
 
 No CLIP, saliency or prompt: every scan goes through SAM's encoder once and the generator's queries
 give the masks. The outputs are those of the zero-shot chain (``metrics.csv``, ``summary.json``,
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,23 @@ import numpy as np
 from ..eval_output import image_path, write_outputs
 
 logger = logging.getLogger(__name__)
-PREFIX = "prompt-generator:"
-NAME = "prompt-generator"
+PREFIX = "prompt-free:"
+OLD_PREFIX = "prompt-generator:"  # deprecated spelling, accepted for one release
+NAME = "prompt-generator"  # the checkpoint label of the rows (kept: cached study evaluations are keyed by it)
 
 
-def generator_dir(segmenter: str) -> Path | None:
-    """The saved generator of ``prompt-generator:DIR``; None for ``sam`` (the zero-shot chain); else an error."""
+def prompt_free_dir(segmenter: str) -> Path | None:
+    """The saved model of ``prompt-free:DIR``; None for ``sam`` (the zero-shot chain); else an error."""
     from .inference import find_saved
 
     if segmenter == "sam":
         return None
+    if segmenter.startswith(OLD_PREFIX):
+        warnings.warn(f"--segmenter {OLD_PREFIX}DIR is deprecated; use {PREFIX}DIR", DeprecationWarning, stacklevel=2)
+        segmenter = PREFIX + segmenter[len(OLD_PREFIX):]
     if segmenter.startswith(PREFIX) and segmenter[len(PREFIX):]:
         return find_saved(segmenter[len(PREFIX):])
-    raise ValueError(f"segmenter '{segmenter}': use sam or prompt-generator:DIR")
+    raise ValueError(f"segmenter '{segmenter}': use sam or {PREFIX}DIR")
 
 
 def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | None) -> Any:
@@ -43,13 +48,13 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
 
     from .. import metrics as M
     from ..report import summarise, write_overlay
-    from .inference import PromptGeneratorSegmenter, load_prompt_generator
+    from .inference import PromptFreeSegmenter, load_prompt_free
 
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    folder = generator_dir(cfg.segmenter)
-    model, meta = load_prompt_generator(folder, cfg.sam_checkpoint, device)
-    segmenter = PromptGeneratorSegmenter(model, float(meta.get("score_threshold", 0.5)))
+    folder = prompt_free_dir(cfg.segmenter)
+    model, meta = load_prompt_free(folder, cfg.sam_checkpoint, device)
+    segmenter = PromptFreeSegmenter(model, float(meta.get("score_threshold", 0.5)))
     label = folder.parent.name if folder.name == "final" else folder.name  # the training run's folder name
     rows: list[dict[str, Any]] = []
     for scan in scan_list:
@@ -70,7 +75,7 @@ def run_prompt_free(cfg: Any, scan_list: list, skipped: list, out_dir: Path | No
             save_png(paths["coarse"], coarse)
             save_png(paths["masks"], pred)
             write_overlay(paths["overlays"], scan.image, prob, coarse, pred, gt, row["dice"],
-                          title=f"{scan.name} | prompt generator {label}")
+                          title=f"{scan.name} | prompt-free {label}")
             for key, kind in (("saliency_path", "saliency"), ("mask_path", "masks"), ("overlay_path", "overlays")):
                 row[key] = paths[kind].relative_to(out_dir).as_posix()
         rows.append(row)
