@@ -128,6 +128,21 @@ def chosen_saliency() -> dict | None:
     return max([r for r in sal if _gap_ok(r)] or sal, key=lambda r: np.mean(list(r["dice"].values())))
 
 
+# The rule above, fixed before the runs, picks M2IB + contrastive target + foreground by 0.001 mean Dice over CLIP
+# Surgery + foreground (0.217 vs 0.216 on validation). The study uses the runner-up, a deviation decided after
+# seeing the validation numbers (never the test split), for two reasons recorded here and in the protocol: the
+# two are tied within 0.001 Dice while Surgery's prompt gap is 3.6x larger (+0.104 vs +0.029), and an M2IB map
+# costs ~5.7x a Surgery map (10 steps x 5 samples), which would take the medium study's ~60 evaluated
+# checkpoints far past its time budget.
+SALIENCY_USED = ("surgery+fg", "tied with the rule's choice within 0.001 Dice, 3.6x its prompt gap, ~5.7x cheaper")
+
+
+def used_saliency() -> dict | None:
+    """The setting the study uses (:data:`SALIENCY_USED`), None before the saliency runs."""
+    rows = {r["label"]: r for r in _read("saliency")}
+    return rows.get(SALIENCY_USED[0]) or chosen_saliency()
+
+
 # -- generator sampling strength: the first seed's SFT adapter on validation positives vs their twins ----------
 STRENGTHS = (0.3, 0.5, 0.7, 1.0)
 
@@ -167,7 +182,7 @@ def tune_finetune(run: Any) -> None:
     from negdpo.study.pipeline import finetune_data
 
     bases = base_clips(run)
-    best = chosen_saliency()  # the chain chosen on validation, else the preset's
+    best = used_saliency()  # the chain chosen on validation, else the preset's
     opts = dict(best["opts"]) if best else {"saliency": run.cfg.eval_saliency} | {
         k: v for k, v in run.cfg.eval_extra.items() if k not in ("save_images", "sam_checkpoint")}
     opts["sam"] = "none"
@@ -199,7 +214,7 @@ def _ft_stats(row: dict) -> dict:
     """Per lr: each fine-tune's per-run difference to its own base and the loss difference per run (Dice and
     lesion AUROC), their mean, SD, paired t p, and the MDE of the loss comparison at 3 bases x 1 and x 2 runs."""
     import numpy as np
-    from negdpo.core.stats import minimum_detectable_effect
+    from negdpo.core.stats import minimum_detectable_effect, variance_components
     from scipy.stats import ttest_1samp
 
     out: dict = {"lr": row["lr"]}
@@ -212,7 +227,9 @@ def _ft_stats(row: dict) -> dict:
             out[f"{metric}_{v}_vs_base"] = {"mean": float(np.mean(d)), "sd": float(np.std(d, ddof=1)),
                                             "p": float(ttest_1samp(d, 0.0).pvalue)}
         sd = float(np.std(loss, ddof=1))
-        out[f"{metric}_loss"] = {"mean": float(np.mean(loss)), "sd": sd, "per_run": loss,
+        # nested components of the loss difference over run means: base seed, fine-tune seed within base
+        comp = variance_components({(t.partition("f")[0], t): d for t, d in zip(runs, loss)}, ("base", "finetune"))
+        out[f"{metric}_loss"] = {"mean": float(np.mean(loss)), "sd": sd, "per_run": loss, "components": comp,
                                  "mde_3": minimum_detectable_effect(sd, 3), "mde_6": minimum_detectable_effect(sd, 6)}
     return out
 
@@ -246,7 +263,11 @@ def report() -> str:
             lines.append(f"| {r['label']} | {' / '.join(f'{v:.3f}' for v in r['dice'].values())} | "
                          f"{np.mean(list(r['dice'].values())):.3f} | {np.mean(list(r['irrelevant'].values())):.3f} | "
                          f"{'yes' if _gap_ok(r) else 'no'} | {np.mean(list(r['sal_auroc'].values())):.3f} |")
-        lines += ["", f"Chosen: {best['label']} ({best['opts']}).", ""]
+        used = used_saliency()
+        lines += ["", f"The rule's choice: {best['label']} ({best['opts']}).", ""]
+        if used is not best:
+            lines += [f"Used by the study: **{used['label']}** ({used['opts']}) -- a deviation from the rule, decided "
+                      f"on these validation numbers: {SALIENCY_USED[1]}.", ""]
     st = _read("strength")
     if st:
         best = min(st, key=lambda r: r["inside_err"])
@@ -276,6 +297,12 @@ def report() -> str:
             lines.append(f"| {s['lr']:g} | {d} | {a} | {s['dice_loss']['sd']:.3f} / {s['sal_auroc_loss']['sd']:.3f} | "
                          f"{s['dice_loss']['mde_3']:.3f} / {s['dice_loss']['mde_6']:.3f} | "
                          f"{s['sal_auroc_loss']['mde_6']:.3f} |")
+        lines += ["", "Variance components of one run's loss difference (run means; nested ANOVA, base seed / fine-tune "
+                  "seed within base, the latter holding the image noise of a run's mean):", ""]
+        for s_ in ft:
+            c_d, c_a = s_["dice_loss"]["components"], s_["sal_auroc_loss"]["components"]
+            lines.append(f"- lr {s_['lr']:g}: Dice {c_d['base']:.5f} / {c_d['finetune']:.5f}; "
+                         f"lesion AUROC {c_a['base']:.5f} / {c_a['finetune']:.5f}")
         lines += ["", f"Chosen: lr {best['lr']:g}.", ""]
     text = "\n".join(lines)
     (OUT / "README.md").write_text(text)
