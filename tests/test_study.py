@@ -32,8 +32,8 @@ def _reduced(tmp: Path) -> StudyConfig:
     cfg = load_study_config(CONFIG, "quick", [])
     return StudyConfig(**{**cfg.__dict__, "out": str(tmp / "results"), "work_dir": str(tmp / "work"),
                           "phantoms_n": 8, "phantoms_pretrain_n": 4, "gen_autoencoder_steps": 20,
-                          "gen_sft_steps": 2, "gen_dpo_steps": 2, "gen_sample_steps": 2,
-                          "gen_variants": ["sft", "dpo_mi_sdpo"], "gen_seeds": 2, "pairs_k": 2, "pairs_steps": 2,
+                          "gen_sft_steps": 2, "gen_dpo_steps": 2, "gen_sample_steps": 4,
+                          "gen_variants": ["sft", "dpo_mi_sdpo"], "gen_seeds": 2, "pairs_k": 2, "pairs_steps": 4,
                           "clip_variants": ["base", "dhn_nce_faithful", "dpo_gen", "dpo_harmonic"], "clip_seeds": 2,
                           "clip_pretrain_steps": 2, "clip_finetune_steps": 2, "clip_batch": 2, "bootstrap": 50,
                           "eval_sam": "tiny", "eval_reference_saliency": "surgery", "pg_steps": 1, "vlm_steps": 2, "judge_pool_max": 4,
@@ -371,6 +371,12 @@ def test_unknown_variant_and_key_are_errors(tmp_path):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_init="telea")
     with pytest.raises(ValueError, match="gen_strength"):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_strength=0.0)
+    with pytest.raises(ValueError, match="gen_sample_steps.*no denoising step; needs >= 4"):  # 3 x 0.3 -> 0 steps
+        StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_init="harmonic", gen_strength=0.3, gen_sample_steps=3)
+    with pytest.raises(ValueError, match="pairs_steps"):
+        StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_init="harmonic", gen_strength=0.3, pairs_steps=2)
+    StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), gen_init="harmonic", gen_strength=0.3, gen_sample_steps=4,
+                pairs_steps=4)  # int(4 x 0.3) = 1 step
     with pytest.raises(ValueError, match=r"\['control_prompt'\] are set by the study"):
         StudyConfig(out=str(tmp_path), work_dir=str(tmp_path), eval_extra={"control_prompt": "a dog"})
     with pytest.raises(UsageError, match="--nope"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from negdpo.core.config import (
@@ -176,6 +177,11 @@ class StudyConfig:
               f"one of the fine-tuned variants {list(CLIP_VARIANTS[1:])}")
         check(self.gen_init in INITS, "gen_init", self.gen_init, f"one of {list(INITS)}")
         check(0 < self.gen_strength <= 1, "gen_strength", self.gen_strength, "must be in (0, 1]")
+        for key in ("gen_sample_steps", "pairs_steps"):  # diffusers runs int(steps x strength) denoising steps
+            steps = getattr(self, key)
+            check(int(steps * self.gen_strength) >= 1, key, steps,
+                  f"x gen_strength {self.gen_strength} leaves no denoising step; needs >= "
+                  f"{math.ceil(1 / self.gen_strength)}")
         check(self.gen_autoencoder_steps >= 0, "gen_autoencoder_steps", self.gen_autoencoder_steps, "must be >= 0")
         check(self.phantoms_pretrain_n >= 0, "phantoms_pretrain_n", self.phantoms_pretrain_n, "must be >= 0")
         area = self.phantoms_lesion_area
