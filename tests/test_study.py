@@ -86,20 +86,23 @@ def test_results_contract(study):
                   ("dhn_nce_faithful", "base"), ("dpo_gen", "base"), ("dpo_harmonic", "base"))
     stage2_pairs = (("pg_pseudo_base", "base"), ("pg_pseudo_best", "dpo_gen"), ("pg_supervised", "base"),
                     ("vlsam", "base"), ("base_reference", "base"))
+    design, other = clip_pairs[:3], clip_pairs[3:]  # the data-matched design's pairs, then fine-tune vs base
     assert [(c["family"], c["metric"], c["a"], c["b"]) for c in on_disk["comparisons"]] == [
-        ("clip", m, a, b) for m in ("dice", "prompt_gap") for a, b in clip_pairs] + [
+        ("clip", "dice", a, b) for a, b in design] + [  # the primary family: the design on Dice
+        ("clip_secondary", "prompt_gap", a, b) for a, b in design] + [
+        ("clip_secondary", m, a, b) for m in ("dice", "prompt_gap") for a, b in other] + [
+        ("clip_saliency", "sal_auroc", a, b) for a, b in clip_pairs] + [  # the raw map's lesion AUROC
         ("stage2", "dice", a, b) for a, b in stage2_pairs] + [
-        ("stage2", "prompt_gap", a, b) for a, b in stage2_pairs[3:]] + [  # prompt-free rows have no gap
-        ("clip_saliency", "sal_auroc", a, b) for a, b in clip_pairs]  # the raw map's lesion AUROC
+        ("stage2", "prompt_gap", a, b) for a, b in stage2_pairs[3:]]  # prompt-free rows have no gap
     diag = {(d["variant"], d["prompt"], d["group"]): d for d in on_disk["saliency_diagnostics"]}  # the raw maps
     assert {("base", p, "all") for p in ("report", "irrelevant")} <= set(diag)
     assert all(0.0 <= d["sal_auroc"] <= 1.0 for d in diag.values()) and "**Saliency diagnostics**" in (
         Path(cfg.out) / "results.md").read_text()
-    noise = {(n["a"], n["b"]): n for n in on_disk["noise"]}  # variance components + MDE (base comparisons left out)
-    assert set(noise) == {p for p in clip_pairs if p[1] != "base"} and "**Noise and power**" in (
+    noise = {(n["a"], n["b"]): n for n in on_disk["noise"]}  # variance components + MDE of the primary family
+    assert set(noise) == set(design) and "**Noise and power**" in (
         Path(cfg.out) / "results.md").read_text()
     assert all(n["n_runs"] == 2 and set(n["components"]) == {"run", "subject", "image"} for n in noise.values())
-    for family in ("clip", "stage2", "clip_saliency"):  # Holm over each family
+    for family in ("clip", "clip_secondary", "clip_saliency", "stage2"):  # Holm over each family
         rows = [c for c in on_disk["comparisons"] if c["family"] == family]
         adj = holm({str(i): c["p"] for i, c in enumerate(rows)})
         assert [c["p_holm"] for c in rows] == pytest.approx([adj[str(i)] for i in range(len(rows))])
@@ -113,7 +116,7 @@ def test_results_contract(study):
         lo, hi = c["ci"]
         assert lo <= c["diff_mean"] <= hi and c["subject_only"]["diff_mean"] == c["diff_mean"]
     gen = {(r["method"], r["paste_back"], r["modality"]) for r in on_disk["generator"]}
-    for method in ("sft", "dpo_mi_sdpo", "dpo_mi_sdpo_noise"):  # quick samples at strength 0.5: + a pure-noise row
+    for method in ("sft", "dpo_mi_sdpo", "dpo_mi_sdpo_noise"):  # quick samples from the fill (strength < 1): + a pure-noise row
         assert {(method, p, m) for p in (True, False) for m in ("mri", "us", "all")} <= gen
     assert ("identity", None, "all") in gen and ("harmonic", None, "all") in gen
     for r in on_disk["generator"]:  # the frozen residual-lesion detector fills the column, with a CI
@@ -144,7 +147,7 @@ def test_results_contract(study):
                  "## Comparisons", "CLIP-DPO: generated vs harmonic-fill negatives", "| SFT on twins (oracle) | yes | mri |",
                  "| DPO + MI + SDPO (oracle) | no | us |", "| positive itself (no repair) | — | all |",
                  "| DPO + MI + SDPO (oracle), from pure noise (strength 1) | yes | us |",
-                 "start from the positive with the mask harmonically filled (SDEdit), noised to strength 0.5",
+                 "start from the positive with the mask harmonically filled (SDEdit), noised to strength " + str(cfg.gen_strength),
                  "Realism AUC of a real-vs-generated classifier", "Oracle box: **", "Smoke preset",
                  "| VL-SAM (tiny VLM trained on the pool) (`vlsam`) | pool reports | report |", "— (prompt-free)",
                  "**Stage 2**", "runs × subjects", "Holm p", "## Protocol: where each choice was made",
