@@ -74,6 +74,20 @@ def test_building_presets_leaves_the_global_random_state_alone(tmp_path, monkeyp
         "tiny-sd-inpaint", "tiny-clip", "tiny-sam", "tiny-vlm"}
 
 
+def test_building_a_preset_prints_no_progress_bar(tmp_path, monkeypatch, capfd):
+    """First use builds the preset silently (a command's one-line error must stay one line in a fresh NEGDPO_HOME),
+    and the libraries' progress bars are on again afterwards."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    monkeypatch.setenv("NEGDPO_HOME", str(tmp_path))
+    resolve_diffusion("tiny")
+    resolve_clip("tiny")
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "%|" not in err, err[:300]
+    assert t_logging.is_progress_bar_enabled() and d_logging.is_progress_bar_enabled()
+
+
 def test_tiny_sam_forward_with_predictor():
     from segment_anything import SamPredictor
 

@@ -42,6 +42,24 @@ def seeded(seed: int = 0) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No transformers / diffusers progress bars in the block ("Writing model shards" on stderr while a preset is
+    built on first use: a command's one-line error would otherwise come with them); their state is restored."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (t_logging, d_logging)]
+    for m, _ in was:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in was:
+            if on:
+                m.enable_progress_bar()
+
+
 def build_once(name: str, builder: Callable[[Path, Path], None], version: str = PRESET_VERSION) -> Path:
     """Build a preset into ``cache_home()/presets/<name>-v<version>`` once; safe under concurrency.
 
@@ -55,7 +73,7 @@ def build_once(name: str, builder: Callable[[Path, Path], None], version: str = 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        with seeded(0):
+        with seeded(0), quiet_progress():
             builder(tmp, target)
         (tmp / ".complete").write_text("ok\n")
         try:
