@@ -9,21 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from json_common import json_strings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "results").glob("*/results.json"))
-
-
-def _strings(obj):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield str(k)
-            yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
-    elif isinstance(obj, str):
-        yield obj
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.parent.name)
@@ -31,7 +20,7 @@ def test_no_absolute_paths_in_committed_results(path: Path) -> None:
     texts = [path.read_text()] + [p.read_text() for p in path.parent.glob("*.csv")]
     for text in texts:
         assert not re.search(r'(?<![\w.])/(?:work|home|tmp|root|Users|mnt|check)/', text), path
-    absolute = [s for s in _strings(json.loads(path.read_text())) if s.startswith("/")]
+    absolute = [s for s in json_strings(json.loads(path.read_text())) if s.startswith("/")]
     assert absolute == [], absolute[:5]
 
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from json_common import json_strings
 from negdpo.generator.lora_io import (
     LORA_WEIGHT_NAME,
     PEFT_CONFIG_NAME,
@@ -214,14 +215,6 @@ def test_model_card_front_matter_and_snippet_runs(tiny_sd_path, tmp_path):
     assert (stacked - want).abs().max() > 1e-3  # the reference really was applied under the adapter
 
 
-def _strings(obj):
-    if isinstance(obj, dict):
-        return [s for v in obj.values() for s in _strings(v)]
-    if isinstance(obj, list):
-        return [s for v in obj for s in _strings(v)]
-    return [obj] if isinstance(obj, str) else []
-
-
 def _outputs(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -250,7 +243,7 @@ def test_clip_checkpoint_loads_after_move(tiny_clip, tmp_path, monkeypatch):
     cfg = json.loads((first / "open_clip_config.json").read_text())
     text_cfg = cfg["model_cfg"]["text_cfg"]
     assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "."  # the BERT lives in the folder
-    assert not [v for v in _strings(cfg) if v.startswith("/") or str(tmp_path) in v or "presets" in v]
+    assert not [v for v in json_strings(cfg, keys=False) if v.startswith("/") or str(tmp_path) in v or "presets" in v]
     assert {"config.json", "tokenizer_config.json"} <= {p.name for p in first.iterdir()}
     moved = tmp_path / "copied" / "final"
     shutil.copytree(first, moved)
@@ -317,7 +310,7 @@ def test_clip_checkpoint_from_a_hub_tower_loads_moved_in_plain_open_clip(tiny_cl
     saved_cfg = json.loads((saved / "open_clip_config.json").read_text())
     assert saved_cfg["model_cfg"]["text_cfg"]["hf_model_name"] == saved_cfg["model_cfg"]["text_cfg"][
         "hf_tokenizer_name"] == repo
-    assert not [v for v in _strings(saved_cfg) if v.startswith("/") or str(tmp_path) in v]
+    assert not [v for v in json_strings(saved_cfg, keys=False) if v.startswith("/") or str(tmp_path) in v]
     moved = tmp_path / "elsewhere" / "final"
     shutil.move(str(saved), moved)
     shutil.rmtree(source)

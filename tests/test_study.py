@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from json_common import json_strings
 from negdpo.core.console import UsageError
 from negdpo.core.stats import UNIT_CROSSED, UNIT_ONE_RUN, holm, subject_ci, verdict_p
 from negdpo.generator.sample import paste_back_blend
@@ -536,20 +537,7 @@ def test_no_absolute_path_in_results(study):
     """results.json and the CSVs name no path of the machine they ran on (relative to the work dir / out)."""
     cfg, results = study
     out = Path(cfg.out)
-    strings: list[str] = []
-
-    def walk(x):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                strings.append(str(k))
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-        elif isinstance(x, str):
-            strings.append(x)
-
-    walk(json.loads((out / "results.json").read_text()))
+    strings = json_strings(json.loads((out / "results.json").read_text()))
     for name in ("segmentation_metrics.csv", "generator_metrics.csv"):
         strings += [v for r in csv.DictReader(open(out / name)) for v in r.values()]
     tmp = str(Path(cfg.out).resolve().parent).lstrip("/")
