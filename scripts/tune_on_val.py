@@ -3,6 +3,7 @@
     python scripts/tune_on_val.py sam        # SAM pre-training prompt mix: held-out pool subjects' box Dice
     python scripts/tune_on_val.py saliency   # saliency method and post-processing: validation positives
     python scripts/tune_on_val.py strength   # generator sampling strength: validation positives vs their twins
+    python scripts/tune_on_val.py gensteps   # generator SFT and DPO steps: validation positives vs their twins
     python scripts/tune_on_val.py finetune   # CLIP fine-tuning lr (and the run-to-run noise): validation positives
     python scripts/tune_on_val.py report     # results/tuning_val/README.md: the numbers and the choice of each rule
 
@@ -169,6 +170,68 @@ def tune_strength(run: Any) -> None:
             for m in ("mri", "us")}, "inside_err": float(np.mean([r["inside_err"] for r in rows]))})
 
 
+# -- generator training steps: SFT, then DPO from the chosen SFT, validation positives vs their twins --------------
+SFT_STEPS = (600, 1200)
+DPO_STEPS = (30, 60, 120)
+
+
+def _val_inside_err(run: Any, label: str, adapter: str) -> dict:
+    """One adapter (first generator seed) on the validation positives at the study's sampling: inside-mask error
+    vs the twin (paste-back), per modality."""
+    import numpy as np
+    from negdpo.core.scans import ScanFolder
+
+    from negdpo.study.generators import score_generator
+
+    scans = [s for s in ScanFolder(run.phantoms).load_split("val") if s.positive]
+    d = run.work / "tune_gensteps" / f"eval_{label}"
+    d.mkdir(parents=True, exist_ok=True)
+    res = score_generator(label, scans, d, model=run.cfg.gen_model, adapter=adapter, device=run.device,
+                          steps=run.cfg.gen_sample_steps, seed=run.cfg.seed, seam_px=run.cfg.gen_seam_px,
+                          sampling=run.sampling)
+    rows = [r for r in res["rows"] if r["paste_back"]]
+    return {"n": len(rows), "inside_err": float(np.mean([r["inside_err"] for r in rows])),
+            **{f"inside_err_{m}": float(np.mean([r["inside_err"] for r in rows if r["modality"] == m]))
+               for m in ("mri", "us")}}
+
+
+def tune_gensteps(run: Any) -> None:
+    """SFT steps (lowest validation inside error), then the ``dpo`` row's steps from that SFT adapter (the same
+    rule); every DPO row of the study uses the DPO choice. The preset's own values are the study's cached stages."""
+    from negdpo.study.generators import adapt_autoencoder, train_generator, train_generators
+
+    run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
+    cfg, done = run.cfg, {(r["row"], r["steps"]) for r in _read("gensteps")}
+    common = {"phantoms": run.ph_settings, "model": run.stamp("gen_autoencoder"), "seed": cfg.seed, "lr": cfg.gen_lr,
+              "batch": cfg.gen_batch, "extra": cfg.gen_extra}
+    no_mi = dict(mi_weight=0.0, fidelity_weight=0.0, sdpo=False, seed=cfg.seed)
+
+    def sft(steps: int) -> str:
+        if steps == cfg.gen_sft_steps:
+            return train_generators(run, ["sft"], cfg.seed)["sft"]
+        return run.stage(f"tune_gensteps/sft{steps}", common | {"steps": steps}, lambda d: train_generator(
+            cfg, run.phantoms, d, train_method="sft", max_train_steps=steps, **no_mi))["adapter"]
+
+    for steps in SFT_STEPS:
+        if ("sft", steps) not in done:
+            _append("gensteps", {"row": "sft", "steps": steps, **_val_inside_err(run, f"sft{steps}", sft(steps))})
+    sft_rows = [r for r in _read("gensteps") if r["row"] == "sft"]
+    sft_steps = min(sft_rows, key=lambda r: r["inside_err"])["steps"]
+    ref = sft(sft_steps)
+    for steps in DPO_STEPS:
+        if ("dpo", steps) in done:
+            continue
+        if sft_steps == cfg.gen_sft_steps and steps == cfg.gen_dpo_steps:
+            adapter = train_generators(run, ["dpo"], cfg.seed)["dpo"]
+        else:
+            settings = common | {"reference": sft_steps, "steps": steps, "beta": cfg.gen_beta}
+            adapter = run.stage(f"tune_gensteps/dpo{steps}_sft{sft_steps}", settings, lambda d, steps=steps: train_generator(
+                cfg, run.phantoms, d, train_method="dpo", max_train_steps=steps, reference_adapter=ref, **no_mi))[
+                "adapter"]
+        _append("gensteps", {"row": "dpo", "steps": steps, "sft_steps": sft_steps,
+                             **_val_inside_err(run, f"dpo{steps}", adapter)})
+
+
 # -- CLIP fine-tuning lr: run-to-run noise of fine-tunes that share a base (twin data: no generator needed) ----
 LRS = (1e-3, 2e-4)  # the preset's rate and a five-times lower one
 FT_VARIANTS = ("dhn_nce", "dpo_twin")
@@ -277,6 +340,17 @@ def report() -> str:
         lines += [f"| {r['sampling']} | {r['n']} | {r['inside_err_mri']:.4f} | {r['inside_err_us']:.4f} | "
                   f"{r['inside_err']:.4f} |" for r in st]
         lines += ["", f"Chosen: {best['sampling']}.", ""]
+    gs = _read("gensteps")
+    if gs:
+        lines += ["## Generator training steps (validation positives vs their twins, strength 0.3)", "",
+                  "Rule: the lowest inside-mask error vs the twin (paste-back), first generator seed; SFT first, then",
+                  "the `dpo` row's steps from the chosen SFT adapter (every DPO row uses that count).", "",
+                  "| row | steps | from SFT | n | inside error MRI | US | all |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['row']} | {r['steps']} | {r.get('sft_steps', '')} | {r['n']} | {r['inside_err_mri']:.4f} | "
+                  f"{r['inside_err_us']:.4f} | {r['inside_err']:.4f} |" for r in gs]
+        chosen = {row: min((r for r in gs if r["row"] == row), key=lambda r: r["inside_err"])["steps"]
+                  for row in ("sft", "dpo") if any(r["row"] == row for r in gs)}
+        lines += ["", f"Chosen: SFT {chosen.get('sft')} steps, DPO {chosen.get('dpo')} steps.", ""]
     ft = [_ft_stats(r) for r in _read("finetune")]
     if ft:
         moved = [s for s in ft if any(s[f"{m}_{v}_vs_base"]["p"] < 0.05 for m in ("dice", "sal_auroc")
@@ -312,7 +386,7 @@ def report() -> str:
 def main(argv: list[str] | None = None) -> int:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["sam", "saliency", "strength", "finetune", "report"])
+    ap.add_argument("what", choices=["sam", "saliency", "strength", "gensteps", "finetune", "report"])
     ap.add_argument("--preset", default="medium", help="the study preset whose stages and settings are tuned")
     ap.add_argument("--out", default=str(OUT), help="folder of the JSON lines and README.md")
     args, rest = ap.parse_known_args(argv)
@@ -322,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run = _run(args.preset, rest)
     with run.selection():  # the test split is locked for every choice
-        {"sam": tune_sam, "saliency": tune_saliency, "strength": tune_strength,
+        {"sam": tune_sam, "saliency": tune_saliency, "strength": tune_strength, "gensteps": tune_gensteps,
          "finetune": tune_finetune}[args.what](run)
     return 0
 

@@ -85,3 +85,31 @@ def test_pool_positives_read_the_pool_only(tmp_path):
     with locked_splits(("train", "val", "test")) as record:
         assert pool_positives(root, 3)
     assert set(record.reads) == {"pretrain"}
+
+
+@pytest.mark.integration  # spawns worker processes (~15 s)
+def test_background_stages_run_beside_the_caller_locked_and_counted(phantom_dir, tmp_path):
+    """``StudyRun.background``: stages start on a spare worker and the block goes on; leaving it waits, counts the
+    worker's reads in the phase, and a stage that opens a locked split fails the run there."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from negdpo.study.twinfree import write_twinless_copy
+
+    run = StudyRun(cfg=SimpleNamespace(workers=2, threads=1, preset="t"), work=tmp_path, out=tmp_path, device="cpu")
+    copy_val = [("copy_val", {"k": 1}, partial(write_twinless_copy, phantom_dir, splits=("val",)))]
+    with run.background(copy_val, "selection", ("test",)) as started:
+        assert started == ["copy_val"]
+    n_val = len(ScanFolder(phantom_dir).image_files("val"))
+    assert run.reads["selection"]["val"] >= n_val and "test" not in run.reads["selection"]
+    assert len(list((tmp_path / "copy_val" / "val_images").iterdir())) == n_val
+    with run.background(copy_val, "selection", ("test",)) as started:
+        assert started == []  # cached: nothing reruns
+    copy_test = [("copy_test", {"k": 1}, partial(write_twinless_copy, phantom_dir, splits=("test",)))]
+    with pytest.raises(LockedSplitError), run.background(copy_test, "selection", ("test",)):
+        pass
+    assert not (tmp_path / "copy_test" / "stage.json").exists()
+    serial = StudyRun(cfg=SimpleNamespace(workers=1, threads=1, preset="t"), work=tmp_path / "s", out=tmp_path,
+                      device="cpu")
+    with serial.background(copy_test, "selection", ("test",)) as started:
+        assert started == []  # no spare worker: the stage runs later, where the caller reads it

@@ -44,7 +44,9 @@ def test_twinfree_comparisons_ask_the_issue_questions():
     added = pairs[len(GEN_COMPARISONS):]
     assert added[0] == ("dpo_onpolicy_r2", "sft_healthy")  # does twin-free DPO beat twin-free SFT?
     assert added[-1] == ("dpo_onpolicy_mi_r2", "dpo_onpolicy_r2")  # does MI help without twins?
-    assert {a for a, b in added if b == "harmonic_vae"} == set(twinfree_rows(2))  # anything learned vs the fill
+    # anything learned vs the fill through the twin-free autoencoder (the oracle's saw twins)
+    assert {a for a, b in added if b == "harmonic_vae_twinfree"} == set(twinfree_rows(2))
+    assert not {a for a, b in added if b == "harmonic_vae"}
     clip = {(a, b) for a, b, _ in COMPARISONS}
     assert {("dpo_twinfree", "dpo_gen"), ("dpo_twinfree", "dpo_harmonic"), ("dpo_twinfree", "dhn_nce_faithful"),
             ("dpo_twinfree", "dhn_nce_twinfree")} <= clip
@@ -67,11 +69,11 @@ def test_twinfree_generator_comparisons_hand_computed():
                  "subject_id": f"mri_{k:04d}", "modality": "mri", "inside_err": e} for k, e in enumerate(errs)]
 
     gen = rows("sft_healthy", "0", [0.2, 0.4, 0.6]) + rows("dpo_onpolicy_r1", "0", [0.1, 0.2, 0.3]) \
-        + rows("dpo_onpolicy_mi_r1", "0", [0.1, 0.3, 0.5]) + rows("harmonic_vae", "", [0.3, 0.3, 0.3])
+        + rows("dpo_onpolicy_mi_r1", "0", [0.1, 0.3, 0.5]) + rows("harmonic_vae_twinfree", "", [0.3, 0.3, 0.3])
     out = {(r["a"], r["b"]): r for r in generator_comparisons(gen, 200, 0, pairs=gen_comparisons(1))}
     assert out["dpo_onpolicy_r1", "sft_healthy"]["diff_mean"] == pytest.approx(-0.2)
     assert out["dpo_onpolicy_mi_r1", "dpo_onpolicy_r1"]["diff_mean"] == pytest.approx(0.1)
-    assert out["sft_healthy", "harmonic_vae"]["diff_mean"] == pytest.approx(0.1)  # the fill pairs with every run
+    assert out["sft_healthy", "harmonic_vae_twinfree"]["diff_mean"] == pytest.approx(0.1)  # pairs with every run
     assert ("dpo", "sft") not in out  # rows that did not run are not compared
 
 
@@ -112,10 +114,12 @@ def test_generator_table_scores_twinfree_rows_per_seed_with_their_model(phantom_
     monkeypatch.setattr(generators, "score_generator", fake_score)
     rows = ["sft_healthy", "dpo_onpolicy_r1"]
     adapters = {gs: {r: f"/adapters/{r}/{gs}" for r in rows} for gs in (0, 1)}
-    table = generators.generator_table(run, rows, adapters, {r: "/tf-model" for r in rows})
+    table = generators.generator_table(run, rows, adapters, {r: "/tf-model" for r in [*rows, "harmonic_vae_twinfree"]})
     assert ("dpo_onpolicy_r1", "/tf-model", "/adapters/dpo_onpolicy_r1/1") in calls
     assert ("identity", cfg.gen_model, None) in calls
+    assert ("harmonic_vae", "/tf-model", None) in calls  # the twin-free baseline: the fill through their autoencoder
     assert {(r["method"], r["run"]) for r in table.rows} == {("identity", ""), ("harmonic", ""),
+                                                              ("harmonic_vae_twinfree", ""),  # reported as itself
                                                               *((r, str(gs)) for r in rows for gs in (0, 1))}
     import json
 

@@ -3,7 +3,8 @@ its settings; a rerun skips stamped stages whose settings are unchanged (trainin
 their last Accelerate checkpoint), so an interrupted study continues where it stopped.
 
 :class:`StudyRun` is what the stage functions share: the config, the folders, the device and the stage
-runner (:meth:`StudyRun.stage`, and :meth:`StudyRun.stages` for independent stages run in worker processes).
+runner (:meth:`StudyRun.stage`, :meth:`StudyRun.stages` for independent stages run in worker processes, and
+:meth:`StudyRun.background` for stages that run on spare workers while this process goes on).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from negdpo.core.console import setup_logging
-from negdpo.core.split_lock import active_lock, locked_splits
+from negdpo.core.split_lock import active_lock, add_reads, locked_splits
 
 logger = logging.getLogger("negdpo.study")
 
@@ -94,10 +95,11 @@ def _init_worker(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_in_worker(work: Path, name: str, settings: dict, fn: StageFn, locked: frozenset[str]) -> str:
-    with locked_splits(locked):  # the parent's locked splits stay locked in the worker
+def _run_in_worker(work: Path, name: str, settings: dict, fn: StageFn, locked: frozenset[str]) -> dict[str, int]:
+    """One stage in a worker; returns the files it opened per split (the parent counts them in its phase)."""
+    with locked_splits(locked) as record:  # the parent's locked splits stay locked in the worker
         run_stage(work, name, settings, fn)
-    return name
+    return dict(record.reads)
 
 
 def prefetch_parallel(work: Path, jobs: list[Job], workers: int, threads: int) -> list[str]:
@@ -115,7 +117,33 @@ def prefetch_parallel(work: Path, jobs: list[Job], workers: int, threads: int) -
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn"),
                              initializer=_init_worker, initargs=(threads,)) as pool:
         futures = [pool.submit(_run_in_worker, work, *job, active_lock()) for job in todo]
-        return [f.result() for f in futures]  # a failed stage raises here, after the others finished
+        for f in futures:
+            add_reads(f.result())  # a failed stage raises here, after the others finished
+    return [j[0] for j in todo]
+
+
+@contextmanager
+def background_stages(work: Path, jobs: list[Job], workers: int, threads: int, locked: frozenset[str],
+                      reads: Counter) -> Iterator[list[str]]:
+    """Start the uncached ``jobs`` in ``workers`` spawned processes and return to the caller at once; leaving the
+    block waits for them (a failed stage raises there) and adds the files they opened per split to ``reads``.
+    ``locked`` splits stay locked in the workers. With ``workers`` < 1 nothing starts: the stages run later, where
+    the caller reads them. Yields the names started."""
+    todo = [j for j in jobs if cached_result(work, j[0], j[1]) is None]
+    if workers < 1 or not todo:
+        yield []
+        return
+    logger.info("starting %d stages in %d background processes: %s", len(todo), workers,
+                ", ".join(j[0] for j in todo))
+    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads,))
+    futures = [pool.submit(_run_in_worker, work, *job, frozenset(locked) | active_lock()) for job in todo]
+    try:
+        yield [j[0] for j in todo]
+        for f in futures:
+            reads.update(f.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -146,6 +174,16 @@ class StudyRun:
         prefetch_parallel(self.work, [(n, self.stamped(st), f) for n, st, f in jobs], self.cfg.workers,
                           self.cfg.threads)
         return [self.stage(*job) for job in jobs]
+
+    def background(self, jobs: list[Job], phase: str, locked: tuple[str, ...]) -> Any:
+        """Context manager: independent stages in ``cfg.workers`` processes beside this one while the block runs
+        here (:func:`background_stages`; with ``workers`` 1, none: they run where they are read), with ``locked``
+        splits locked and their reads counted in ``reads[phase]``; their results are read later with
+        :meth:`stage` / :meth:`stages`. The CPU is shared (one process more than ``workers``): the numbers are
+        the same, only the wall time changes."""
+        workers = self.cfg.workers if self.cfg.workers > 1 else 0
+        return background_stages(self.work, [(n, self.stamped(st), f) for n, st, f in jobs], workers,
+                                 self.cfg.threads, frozenset(locked), self.reads.setdefault(phase, Counter()))
 
     def stamp(self, name: str) -> str | None:
         return stamp_of(self.work, name)

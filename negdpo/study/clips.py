@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from negdpo.study.cache import StudyRun
+from negdpo.study.cache import Job, StudyRun
 from negdpo.study.variants import FINETUNED
 
 Checkpoints = dict[tuple[str, str], str]  # {(variant, tag): CLIP final/ folder}; tag: see :func:`run_tag`
@@ -66,7 +66,14 @@ def pretrain_split(cfg: Any) -> str:
 
 
 def base_clips(run: StudyRun) -> Checkpoints:
-    """Stages ``clip_base_s<seed>``: contrastive pre-training of one base CLIP per seed."""
+    """Stages ``clip_base_s<seed>``: contrastive pre-training of one base CLIP per seed (read back where
+    :func:`base_clip_jobs` already ran in the background)."""
+    seeds = clip_seeds(run.cfg)
+    return {("base", run_tag(sd)): job["checkpoint"] for sd, job in zip(seeds, run.stages(base_clip_jobs(run)))}
+
+
+def base_clip_jobs(run: StudyRun) -> list[Job]:
+    """The stages ``clip_base_s<seed>`` as picklable jobs: they depend on the phantoms only."""
     cfg, split = run.cfg, pretrain_split(run.cfg)
     settings = {"phantoms": run.ph_settings, "model": cfg.clip_model, "batch": cfg.clip_batch, "extra": cfg.clip_extra,
                 "steps": cfg.clip_pretrain_steps, "lr": cfg.clip_pretrain_lr, "split": split}
@@ -75,7 +82,7 @@ def base_clips(run: StudyRun) -> Checkpoints:
         clip_job, cfg, cfg.clip_model, str(run.phantoms), "clip", cfg.clip_pretrain_steps, cfg.clip_pretrain_lr, sd,
         dict(retention_weight=1.0, dedup_captions=True, freeze_logit_scale=False, tsne=False,
              train_split=split))) for sd in seeds]
-    return {("base", run_tag(sd)): job["checkpoint"] for sd, job in zip(seeds, run.stages(jobs))}
+    return jobs
 
 
 def finetune_clips(run: StudyRun, clip_variants: list[str], base: Checkpoints,

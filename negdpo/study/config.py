@@ -26,6 +26,9 @@ class StudyConfig:
         default="quick", metadata={"help": "preset of the config's presets: section (quick | medium | full in configs/phantom_study.yaml)"})
     out: str = field(
         default="results/phantom_study", metadata={"help": "results folder: results.json, results.md, CSVs and figures"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace the results in out of a study with other settings (a rerun with the "
+                                         "same settings replaces its own results without it)"})
     work_dir: str = field(
         default="outputs/phantom_study", metadata={"help": "cache of every stage's outputs (reused by a rerun with the same settings)"})
     seed: int = field(
@@ -77,6 +80,9 @@ class StudyConfig:
         default_factory=dict, metadata={"help": "GenTrainConfig overrides of every generator run (mapping)"})
     gen_seeds: int = field(
         default=1, metadata={"help": "generator training seeds seed, seed + 1, ...: the generator comparisons resample them"})
+    gen_noise_row: bool = field(
+        default=True, metadata={"help": "with gen_strength < 1, also score the pairs' generator from pure noise "
+                                        "(row <pairs_adapter>_noise; no comparison uses it)"})
     gen_isolation_rows: bool = field(
         default=True, metadata={"help": "add the rows harmonic_vae (fill through the autoencoder) and harmonic_untrained (no adapter)"})
     # pairs
@@ -115,6 +121,9 @@ class StudyConfig:
         default_factory=dict, metadata={"help": "EvalConfig overrides of that reference evaluation (mapping)"})
     prompt_word: str = field(
         default="tumor", metadata={"help": "the one-word prompt of the prompt-sensitivity rows"})
+    eval_word: bool = field(
+        default=True, metadata={"help": "also evaluate every checkpoint with the one-word prompt (prompt-sensitivity "
+                                        "rows; no comparison family uses them)"})
     prompt_irrelevant: str = field(
         default="a photo of a cat sitting on a chair", metadata={"help": "the irrelevant prompt of the control rows"})
     bootstrap: int = field(

@@ -18,7 +18,7 @@ from negdpo.core.imageio import to_gray
 from negdpo.generator.evaluate import repair_metrics
 from negdpo.study.cache import StudyRun
 from negdpo.study.data import held_out_positives, lesion_groups, pool_positives, repaint_mask, subject_of
-from negdpo.study.variants import GEN_VARIANTS, training_stage
+from negdpo.study.variants import GEN_VARIANTS, TWINFREE_VAE, training_stage
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -221,7 +221,8 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, 
     as the learned rows with no adapter). Rows carry ``run``: the generator seed of a learned row, ``""`` for
     a row that trains nothing (it pairs with every run). ``models``: {learned row: the base model its adapter
     belongs to} where it is not ``gen_model`` (the twin-free rows: the twin-free autoencoder, which their training
-    stage's stamp, hence ``adapter_stamp``, already names)."""
+    stage's stamp, hence ``adapter_stamp``, already names); with :data:`TWINFREE_VAE` in it, that row (the fill
+    through the twin-free autoencoder) is scored too."""
     models = models or {}
     cfg, phantoms = run.cfg, run.phantoms
     scans = held_out_positives(phantoms)
@@ -236,10 +237,12 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, 
     # (row, variant whose adapter samples (None: no adapter), sampling (None: not sampled), generator seed)
     evals = [(v, v, None, first) for v in ("identity", "harmonic")]
     evals += [(v, v, run.sampling, first) for v in gen_variants]
-    if cfg.gen_strength < 1:  # the pairs' generator from pure noise too: what the model does without a start image
+    if cfg.gen_strength < 1 and cfg.gen_noise_row:  # the pairs' generator from pure noise too: what the model does without a start image
         evals.append((f"{cfg.pairs_adapter}_noise", cfg.pairs_adapter, {"init": "source", "strength": 1.0}, first))
     if cfg.gen_isolation_rows:
         evals += [("harmonic_vae", None, None, first), ("harmonic_untrained", None, run.sampling, first)]
+    if TWINFREE_VAE in models:  # the twin-free rows' baseline: the fill through their own autoencoder
+        evals.append((TWINFREE_VAE, None, None, first))
     evals += [(f"{v}_g{gs}", v, run.sampling, gs) for gs in adapters if gs != first for v in gen_variants]
     for name, variant, how, gs in evals:
         settings = {"variant": variant, "adapter_stamp": variant and run.stamp(
@@ -249,15 +252,18 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, 
                     "pool": [s.name for s in pool]}
         if name in ("harmonic_vae", "harmonic_untrained"):
             settings |= {"variant": name, "model": run.stamp("gen_autoencoder") or cfg.gen_model}
-        method = name.rsplit("_g", 1)[0] if gs != first else name
-        res = run.stage(f"geneval_{name}", settings, lambda d, m=method, v=variant, how=how, gs=gs: score_generator(
-            m, scans, d, model=models.get(v, cfg.gen_model), adapter=adapters[gs].get(v) if v else None,
-            device=run.device,
-            steps=cfg.gen_sample_steps, seed=cfg.seed, seam_px=cfg.gen_seam_px, sampling=how, detector=detector,
-            pool_scans=pool, n_boot=cfg.bootstrap))
+        if name == TWINFREE_VAE:
+            settings |= {"variant": name, "model": run.stamp("gen_autoencoder_twinfree") or models[name]}
+        method = "harmonic_vae" if name == TWINFREE_VAE else name.rsplit("_g", 1)[0] if gs != first else name
+        model = models.get(name) or models.get(variant, cfg.gen_model)
+        adapter = adapters[gs].get(variant) if variant else None
+        res = run.stage(f"geneval_{name}", settings, lambda d, m=method, a=adapter, how=how, model=model: score_generator(
+            m, scans, d, model=model, adapter=a, device=run.device, steps=cfg.gen_sample_steps, seed=cfg.seed,
+            seam_px=cfg.gen_seam_px, sampling=how, detector=detector, pool_scans=pool, n_boot=cfg.bootstrap))
         learned = variant in GEN_VARIANTS or variant in models or name.endswith("_noise")
-        table.rows += [{**r, "run": str(gs) if learned else ""} for r in res["rows"]]
-        table.realism += [{**r, "run": str(gs) if learned else ""} for r in res.get("realism", [])]
-        if how is not None and gs == first or name == "harmonic_vae":
+        row_name = {"method": name} if name == TWINFREE_VAE else {}  # scored as harmonic_vae, reported as itself
+        table.rows += [{**r, **row_name, "run": str(gs) if learned else ""} for r in res["rows"]]
+        table.realism += [{**r, **row_name, "run": str(gs) if learned else ""} for r in res.get("realism", [])]
+        if how is not None and gs == first or name in ("harmonic_vae", TWINFREE_VAE):
             shutil.copy(res["grid"], run.out / "figures" / f"generator_{name}.png")
     return table

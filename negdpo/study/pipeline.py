@@ -1,14 +1,16 @@
 """``run_study``: the phantom study as a pipeline of cached stages, one function call per stage, in order.
 
-    phantoms (+ a disjoint pre-training pool) -> (autoencoder adapted to the phantoms) -> SFT of the
-    inpainting model on healthy scans -> Diffusion-DPO variants (DPO, DPO+MI, DPO+MI+SDPO)
-    -> (``twinfree_rows``: the twin-free chain, :mod:`negdpo.study.twinfree`, val + test locked)
-    -> generator table on held-out (val+test) positives vs their twins
-    -> base CLIPs (contrastive pre-training on the pool, one per seed)
-    -> preference pairs of the pairs generator, judged with the first seed's base CLIP (+ the harmonic set)
-    -> fine-tunes of each seed's base -> the tiny SAM pre-trained on the pool
-    -> zero-shot segmentation of the test subjects per checkpoint and prompt (+ reference saliency, oracle box)
-    -> stage 2 (prompt generator) and VL-SAM rows -> results.json (the contract) + results.md
+    phantoms (+ a disjoint pre-training pool)
+    -> in worker processes meanwhile: the base CLIPs (contrastive pre-training on the pool, one per seed), the
+       twin-free chain (``twinfree_rows``: :mod:`negdpo.study.twinfree`, val + test locked), the tiny SAM
+       pre-trained on the pool
+    -> (autoencoder adapted to the phantoms) -> SFT of the inpainting model on twins -> Diffusion-DPO variants
+       (DPO, DPO+MI, DPO+MI+SDPO), per generator seed
+    -> generator table on held-out (val+test) positives vs their twins (oracle rows, then the twin-free rows)
+    -> preference pairs of the pairs generator, judged with the first seed's base CLIP (+ the harmonic,
+       MedCLIP-SAMv2 and twin-free sets) -> fine-tunes of each seed's base
+    -> zero-shot segmentation of the test subjects per checkpoint (+ one-word prompt, reference saliency, oracle box)
+    -> stage 2 (prompt-free) and VL-SAM rows -> results.json (the contract) + results.md
 
 Stage outputs live under ``work_dir/<stage>/`` (:mod:`negdpo.study.cache`). Same seed -> same numbers.
 """
@@ -16,28 +18,54 @@ Stage outputs live under ``work_dir/<stage>/`` (:mod:`negdpo.study.cache`). Same
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from negdpo.core.config import code_version, resolve_device, seed_everything
+from negdpo.core.outdir import prepare_output_dir, run_lock
 from negdpo.core.phantoms import ensure_phantoms
 from negdpo.study.cache import StudyRun
-from negdpo.study.clips import Checkpoints, base_clips, clip_seeds, finetune_clips, pretrain_split
+from negdpo.study.clips import (
+    Checkpoints,
+    base_clip_jobs,
+    base_clips,
+    clip_seeds,
+    finetune_clips,
+    pretrain_split,
+)
 from negdpo.study.config import StudyConfig
 from negdpo.study.data import lesion_groups
 from negdpo.study.generators import adapt_autoencoder, generator_seeds, generator_table, train_generators
 from negdpo.study.pairs import PAIR_SPLITS, PairSets, build_pairs
 from negdpo.study.results import copy_figures, write_results
-from negdpo.study.segmentation import evaluate_checkpoints, long_segmentation_rows, pretrain_sam
+from negdpo.study.segmentation import evaluate_checkpoints, long_segmentation_rows, pretrain_sam, sam_job
 from negdpo.study.stage2 import stage2_rows
-from negdpo.study.twinfree import build_twinfree_pairs, train_twinfree_rows
-from negdpo.study.variants import CLIP_VARIANTS, DESIGN, GEN_VARIANTS, TWINFREE_CLIP, twinfree_rows
+from negdpo.study.twinfree import build_twinfree_pairs, train_twinfree_rows, twinfree_job, twinfree_reads
+from negdpo.study.variants import (
+    CLIP_VARIANTS,
+    DESIGN,
+    GEN_VARIANTS,
+    TWINFREE_CLIP,
+    TWINFREE_VAE,
+    twinfree_rows,
+)
+
+STUDY_OWNED = ("results.json", "results.md", "*.csv", "figures")  # what the study writes into ``out``
+RUN_ONLY = ("out", "work_dir", "device", "threads", "workers", "overwrite_output_dir")  # change the wall time only
+
+
+def claim_out(cfg: StudyConfig) -> Path:
+    """``out`` for this study (:func:`negdpo.core.outdir.prepare_output_dir`): empty, or the results of a study with
+    the same settings (replaced), or ``overwrite_output_dir``; anything else is refused before any stage runs."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
+    out = prepare_output_dir(cfg.out, "study", cfg.overwrite_output_dir, owned=STUDY_OWNED, settings=settings)
+    (out / "figures").mkdir(exist_ok=True)
+    return out
 
 
 def start(cfg: StudyConfig) -> StudyRun:
-    """Folders, the global seed, torch threads and the device of one run."""
+    """The global seed, torch threads and the device of one run (the tuning script's too: it writes no results)."""
     out = Path(cfg.out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.threads > 0:
         import torch
@@ -70,25 +98,40 @@ def finetune_data(run: StudyRun, sets: PairSets) -> dict[str, tuple[str, str, st
 
 
 def run_study(cfg: StudyConfig) -> dict:
-    """Every stage of the study in order (cached stages are read back), then the results files."""
+    """Every stage of the study in order (cached stages are read back), then the results files; ``out`` is
+    locked and claimed (:func:`claim_out`) before any stage runs."""
+    t_start, version = time.perf_counter(), code_version()  # before the run's own outputs make the tree dirty
+    with run_lock(cfg.out):  # one study per results folder at a time
+        claim_out(cfg)
+        return _run_stages(cfg, t_start, version)
+
+
+def _run_stages(cfg: StudyConfig, t_start: float, version: str) -> dict:
     gen_variants = [v for v in GEN_VARIANTS if v in cfg.gen_variants or v == "sft"]  # SFT = every DPO's reference
     # base = every fine-tune's start; the twin-free CLIP rows come with the twin-free generator rows
     clip_variants = [v for v in CLIP_VARIANTS
                      if v == "base" or (cfg.twinfree_rows if v in TWINFREE_CLIP else v in cfg.clip_variants)]
     tf_rows = list(twinfree_rows(cfg.twinfree_rounds)) if cfg.twinfree_rows else []
-    t_start, version = time.perf_counter(), code_version()  # before the run's own outputs make the tree dirty
     run = start(cfg)
     make_phantoms(run)
+    # independent of the oracle generators: the base CLIPs, the twin-free chain (from the untrained model) and the
+    # SAM run in worker processes while this one trains and scores the oracle generators (same numbers as in order)
+    bases, tf_job = base_clip_jobs(run), twinfree_job(run, generator_seeds(cfg), cfg.gen_model) if tf_rows else None
+    early = bases[:1] + [j for j in (tf_job,) if j] + bases[1:] + [j for j in (sam_job(run),) if j]
+    with run.background(early, "selection", ("test",)):
+        with run.selection():  # every training run and every choice: the test split is locked
+            run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
+            by_seed = {gs: train_generators(run, gen_variants, gs) for gs in generator_seeds(cfg)}
+        generator_table(run, gen_variants, by_seed)  # the oracle rows (val + test positives), cached for below
     tf_model = ""  # the twin-free autoencoder (tf_rows)
-    with run.selection():  # every training run and every choice: the test split is locked
-        run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
-        by_seed = {gs: train_generators(run, gen_variants, gs) for gs in generator_seeds(cfg)}
-        if tf_rows:  # from the untrained model: the twin-free chain adapts its own autoencoder
+    if tf_job:
+        with run.selection():
+            twinfree_reads(run, run.stage(*tf_job))  # read back (or run here: workers 1)
             twinfree, tf_model = train_twinfree_rows(run, generator_seeds(cfg), cfg.gen_model)
-            by_seed = {gs: by_seed[gs] | twinfree[gs] for gs in by_seed}
+        by_seed = {gs: by_seed[gs] | twinfree[gs] for gs in by_seed}
     adapters = by_seed[cfg.seed]  # the first generator seed makes the pairs
-    gen_table = generator_table(run, gen_variants + tf_rows, by_seed,  # reported on held-out val + test positives
-                                {row: tf_model for row in tf_rows})
+    gen_table = generator_table(run, gen_variants + tf_rows, by_seed,  # + the twin-free rows and their baseline
+                                {row: tf_model for row in [*tf_rows, TWINFREE_VAE] if tf_rows})
     first = clip_seeds(cfg)[0]
     with run.selection():
         ckpts: Checkpoints = base_clips(run)

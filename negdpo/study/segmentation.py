@@ -5,6 +5,7 @@ ceiling; and the long per-(variant, seed, image, prompt) rows the tables are bui
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from negdpo.core.imageio import to_rgb_uint8
 from negdpo.core.scans import ScanFolder
 from negdpo.segmentation import metrics as M
 from negdpo.segmentation.saliency_metrics import COLUMNS as SALIENCY_COLUMNS  # the map's continuous scores
-from negdpo.study.cache import StudyRun, json_rows
+from negdpo.study.cache import Job, StudyRun, json_rows
 from negdpo.study.clips import run_key
 from negdpo.study.data import subject_of
 
@@ -86,13 +87,22 @@ def pretrain_sam_on_pool(phantoms: Path, out: Path, *, steps: int, seed: int, ex
 def pretrain_sam(run: StudyRun) -> tuple[str | None, dict | None]:
     """Stage ``sam_pretrain`` (``sam_pretrain_steps`` > 0): the SAM of the chain (``eval_sam: tiny``), of the
     oracle-box row and of the prompt-generator rows. Returns (checkpoint or the ``eval_extra`` one, info)."""
+    job = sam_job(run)
+    if job is None:
+        return run.cfg.eval_extra.get("sam_checkpoint"), None
+    info = run.stage(*job)
+    return info["checkpoint"], info
+
+
+def sam_job(run: StudyRun) -> Job | None:
+    """The stage ``sam_pretrain`` as a picklable job (it depends on the pool only); None when it is off."""
     cfg = run.cfg
     if cfg.sam_pretrain_steps <= 0:
-        return cfg.eval_extra.get("sam_checkpoint"), None
-    info = run.stage("sam_pretrain", {"phantoms": run.ph_settings, "steps": cfg.sam_pretrain_steps, "seed": cfg.seed,
-                                      "extra": cfg.sam_pretrain_extra}, lambda d: pretrain_sam_on_pool(
-        run.phantoms, d, steps=cfg.sam_pretrain_steps, seed=cfg.seed, extra=cfg.sam_pretrain_extra))
-    return info["checkpoint"], info
+        return None
+    return ("sam_pretrain", {"phantoms": run.ph_settings, "steps": cfg.sam_pretrain_steps, "seed": cfg.seed,
+                             "extra": cfg.sam_pretrain_extra},
+            partial(pretrain_sam_on_pool, run.phantoms, steps=cfg.sam_pretrain_steps, seed=cfg.seed,
+                    extra=cfg.sam_pretrain_extra))
 
 
 def eval_options(cfg: Any, sam_checkpoint: str | None) -> dict[str, Any]:
@@ -116,40 +126,56 @@ class Evaluation:
     oracle_sam: str | None = None
 
 
-def evaluate_checkpoints(run: StudyRun, ckpts: dict[tuple[str, str], str], sam_checkpoint: str | None) -> Evaluation:
-    """Stages ``evaluate``, ``evaluate_word``, (``evaluate_reference``), (``oracle_box``): every CLIP checkpoint
-    through the zero-shot chain on the test subjects."""
+def evaluate_stage(phantoms: str, clips: dict[str, str], options: dict[str, Any], d: Path) -> dict:
+    """One evaluation stage body (picklable with ``functools.partial``): ``clips`` through the zero-shot chain into
+    ``d/eval`` (the stage owns ``d``: a rerun replaces its evaluation)."""
     from negdpo.segmentation.evaluate import evaluate
 
+    res = evaluate(phantoms, clips, str(d / "eval"), overwrite_output_dir=True, **options)
+    return {"rows": json_rows(res.rows), "report": str(d / "eval" / "report.md")}
+
+
+def oracle_stage(phantoms: Path, sam: str, sam_checkpoint: str | None, device: str, d: Path) -> dict:
+    """The stage body of ``oracle_box`` on the test split."""
+    return {"rows": oracle_box(phantoms, "test", sam, sam_checkpoint, device)}
+
+
+def evaluate_checkpoints(run: StudyRun, ckpts: dict[tuple[str, str], str], sam_checkpoint: str | None) -> Evaluation:
+    """Stages ``evaluate_s<seed>``, (``evaluate_word_s<seed>``), (``evaluate_reference``), (``oracle_box``): every
+    CLIP checkpoint through the zero-shot chain on the test subjects, one stage per base seed and prompt; the
+    stages are independent and share the workers."""
     cfg, phantoms = run.cfg, run.phantoms
     clips = {f"{v}.s{sd}": f"local-dir:{p}" for (v, sd), p in ckpts.items()}
     settings = {"clips": {f"{v}.s{sd}": run.stamp(f"clip_{v}_s{sd}") for v, sd in ckpts},
                 "saliency": cfg.eval_saliency, "sam": cfg.eval_sam, "extra": cfg.eval_extra, "phantoms": run.ph_settings,
                 "irrelevant": cfg.prompt_irrelevant, "sam_stamp": run.stamp("sam_pretrain")}
     options = eval_options(cfg, sam_checkpoint)
-
-    def run_eval(d: Path, word: bool) -> dict:
-        opts = dict(options)
-        if word:
-            opts |= {"prompt_template": cfg.prompt_word, "control_prompt": None, "save_images": False}
-        res = evaluate(str(phantoms), clips, str(d / "eval"), overwrite_output_dir=True,
-                       **opts)  # the stage owns d: a rerun replaces its evaluation
-        return {"rows": json_rows(res.rows), "report": str(d / "eval" / "report.md")}
-
-    rows = run.stage("evaluate", settings, lambda d: run_eval(d, False))["rows"]
-    word_rows = run.stage("evaluate_word", settings | {"word": cfg.prompt_word}, lambda d: run_eval(d, True))["rows"]
+    word = {"prompt_template": cfg.prompt_word, "control_prompt": None, "save_images": False}
+    # one stage per base seed (its base and fine-tunes; a fixed split, whatever the workers): parallel stages
+    by_seed: dict[str, dict[str, str]] = {}
+    for name, clip in clips.items():
+        by_seed.setdefault(name.rsplit(".s", 1)[1].partition("f")[0], {})[name] = clip
+    jobs, parts = [], {"report": [], "word": []}
+    for sd, part in by_seed.items():
+        part_settings = settings | {"clips": {k: settings["clips"][k] for k in part}}
+        jobs.append((f"evaluate_s{sd}", part_settings, partial(evaluate_stage, str(phantoms), part, options)))
+        parts["report"].append(jobs[-1][0])
+        if cfg.eval_word:
+            jobs.append((f"evaluate_word_s{sd}", part_settings | {"word": cfg.prompt_word},
+                         partial(evaluate_stage, str(phantoms), part, options | word)))
+            parts["word"].append(jobs[-1][0])
     if cfg.eval_reference_saliency:  # the same base chain through another saliency (MedCLIP-SAMv2's M2IB, say)
         ref = {"saliency": cfg.eval_reference_saliency} | cfg.eval_reference_extra
         ref_clips = {f"base_reference.s{sd}": clips[f"base.s{sd}"] for v, sd in ckpts if v == "base"}
-        rows = rows + run.stage("evaluate_reference", settings | {"reference": ref}, lambda d: {"rows": json_rows(
-            evaluate(str(phantoms), ref_clips, str(d / "eval"), overwrite_output_dir=True, **(options | ref)).rows)})[
-            "rows"]
-    result = Evaluation(rows=rows, word_rows=word_rows, options=options)
-    result.oracle_sam = cfg.eval_sam if cfg.eval_sam != "none" else ("tiny" if cfg.sam_pretrain_steps > 0 else None)
-    if result.oracle_sam:
-        sam = result.oracle_sam
-        result.oracle_rows = run.stage("oracle_box", {"sam": sam, "checkpoint": sam_checkpoint,
-                                                      "phantoms": run.ph_settings, "sam_stamp": run.stamp("sam_pretrain")},
-                                       lambda d: {"rows": oracle_box(phantoms, "test", sam, sam_checkpoint, run.device)})[
-            "rows"]
-    return result
+        jobs.append(("evaluate_reference", settings | {"reference": ref},
+                     partial(evaluate_stage, str(phantoms), ref_clips, options | ref)))
+    oracle_sam = cfg.eval_sam if cfg.eval_sam != "none" else ("tiny" if cfg.sam_pretrain_steps > 0 else None)
+    if oracle_sam:
+        jobs.append(("oracle_box", {"sam": oracle_sam, "checkpoint": sam_checkpoint, "phantoms": run.ph_settings,
+                                    "sam_stamp": run.stamp("sam_pretrain")},
+                     partial(oracle_stage, phantoms, oracle_sam, sam_checkpoint, run.device)))
+    done = dict(zip([j[0] for j in jobs], run.stages(jobs)))
+    rows, word_rows = ([r for name in parts[prompt] for r in done[name]["rows"]] for prompt in ("report", "word"))
+    rows = rows + done.get("evaluate_reference", {}).get("rows", [])
+    return Evaluation(rows=rows, word_rows=word_rows, options=options, oracle_sam=oracle_sam,
+                      oracle_rows=done.get("oracle_box", {}).get("rows", []))

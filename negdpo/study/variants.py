@@ -11,7 +11,9 @@ GEN_LABELS = {"identity": "positive itself (no repair)", "harmonic": "harmonic f
               "harmonic_vae": "harmonic fill through the autoencoder (no UNet)",
               "harmonic_untrained": "untrained UNet from the harmonic fill (no adapter)",
               "sft": "SFT on twins (oracle)", "dpo": "DPO (oracle)", "dpo_mi": "DPO + MI (oracle)",
-              "dpo_mi_sdpo": "DPO + MI + SDPO (oracle)", "sft_healthy": "self-supervised SFT on healthy tissue (no twins)"}
+              "dpo_mi_sdpo": "DPO + MI + SDPO (oracle)", "sft_healthy": "self-supervised SFT on healthy tissue (no twins)",
+              "harmonic_vae_twinfree": "harmonic fill through the twin-free autoencoder (no UNet, no twins)"}
+TWINFREE_VAE = "harmonic_vae_twinfree"  # the twin-free rows' baseline: their own autoencoder never saw a twin
 # The twin-free generators (issue 23; negdpo.study.twinfree): ``sft_healthy``, then per chain (name: masked-MI
 # regulariser on) the rounds ``<chain>_r1`` .. ``<chain>_r<R>`` of on-policy DPO judged by the training judges.
 TWINFREE_CHAINS = {"dpo_onpolicy": False, "dpo_onpolicy_mi": True}
@@ -40,12 +42,13 @@ GEN_COMPARISONS = (("dpo", "sft", "DPO vs SFT (oracle)"), ("dpo_mi", "dpo", "DPO
 
 def gen_comparisons(rounds: int) -> tuple[tuple[str, str, str], ...]:
     """:data:`GEN_COMPARISONS` and, with ``rounds`` > 0, the twin-free questions: does the last round of on-policy
-    DPO beat self-supervised SFT, does each twin-free row beat the fill through the autoencoder, does MI help?"""
+    DPO beat self-supervised SFT, does each twin-free row beat the fill through its own (twin-free) autoencoder,
+    does MI help?"""
     if rounds <= 0:
         return GEN_COMPARISONS
     last, last_mi = f"dpo_onpolicy_r{rounds}", f"dpo_onpolicy_mi_r{rounds}"
     return (*GEN_COMPARISONS, (last, "sft_healthy", "twin-free: on-policy DPO vs self-supervised SFT"),
-            *((v, "harmonic_vae", f"{gen_label(v)} vs the harmonic fill through the autoencoder")
+            *((v, TWINFREE_VAE, f"{gen_label(v)} vs the harmonic fill through the twin-free autoencoder")
               for v in twinfree_rows(rounds)),
             (last_mi, last, "twin-free: on-policy DPO + MI vs on-policy DPO"))
 
