@@ -105,6 +105,7 @@ def test_debug_reraises_with_the_traceback(name, phantom_dir, tmp_path):
         run(name, [*base, "--no_such_flag", "1", "--debug"], tmp_path, phantom_dir)
 
 
+@pytest.mark.integration  # a subprocess or a training chain: out of the inner loop
 def test_debug_on_the_command_line_prints_the_traceback(tmp_path):
     """The real entry point: without --debug one line and exit 2, with it Python's traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

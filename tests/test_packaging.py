@@ -54,6 +54,7 @@ def test_trainer_help_and_setting_errors_import_no_torch(tmp_path):
     assert "gen_train: error: max_train_steps=0: must be an integer >= 1" in out.stderr
 
 
+@pytest.mark.integration  # a subprocess or a training chain: out of the inner loop
 @pytest.mark.parametrize("script", ["gen_train.py", "clip_train.py", "seg_train.py"])
 def test_entry_scripts_run_from_the_checkout(script):
     """``accelerate launch gen_train.py`` puts the checkout first on sys.path, where the orchestration folder

@@ -384,6 +384,7 @@ def test_end_to_end_pseudo_labels_train_evaluate(phantom_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.integration  # a subprocess or a training chain: out of the inner loop
 def test_old_package_name_is_a_deprecated_alias_of_prompt_free(tmp_path):
     """``negdpo.segmentation.prompt_generator`` (renamed to ``prompt_free``) still imports for one release: it
     warns, its submodules are the renamed ones (the same objects) and the old object names resolve."""

@@ -51,6 +51,13 @@ def test_twinfree_comparisons_ask_the_issue_questions():
     assert {("dpo_twinfree", "dpo_gen"), ("dpo_twinfree", "dpo_harmonic"), ("dpo_twinfree", "dhn_nce_faithful"),
             ("dpo_twinfree", "dhn_nce_twinfree")} <= clip
     assert DESIGN["dpo", "twinfree"] == "dpo_twinfree" and SUPERVISION["dpo_twinfree"] == "masks (no twins)"
+    from negdpo.study.results import families
+
+    fams = {name: {(a, b) for members, _ in groups for a, b, _ in members} for name, groups in families("dpo_gen").items()}
+    assert len(fams["clip"]) == 13 and not any("twinfree" in a + b for a, b in fams["clip"])  # issue 22's design
+    assert fams["clip_twinfree"] == {("dpo_twinfree", "dhn_nce_twinfree"), ("dpo_twinfree", "dpo_gen"),
+                                     ("dpo_twinfree", "dpo_harmonic"), ("dpo_twinfree", "dhn_nce_faithful"),
+                                     ("dhn_nce_twinfree", "dhn_nce_faithful")}
     assert len(clip) == len(COMPARISONS)
 
 
@@ -135,6 +142,7 @@ def _record_opens(event: str, args: tuple) -> None:
         _opened.append(os.fsdecode(args[0]))
 
 
+@pytest.mark.integration  # a subprocess or a training chain: out of the inner loop
 def test_twinfree_chain_opens_no_twin_and_no_held_out_split(phantom_dir, tmp_path):
     """The whole twin-free chain of the study on a tiny config: every ``open`` (Python's audit event, below every
     reader) is recorded; no file under a ``*_twins/`` folder is opened, and the training stages read train only."""

@@ -35,6 +35,7 @@ from negdpo.study.variants import (
     COMPARISONS,
     DESIGN_COMPARISONS,
     OTHER_COMPARISONS,
+    TWINFREE_COMPARISONS,
     gen_comparisons,
     stage2_comparisons,
 )
@@ -87,7 +88,9 @@ def families(pg_best_variant: str) -> dict[str, tuple[tuple[tuple, tuple[str, ..
     """{family: ((comparisons, metrics), ...)}, fixed before the test split is read; Holm adjusts each family.
     ``clip`` is the primary question (the data-matched design on Dice); the MDE of the design is for it."""
     return {"clip": ((DESIGN_COMPARISONS, ("dice",)),),
-            "clip_secondary": ((DESIGN_COMPARISONS, ("prompt_gap",)), (OTHER_COMPARISONS, ("dice", "prompt_gap"))),
+            "clip_twinfree": ((TWINFREE_COMPARISONS, ("dice",)),),
+            "clip_secondary": ((DESIGN_COMPARISONS + TWINFREE_COMPARISONS, ("prompt_gap",)),
+                               (OTHER_COMPARISONS, ("dice", "prompt_gap"))),
             "clip_saliency": ((COMPARISONS, ("sal_auroc",)),),  # the map itself, without k-means/SAM
             "stage2": ((stage2_comparisons(pg_best_variant), ("dice", "prompt_gap")),)}
 
