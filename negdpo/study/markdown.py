@@ -216,9 +216,10 @@ def protocol_md(proto: dict | None) -> str:
         return "Not recorded."
     lines = [f"Only the final evaluation reads the `{proto['locked_split']}` split: the selection phase (training "
              "runs, pairs, SAM pre-training, pseudo-labels) ran with it locked (`negdpo.core.split_lock`: opening "
-             "one of its files fails the run). Files opened per split in this process: "
+             "one of its files fails the run). Files opened per split by the stages this invocation computed "
+             "(worker processes included; a cached stage opens nothing, so a rerun from the cache shows less): "
              + "; ".join(f"{phase}: {json.dumps(reads)}" for phase, reads in (proto.get("reads") or {}).items())
-             + " (cached stages open nothing).", "", "| choice | value | chosen on |", "| --- | --- | --- |"]
+             + ".", "", "| choice | value | chosen on |", "| --- | --- | --- |"]
     for name, c in proto["choices"].items():
         lines.append(f"| {name} | `{json.dumps(c['value'])}` | {c['chosen_on']} |")
     return "\n".join(lines)
