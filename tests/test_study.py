@@ -44,7 +44,8 @@ def _reduced(tmp: Path) -> StudyConfig:
                           "gen_extra": {**cfg.gen_extra, "eval_pairs": 4, "eval_draws": 1},
                           "clip_extra": {**cfg.clip_extra, "tsne": False, "eval_batch_size": 8},
                           "eval_extra": {**cfg.eval_extra, "m2ib_steps": 2, "m2ib_samples": 2},
-                          "twinfree_rows": False})  # the twin-free chain: tests/test_study_twinfree.py
+                          "twinfree_rows": False,  # the twin-free chain: tests/test_study_twinfree.py
+                          "gen_noise_row": True, "eval_saliency": "m2ib"})  # rows / saliency the quick preset drops
 
 
 @pytest.fixture(scope="module")
