@@ -84,8 +84,6 @@ def train_twinfree(run: StudyRun, model: str, seed: int) -> dict[str, str]:
 
 
 def _with_model(cfg: Any, model: str) -> Any:
-    from dataclasses import replace
-
     return replace(cfg, gen_model=model)
 
 
