@@ -113,13 +113,11 @@ def prefetch_parallel(work: Path, jobs: list[Job], workers: int, threads: int) -
     todo = [j for j in jobs if cached_result(work, j[0], j[1]) is None]
     if workers <= 1 or len(todo) < 2:
         return []
-    logger.info("running %d stages in %d processes: %s", len(todo), workers, ", ".join(j[0] for j in todo))
-    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(_run_in_worker, work, *job, active_lock()) for job in todo]
-        for f in futures:
-            add_reads(f.result())  # a failed stage raises here, after the others finished
-    return [j[0] for j in todo]
+    reads: Counter = Counter()
+    with background_stages(work, todo, workers, threads, frozenset(), reads) as started:
+        pass  # nothing to do meanwhile: leaving the block waits for every stage
+    add_reads(reads)
+    return started
 
 
 @contextmanager
@@ -133,17 +131,17 @@ def background_stages(work: Path, jobs: list[Job], workers: int, threads: int, l
     if workers < 1 or not todo:
         yield []
         return
-    logger.info("starting %d stages in %d background processes: %s", len(todo), workers,
-                ", ".join(j[0] for j in todo))
+    logger.info("running %d stages in %d processes: %s", len(todo), workers, ", ".join(j[0] for j in todo))
     pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn"),
                                initializer=_init_worker, initargs=(threads,))
     futures = [pool.submit(_run_in_worker, work, *job, frozenset(locked) | active_lock()) for job in todo]
     try:
         yield [j[0] for j in todo]
+        pool.shutdown(wait=True)  # every stage finishes (or fails) before the first failure is raised
         for f in futures:
             reads.update(f.result())
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # the block itself failed: drop the stages not yet started
 
 
 @dataclass
