@@ -91,4 +91,17 @@ def test_lock_pins_every_declared_dependency_within_its_range():
         assert req.specifier.contains(pins[key], prereleases=True), f"{req.name}=={pins[key]} outside {spec}"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q -r requirements.lock" in ci and "pip install -q -e . --no-deps" in ci
-    assert "pip install -r requirements.lock && pip install -e . --no-deps" in (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install -r requirements.lock && pip install -e . --no-deps" in readme
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run calls the README's command 2 (the default suite, both tiers, its pytest flags included)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^pip install -r requirements\.lock .*?python -m pytest (.*)$", readme, re.M)
+    assert command, "README: no install-and-test command"
+    flags = command.group(1).split()
+    ci = re.search(r"python3? -m pytest (.*)$", (ROOT / ".ci" / "run").read_text(), re.M)
+    assert ci and [f for f in ci.group(1).split() if f not in ("-p", "no:cacheprovider")] == flags

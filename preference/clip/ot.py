@@ -8,7 +8,6 @@ Stage 2 (positive / healthy counterfactual): the negative's tokens are all backg
 
 from __future__ import annotations
 
-import ot
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +18,8 @@ def sinkhorn_cost(x: torch.Tensor, y: torch.Tensor, reg: float = 0.05, num_iter:
 
     Uniform weights unless given. Uses POT's log-domain Sinkhorn (stable at small ``reg``).
     """
+    import ot  # POT pulls in scikit-learn (~2 s): import it only when the OT loss runs, not with every trainer
+
     cost = 1 - F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T
     a = torch.full((x.shape[0],), 1 / x.shape[0], dtype=cost.dtype, device=cost.device) if wx is None else wx
     b = torch.full((y.shape[0],), 1 / y.shape[0], dtype=cost.dtype, device=cost.device) if wy is None else wy
