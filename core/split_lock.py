@@ -96,10 +96,3 @@ def active_lock() -> frozenset[str]:
     """The splits locked in this thread now (empty when no lock is active)."""
     stack = getattr(_state, "stack", None)
     return stack[-1].locked if stack else frozenset()
-
-
-def add_reads(reads: dict[str, int]) -> None:
-    """Count ``reads`` ({split: files}, e.g. a worker process's) in this thread's active record (none: no-op)."""
-    stack = getattr(_state, "stack", None)
-    if stack:
-        stack[-1].reads.update(reads)

@@ -247,6 +247,8 @@ def test_rerun_is_cached_and_reproduces(study, monkeypatch):
     for key in ("generator", "segmentation", "comparisons", "oracle_box_dice"):
         assert json.dumps(again[key], sort_keys=True) == json.dumps(results[key], sort_keys=True), key
     assert again["code_version"] == "at-start"
+    # the split reads come from every stage's stamp: the same whether a stage ran or came from the cache
+    assert again["protocol"]["reads"] == results["protocol"]["reads"] and again["protocol"]["reads_unrecorded"] == []
 
 
 # -- the table builders on hand-made rows ----------------------------------------------------------
@@ -556,6 +558,8 @@ def test_protocol_and_locked_test_split(study):
     assert proto["locked_split"] == "test"
     assert "test" not in proto["reads"]["selection"] and proto["reads"]["selection"]["train"] > 0
     assert proto["reads"]["evaluation"]["test"] > 0
+    # the generators are scored on the held-out positives by judges fitted on the pre-training pool
+    assert set(proto["reads"]["generator_table"]) == {"val", "test", "pretrain"}
     assert set(proto["choices"]) == set(CHOICES)
     assert proto["choices"]["sampling_start_and_strength"] == {
         "value": {"init": cfg.gen_init, "strength": cfg.gen_strength}, "chosen_on": cfg.protocol[

@@ -6,6 +6,7 @@ selection stage under the lock."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +88,55 @@ def test_pool_positives_read_the_pool_only(tmp_path):
     assert set(record.reads) == {"pretrain"}
 
 
+def _read_split(phantoms: str, split: str, out: Path) -> dict:
+    return {"n": len(ScanFolder(phantoms).load_split(split))}
+
+
+def test_stage_reads_live_in_the_stamp_and_count_once(phantom_dir, tmp_path):
+    """A stage's own reads and the stages it read are stored in its ``stage.json``; the phase counts each stage once
+    per run, whether it ran or came from the cache (a re-render reports what the computing run opened, nested
+    stages included); a stamp without a reads record is named, not guessed."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(workers=1, threads=1, preset="t")
+    val = ("val_stage", {"k": 1}, partial(_read_split, str(phantom_dir), "val"))
+
+    def outer(d: Path) -> dict:  # a stage that reads another stage (the twin-free chain's shape)
+        inner = run.stage(*val)
+        return {"n": inner["n"] + len(ScanFolder(phantom_dir).load_split("train"))}
+
+    run = StudyRun(cfg=cfg, work=tmp_path, out=tmp_path, device="cpu")
+    with run.selection():
+        run.stage("outer", {"k": 1}, outer)
+        run.stage(*val)  # read again: not counted again
+    n_val, n_train = (len(ScanFolder(phantom_dir).load_split(s)) for s in ("val", "train"))
+    stamp = lambda name: json.loads((tmp_path / name / "stage.json").read_text())["reads"]  # noqa: E731
+    assert stamp("val_stage")["val"] >= 2 * n_val and set(stamp("val_stage")) == {"val"}  # images + masks
+    assert set(stamp("outer")) == {"train"} and stamp("outer")["train"] >= 2 * n_train  # its own opens only
+    assert json.loads((tmp_path / "outer" / "stage.json").read_text())["stages"] == ["val_stage"]  # and what it read
+    assert run.reads["selection"] == {**stamp("outer"), **stamp("val_stage")}
+    cached = StudyRun(cfg=cfg, work=tmp_path, out=tmp_path, device="cpu")
+    with cached.selection():
+        cached.stage("outer", {"k": 1}, outer)  # cached: its fn (which reads val_stage) does not run
+    assert cached.reads == run.reads and cached.unrecorded == []
+    with cached.selection():
+        cached.stage(*val)  # counted through "outer" already
+    assert cached.reads == run.reads
+    info = json.loads((tmp_path / "val_stage" / "stage.json").read_text())
+    del info["reads"]
+    (tmp_path / "val_stage" / "stage.json").write_text(json.dumps(info))
+    old = StudyRun(cfg=cfg, work=tmp_path, out=tmp_path, device="cpu")
+    with old.phase("evaluation"):
+        old.stage(*val)
+    assert old.unrecorded == ["val_stage"] and dict(old.reads["evaluation"]) == {}
+
+
 @pytest.mark.integration  # spawns worker processes (~15 s)
 def test_background_stages_run_beside_the_caller_locked_and_counted(phantom_dir, tmp_path):
-    """``StudyRun.background``: stages start on a spare worker and the block goes on; leaving it waits, counts the
-    worker's reads in the phase, and a stage that opens a locked split fails the run there."""
+    """``StudyRun.background``: stages start on a spare worker and the block goes on; leaving it waits. The worker's
+    reads are kept in the stage's stamp and counted where the stage is read back; a stage that opens a locked
+    split fails the run there."""
     from functools import partial
     from types import SimpleNamespace
 
@@ -98,18 +144,23 @@ def test_background_stages_run_beside_the_caller_locked_and_counted(phantom_dir,
 
     run = StudyRun(cfg=SimpleNamespace(workers=2, threads=1, preset="t"), work=tmp_path, out=tmp_path, device="cpu")
     copy_val = [("copy_val", {"k": 1}, partial(write_twinless_copy, phantom_dir, splits=("val",)))]
-    with run.background(copy_val, "selection", ("test",)) as started:
+    with run.background(copy_val, ("test",)) as started:
         assert started == ["copy_val"]
     n_val = len(ScanFolder(phantom_dir).image_files("val"))
-    assert run.reads["selection"]["val"] >= n_val and "test" not in run.reads["selection"]
+    stamp = json.loads((tmp_path / "copy_val" / "stage.json").read_text())
+    assert stamp["pid"] != os.getpid() and stamp["reads"]["val"] >= n_val and "test" not in stamp["reads"]
+    assert run.reads == {}  # nothing counted until the stage is read back
+    with run.selection():
+        run.stage(*copy_val[0])
+    assert run.reads["selection"] == stamp["reads"]
     assert len(list((tmp_path / "copy_val" / "val_images").iterdir())) == n_val
-    with run.background(copy_val, "selection", ("test",)) as started:
+    with run.background(copy_val, ("test",)) as started:
         assert started == []  # cached: nothing reruns
     copy_test = [("copy_test", {"k": 1}, partial(write_twinless_copy, phantom_dir, splits=("test",)))]
-    with pytest.raises(LockedSplitError), run.background(copy_test, "selection", ("test",)):
+    with pytest.raises(LockedSplitError), run.background(copy_test, ("test",)):
         pass
     assert not (tmp_path / "copy_test" / "stage.json").exists()
     serial = StudyRun(cfg=SimpleNamespace(workers=1, threads=1, preset="t"), work=tmp_path / "s", out=tmp_path,
                       device="cpu")
-    with serial.background(copy_test, "selection", ("test",)) as started:
+    with serial.background(copy_test, ("test",)) as started:
         assert started == []  # no spare worker: the stage runs later, where the caller reads it

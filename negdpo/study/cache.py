@@ -1,10 +1,15 @@
 """Stage bookkeeping: every stage writes into ``work_dir/<stage>/`` and leaves a ``stage.json`` stamp holding
-its settings; a rerun skips stamped stages whose settings are unchanged (training stages also resume from
+its settings, its result and the files it opened per split; a rerun skips stamped stages whose settings are unchanged (training stages also resume from
 their last Accelerate checkpoint), so an interrupted study continues where it stopped.
 
 :class:`StudyRun` is what the stage functions share: the config, the folders, the device and the stage
 runner (:meth:`StudyRun.stage`, :meth:`StudyRun.stages` for independent stages run in worker processes, and
 :meth:`StudyRun.background` for stages that run on spare workers while this process goes on).
+
+Split reads are counted per stage: a stage's ``stage.json`` keeps the files it opened per split itself and the
+names of the stages it read, and :meth:`StudyRun.stage` counts a stage (and those) in the current phase once per
+run, whether it ran here, ran in a worker or came from the cache. A study rendered from its cache therefore
+reports the same reads as the run that computed it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from negdpo.core.console import setup_logging
-from negdpo.core.split_lock import active_lock, add_reads, locked_splits
+from negdpo.core.split_lock import active_lock, locked_splits
 
 logger = logging.getLogger("negdpo.study")
 
@@ -54,8 +60,16 @@ def cached_result(work: Path, name: str, settings: dict) -> dict | None:
     return None
 
 
+_running = threading.local()  # per thread: the stages read by each stage now running (innermost last)
+
+
 def run_stage(work: Path, name: str, settings: dict, fn: StageFn) -> dict:
-    """Run ``fn(stage_dir)`` unless ``stage.json`` says it already ran with the same settings."""
+    """Run ``fn(stage_dir)`` unless ``stage.json`` says it already ran with the same settings. ``stage.json`` keeps
+    the files ``fn`` opened per split itself (``reads``; not counted in the caller's lock record) and the stages it
+    read (``stages``); :meth:`StudyRun.stage` counts them from there."""
+    running = _running.__dict__.setdefault("stack", [])
+    if running:
+        running[-1].append(name)  # the stage running here reads this one
     stage_dir = work / name
     stamp = stage_dir / "stage.json"
     cached = cached_result(work, name, settings)
@@ -67,9 +81,15 @@ def run_stage(work: Path, name: str, settings: dict, fn: StageFn) -> dict:
         shutil.rmtree(stage_dir)  # never resume another setting's checkpoints
     stage_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = fn(stage_dir)
+    running.append([])
+    try:
+        with locked_splits(()) as record:  # the enclosing lock holds; what the stage opens is counted for it alone
+            result = fn(stage_dir)
+    finally:
+        read = running.pop()
     info = {"key": stamp_key(settings), "settings": settings, "result": result,
-            "seconds": round(time.perf_counter() - t0, 1), "pid": os.getpid()}
+            "seconds": round(time.perf_counter() - t0, 1), "pid": os.getpid(), "reads": dict(record.reads),
+            "stages": list(dict.fromkeys(read))}
     tmp = stamp.with_name(".stage.json.tmp")
     tmp.write_text(json.dumps(info, indent=1, default=str))
     tmp.replace(stamp)
@@ -95,11 +115,10 @@ def _init_worker(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_in_worker(work: Path, name: str, settings: dict, fn: StageFn, locked: frozenset[str]) -> dict[str, int]:
-    """One stage in a worker; returns the files it opened per split (the parent counts them in its phase)."""
-    with locked_splits(locked) as record:  # the parent's locked splits stay locked in the worker
+def _run_in_worker(work: Path, name: str, settings: dict, fn: StageFn, locked: frozenset[str]) -> None:
+    """One stage in a worker; its reads are counted where the parent reads its stamp (:meth:`StudyRun.stage`)."""
+    with locked_splits(locked):  # the parent's locked splits stay locked in the worker
         run_stage(work, name, settings, fn)
-    return dict(record.reads)
 
 
 def prefetch_parallel(work: Path, jobs: list[Job], workers: int, threads: int) -> list[str]:
@@ -113,18 +132,16 @@ def prefetch_parallel(work: Path, jobs: list[Job], workers: int, threads: int) -
     todo = [j for j in jobs if cached_result(work, j[0], j[1]) is None]
     if workers <= 1 or len(todo) < 2:
         return []
-    reads: Counter = Counter()
-    with background_stages(work, todo, workers, threads, frozenset(), reads) as started:
+    with background_stages(work, todo, workers, threads, frozenset()) as started:
         pass  # nothing to do meanwhile: leaving the block waits for every stage
-    add_reads(reads)
     return started
 
 
 @contextmanager
-def background_stages(work: Path, jobs: list[Job], workers: int, threads: int, locked: frozenset[str],
-                      reads: Counter) -> Iterator[list[str]]:
+def background_stages(work: Path, jobs: list[Job], workers: int, threads: int,
+                      locked: frozenset[str]) -> Iterator[list[str]]:
     """Start the uncached ``jobs`` in ``workers`` spawned processes and return to the caller at once; leaving the
-    block waits for them (a failed stage raises there) and adds the files they opened per split to ``reads``.
+    block waits for them (a failed stage raises there).
     ``locked`` splits stay locked in the workers. With ``workers`` < 1 nothing starts: the stages run later, where
     the caller reads them. Yields the names started."""
     todo = [j for j in jobs if cached_result(work, j[0], j[1]) is None]
@@ -139,7 +156,7 @@ def background_stages(work: Path, jobs: list[Job], workers: int, threads: int, l
         yield [j[0] for j in todo]
         pool.shutdown(wait=True)  # every stage finishes (or fails) before the first failure is raised
         for f in futures:
-            reads.update(f.result())
+            f.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # the block itself failed: drop the stages not yet started
 
@@ -156,16 +173,36 @@ class StudyRun:
     phantoms: Path = Path()  # the phantom folder (set by the phantoms stage) and its stage settings
     ph_settings: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)  # how the learned generators sample: {init, strength}
-    reads: dict[str, Counter] = field(default_factory=dict)  # {phase: {split: files opened}} (this process)
+    reads: dict[str, Counter] = field(default_factory=dict)  # {phase: {split: files opened}} (every stage read)
+    counted: set[str] = field(default_factory=set)  # the stages whose reads are in ``reads``
+    unrecorded: list[str] = field(default_factory=list)  # stages whose stamp predates the reads record
+    current_phase: str | None = None  # where a stage read now is counted (None: outside every phase, not counted)
 
     def stamped(self, settings: dict) -> dict:
         return {"preset": self.cfg.preset, **settings}  # no stage is shared between presets
 
-    def stage(self, name: str, settings: dict, fn: StageFn) -> dict:
-        """One cached stage (:func:`run_stage`); its seconds are recorded."""
+    def stage(self, name: str, settings: dict, fn: StageFn, count_reads: bool = True) -> dict:
+        """One cached stage (:func:`run_stage`); its seconds are recorded and its reads counted in the current
+        phase (:meth:`count_reads`). ``count_reads=False`` for a stage whose stages are read one by one afterwards."""
         result = run_stage(self.work, name, self.stamped(settings), fn)
         self.stage_seconds[name] = json.loads((self.work / name / "stage.json").read_text())["seconds"]
+        if count_reads:
+            self.count_reads(name)
         return result
+
+    def count_reads(self, name: str) -> None:
+        """Add the files stage ``name`` opened per split, and those of the stages it read, to the current phase's
+        ``reads``: each stage once per run, from its stamp, so a cached stage counts as the computing run did."""
+        if self.current_phase is None or name in self.counted:
+            return
+        self.counted.add(name)
+        info = json.loads((self.work / name / "stage.json").read_text())
+        if "reads" not in info:
+            self.unrecorded.append(name)
+            return
+        self.reads.setdefault(self.current_phase, Counter()).update(info["reads"])
+        for inner in info.get("stages", []):
+            self.count_reads(inner)
 
     def stages(self, jobs: list[Job]) -> list[dict]:
         """Independent stages: run in ``cfg.workers`` processes first (if > 1), then read in order."""
@@ -173,15 +210,14 @@ class StudyRun:
                           self.cfg.threads)
         return [self.stage(*job) for job in jobs]
 
-    def background(self, jobs: list[Job], phase: str, locked: tuple[str, ...]) -> Any:
+    def background(self, jobs: list[Job], locked: tuple[str, ...]) -> Any:
         """Context manager: independent stages in ``cfg.workers`` processes beside this one while the block runs
         here (:func:`background_stages`; with ``workers`` 1, none: they run where they are read), with ``locked``
-        splits locked and their reads counted in ``reads[phase]``; their results are read later with
-        :meth:`stage` / :meth:`stages`. The CPU is shared (one process more than ``workers``): the numbers are
+        splits locked; their results (and reads) are read later with :meth:`stage` / :meth:`stages`. The CPU is shared (one process more than ``workers``): the numbers are
         the same, only the wall time changes."""
         workers = self.cfg.workers if self.cfg.workers > 1 else 0
         return background_stages(self.work, [(n, self.stamped(st), f) for n, st, f in jobs], workers,
-                                 self.cfg.threads, frozenset(locked), self.reads.setdefault(phase, Counter()))
+                                 self.cfg.threads, frozenset(locked))
 
     def stamp(self, name: str) -> str | None:
         return stamp_of(self.work, name)
@@ -189,9 +225,13 @@ class StudyRun:
     @contextmanager
     def phase(self, name: str, locked: tuple[str, ...] = ()) -> Iterator[None]:
         """Stages run inside see ``locked`` splits locked (:mod:`negdpo.core.split_lock`; worker processes too);
-        the files they open per split are added to ``reads[name]``."""
-        with locked_splits(locked) as record:
-            yield
+        the files they and the code between them open per split are added to ``reads[name]``."""
+        outer, self.current_phase = self.current_phase, name
+        try:
+            with locked_splits(locked) as record:
+                yield
+        finally:
+            self.current_phase = outer
         self.reads.setdefault(name, Counter()).update(record.reads)
 
     def selection(self) -> Any:

@@ -214,12 +214,16 @@ def protocol_md(proto: dict | None) -> str:
     """Which split each choice was made on, and which splits each phase of the run opened."""
     if not proto:
         return "Not recorded."
-    lines = [f"Only the final evaluation reads the `{proto['locked_split']}` split: the selection phase (training "
-             "runs, pairs, SAM pre-training, pseudo-labels) ran with it locked (`negdpo.core.split_lock`: opening "
-             "one of its files fails the run). Files opened per split by the stages this invocation computed "
-             "(worker processes included; a cached stage opens nothing, so a rerun from the cache shows less): "
+    unrecorded = proto.get("reads_unrecorded") or []
+    lines = [f"Only the final evaluations (the generator table and the segmentation evaluation) read the "
+             f"`{proto['locked_split']}` split: the selection phase (training runs, pairs, SAM pre-training, "
+             "pseudo-labels) ran with it locked (`negdpo.core.split_lock`: opening one of its files fails the run). "
+             "Files opened per split, per phase (every stage's own count, kept in its stamp, so a rerun from the "
+             "cache shows the same): "
              + "; ".join(f"{phase}: {json.dumps(reads)}" for phase, reads in (proto.get("reads") or {}).items())
-             + ".", "", "| choice | value | chosen on |", "| --- | --- | --- |"]
+             + "." + (f" Not counted: {len(unrecorded)} stages cached before stamps kept their reads "
+                      f"({', '.join(unrecorded[:5])}{', ...' if len(unrecorded) > 5 else ''})." if unrecorded else ""),
+             "", "| choice | value | chosen on |", "| --- | --- | --- |"]
     for name, c in proto["choices"].items():
         lines.append(f"| {name} | `{json.dumps(c['value'])}` | {c['chosen_on']} |")
     return "\n".join(lines)

@@ -40,7 +40,7 @@ from negdpo.study.pairs import PAIR_SPLITS, PairSets, build_pairs
 from negdpo.study.results import copy_figures, write_results
 from negdpo.study.segmentation import evaluate_checkpoints, long_segmentation_rows, pretrain_sam, sam_job
 from negdpo.study.stage2 import stage2_rows
-from negdpo.study.twinfree import build_twinfree_pairs, train_twinfree_rows, twinfree_job, twinfree_reads
+from negdpo.study.twinfree import build_twinfree_pairs, train_twinfree_rows, twinfree_job
 from negdpo.study.variants import (
     CLIP_VARIANTS,
     DESIGN,
@@ -118,20 +118,22 @@ def _run_stages(cfg: StudyConfig, t_start: float, version: str) -> dict:
     # SAM run in worker processes while this one trains and scores the oracle generators (same numbers as in order)
     bases, tf_job = base_clip_jobs(run), twinfree_job(run, generator_seeds(cfg), cfg.gen_model) if tf_rows else None
     early = bases[:1] + [j for j in (tf_job,) if j] + bases[1:] + [j for j in (sam_job(run),) if j]
-    with run.background(early, "selection", ("test",)):
+    with run.background(early, ("test",)):
         with run.selection():  # every training run and every choice: the test split is locked
             run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
             by_seed = {gs: train_generators(run, gen_variants, gs) for gs in generator_seeds(cfg)}
-        generator_table(run, gen_variants, by_seed)  # the oracle rows (val + test positives), cached for below
+        with run.phase("generator_table"):  # the oracle rows (val + test positives), cached for below
+            generator_table(run, gen_variants, by_seed)
     tf_model = ""  # the twin-free autoencoder (tf_rows)
     if tf_job:
         with run.selection():
-            twinfree_reads(run, run.stage(*tf_job))  # read back (or run here: workers 1)
+            run.stage(*tf_job, count_reads=False)  # wait for it (or run it here: workers 1); its stages count below
             twinfree, tf_model = train_twinfree_rows(run, generator_seeds(cfg), cfg.gen_model)
         by_seed = {gs: by_seed[gs] | twinfree[gs] for gs in by_seed}
     adapters = by_seed[cfg.seed]  # the first generator seed makes the pairs
-    gen_table = generator_table(run, gen_variants + tf_rows, by_seed,  # + the twin-free rows and their baseline
-                                {row: tf_model for row in [*tf_rows, TWINFREE_VAE] if tf_rows})
+    with run.phase("generator_table"):  # + the twin-free rows and their baseline
+        gen_table = generator_table(run, gen_variants + tf_rows, by_seed,
+                                    {row: tf_model for row in [*tf_rows, TWINFREE_VAE] if tf_rows})
     first = clip_seeds(cfg)[0]
     with run.selection():
         ckpts: Checkpoints = base_clips(run)

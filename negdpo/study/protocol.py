@@ -4,6 +4,9 @@
 Only the final evaluation may read the test split: the study runs its selection phase (generator training,
 base CLIPs, pairs, fine-tunes, SAM pre-training, pseudo-labels, VLM training) with the test split locked
 (:mod:`negdpo.core.split_lock`), so a selection stage that opened a test image would have failed the run.
+``reads`` counts the files each phase's stages opened per split (stored in each stage's stamp, so a study rendered
+from its cache reports what the run that computed it opened); the generators' own table (``generator_table``)
+scores them on the val and test positives.
 """
 
 from __future__ import annotations
@@ -37,5 +40,6 @@ def protocol(run: StudyRun) -> dict[str, Any]:
     cfg = run.cfg
     return {"locked_split": "test",
             "reads": {phase: dict(sorted(counts.items())) for phase, counts in run.reads.items()},
+            "reads_unrecorded": sorted(run.unrecorded),  # stages cached before stamps kept their reads
             "choices": {name: {"value": value(cfg), "chosen_on": cfg.protocol.get(name, "not recorded")}
                         for name, value in CHOICES.items()}}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -120,21 +119,15 @@ def train_twinfree_rows(run: StudyRun, seeds: list[int], base: str) -> tuple[dic
 def twinfree_job(run: StudyRun, seeds: list[int], base: str) -> Job:
     """The whole twin-free training chain (:func:`train_twinfree_rows`) as one picklable job, so it can run beside
     the oracle generators: it depends on the phantoms and the untrained ``base`` only. Its stages are cached one by
-    one; the job's own stamp keeps the files its chain opened per split (merged with :func:`twinfree_reads`)."""
+    one; read it back with ``count_reads=False``: :func:`train_twinfree_rows` then reads (and counts) them."""
     settings = {"seeds": seeds, "base": base, "cfg": asdict(run.cfg)}
     return ("twinfree_chain", settings, partial(_twinfree_chain, run, seeds, base))
 
 
 def _twinfree_chain(run: StudyRun, seeds: list[int], base: str, d: Path) -> dict:
-    own = replace(run, reads={}, stage_seconds={})  # the caller's run may be this process's: count reads once
+    own = replace(run, reads={}, stage_seconds={}, counted=set(), unrecorded=[], current_phase=None)
     train_twinfree_rows(own, seeds, base)
-    return {"reads": {phase: dict(counts) for phase, counts in own.reads.items()}}
-
-
-def twinfree_reads(run: StudyRun, result: dict) -> None:
-    """Add the reads a :func:`twinfree_job` recorded (in whichever process ran it) to ``run.reads``."""
-    for phase, counts in result.get("reads", {}).items():
-        run.reads.setdefault(phase, Counter()).update(counts)
+    return {}
 
 
 def write_twinless_copy(phantoms: Path, out: Path, splits: tuple[str, ...]) -> Path:
