@@ -16,8 +16,11 @@ from negdpo.core.stats import UNIT_CROSSED, UNIT_ONE_RUN, holm, subject_ci, verd
 from negdpo.generator.sample import paste_back_blend
 
 from negdpo.study import StudyConfig, load_study_config, run_study
+from negdpo.study.generators import adapt_autoencoder, generator_seeds, generator_table, train_generators
+from negdpo.study.pipeline import make_phantoms, start
 from negdpo.study.protocol import CHOICES
 from negdpo.study.tables import generator_rows, segmentation_rows
+from negdpo.study.variants import GEN_VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "phantom_study.yaml")
@@ -528,6 +531,28 @@ def test_dice_bar_when_a_few_resample_ci_misses_the_mean(tmp_path):
         "control_dice": {"n": 0, "mean": nan, "std": nan, "ci95": [nan, nan]}, "n_positive": 60}}}
     bar_plot(tmp_path / "dice_bar.png", summary)
     assert (tmp_path / "dice_bar.png").stat().st_size > 0
+
+
+@pytest.mark.integration
+def test_parallel_generator_rows_give_the_same_numbers(study):
+    """``generator_table(..., parallel=True)`` scores the uncached rows in spawned processes; every row is unchanged."""
+    import os
+
+    cfg, _ = study
+    run = start(replace(cfg, workers=2))
+    make_phantoms(run)
+    run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))  # every training stage: from the cache
+    variants = [v for v in GEN_VARIANTS if v in cfg.gen_variants or v == "sft"]
+    by_seed = {gs: train_generators(run, variants, gs) for gs in generator_seeds(cfg)}
+    serial = generator_table(run, variants, by_seed)
+    stamps = list(Path(cfg.work_dir).glob("geneval_*/stage.json"))
+    assert len(stamps) >= 4
+    for stamp in stamps:
+        stamp.unlink()
+    parallel = generator_table(run, variants, by_seed, parallel=True)
+    assert os.getpid() not in {json.loads(p.read_text())["pid"] for p in stamps}  # scored in the workers
+    for key in ("rows", "realism"):
+        assert json.dumps(getattr(parallel, key), sort_keys=True) == json.dumps(getattr(serial, key), sort_keys=True)
 
 
 @pytest.mark.integration

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -211,8 +212,17 @@ class GeneratorTable:
     judges: dict | None = None
 
 
+def _geneval(method: str, phantoms: str, detector: str | None, pool_max: int, out: Path, **opts: Any) -> dict:
+    """One ``geneval_<row>`` stage body (picklable: it loads the held-out positives and the judges itself)."""
+    from negdpo.generator.frozen_judges import LesionDetector
+
+    pool = pool_positives(Path(phantoms), pool_max) if detector else []
+    return score_generator(method, held_out_positives(Path(phantoms)), out, pool_scans=pool,
+                           detector=LesionDetector.load(detector) if detector else None, **opts)
+
+
 def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, dict[str, str]],
-                    models: dict[str, str] | None = None) -> GeneratorTable:
+                    models: dict[str, str] | None = None, parallel: bool = False) -> GeneratorTable:
     """Stages ``frozen_judges`` and ``geneval_<row>``: every method repairs the held-out positives (learned
     generators with and without paste-back, sampled from ``gen_init`` at ``gen_strength``).
 
@@ -222,17 +232,16 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, 
     a row that trains nothing (it pairs with every run). ``models``: {learned row: the base model its adapter
     belongs to} where it is not ``gen_model`` (the twin-free rows: the twin-free autoencoder, which their training
     stage's stamp, hence ``adapter_stamp``, already names); with :data:`TWINFREE_VAE` in it, that row (the fill
-    through the twin-free autoencoder) is scored too."""
+    through the twin-free autoencoder) is scored too. ``parallel``: the uncached rows are scored in ``cfg.workers``
+    processes (:meth:`StudyRun.stages`; each row seeds itself, so the numbers do not change); leave it off while
+    the workers run other stages."""
     models = models or {}
     cfg, phantoms = run.cfg, run.phantoms
-    scans = held_out_positives(phantoms)
     table, detector, pool = GeneratorTable(), None, []
     if cfg.judges and cfg.phantoms_pretrain_n > 0:  # the frozen judges: fitted on the pre-training pool only
-        from negdpo.generator.frozen_judges import LesionDetector
-
         table.judges = run.stage("frozen_judges", {"phantoms": run.ph_settings, "seed": cfg.seed},
                                  lambda d: fit_lesion_detector(phantoms, d, cfg.seed))
-        detector, pool = LesionDetector.load(table.judges["path"]), pool_positives(phantoms, cfg.judge_pool_max)
+        detector, pool = table.judges["path"], pool_positives(phantoms, cfg.judge_pool_max)
     first = cfg.seed
     # (row, variant whose adapter samples (None: no adapter), sampling (None: not sampled), generator seed)
     evals = [(v, v, None, first) for v in ("identity", "harmonic")]
@@ -244,6 +253,7 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, 
     if TWINFREE_VAE in models:  # the twin-free rows' baseline: the fill through their own autoencoder
         evals.append((TWINFREE_VAE, None, None, first))
     evals += [(f"{v}_g{gs}", v, run.sampling, gs) for gs in adapters if gs != first for v in gen_variants]
+    jobs = []
     for name, variant, how, gs in evals:
         settings = {"variant": variant, "adapter_stamp": variant and run.stamp(
                         f"gen_{training_stage(variant)}{gen_suffix(cfg, gs)}"),
@@ -257,9 +267,12 @@ def generator_table(run: StudyRun, gen_variants: list[str], adapters: dict[int, 
         method = "harmonic_vae" if name == TWINFREE_VAE else name.rsplit("_g", 1)[0] if gs != first else name
         model = models.get(name) or models.get(variant, cfg.gen_model)
         adapter = adapters[gs].get(variant) if variant else None
-        res = run.stage(f"geneval_{name}", settings, lambda d, m=method, a=adapter, how=how, model=model: score_generator(
-            m, scans, d, model=model, adapter=a, device=run.device, steps=cfg.gen_sample_steps, seed=cfg.seed,
-            seam_px=cfg.gen_seam_px, sampling=how, detector=detector, pool_scans=pool, n_boot=cfg.bootstrap))
+        jobs.append((f"geneval_{name}", settings, partial(
+            _geneval, method, str(phantoms), detector, cfg.judge_pool_max, model=model, adapter=adapter,
+            device=run.device, steps=cfg.gen_sample_steps, seed=cfg.seed, seam_px=cfg.gen_seam_px, sampling=how,
+            n_boot=cfg.bootstrap)))
+    scored = run.stages(jobs) if parallel else [run.stage(*job) for job in jobs]
+    for (name, variant, how, gs), res in zip(evals, scored):
         learned = variant in GEN_VARIANTS or variant in models or name.endswith("_noise")
         row_name = {"method": name} if name == TWINFREE_VAE else {}  # scored as harmonic_vae, reported as itself
         table.rows += [{**r, **row_name, "run": str(gs) if learned else ""} for r in res["rows"]]

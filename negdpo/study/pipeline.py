@@ -122,8 +122,8 @@ def _run_stages(cfg: StudyConfig, t_start: float, version: str) -> dict:
         with run.selection():  # every training run and every choice: the test split is locked
             run.cfg = replace(run.cfg, gen_model=adapt_autoencoder(run))
             by_seed = {gs: train_generators(run, gen_variants, gs) for gs in generator_seeds(cfg)}
-        with run.phase("generator_table"):  # the oracle rows (val + test positives), cached for below
-            generator_table(run, gen_variants, by_seed)
+        with run.phase("generator_table"):  # the oracle rows (val + test positives), cached for below; serial
+            generator_table(run, gen_variants, by_seed)  # here: the workers run the background stages
     tf_model = ""  # the twin-free autoencoder (tf_rows)
     if tf_job:
         with run.selection():
@@ -132,8 +132,8 @@ def _run_stages(cfg: StudyConfig, t_start: float, version: str) -> dict:
         by_seed = {gs: by_seed[gs] | twinfree[gs] for gs in by_seed}
     adapters = by_seed[cfg.seed]  # the first generator seed makes the pairs
     with run.phase("generator_table"):  # + the twin-free rows and their baseline
-        gen_table = generator_table(run, gen_variants + tf_rows, by_seed,
-                                    {row: tf_model for row in [*tf_rows, TWINFREE_VAE] if tf_rows})
+        gen_table = generator_table(run, gen_variants + tf_rows, by_seed,  # the workers are free again
+                                    {row: tf_model for row in [*tf_rows, TWINFREE_VAE] if tf_rows}, parallel=True)
     first = clip_seeds(cfg)[0]
     with run.selection():
         ckpts: Checkpoints = base_clips(run)
