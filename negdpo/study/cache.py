@@ -1,6 +1,7 @@
 """Stage bookkeeping: every stage writes into ``work_dir/<stage>/`` and leaves a ``stage.json`` stamp holding
-its settings, its result and the files it opened per split; a rerun skips stamped stages whose settings are unchanged (training stages also resume from
-their last Accelerate checkpoint), so an interrupted study continues where it stopped.
+its settings, its result and the files it opened per split; a rerun skips stamped stages whose settings are
+unchanged (training stages also resume from their last Accelerate checkpoint), so an interrupted study continues
+where it stopped.
 
 :class:`StudyRun` is what the stage functions share: the config, the folders, the device and the stage
 runner (:meth:`StudyRun.stage`, :meth:`StudyRun.stages` for independent stages run in worker processes, and
@@ -181,12 +182,12 @@ class StudyRun:
     def stamped(self, settings: dict) -> dict:
         return {"preset": self.cfg.preset, **settings}  # no stage is shared between presets
 
-    def stage(self, name: str, settings: dict, fn: StageFn, count_reads: bool = True) -> dict:
+    def stage(self, name: str, settings: dict, fn: StageFn, count: bool = True) -> dict:
         """One cached stage (:func:`run_stage`); its seconds are recorded and its reads counted in the current
-        phase (:meth:`count_reads`). ``count_reads=False`` for a stage whose stages are read one by one afterwards."""
+        phase (:meth:`count_reads`). ``count=False`` for a stage whose stages are read one by one afterwards."""
         result = run_stage(self.work, name, self.stamped(settings), fn)
         self.stage_seconds[name] = json.loads((self.work / name / "stage.json").read_text())["seconds"]
-        if count_reads:
+        if count:
             self.count_reads(name)
         return result
 
@@ -213,8 +214,8 @@ class StudyRun:
     def background(self, jobs: list[Job], locked: tuple[str, ...]) -> Any:
         """Context manager: independent stages in ``cfg.workers`` processes beside this one while the block runs
         here (:func:`background_stages`; with ``workers`` 1, none: they run where they are read), with ``locked``
-        splits locked; their results (and reads) are read later with :meth:`stage` / :meth:`stages`. The CPU is shared (one process more than ``workers``): the numbers are
-        the same, only the wall time changes."""
+        splits locked; their results (and reads) are read later with :meth:`stage` / :meth:`stages`. The CPU is
+        shared (one process more than ``workers``): the numbers are the same, only the wall time changes."""
         workers = self.cfg.workers if self.cfg.workers > 1 else 0
         return background_stages(self.work, [(n, self.stamped(st), f) for n, st, f in jobs], workers,
                                  self.cfg.threads, frozenset(locked))

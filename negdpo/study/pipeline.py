@@ -127,7 +127,7 @@ def _run_stages(cfg: StudyConfig, t_start: float, version: str) -> dict:
     tf_model = ""  # the twin-free autoencoder (tf_rows)
     if tf_job:
         with run.selection():
-            run.stage(*tf_job, count_reads=False)  # wait for it (or run it here: workers 1); its stages count below
+            run.stage(*tf_job, count=False)  # wait for it (or run it here: workers 1); its stages count below
             twinfree, tf_model = train_twinfree_rows(run, generator_seeds(cfg), cfg.gen_model)
         by_seed = {gs: by_seed[gs] | twinfree[gs] for gs in by_seed}
     adapters = by_seed[cfg.seed]  # the first generator seed makes the pairs

@@ -119,7 +119,7 @@ def train_twinfree_rows(run: StudyRun, seeds: list[int], base: str) -> tuple[dic
 def twinfree_job(run: StudyRun, seeds: list[int], base: str) -> Job:
     """The whole twin-free training chain (:func:`train_twinfree_rows`) as one picklable job, so it can run beside
     the oracle generators: it depends on the phantoms and the untrained ``base`` only. Its stages are cached one by
-    one; read it back with ``count_reads=False``: :func:`train_twinfree_rows` then reads (and counts) them."""
+    one; read it back with ``count=False``: :func:`train_twinfree_rows` then reads (and counts) them."""
     settings = {"seeds": seeds, "base": base, "cfg": asdict(run.cfg)}
     return ("twinfree_chain", settings, partial(_twinfree_chain, run, seeds, base))
 
