@@ -1,12 +1,12 @@
 """The study's protocol: each choice the study's numbers depend on, its value and the split it was made on
 (``protocol:`` in configs/phantom_study.yaml), and which splits each phase of this run opened.
 
-Only the final evaluation may read the test split: the study runs its selection phase (generator training,
-base CLIPs, pairs, fine-tunes, SAM pre-training, pseudo-labels, VLM training) with the test split locked
-(:mod:`negdpo.core.split_lock`), so a selection stage that opened a test image would have failed the run.
-``reads`` counts the files each phase's stages opened per split (stored in each stage's stamp, so a study rendered
-from its cache reports what the run that computed it opened); the generators' own table (``generator_table``)
-scores them on the val and test positives.
+Only the final evaluations may read the test split: the generator table (phase ``generator_table``: the
+generators repair the val and test positives) and the segmentation evaluation (phase ``evaluation``). The study
+runs its selection phase (generator training, base CLIPs, pairs, fine-tunes, SAM pre-training, pseudo-labels, VLM
+training) with the test split locked (:mod:`negdpo.core.split_lock`), so a selection stage that opened a test
+image would have failed the run. ``reads`` counts the files each phase opened per split (each stage's count is
+kept in its stamp, so a study rendered from its cache reports what the run that computed it opened).
 """
 
 from __future__ import annotations

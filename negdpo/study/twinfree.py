@@ -125,6 +125,7 @@ def twinfree_job(run: StudyRun, seeds: list[int], base: str) -> Job:
 
 
 def _twinfree_chain(run: StudyRun, seeds: list[int], base: str, d: Path) -> dict:
+    # a private count: the caller counts the chain when it reads the stages back (train_twinfree_rows, count=True)
     own = replace(run, reads={}, stage_seconds={}, counted=set(), unrecorded=[], current_phase=None)
     train_twinfree_rows(own, seeds, base)
     return {}
